@@ -1,0 +1,91 @@
+"""The engine interface: what every face engine can do, and the typed results it returns.
+
+Engines know nothing of gRPC. They take decoded 8-bit BGR images (numpy HxWx3) and return
+dataclasses; the service layer turns those into wire messages.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+# The attributes a face engine may be able to compute (FaceAnalyze `actions`).
+ACTION_AGE = "age"
+ACTION_GENDER = "gender"
+
+
+@dataclass(frozen=True)
+class FaceDetection:
+    """One face found in an image.
+
+    `box` is (x1, y1, x2, y2) in pixels of the image the detector was given. `landmarks` is a
+    (5, 2) float32 array in the same coordinates, in the order every 5-point aligner here expects:
+    the eye on the image's left, the eye on the image's right, nose tip, mouth corner on the
+    image's left, mouth corner on the image's right (SCRFD / YuNet / RetinaFace order).
+    """
+
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: np.ndarray = field(repr=False)
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> float:
+        return self.box[3] - self.box[1]
+
+    @property
+    def area(self) -> float:
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+    def xywh(self) -> tuple[float, float, float, float]:
+        """Top-left corner plus size, the layout of the wire's FacialArea and Detection."""
+        return (self.box[0], self.box[1], self.width, self.height)
+
+
+@dataclass(frozen=True)
+class FaceAttributes:
+    """Per-face attributes; a field is None when it was not asked for or the model lacks it."""
+
+    age: Optional[float] = None
+    # P(man). The head's own probability where it gives one; 1.0/0.0 for a hard label.
+    male_probability: Optional[float] = None
+
+
+class FaceEngine(abc.ABC):
+    """A loaded set of models that can find faces, embed them and, optionally, describe them.
+
+    Implementations must be safe to call from many threads at once.
+    """
+
+    #: short model description used in responses (e.g. "buffalo_sc" or "yunet+MobileFaceNet").
+    name: str
+    #: cosine-distance cut-off for FaceVerify when the caller gives none (calibrated per recognizer).
+    default_threshold: float
+    #: length of the embedding vectors this engine returns.
+    embedding_dim: int
+
+    @abc.abstractmethod
+    def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]:
+        """All faces in `image`, best score first. `threshold` overrides the detector's score cut."""
+
+    @abc.abstractmethod
+    def embed(self, image: np.ndarray, face: FaceDetection) -> np.ndarray:
+        """L2-normalised float32 embedding of `face` in `image`."""
+
+    @property
+    def supported_actions(self) -> frozenset[str]:
+        """Which FaceAnalyze actions this engine can compute."""
+        return frozenset()
+
+    def analyze(self, image: np.ndarray, faces: Sequence[FaceDetection],
+                actions: frozenset[str]) -> list[FaceAttributes]:
+        """Attributes for every face in one batched pass per head."""
+        return [FaceAttributes() for _ in faces]
+
+    def close(self) -> None:
+        """Release model sessions. The engine is unusable afterwards."""
