@@ -1,0 +1,177 @@
+"""Silent-Face passive liveness: two MiniFASNet CNNs that tell a live face from a printed photo
+or a replayed screen, given the face box of any detector.
+
+Model, preprocessing and fusion follow minivision-ai/Silent-Face-Anti-Spoofing (Apache-2.0);
+weights are the ONNX exports described in shared/models/minifasnet/SOURCE.md. Each model sees a
+differently sized context window around the face (the border of a photo or a screen is the cue),
+so each crops the image itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import cv2
+import numpy as np
+
+from engines.base import FaceDetection
+from engines.errors import ModelFileError
+from engines.runtime import create_session
+
+# Upstream model files are named "<scale>_<h>x<w>_<arch>.pth": 2.7_80x80_MiniFASNetV2 and
+# 4_0_0_80x80_MiniFASNetV1SE. Both take an 80x80 crop of the face box enlarged by that scale.
+INPUT_SIZE = 80
+V2_CROP_SCALE = 2.7
+V1SE_CROP_SCALE = 4.0
+# The 3 output classes are: 0 = attack (print), 1 = real face, 2 = attack (screen replay).
+REAL_CLASS = 1
+NUM_CLASSES = 3
+# Upstream calls a face real when class 1 wins the argmax; with 3 classes that needs at least 1/3,
+# so 0.5 additionally demands a majority.
+DEFAULT_THRESHOLD = 0.5
+
+# LoadModel option names and installed file names, in the same order (V2, V1SE), for the service's
+# "how to install liveness" message.
+LIVENESS_OPTIONS = ("antispoof_v2_onnx", "antispoof_v1se_onnx")
+LIVENESS_FILES = ("MiniFASNetV2.onnx", "MiniFASNetV1SE.onnx")
+
+BoxXYWH = tuple[float, float, float, float]
+
+
+def crop_window(image_w: int, image_h: int, box_xywh: BoxXYWH,
+                scale: float) -> tuple[int, int, int, int]:
+    """Inclusive pixel window (x1, y1, x2, y2) that upstream's CropImage cuts for this box.
+
+    The box is enlarged by `scale` around its centre; when that cannot fit, the scale shrinks until
+    the longer relative side spans the image (minus one pixel, as upstream); then the window is
+    shifted, not truncated, back inside the image, so the model always sees the context it was
+    trained with. Coordinates are truncated with int() like upstream, so scores match it.
+    """
+    x, y, box_w, box_h = box_xywh
+    # A degenerate detection (zero or negative size) would divide by zero: treat it as 1 px.
+    box_w = max(float(box_w), 1.0)
+    box_h = max(float(box_h), 1.0)
+    scale = min((image_h - 1) / box_h, (image_w - 1) / box_w, scale)
+    half_w = box_w * scale / 2
+    half_h = box_h * scale / 2
+    centre_x = x + box_w / 2
+    centre_y = y + box_h / 2
+    x1, x2 = _shift_inside(centre_x - half_w, centre_x + half_w, image_w - 1)
+    y1, y2 = _shift_inside(centre_y - half_h, centre_y + half_h, image_h - 1)
+    return int(x1), int(y1), int(x2), int(y2)
+
+
+def _shift_inside(start: float, end: float, last: int) -> tuple[float, float]:
+    """Move the span [start, end] to lie within [0, last], keeping its length (it is <= last)."""
+    if start < 0:
+        start, end = 0.0, end - start
+    if end > last:
+        start, end = start - (end - last), float(last)
+    return start, end
+
+
+def crop_for_liveness(image_bgr: np.ndarray, box_xywh: BoxXYWH, scale: float,
+                      size: int = INPUT_SIZE) -> np.ndarray:
+    """The size x size BGR uint8 patch a MiniFASNet expects for the face at `box_xywh`."""
+    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 BGR image, got shape {image_bgr.shape}")
+    image_h, image_w = image_bgr.shape[:2]
+    x1, y1, x2, y2 = crop_window(image_w, image_h, box_xywh, scale)
+    # Upstream slices [y1 : y2 + 1]: the end pixel is part of the window.
+    patch = image_bgr[y1:y2 + 1, x1:x2 + 1]
+    return cv2.resize(patch, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class MiniFASNet:
+    """One MiniFASNet ONNX model and the crop scale it was trained with."""
+
+    def __init__(self, path: str, scale: float, threads: Optional[int] = None) -> None:
+        self.path = path
+        self.scale = scale
+        self._session = create_session(path, threads)
+        model_input = self._session.get_inputs()[0]
+        batch, *chw = model_input.shape
+        output_shape = self._session.get_outputs()[0].shape
+        if chw != [3, INPUT_SIZE, INPUT_SIZE] or output_shape[-1] != NUM_CLASSES:
+            raise ModelFileError(
+                f"{path} is not a MiniFASNet liveness model: input {model_input.shape}, output "
+                f"{output_shape}; expected [N, 3, {INPUT_SIZE}, {INPUT_SIZE}] -> [N, {NUM_CLASSES}]")
+        self._input_name = model_input.name
+        self.input_shape: list = model_input.shape
+        # A symbolic or unknown batch dimension is reported as a str or None. The shipped exports
+        # are fixed at 1 and reject anything else, so those run one face per call.
+        self.dynamic_batch = not isinstance(batch, int)
+        if not self.dynamic_batch and batch != 1:
+            raise ModelFileError(f"{path}: fixed batch size {batch} is not supported (need 1 or dynamic)")
+
+    def probabilities(self, image_bgr: np.ndarray, boxes_xywh: Sequence[BoxXYWH]) -> np.ndarray:
+        """(len(boxes), 3) softmax over (print attack, real, replay attack) for each face box."""
+        if not boxes_xywh:
+            return np.zeros((0, NUM_CLASSES))
+        # Upstream feeds raw 0..255 BGR values as float, CHW, without mean/std normalisation.
+        batch = np.stack([crop_for_liveness(image_bgr, box, self.scale) for box in boxes_xywh])
+        batch = batch.transpose(0, 3, 1, 2).astype(np.float32)
+        if self.dynamic_batch:
+            logits = self._session.run(None, {self._input_name: batch})[0]
+        else:
+            logits = np.concatenate(
+                [self._session.run(None, {self._input_name: one[None]})[0] for one in batch])
+        return _softmax(logits)
+
+    def close(self) -> None:
+        self._session = None
+
+
+@dataclass(frozen=True)
+class LivenessResult:
+    """Verdict for one face: `score` is P(real); `probabilities` are (print, real, replay)."""
+
+    is_real: bool
+    score: float
+    probabilities: tuple[float, float, float]
+
+
+class LivenessEnsemble:
+    """MiniFASNetV2 and/or MiniFASNetV1SE, fused like upstream by averaging their softmaxes.
+
+    Upstream sums the two softmaxes and reports summed[argmax] / 2, which is the average. Safe to
+    call from many threads at once (onnxruntime sessions are).
+    """
+
+    def __init__(self, v2_path: Optional[str] = None, v1se_path: Optional[str] = None,
+                 threshold: float = DEFAULT_THRESHOLD, threads: Optional[int] = None) -> None:
+        if not v2_path and not v1se_path:
+            raise ValueError("liveness needs at least one model: give v2_path and/or v1se_path")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"liveness threshold must be within [0, 1], got {threshold}")
+        self.threshold = threshold
+        models = []
+        if v2_path:
+            models.append(MiniFASNet(v2_path, V2_CROP_SCALE, threads))
+        if v1se_path:
+            models.append(MiniFASNet(v1se_path, V1SE_CROP_SCALE, threads))
+        self.models: tuple[MiniFASNet, ...] = tuple(models)
+
+    def score(self, image_bgr: np.ndarray, faces: Sequence[FaceDetection]) -> list[LivenessResult]:
+        """One verdict per face of `image_bgr`, in the order of `faces`."""
+        boxes = [face.xywh() for face in faces]
+        if not boxes:
+            return []
+        mean = sum(model.probabilities(image_bgr, boxes) for model in self.models) / len(self.models)
+        return [self._verdict(row) for row in mean]
+
+    def _verdict(self, probabilities: np.ndarray) -> LivenessResult:
+        p_real = float(probabilities[REAL_CLASS])
+        is_real = int(np.argmax(probabilities)) == REAL_CLASS and p_real >= self.threshold
+        return LivenessResult(is_real=is_real, score=p_real,
+                              probabilities=tuple(float(p) for p in probabilities))
+
+    def close(self) -> None:
+        for model in self.models:
+            model.close()
