@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""gRPC face backend for a host inference server: `python backend.py --addr HOST:PORT`.
+
+The servicer only translates between wire messages and face_service.FaceService; every domain
+error becomes a status code in ERROR_STATUS and nowhere else.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+
+import backend_pb2
+import backend_pb2_grpc
+from engines import parse_load_request
+from engines.errors import (FaceServiceError, IdentityMismatchError, InvalidInputError,
+                            ModelFileError, ModelOptionError, NoFaceError, PreconditionError)
+from face_service import DEFAULT_MODEL_OPTIONS, AnalyzedFace, FaceService
+
+log = logging.getLogger("face-backend")
+
+MAX_MESSAGE_BYTES = 50 * 1024 * 1024
+
+ERROR_STATUS = {
+    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelOptionError: grpc.StatusCode.INVALID_ARGUMENT,
+    NoFaceError: grpc.StatusCode.NOT_FOUND,
+    IdentityMismatchError: grpc.StatusCode.NOT_FOUND,
+    PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    ModelFileError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_for(error: FaceServiceError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def translate_errors(method):
+    """Domain errors become their status code; anything else is INTERNAL with no internals shown."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except FaceServiceError as error:
+            context.abort(status_for(error), str(error))
+        except Exception:  # a bug: log it, keep serving, never leak a traceback or answer UNKNOWN
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: internal error")
+    return wrapper
+
+
+def facial_area(face) -> backend_pb2.FacialArea:
+    x, y, w, h = face.xywh()
+    return backend_pb2.FacialArea(x=x, y=y, w=w, h=h)
+
+
+def face_analysis(item: AnalyzedFace) -> backend_pb2.FaceAnalysis:
+    message = backend_pb2.FaceAnalysis(region=facial_area(item.face), face_confidence=item.face.score)
+    attrs = item.attributes
+    if attrs.age is not None:
+        message.age = attrs.age
+    if attrs.male_probability is not None:
+        p_man = float(attrs.male_probability)
+        message.gender["Man"] = p_man
+        message.gender["Woman"] = 1.0 - p_man
+        message.dominant_gender = "Man" if p_man >= 0.5 else "Woman"
+    if item.liveness is not None:
+        message.is_real = item.liveness.is_real
+        message.antispoof_score = item.liveness.score
+    return message
+
+
+class BackendServicer(backend_pb2_grpc.BackendServicer):
+    def __init__(self, service: FaceService):
+        self.service = service
+
+    def Health(self, request, context):
+        return backend_pb2.Reply(message=b"OK")
+
+    def LoadModel(self, request, context):
+        try:
+            load_request = parse_load_request(request.Model, request.ModelPath, request.Threads,
+                                              list(request.Options))
+            model = self.service.load(load_request)
+        except FaceServiceError as error:
+            return backend_pb2.Result(success=False, message=f"LoadModel failed: {error}")
+        except Exception as error:
+            log.exception("LoadModel failed")
+            return backend_pb2.Result(success=False, message=f"LoadModel failed: {type(error).__name__}")
+        liveness = "with liveness" if model.liveness else "without liveness"
+        return backend_pb2.Result(success=True, message=f"loaded {model.engine.name} ({liveness})")
+
+    def Status(self, request, context):
+        memory = self.service.memory_usage()
+        state = (backend_pb2.StatusResponse.READY if self.service.loaded
+                 else backend_pb2.StatusResponse.UNINITIALIZED)
+        return backend_pb2.StatusResponse(
+            state=state, memory=backend_pb2.MemoryUsageData(total=memory["rss"], breakdown=memory))
+
+    def Free(self, request, context):
+        self.service.free()
+        return backend_pb2.Result(success=True, message="model unloaded")
+
+    @translate_errors
+    def FaceVerify(self, request, context):
+        result = self.service.verify(request.img1, request.img2, request.threshold,
+                                     request.anti_spoofing, request.ModelIdentity)
+        response = backend_pb2.FaceVerifyResponse(
+            verified=result.verified, distance=result.distance, threshold=result.threshold,
+            confidence=result.confidence, model=result.model,
+            img1_area=facial_area(result.img1_face), img2_area=facial_area(result.img2_face),
+            processing_time_ms=result.processing_time_ms)
+        if result.img1_liveness is not None:
+            response.img1_is_real = result.img1_liveness.is_real
+            response.img1_antispoof_score = result.img1_liveness.score
+        if result.img2_liveness is not None:
+            response.img2_is_real = result.img2_liveness.is_real
+            response.img2_antispoof_score = result.img2_liveness.score
+        return response
+
+    @translate_errors
+    def FaceAnalyze(self, request, context):
+        faces = self.service.analyze(request.img, list(request.actions), request.anti_spoofing,
+                                     request.ModelIdentity)
+        return backend_pb2.FaceAnalyzeResponse(faces=[face_analysis(f) for f in faces])
+
+    @translate_errors
+    def Embedding(self, request, context):
+        result = self.service.embed(list(request.Images), request.ModelIdentity)
+        return backend_pb2.EmbeddingResult(
+            embeddings=result.vector.tolist(), tokens=1, dim=int(result.vector.shape[0]),
+            layout=backend_pb2.EMBEDDING_LAYOUT_FINAL)
+
+    @translate_errors
+    def Detect(self, request, context):
+        faces = self.service.detect(request.src, request.threshold, request.ModelIdentity)
+        detections = []
+        for face in faces:
+            x, y, w, h = face.xywh()
+            detections.append(backend_pb2.Detection(x=x, y=y, width=w, height=h,
+                                                    confidence=face.score, class_name="face"))
+        return backend_pb2.DetectResponse(Detections=detections)
+
+
+def worker_count() -> int:
+    configured = os.environ.get("PYTHON_GRPC_MAX_WORKERS")
+    if configured:
+        return max(1, int(configured))
+    # Inference threads are per request (engines.runtime), so a couple of workers per core keep
+    # the cores busy while others decode, and leave room for Health/Status under load.
+    return 2 * (os.cpu_count() or 1)
+
+
+def create_server(service: FaceService, address: str) -> tuple[grpc.Server, int]:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=worker_count()),
+        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    backend_pb2_grpc.add_BackendServicer_to_server(BackendServicer(service), server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {address}")
+    return server, port
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--addr", default="localhost:50051", help="HOST:PORT to listen on")
+    parser.add_argument("--preload-default", metavar="MODEL_PATH",
+                        help="load the permissive default model set from this directory at start")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    service = FaceService()
+    if args.preload_default:
+        service.load(parse_load_request("default", args.preload_default, 0, DEFAULT_MODEL_OPTIONS))
+        log.info("preloaded the default model set from %s", args.preload_default)
+    server, port = create_server(service, args.addr)
+    server.start()
+    log.info("listening on %s", args.addr)
+
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    server.stop(grace=5).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Face detectors: SCRFD through onnxruntime, YuNet through OpenCV's FaceDetectorYN.
+
+Both return FaceDetection in original-image pixels with the 5 landmarks in SCRFD order.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional, Sequence
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+from .base import FaceDetection
+from .errors import ModelFileError
+from .runtime import create_session
+
+DEFAULT_DETECTION_SIZE = (640, 640)  # insightface FaceAnalysis default det_size
+DEFAULT_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh
+NMS_IOU_THRESHOLD = 0.4  # insightface SCRFD.nms_thresh
+
+
+def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
+    """Indices of the boxes kept, best score first (greedy NMS as in insightface SCRFD.nms)."""
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = scores.argsort()[::-1]
+    keep = []
+    while order.size > 0:
+        i = order[0]
+        keep.append(int(i))
+        xx1 = np.maximum(x1[i], x1[order[1:]])
+        yy1 = np.maximum(y1[i], y1[order[1:]])
+        xx2 = np.minimum(x2[i], x2[order[1:]])
+        yy2 = np.minimum(y2[i], y2[order[1:]])
+        inter = np.maximum(0.0, xx2 - xx1 + 1) * np.maximum(0.0, yy2 - yy1 + 1)
+        iou = inter / (areas[i] + areas[order[1:]] - inter)
+        order = order[1:][iou <= iou_threshold]
+    return keep
+
+
+def letterbox_scale(image_shape: Sequence[int], input_size: tuple[int, int]) -> float:
+    """Scale that fits the image into input_size (w, h) keeping its aspect ratio."""
+    height, width = image_shape[:2]
+    return min(input_size[0] / width, input_size[1] / height)
+
+
+class SCRFDDetector:
+    """SCRFD (insightface `model_zoo/scrfd.py`): anchor-free distances at strides 8/16/32."""
+
+    # insightface SCRFD: RGB, (x - 127.5) / 128.
+    INPUT_MEAN = 127.5
+    INPUT_STD = 128.0
+
+    def __init__(self, session: ort.InferenceSession, input_size=DEFAULT_DETECTION_SIZE,
+                 score_threshold: float = DEFAULT_SCORE_THRESHOLD):
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.output_names = [o.name for o in session.get_outputs()]
+        count = len(self.output_names)
+        if count not in (6, 9, 10, 15):
+            raise ModelFileError(f"not an SCRFD detector: {count} outputs")
+        # insightface SCRFD._init_vars: 3 feature maps with 2 anchors, or 5 maps with 1.
+        self.feature_maps = 3 if count in (6, 9) else 5
+        self.strides = (8, 16, 32) if self.feature_maps == 3 else (8, 16, 32, 64, 128)
+        self.anchors_per_cell = 2 if self.feature_maps == 3 else 1
+        self.has_landmarks = count in (9, 15)
+        if not self.has_landmarks:
+            raise ModelFileError("SCRFD model without landmarks (bnkps/kps export needed for alignment)")
+        self.output_names = self._ordered_outputs()
+        self.input_size = tuple(input_size)
+        self.score_threshold = score_threshold
+        self._anchor_cache: dict[tuple[int, int, int], np.ndarray] = {}
+        self._anchor_lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, path: str, **kwargs) -> "SCRFDDetector":
+        return cls(create_session(path), **kwargs)
+
+    def _ordered_outputs(self) -> list[str]:
+        # Exports with named outputs (score_8, bbox_16, ...) are ordered by kind and stride;
+        # numeric names keep the graph's own order, which insightface relies on.
+        names = self.output_names
+        if all(n.split("_")[0] in ("score", "bbox", "kps") for n in names):
+            kind_rank = {"score": 0, "bbox": 1, "kps": 2}
+            return sorted(names, key=lambda n: (kind_rank[n.split("_")[0]], int(n.split("_")[1])))
+        return names
+
+    def _anchor_centres(self, height: int, width: int, stride: int) -> np.ndarray:
+        key = (height, width, stride)
+        with self._anchor_lock:
+            centres = self._anchor_cache.get(key)
+            if centres is None:
+                grid = np.stack(np.mgrid[:height, :width][::-1], axis=-1).astype(np.float32)
+                centres = (grid * stride).reshape(-1, 2)
+                if self.anchors_per_cell > 1:
+                    centres = np.repeat(centres, self.anchors_per_cell, axis=0)
+                self._anchor_cache[key] = centres
+        return centres
+
+    def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]:
+        threshold = self.score_threshold if threshold is None else threshold
+        scale = letterbox_scale(image.shape, self.input_size)
+        new_w, new_h = int(round(image.shape[1] * scale)), int(round(image.shape[0] * scale))
+        canvas = np.zeros((self.input_size[1], self.input_size[0], 3), dtype=np.uint8)
+        canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
+        blob = cv2.dnn.blobFromImage(canvas, 1.0 / self.INPUT_STD, self.input_size,
+                                     (self.INPUT_MEAN,) * 3, swapRB=True)
+        outputs = self.session.run(self.output_names, {self.input_name: blob})
+        fm = self.feature_maps
+        boxes_all, scores_all, kps_all = [], [], []
+        for i, stride in enumerate(self.strides):
+            scores = outputs[i].reshape(-1)
+            distances = outputs[i + fm].reshape(-1, 4) * stride
+            keypoints = outputs[i + 2 * fm].reshape(-1, 10) * stride
+            centres = self._anchor_centres(blob.shape[2] // stride, blob.shape[3] // stride, stride)
+            keep = np.where(scores >= threshold)[0]
+            if keep.size == 0:
+                continue
+            c = centres[keep]
+            d = distances[keep]
+            boxes_all.append(np.stack([c[:, 0] - d[:, 0], c[:, 1] - d[:, 1],
+                                       c[:, 0] + d[:, 2], c[:, 1] + d[:, 3]], axis=-1))
+            k = keypoints[keep].reshape(-1, 5, 2) + c[:, None, :]
+            kps_all.append(k)
+            scores_all.append(scores[keep])
+        if not scores_all:
+            return []
+        boxes = np.concatenate(boxes_all) / scale
+        keypoints = np.concatenate(kps_all) / scale
+        scores = np.concatenate(scores_all)
+        keep = non_max_suppression(boxes, scores, NMS_IOU_THRESHOLD)
+        return [FaceDetection(tuple(float(v) for v in boxes[i]), float(scores[i]),
+                              keypoints[i].astype(np.float32)) for i in keep]
+
+
+class YuNetDetector:
+    """YuNet through cv2.FaceDetectorYN (OpenCV Zoo face_detection_yunet).
+
+    FaceDetectorYN keeps per-input-size state, so each thread gets its own instance. Images are
+    shrunk to fit `input_size` first: YuNet's cost grows with the pixel count and the host sends
+    phone-sized photos, while faces that matter for verification stay large enough at 640 px.
+    """
+
+    NMS_IOU_THRESHOLD = 0.3  # OpenCV Zoo yunet demo default
+    TOP_K = 5000
+
+    def __init__(self, path: str, input_size=DEFAULT_DETECTION_SIZE,
+                 score_threshold: float = DEFAULT_SCORE_THRESHOLD):
+        self.path = path
+        self.input_size = tuple(input_size)
+        self.score_threshold = score_threshold
+        self._local = threading.local()
+        self._instance(self.score_threshold)  # fail now, in LoadModel, if the file is bad
+
+    def _instance(self, threshold: float):
+        detector = getattr(self._local, "detector", None)
+        if detector is None:
+            try:
+                detector = cv2.FaceDetectorYN.create(self.path, "", self.input_size, threshold,
+                                                     self.NMS_IOU_THRESHOLD, self.TOP_K)
+            except cv2.error as exc:
+                raise ModelFileError(f"cannot load YuNet model {self.path}: OpenCV could not read it") from exc
+            self._local.detector = detector
+            self._local.threshold = threshold
+        elif self._local.threshold != threshold:
+            detector.setScoreThreshold(threshold)
+            self._local.threshold = threshold
+        return detector
+
+    def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]:
+        threshold = self.score_threshold if threshold is None else threshold
+        scale = min(1.0, letterbox_scale(image.shape, self.input_size))
+        if scale < 1.0:
+            image = cv2.resize(image, (max(1, int(round(image.shape[1] * scale))),
+                                       max(1, int(round(image.shape[0] * scale)))),
+                               interpolation=cv2.INTER_AREA)
+        detector = self._instance(threshold)
+        detector.setInputSize((image.shape[1], image.shape[0]))
+        _, rows = detector.detect(image)
+        if rows is None:
+            return []
+        faces = []
+        for row in rows:
+            x, y, w, h = (float(v) / scale for v in row[:4])
+            landmarks = (row[4:14].reshape(5, 2) / scale).astype(np.float32)
+            faces.append(FaceDetection((x, y, x + w, y + h), float(row[14]), landmarks))
+        faces.sort(key=lambda f: f.score, reverse=True)
+        return faces

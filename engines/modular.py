@@ -1,0 +1,68 @@
+"""The one FaceEngine implementation: a detector, a recognizer and optional attribute heads.
+
+The insightface and onnx_direct engines differ only in how they find and build these parts
+(engines/insightface_pack.py, engines/onnx_direct.py); running them is the same code.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+
+from .base import FaceAttributes, FaceDetection, FaceEngine
+from .recognition import RecognizerProfile
+
+
+class Detector(Protocol):
+    def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]: ...
+
+
+class Recognizer(Protocol):
+    profile: RecognizerProfile
+    embedding_dim: int
+
+    def embed(self, image: np.ndarray, face: FaceDetection) -> np.ndarray: ...
+
+
+class AttributeHead(Protocol):
+    actions: frozenset[str]
+
+    def predict(self, image: np.ndarray, faces: Sequence[FaceDetection],
+                actions: frozenset[str]) -> list[FaceAttributes]: ...
+
+
+class ModularFaceEngine(FaceEngine):
+    def __init__(self, name: str, detector: Detector, recognizer: Recognizer,
+                 attribute_heads: Sequence[AttributeHead] = (),
+                 verify_threshold: Optional[float] = None):
+        self.name = name
+        self.detector = detector
+        self.recognizer = recognizer
+        self.attribute_heads = tuple(attribute_heads)
+        self.embedding_dim = recognizer.embedding_dim
+        self.default_threshold = (recognizer.profile.threshold if verify_threshold is None
+                                  else verify_threshold)
+
+    def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]:
+        return self.detector.detect(image, threshold)
+
+    def embed(self, image: np.ndarray, face: FaceDetection) -> np.ndarray:
+        return self.recognizer.embed(image, face)
+
+    @property
+    def supported_actions(self) -> frozenset[str]:
+        return frozenset().union(*(h.actions for h in self.attribute_heads))
+
+    def analyze(self, image: np.ndarray, faces: Sequence[FaceDetection],
+                actions: frozenset[str]) -> list[FaceAttributes]:
+        merged = [dict(age=None, male_probability=None) for _ in faces]
+        for head in self.attribute_heads:
+            wanted = actions & head.actions
+            if not wanted or not faces:
+                continue
+            for slot, attrs in zip(merged, head.predict(image, faces, wanted)):
+                for key in ("age", "male_probability"):
+                    value = getattr(attrs, key)
+                    if value is not None and slot[key] is None:
+                        slot[key] = value
+        return [FaceAttributes(**slot) for slot in merged]

@@ -1,0 +1,64 @@
+"""The `onnx_direct` engine: a detector ONNX plus a recognizer ONNX named by LoadModel options.
+
+The detector is YuNet (run by OpenCV's FaceDetectorYN) or SCRFD (run by onnxruntime); the
+recognizer is SFace (run by OpenCV's FaceRecognizerSF) or any ArcFace-style 112x112 model.
+Which is which is read from the file itself.
+"""
+from __future__ import annotations
+
+import os
+
+from catalog import file_sha256
+
+from .detection import DEFAULT_DETECTION_SIZE, SCRFDDetector, YuNetDetector
+from .errors import ModelFileError, ModelOptionError
+from .modular import ModularFaceEngine
+from .options import LoadRequest
+from .recognition import SFACE_SHA256, ArcFaceRecognizer, SFaceRecognizer, profile_for
+from .runtime import create_session
+
+# YuNet scores real faces 0.88-0.95 on ../shared/data and background blobs up to 0.7; OpenCV
+# Zoo's demo default of 0.9 drops turned heads in group photos (t1.jpg scores 0.88-0.93).
+YUNET_SCORE_THRESHOLD = 0.8
+SCRFD_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh
+
+
+def is_yunet(output_names: list[str]) -> bool:
+    # YuNet (2023mar) has separate objectness heads obj_8/16/32; SCRFD has none.
+    return any(name.startswith("obj_") for name in output_names)
+
+
+def build_detector(path: str, request: LoadRequest):
+    session = create_session(path, request.threads or None)
+    output_names = [o.name for o in session.get_outputs()]
+    size = request.det_size() or DEFAULT_DETECTION_SIZE
+    if is_yunet(output_names):
+        del session  # OpenCV runs YuNet itself
+        return YuNetDetector(path, input_size=size, score_threshold=request.float_in_range(
+            "det_thresh", 0.0, 1.0, YUNET_SCORE_THRESHOLD))
+    if len(output_names) in (9, 15):
+        return SCRFDDetector(session, input_size=size, score_threshold=request.float_in_range(
+            "det_thresh", 0.0, 1.0, SCRFD_SCORE_THRESHOLD))
+    raise ModelFileError(f"detector_onnx {path} is neither YuNet nor an SCRFD model with landmarks"
+                         f" ({len(output_names)} outputs)")
+
+
+def build_recognizer(path: str, request: LoadRequest):
+    sha256 = file_sha256(path)
+    if sha256 == SFACE_SHA256 or "sface" in os.path.basename(path).lower():
+        return SFaceRecognizer(path)
+    session = create_session(path, request.threads or None)
+    return ArcFaceRecognizer(session, profile_for(sha256, request.get("recognizer_preprocess")))
+
+
+def build_onnx_direct_engine(request: LoadRequest) -> ModularFaceEngine:
+    missing = [k for k in ("detector_onnx", "recognizer_onnx") if not request.get(k)]
+    if missing:
+        raise ModelOptionError("engine onnx_direct needs " + " and ".join(f"{k}:<file>" for k in missing))
+    detector_path = request.file("detector_onnx")
+    recognizer_path = request.file("recognizer_onnx")
+    detector = build_detector(detector_path, request)
+    recognizer = build_recognizer(recognizer_path, request)
+    name = f"{os.path.splitext(os.path.basename(detector_path))[0]}+{recognizer.profile.name}"
+    return ModularFaceEngine(name, detector, recognizer,
+                             verify_threshold=request.float_in_range("verify_threshold", 0.0, 2.0))

@@ -1,0 +1,101 @@
+"""LoadModel options: `key:value` strings from ModelOptions.Options, validated in one place."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from .errors import ModelFileError, ModelOptionError
+
+# Keys of the host's model gallery (../shared/docs/CONTRACT.md) plus the ones this backend adds.
+KNOWN_OPTIONS = {
+    "engine": "insightface or onnx_direct",
+    "model_pack": "insightface pack name (buffalo_l, buffalo_m, buffalo_s, buffalo_sc, antelopev2)",
+    "root": "extra directory to look for insightface packs in",
+    "det_size": "detector input, e.g. 640x640 or 640",
+    "det_thresh": "detector score threshold in (0, 1)",
+    "verify_threshold": "default cosine-distance threshold for FaceVerify",
+    "detector_onnx": "onnx_direct detector file (YuNet or SCRFD)",
+    "recognizer_onnx": "onnx_direct recognizer file (ArcFace-style 112x112 or SFace)",
+    "recognizer_preprocess": "input normalisation of an unknown recognizer: arcface or imagenet",
+    "antispoof_v2_onnx": "MiniFASNetV2 liveness model file",
+    "antispoof_v1se_onnx": "MiniFASNetV1SE liveness model file",
+    "antispoof_threshold": "P(real) needed for is_real, in [0, 1]",
+    "age_onnx": "age head file (Cydral age-v1.onnx)",
+    "gender_onnx": "gender head file (Cydral gender-v1.onnx)",
+}
+ENGINES = ("insightface", "onnx_direct")
+
+
+@dataclass
+class LoadRequest:
+    """Everything LoadModel was given, validated; file options are resolved to paths."""
+
+    model_name: str = ""
+    model_path: str = ""
+    threads: int = 0
+    options: dict[str, str] = field(default_factory=dict)
+
+    def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
+        return self.options.get(key, default)
+
+    def file(self, key: str) -> Optional[str]:
+        """The path an option names, relative names anchored at ModelPath; must exist."""
+        value = self.options.get(key)
+        if not value:
+            return None
+        path = value if os.path.isabs(value) else os.path.join(self.model_path or ".", value)
+        if not os.path.isfile(path):
+            raise ModelFileError(f"{key}: file not found: {path}"
+                                 " (install it with `make models` or give an absolute path)")
+        return path
+
+    def float_in_range(self, key: str, low: float, high: float,
+                       default: Optional[float] = None) -> Optional[float]:
+        value = self.options.get(key)
+        if value is None or value == "":
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise ModelOptionError(f"{key} must be a number, got '{value}'") from None
+        if not low <= number <= high:
+            raise ModelOptionError(f"{key} must be between {low} and {high}, got {number}")
+        return number
+
+    def det_size(self) -> Optional[tuple[int, int]]:
+        value = self.options.get("det_size")
+        if not value:
+            return None
+        parts = value.lower().replace(",", "x").split("x")
+        try:
+            sizes = [int(p) for p in parts]
+        except ValueError:
+            raise ModelOptionError(f"det_size must look like 640x640 or 640, got '{value}'") from None
+        if len(sizes) == 1:
+            sizes *= 2
+        if len(sizes) != 2 or not all(32 <= s <= 4096 and s % 32 == 0 for s in sizes):
+            raise ModelOptionError(f"det_size must be one or two multiples of 32 in [32, 4096], got '{value}'")
+        return sizes[0], sizes[1]
+
+
+def parse_load_request(model_name: str, model_path: str, threads: int,
+                       options: Sequence[str]) -> LoadRequest:
+    parsed: dict[str, str] = {}
+    for raw in options:
+        if ":" not in raw:
+            raise ModelOptionError(f"option '{raw}' is not of the form key:value")
+        key, value = raw.split(":", 1)
+        key, value = key.strip(), value.strip()
+        if key not in KNOWN_OPTIONS:
+            raise ModelOptionError(f"unknown option '{key}'; known options: {', '.join(sorted(KNOWN_OPTIONS))}")
+        parsed[key] = value
+    engine = parsed.get("engine")
+    if engine is None:
+        engine = "onnx_direct" if "detector_onnx" in parsed or "recognizer_onnx" in parsed else "insightface"
+        parsed["engine"] = engine
+    if engine not in ENGINES:
+        raise ModelOptionError(f"engine must be one of {', '.join(ENGINES)}, got '{engine}'")
+    if threads < 0:
+        raise ModelOptionError(f"Threads must be >= 0, got {threads}")
+    return LoadRequest(model_name=model_name, model_path=model_path, threads=threads, options=parsed)

@@ -1,0 +1,221 @@
+"""The face service: everything the gRPC servicer does, without gRPC.
+
+Requests take the loaded model once at their start and use it to the end, so a LoadModel or
+Free during a request never changes the engine under it; LoadModel builds the new model
+completely before swapping it in, and a failed build leaves the previous one serving.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import psutil
+
+from antispoof import DEFAULT_THRESHOLD as LIVENESS_DEFAULT_THRESHOLD
+from antispoof import LIVENESS_FILES, LIVENESS_OPTIONS, LivenessEnsemble, LivenessResult
+from engines import (ACTION_AGE, ACTION_GENDER, FaceAttributes, FaceDetection, FaceEngine,
+                     LoadRequest, build_engine)
+from engines.errors import (IdentityMismatchError, InvalidInputError, NoFaceError,
+                            PreconditionError)
+from imaging import decode_image
+
+# Actions FaceAnalyze knows. Emotion and race are in the host's message but not computed here.
+SUPPORTED_ACTIONS = (ACTION_AGE, ACTION_GENDER)
+ACTION_MODELS = {
+    ACTION_AGE: "an age head: LoadModel option age_onnx:age-v1.onnx (or an insightface pack with genderage.onnx)",
+    ACTION_GENDER: "a gender head: LoadModel option gender_onnx:gender-v1.onnx (or an insightface pack with genderage.onnx)",
+}
+
+# Slope of the logistic that maps distance to `confidence`: 50 at the threshold, about 95 at
+# 0.25 below it and about 5 at 0.25 above it.
+CONFIDENCE_SLOPE = 12.0
+
+LIVENESS_MISSING = (
+    "anti_spoofing was requested but the loaded model has no liveness weights: load it with "
+    f"{LIVENESS_OPTIONS[0]}:{LIVENESS_FILES[0]} and/or {LIVENESS_OPTIONS[1]}:{LIVENESS_FILES[1]} "
+    "(install the files into models/ with `make models`)")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str  # ModelOptions.Model, for the identity guard
+    engine: FaceEngine
+    liveness: Optional[LivenessEnsemble]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    verified: bool
+    distance: float
+    threshold: float
+    confidence: float
+    model: str
+    img1_face: FaceDetection
+    img2_face: FaceDetection
+    img1_liveness: Optional[LivenessResult]
+    img2_liveness: Optional[LivenessResult]
+    processing_time_ms: float
+
+
+@dataclass(frozen=True)
+class AnalyzedFace:
+    face: FaceDetection
+    attributes: FaceAttributes
+    liveness: Optional[LivenessResult]
+
+
+@dataclass(frozen=True)
+class Embedding:
+    vector: np.ndarray
+    face: FaceDetection
+
+
+def verification_confidence(distance: float, threshold: float) -> float:
+    """0-100, strictly decreasing in distance, 50 exactly at the threshold."""
+    return 100.0 / (1.0 + math.exp(CONFIDENCE_SLOPE * (distance - threshold)))
+
+
+def best_face(faces: Sequence[FaceDetection]) -> FaceDetection:
+    """The face a verification is about: the largest, ties broken by detector score."""
+    return max(faces, key=lambda f: (f.area, f.score))
+
+
+def build_liveness(request: LoadRequest) -> Optional[LivenessEnsemble]:
+    v2_path = request.file(LIVENESS_OPTIONS[0])
+    v1se_path = request.file(LIVENESS_OPTIONS[1])
+    threshold = request.float_in_range("antispoof_threshold", 0.0, 1.0, LIVENESS_DEFAULT_THRESHOLD)
+    if not v2_path and not v1se_path:
+        return None
+    return LivenessEnsemble(v2_path=v2_path, v1se_path=v1se_path, threshold=threshold,
+                            threads=request.threads or None)
+
+
+class FaceService:
+    def __init__(self) -> None:
+        self._model: Optional[LoadedModel] = None
+        self._load_lock = threading.Lock()  # one LoadModel at a time; requests never wait on it
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def load(self, request: LoadRequest) -> LoadedModel:
+        with self._load_lock:
+            engine = build_engine(request)
+            liveness = build_liveness(request)
+            model = LoadedModel(name=request.model_name, engine=engine, liveness=liveness)
+            self._model = model  # a single reference assignment: requests see old or new, whole
+            return model
+
+    def free(self) -> None:
+        with self._load_lock:
+            self._model = None
+
+    @property
+    def loaded(self) -> Optional[LoadedModel]:
+        return self._model
+
+    @staticmethod
+    def memory_usage() -> dict[str, int]:
+        info = psutil.Process().memory_info()
+        return {"rss": int(info.rss), "vms": int(info.vms)}
+
+    def _model_for(self, identity: str) -> LoadedModel:
+        model = self._model
+        if model is None:
+            raise PreconditionError("no model is loaded: call LoadModel first")
+        if identity and model.name and identity != model.name:
+            raise IdentityMismatchError(
+                f"model identity mismatch: loaded '{model.name}', requested '{identity}'")
+        return model
+
+    @staticmethod
+    def _require_liveness(model: LoadedModel) -> LivenessEnsemble:
+        if model.liveness is None:
+            raise PreconditionError(LIVENESS_MISSING)
+        return model.liveness
+
+    @staticmethod
+    def _faces(engine: FaceEngine, image: np.ndarray, name: str,
+               threshold: Optional[float] = None) -> list[FaceDetection]:
+        faces = engine.detect(image, threshold)
+        if not faces:
+            raise NoFaceError(f"no face found in {name}")
+        return faces
+
+    # -- requests ----------------------------------------------------------------------------
+    def verify(self, img1: str, img2: str, threshold: float = 0.0, anti_spoofing: bool = False,
+               identity: str = "") -> VerifyResult:
+        started = time.perf_counter()
+        model = self._model_for(identity)
+        liveness = self._require_liveness(model) if anti_spoofing else None
+        if threshold < 0 or not math.isfinite(threshold):
+            raise InvalidInputError(f"threshold must be a cosine distance >= 0, got {threshold}")
+        threshold = threshold or model.engine.default_threshold
+        images = (decode_image(img1, "img1"), decode_image(img2, "img2"))
+        faces = [best_face(self._faces(model.engine, image, name))
+                 for image, name in zip(images, ("img1", "img2"))]
+        verdicts: list[Optional[LivenessResult]] = [None, None]
+        if liveness is not None:
+            verdicts = [liveness.score(image, [face])[0] for image, face in zip(images, faces)]
+        e1, e2 = (model.engine.embed(image, face) for image, face in zip(images, faces))
+        distance = float(1.0 - np.dot(e1, e2))
+        verified = distance < threshold and all(v is None or v.is_real for v in verdicts)
+        return VerifyResult(
+            verified=verified, distance=distance, threshold=threshold,
+            confidence=verification_confidence(distance, threshold), model=model.engine.name,
+            img1_face=faces[0], img2_face=faces[1],
+            img1_liveness=verdicts[0], img2_liveness=verdicts[1],
+            processing_time_ms=(time.perf_counter() - started) * 1000.0)
+
+    def analyze(self, img: str, actions: Sequence[str] = (), anti_spoofing: bool = False,
+                identity: str = "") -> list[AnalyzedFace]:
+        model = self._model_for(identity)
+        liveness = self._require_liveness(model) if anti_spoofing else None
+        wanted = self._resolve_actions(model.engine, actions)
+        image = decode_image(img, "img")
+        faces = self._faces(model.engine, image, "img")
+        attributes = model.engine.analyze(image, faces, wanted) if wanted else [FaceAttributes()] * len(faces)
+        verdicts = liveness.score(image, faces) if liveness is not None else [None] * len(faces)
+        return [AnalyzedFace(f, a, v) for f, a, v in zip(faces, attributes, verdicts)]
+
+    @staticmethod
+    def _resolve_actions(engine: FaceEngine, actions: Sequence[str]) -> frozenset[str]:
+        requested = {a.strip().lower() for a in actions if a.strip()}
+        unknown = requested - set(SUPPORTED_ACTIONS)
+        if unknown:
+            raise InvalidInputError(f"unsupported action(s): {', '.join(sorted(unknown))};"
+                                    f" supported actions: {', '.join(SUPPORTED_ACTIONS)}")
+        if not requested:
+            return engine.supported_actions
+        missing = requested - engine.supported_actions
+        if missing:
+            raise PreconditionError("the loaded model cannot compute " + "; ".join(
+                f"'{a}' (needs {ACTION_MODELS[a]})" for a in sorted(missing)))
+        return frozenset(requested)
+
+    def embed(self, images: Sequence[str], identity: str = "") -> Embedding:
+        model = self._model_for(identity)
+        if not images:
+            raise InvalidInputError("Images[0]: no image given (Embedding needs one image)")
+        image = decode_image(images[0], "Images[0]")
+        face = best_face(self._faces(model.engine, image, "Images[0]"))
+        return Embedding(model.engine.embed(image, face), face)
+
+    def detect(self, src: str, threshold: float = 0.0, identity: str = "") -> list[FaceDetection]:
+        model = self._model_for(identity)
+        if threshold < 0 or threshold > 1 or not math.isfinite(threshold):
+            raise InvalidInputError(f"threshold must be a detector score in [0, 1], got {threshold}")
+        image = decode_image(src, "src")
+        return model.engine.detect(image, threshold if threshold > 0 else None)
+
+
+# The permissive default set (MIT / Apache-2.0 / CC0 weights), loaded by `make run`.
+DEFAULT_MODEL_OPTIONS = (
+    "engine:onnx_direct",
+    "detector_onnx:face_detection_yunet_2023mar.onnx",
+    "recognizer_onnx:MobileFaceNet.onnx",
+    "antispoof_v2_onnx:MiniFASNetV2.onnx",
+    "antispoof_v1se_onnx:MiniFASNetV1SE.onnx",
+)
