@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hmac
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ import threading
 from concurrent import futures
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import backend_pb2
 import backend_pb2_grpc
@@ -152,6 +154,24 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         return backend_pb2.DetectResponse(Detections=detections)
 
 
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Every call must carry `authorization: Bearer <token>` when LOCALAI_GRPC_AUTH_TOKEN is set."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        # compare_digest: the time taken must not reveal how much of the token was right.
+        if hmac.compare_digest(given.encode(), self._expected):
+            return continuation(handler_call_details)
+        return self._deny
+
+
 def worker_count() -> int:
     configured = os.environ.get("PYTHON_GRPC_MAX_WORKERS")
     if configured:
@@ -162,11 +182,19 @@ def worker_count() -> int:
 
 
 def create_server(service: FaceService, address: str) -> tuple[grpc.Server, int]:
+    token = os.environ.get("LOCALAI_GRPC_AUTH_TOKEN", "")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=worker_count()),
+        interceptors=[BearerTokenInterceptor(token)] if token else [],
         options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     backend_pb2_grpc.add_BackendServicer_to_server(BackendServicer(service), server)
+    # The standard health service reports SERVING only while a model is loaded.
+    health_servicer = health.HealthServicer()
+    service.on_change = lambda loaded: health_servicer.set(
+        "", health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING)
+    service.on_change(service.loaded is not None)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")

@@ -10,7 +10,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import psutil
@@ -98,6 +98,7 @@ class FaceService:
     def __init__(self) -> None:
         self._model: Optional[LoadedModel] = None
         self._load_lock = threading.Lock()  # one LoadModel at a time; requests never wait on it
+        self.on_change: Callable[[bool], None] = lambda loaded: None  # told whether a model is loaded
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self, request: LoadRequest) -> LoadedModel:
@@ -106,11 +107,13 @@ class FaceService:
             liveness = build_liveness(request)
             model = LoadedModel(name=request.model_name, engine=engine, liveness=liveness)
             self._model = model  # a single reference assignment: requests see old or new, whole
-            return model
+        self.on_change(True)
+        return model
 
     def free(self) -> None:
         with self._load_lock:
             self._model = None
+        self.on_change(False)
 
     @property
     def loaded(self) -> Optional[LoadedModel]:

@@ -1,0 +1,34 @@
+# Everything a fresh clone needs: `make run` serves the default model set, `make test` tests.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+ADDR ?= 127.0.0.1:50051
+STUBS := backend_pb2.py backend_pb2_grpc.py
+
+.PHONY: install models run test clean
+
+install: $(VENV)/.installed $(STUBS)
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $@
+
+# The stubs are generated from backend.proto, never edited by hand.
+$(STUBS): backend.proto $(VENV)/.installed
+	$(PYTHON) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. backend.proto
+
+# Installs the catalog's `test` group into models/ from MODELS_MIRROR (default ../shared/models)
+# or the canonical URLs, checking every sha256.
+models: install
+	$(PYTHON) -m catalog.install
+
+run: install models
+	$(PYTHON) backend.py --addr $(ADDR) --preload-default models
+
+test: install models
+	bash test.sh
+
+clean:
+	rm -rf $(VENV) models $(STUBS) .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
