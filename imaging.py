@@ -1,15 +1,41 @@
-"""Turning a request's base64 image string into an 8-bit BGR array, or a clear InvalidInputError."""
+"""Turning a request's base64 image string into an 8-bit BGR array, or a clear InvalidInputError.
+
+Every byte of a request image is attacker controlled, so sizes are checked from the image header
+before any pixel is decoded: a few-KB PNG that claims 40000x40000 pixels is refused without
+allocating them.
+"""
 from __future__ import annotations
 
 import base64
 import binascii
+import io
+import os
+import re
+import warnings
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from engines.errors import InvalidInputError
 
-MAX_ENCODED_BYTES = 50 * 1024 * 1024  # the gRPC message limit; nothing larger can arrive anyway
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+# Encoded bytes of one image after base64 decoding (the gRPC message limit is 50 MiB in all).
+MAX_IMAGE_BYTES = _env_int("FACE_MAX_IMAGE_BYTES", 20 * 1024 * 1024)
+# Decoded pixels of one image: 50 MP covers 48 MP phone photos; 3 bytes a pixel is 150 MB.
+MAX_IMAGE_PIXELS = _env_int("FACE_MAX_IMAGE_PIXELS", 50_000_000)
+# The smallest image a face detector can work with.
+MIN_IMAGE_SIDE = 16
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+_WHITESPACE = re.compile(r"\s+")
 
 
 def decode_base64(data: str, name: str) -> bytes:
@@ -20,21 +46,66 @@ def decode_base64(data: str, name: str) -> bytes:
         header, sep, data = data.partition(",")
         if not sep or not header.endswith(";base64"):
             raise InvalidInputError(f"{name}: data URI must be of the form data:<mime>;base64,<data>")
-    compact = "".join(data.split())
+    # Allowed lengths are checked before the string is copied or decoded.
+    if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 1024:
+        raise InvalidInputError(f"{name}: image is larger than {MAX_IMAGE_BYTES} bytes")
+    # MIME-style base64 wraps lines; anything else outside the alphabet is an error.
+    if _WHITESPACE.search(data):
+        data = _WHITESPACE.sub("", data)
     try:
-        return base64.b64decode(compact, validate=True)
+        raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInputError(f"{name}: not valid base64") from None
+    if not raw:
+        raise InvalidInputError(f"{name}: no image data")
+    return raw
+
+
+def check_header(raw: bytes, name: str) -> tuple[str, int, int]:
+    """Format, width and height from the header alone; refuses unknown formats and pixel bombs."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and past 2x its own limit raises) on huge images; we apply our own limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as header:
+                fmt, (width, height) = header.format or "", header.size
+    except Image.DecompressionBombError:
+        raise InvalidInputError(f"{name}: image has more than {MAX_IMAGE_PIXELS} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise InvalidInputError(f"{name}: not a decodable image (JPEG, PNG, WebP, BMP, TIFF)") from None
+    if fmt.upper() not in SUPPORTED_FORMATS:
+        raise InvalidInputError(f"{name}: unsupported image format {fmt or 'unknown'};"
+                                " send JPEG, PNG, WebP, BMP or TIFF")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InvalidInputError(f"{name}: image is {width}x{height} pixels, more than the"
+                                f" {MAX_IMAGE_PIXELS} allowed")
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise InvalidInputError(f"{name}: image is {width}x{height} pixels, too small to hold a face"
+                                f" (at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})")
+    return fmt, width, height
 
 
 def decode_image(data: str, name: str) -> np.ndarray:
     """The image in `data` as an HxWx3 uint8 BGR array, EXIF orientation applied."""
     raw = decode_base64(data, name)
-    if len(raw) > MAX_ENCODED_BYTES:
-        raise InvalidInputError(f"{name}: image is larger than {MAX_ENCODED_BYTES // (1024 * 1024)} MiB")
-    # IMREAD_COLOR turns grey, palette and alpha images into 3-channel BGR, 16-bit into 8-bit,
-    # and applies the EXIF orientation.
-    image = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise InvalidInputError(f"{name}: image is larger than {MAX_IMAGE_BYTES} bytes")
+    fmt, _, _ = check_header(raw, name)
+    if fmt.upper() == "GIF":
+        image = _decode_with_pillow(raw)  # OpenCV builds differ in GIF support
+    else:
+        # IMREAD_COLOR makes grey, palette and alpha images 3-channel BGR and 16-bit ones 8-bit,
+        # and applies the EXIF orientation.
+        image = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
-        raise InvalidInputError(f"{name}: not a decodable image (JPEG, PNG, WebP, BMP, TIFF ...)")
+        raise InvalidInputError(f"{name}: image data is corrupt or truncated")
     return image
+
+
+def _decode_with_pillow(raw: bytes):
+    try:
+        with Image.open(io.BytesIO(raw)) as picture:
+            rgb = np.asarray(picture.convert("RGB"))
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return np.ascontiguousarray(rgb[..., ::-1])
