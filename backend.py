@@ -14,8 +14,10 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 
+import cv2
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -29,6 +31,7 @@ from face_service import DEFAULT_MODEL_OPTIONS, AnalyzedFace, FaceService
 log = logging.getLogger("face-backend")
 
 MAX_MESSAGE_BYTES = 50 * 1024 * 1024
+SHUTDOWN_GRACE_SECONDS = float(os.environ.get("FACE_SHUTDOWN_GRACE_SECONDS", "10"))
 
 ERROR_STATUS = {
     InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -172,6 +175,43 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return self._deny
 
 
+def parent_watch_interval() -> float | None:
+    """Seconds between parent checks, or None when LOCALAI_BACKEND_PARENT_WATCH disables it.
+
+    Same variables and defaults as the host's other backends: on by default, a falsey value
+    turns it off, the interval is a Go-style duration ("500ms", "2s", "1m") or bare seconds.
+    """
+    if os.environ.get("LOCALAI_BACKEND_PARENT_WATCH", "").strip().lower() in ("false", "0", "no", "off"):
+        return None
+    raw = os.environ.get("LOCALAI_BACKEND_PARENT_WATCH_INTERVAL", "").strip().lower()
+    units = (("ms", 0.001), ("s", 1.0), ("m", 60.0))
+    try:
+        for suffix, factor in units:
+            if raw.endswith(suffix):
+                return max(0.05, float(raw[: -len(suffix)]) * factor)
+        return max(0.05, float(raw)) if raw else 2.0
+    except ValueError:
+        return 2.0
+
+
+def watch_parent(on_orphaned, interval: float) -> threading.Thread:
+    """Call on_orphaned once the process that started us is gone (we get reparented), so a
+    killed host does not leave this backend running and holding memory."""
+    parent = os.getppid()
+
+    def poll():
+        while True:
+            time.sleep(interval)
+            current = os.getppid()
+            if current != parent or current == 1:
+                log.warning("parent process %d is gone; shutting down", parent)
+                on_orphaned()
+                return
+    thread = threading.Thread(target=poll, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def worker_count() -> int:
     configured = os.environ.get("PYTHON_GRPC_MAX_WORKERS")
     if configured:
@@ -181,10 +221,19 @@ def worker_count() -> int:
     return 2 * (os.cpu_count() or 1)
 
 
+def max_concurrent_rpcs(workers: int) -> int:
+    configured = os.environ.get("PYTHON_GRPC_MAX_CONCURRENT_RPCS")
+    return max(1, int(configured)) if configured else 4 * workers
+
+
 def create_server(service: FaceService, address: str) -> tuple[grpc.Server, int]:
     token = os.environ.get("LOCALAI_GRPC_AUTH_TOKEN", "")
+    workers = worker_count()
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=worker_count()),
+        futures.ThreadPoolExecutor(max_workers=workers),
+        # Beyond this many calls in progress (running or queued) new ones get RESOURCE_EXHAUSTED
+        # at once instead of waiting in an unbounded queue.
+        maximum_concurrent_rpcs=max_concurrent_rpcs(workers),
         interceptors=[BearerTokenInterceptor(token)] if token else [],
         options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
@@ -208,6 +257,7 @@ def main(argv=None) -> int:
                         help="load the permissive default model set from this directory at start")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # decoder warnings are expected on hostile input
 
     service = FaceService()
     if args.preload_default:
@@ -220,8 +270,13 @@ def main(argv=None) -> int:
     stopped = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopped.set())
-    stopped.wait()
-    server.stop(grace=5).wait()
+    interval = parent_watch_interval()
+    if interval is not None:
+        watch_parent(stopped.set, interval)
+    while not stopped.wait(0.5):  # a timed wait lets the signal handlers run promptly
+        pass
+    log.info("stopping: no new calls, %ss for the ones in flight", SHUTDOWN_GRACE_SECONDS)
+    server.stop(grace=SHUTDOWN_GRACE_SECONDS).wait()
     return 0
 
 
