@@ -221,4 +221,6 @@ DEFAULT_MODEL_OPTIONS = (
     "recognizer_onnx:MobileFaceNet.onnx",
     "antispoof_v2_onnx:MiniFASNetV2.onnx",
     "antispoof_v1se_onnx:MiniFASNetV1SE.onnx",
+    "age_onnx:age-v1.onnx",
+    "gender_onnx:gender-v1.onnx",
 )

@@ -89,10 +89,9 @@ def build_insightface_engine(request: LoadRequest) -> ModularFaceEngine:
     recognizer_path, recognizer_session = roles[ROLE_RECOGNIZER]
     recognizer = ArcFaceRecognizer(
         recognizer_session, profile_for(file_sha256(recognizer_path), request.get("recognizer_preprocess")))
-    heads = []
-    if ROLE_GENDERAGE in roles:
-        from .attributes import InsightFaceGenderAge
-        heads.append(InsightFaceGenderAge(roles[ROLE_GENDERAGE][1]))
+    # age_onnx / gender_onnx first; the pack's genderage.onnx for the actions they leave.
+    from .attributes import build_attribute_heads
+    heads = build_attribute_heads(request, roles.get(ROLE_GENDERAGE, (None, None))[1])
     return ModularFaceEngine(pack, detector, recognizer, heads,
                              verify_threshold=request.float_in_range("verify_threshold", 0.0, 2.0))
 

@@ -10,6 +10,7 @@ import os
 
 from catalog import file_sha256
 
+from .attributes import build_attribute_heads
 from .detection import DEFAULT_DETECTION_SIZE, SCRFDDetector, YuNetDetector
 from .errors import ModelFileError, ModelOptionError
 from .modular import ModularFaceEngine
@@ -60,5 +61,6 @@ def build_onnx_direct_engine(request: LoadRequest) -> ModularFaceEngine:
     detector = build_detector(detector_path, request)
     recognizer = build_recognizer(recognizer_path, request)
     name = f"{os.path.splitext(os.path.basename(detector_path))[0]}+{recognizer.profile.name}"
-    return ModularFaceEngine(name, detector, recognizer,
+    heads = build_attribute_heads(request)  # age_onnx / gender_onnx
+    return ModularFaceEngine(name, detector, recognizer, heads,
                              verify_threshold=request.float_in_range("verify_threshold", 0.0, 2.0))
