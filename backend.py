@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import backend_pb2
 import backend_pb2_grpc
 from engines import parse_load_request
-from engines.errors import (FaceServiceError, IdentityMismatchError, InvalidInputError,
+from engines.errors import (CallEndedError, FaceServiceError, IdentityMismatchError, InvalidInputError,
                             ModelFileError, ModelOptionError, NoFaceError, PreconditionError)
 from face_service import DEFAULT_MODEL_OPTIONS, AnalyzedFace, FaceService
 
@@ -44,6 +44,8 @@ ERROR_STATUS = {
 
 
 def status_for(error: FaceServiceError) -> grpc.StatusCode:
+    if isinstance(error, CallEndedError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED if error.deadline_exceeded else grpc.StatusCode.CANCELLED
     for cls in type(error).__mro__:
         if cls in ERROR_STATUS:
             return ERROR_STATUS[cls]
@@ -62,6 +64,17 @@ def translate_errors(method):
             log.exception("%s failed", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: internal error")
     return wrapper
+
+
+def checkpoint_for(context: grpc.ServicerContext):
+    """Stops a request between stages once its caller has gone or its deadline has passed."""
+    def check(stage: str) -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise CallEndedError(f"deadline exceeded before {stage}", deadline_exceeded=True)
+        if not context.is_active():
+            raise CallEndedError(f"call cancelled before {stage}", deadline_exceeded=False)
+    return check
 
 
 def facial_area(face) -> backend_pb2.FacialArea:
@@ -119,7 +132,8 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     @translate_errors
     def FaceVerify(self, request, context):
         result = self.service.verify(request.img1, request.img2, request.threshold,
-                                     request.anti_spoofing, request.ModelIdentity)
+                                     request.anti_spoofing, request.ModelIdentity,
+                                     checkpoint_for(context))
         response = backend_pb2.FaceVerifyResponse(
             verified=result.verified, distance=result.distance, threshold=result.threshold,
             confidence=result.confidence, model=result.model,
@@ -136,19 +150,20 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     @translate_errors
     def FaceAnalyze(self, request, context):
         faces = self.service.analyze(request.img, list(request.actions), request.anti_spoofing,
-                                     request.ModelIdentity)
+                                     request.ModelIdentity, checkpoint_for(context))
         return backend_pb2.FaceAnalyzeResponse(faces=[face_analysis(f) for f in faces])
 
     @translate_errors
     def Embedding(self, request, context):
-        result = self.service.embed(list(request.Images), request.ModelIdentity)
+        result = self.service.embed(list(request.Images), request.ModelIdentity, checkpoint_for(context))
         return backend_pb2.EmbeddingResult(
             embeddings=result.vector.tolist(), tokens=1, dim=int(result.vector.shape[0]),
             layout=backend_pb2.EMBEDDING_LAYOUT_FINAL)
 
     @translate_errors
     def Detect(self, request, context):
-        faces = self.service.detect(request.src, request.threshold, request.ModelIdentity)
+        faces = self.service.detect(request.src, request.threshold, request.ModelIdentity,
+                                    checkpoint_for(context))
         detections = []
         for face in faces:
             x, y, w, h = face.xywh()

@@ -21,6 +21,14 @@ from engines import (ACTION_AGE, ACTION_GENDER, FaceAttributes, FaceDetection, F
                      LoadRequest, build_engine)
 from engines.errors import (IdentityMismatchError, InvalidInputError, NoFaceError,
                             PreconditionError)
+
+# Called between the stages of a request with the name of the next stage; raises (e.g.
+# engines.errors.CallEndedError) to stop work whose caller has gone or whose deadline passed.
+Checkpoint = Callable[[str], None]
+
+
+def _always_continue(stage: str) -> None:
+    return None
 from imaging import decode_image
 
 # Actions FaceAnalyze knows. Emotion and race are in the host's message but not computed here.
@@ -149,7 +157,7 @@ class FaceService:
 
     # -- requests ----------------------------------------------------------------------------
     def verify(self, img1: str, img2: str, threshold: float = 0.0, anti_spoofing: bool = False,
-               identity: str = "") -> VerifyResult:
+               identity: str = "", checkpoint: Checkpoint = _always_continue) -> VerifyResult:
         started = time.perf_counter()
         model = self._model_for(identity)
         liveness = self._require_liveness(model) if anti_spoofing else None
@@ -157,11 +165,14 @@ class FaceService:
             raise InvalidInputError(f"threshold must be a cosine distance >= 0, got {threshold}")
         threshold = threshold or model.engine.default_threshold
         images = (decode_image(img1, "img1"), decode_image(img2, "img2"))
+        checkpoint("detection")
         faces = [best_face(self._faces(model.engine, image, name))
                  for image, name in zip(images, ("img1", "img2"))]
         verdicts: list[Optional[LivenessResult]] = [None, None]
         if liveness is not None:
+            checkpoint("liveness")
             verdicts = [liveness.score(image, [face])[0] for image, face in zip(images, faces)]
+        checkpoint("recognition")
         e1, e2 = (model.engine.embed(image, face) for image, face in zip(images, faces))
         distance = float(1.0 - np.dot(e1, e2))
         verified = distance < threshold and all(v is None or v.is_real for v in verdicts)
@@ -173,13 +184,16 @@ class FaceService:
             processing_time_ms=(time.perf_counter() - started) * 1000.0)
 
     def analyze(self, img: str, actions: Sequence[str] = (), anti_spoofing: bool = False,
-                identity: str = "") -> list[AnalyzedFace]:
+                identity: str = "", checkpoint: Checkpoint = _always_continue) -> list[AnalyzedFace]:
         model = self._model_for(identity)
         liveness = self._require_liveness(model) if anti_spoofing else None
         wanted = self._resolve_actions(model.engine, actions)
         image = decode_image(img, "img")
+        checkpoint("detection")
         faces = self._faces(model.engine, image, "img")
+        checkpoint("attributes")
         attributes = model.engine.analyze(image, faces, wanted) if wanted else [FaceAttributes()] * len(faces)
+        checkpoint("liveness")
         verdicts = liveness.score(image, faces) if liveness is not None else [None] * len(faces)
         return [AnalyzedFace(f, a, v) for f, a, v in zip(faces, attributes, verdicts)]
 
@@ -198,19 +212,24 @@ class FaceService:
                 f"'{a}' (needs {ACTION_MODELS[a]})" for a in sorted(missing)))
         return frozenset(requested)
 
-    def embed(self, images: Sequence[str], identity: str = "") -> Embedding:
+    def embed(self, images: Sequence[str], identity: str = "",
+              checkpoint: Checkpoint = _always_continue) -> Embedding:
         model = self._model_for(identity)
         if not images:
             raise InvalidInputError("Images[0]: no image given (Embedding needs one image)")
         image = decode_image(images[0], "Images[0]")
+        checkpoint("detection")
         face = best_face(self._faces(model.engine, image, "Images[0]"))
+        checkpoint("recognition")
         return Embedding(model.engine.embed(image, face), face)
 
-    def detect(self, src: str, threshold: float = 0.0, identity: str = "") -> list[FaceDetection]:
+    def detect(self, src: str, threshold: float = 0.0, identity: str = "",
+               checkpoint: Checkpoint = _always_continue) -> list[FaceDetection]:
         model = self._model_for(identity)
         if threshold < 0 or threshold > 1 or not math.isfinite(threshold):
             raise InvalidInputError(f"threshold must be a detector score in [0, 1], got {threshold}")
         image = decode_image(src, "src")
+        checkpoint("detection")
         return model.engine.detect(image, threshold if threshold > 0 else None)
 
 

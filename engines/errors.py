@@ -27,3 +27,11 @@ class ModelFileError(FaceServiceError):
 
 class ModelOptionError(FaceServiceError):
     """A LoadModel option is unknown or malformed (LoadModel fails)."""
+
+
+class CallEndedError(FaceServiceError):
+    """The caller cancelled or its deadline passed; the request stopped between stages."""
+
+    def __init__(self, message: str, deadline_exceeded: bool):
+        super().__init__(message)
+        self.deadline_exceeded = deadline_exceeded
