@@ -46,3 +46,77 @@ def data_path(*parts: str) -> str:
 def read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+# -- helpers for the engine, service and gRPC tests ---------------------------------------------
+# The two model setups every service-level test runs against ("both engines"):
+# insightface buffalo_sc (SCRFD + w600k_mbf, 512-d, no liveness) and the permissive default set of
+# face_service.DEFAULT_MODEL_OPTIONS (YuNet + MobileFaceNet 128-d + both MiniFASNet files).
+ENGINE_INSIGHTFACE = "insightface"
+ENGINE_ONNX_DIRECT = "onnx_direct"
+ENGINES = (ENGINE_INSIGHTFACE, ENGINE_ONNX_DIRECT)
+INSIGHTFACE_OPTIONS = ("engine:insightface", "model_pack:buffalo_sc")
+LIVENESS_OPTIONS = ("antispoof_v2_onnx:MiniFASNetV2.onnx", "antispoof_v1se_onnx:MiniFASNetV1SE.onnx")
+EMBEDDING_DIM = {ENGINE_INSIGHTFACE: 512, ENGINE_ONNX_DIRECT: 128}
+
+
+def engine_setup(kind: str) -> tuple[str, list[str]]:
+    """(ModelOptions.Model, ModelOptions.Options) of one setup; its files must be installed."""
+    if kind == ENGINE_INSIGHTFACE:
+        for name in ("det_500m.onnx", "w600k_mbf.onnx"):
+            model_path(os.path.join("buffalo_sc", name))
+        return "buffalo_sc", list(INSIGHTFACE_OPTIONS)
+    if kind == ENGINE_ONNX_DIRECT:
+        from face_service import DEFAULT_MODEL_OPTIONS
+        for option in DEFAULT_MODEL_OPTIONS:
+            key, value = option.split(":", 1)
+            if value.endswith(".onnx"):
+                model_path(value)
+        return "face-default", list(DEFAULT_MODEL_OPTIONS)
+    raise ValueError(f"unknown engine setup {kind!r}")
+
+
+def liveness_files() -> None:
+    for option in LIVENESS_OPTIONS:
+        model_path(option.split(":", 1)[1])
+
+
+def b64_file(path: str) -> str:
+    """Base64 of a file's bytes, as the host sends images."""
+    import base64
+    return base64.b64encode(read_bytes(path)).decode("ascii")
+
+
+def b64_image(image, ext: str = ".jpg") -> str:
+    """Base64 of a BGR array encoded with OpenCV."""
+    import base64
+    import cv2
+    ok, encoded = cv2.imencode(ext, image)
+    assert ok, "cv2.imencode failed"
+    return base64.b64encode(encoded.tobytes()).decode("ascii")
+
+
+def faceless_image(width: int = 640, height: int = 480):
+    """A smooth colour gradient: a valid photo in which no detector finds a face."""
+    import numpy as np
+    image = np.zeros((height, width, 3), np.uint8)
+    image[..., 0] = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
+    image[..., 1] = 128
+    image[..., 2] = np.linspace(255, 0, height, dtype=np.uint8)[:, None]
+    return image
+
+
+def single_face_photos() -> list[tuple[str, str]]:
+    """(path, identity) of the 13 single-face photos of face-recognition-examples/labels.csv."""
+    import csv
+    labels = data_path("face-recognition-examples", "labels.csv")
+    with open(labels, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if ";" not in r["identity"]]
+    return [(data_path("face-recognition-examples", "images", r["file"]), r["identity"]) for r in rows]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

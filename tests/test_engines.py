@@ -1,0 +1,355 @@
+"""Engine level (no service, no gRPC): detectors, alignment, recognizers, pack discovery and the
+labelled-pair accuracy behind each default threshold, with the real weights in models/ and the
+real photos in ../shared/data.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+import unittest
+
+import cv2
+import numpy as np
+
+import face_eval
+from engines import build_engine, parse_load_request
+from engines.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face, similarity_transform
+from engines.detection import SCRFDDetector, YuNetDetector
+from engines.errors import ModelFileError, ModelOptionError
+from tests import support
+
+YUNET = "face_detection_yunet_2023mar.onnx"
+SCRFD = "scrfd_500m_bnkps.onnx"
+MOBILEFACENET = "MobileFaceNet.onnx"
+GROUP_FACES = 6  # t1.jpg: six people (insightface-wheel-images/SOURCE.md)
+
+
+def build(name: str, options, model_path: str = None):
+    return build_engine(parse_load_request(name, model_path or support.MODELS_DIR, 0, list(options)))
+
+
+def onnx_direct_options(detector: str, recognizer: str = MOBILEFACENET) -> list[str]:
+    return ["engine:onnx_direct", f"detector_onnx:{detector}", f"recognizer_onnx:{recognizer}"]
+
+
+def read_image(path: str) -> np.ndarray:
+    image = cv2.imread(path)
+    assert image is not None, path
+    return image
+
+
+class DetectorTest(unittest.TestCase):
+    """YuNet and SCRFD (through both engines) on the group photo."""
+
+    @classmethod
+    def setUpClass(cls):
+        for name in (YUNET, SCRFD, MOBILEFACENET):
+            support.model_path(name)
+        support.engine_setup(support.ENGINE_INSIGHTFACE)
+        cls.group = read_image(support.data_path("insightface-wheel-images", "t1.jpg"))
+        cls.engines = {
+            "yunet": build("yunet", onnx_direct_options(YUNET)),
+            "scrfd (onnx_direct)": build("scrfd", onnx_direct_options(SCRFD)),
+            "scrfd (buffalo_sc)": build("buffalo_sc", support.INSIGHTFACE_OPTIONS),
+        }
+
+    def test_six_faces_on_the_group_photo(self):
+        for label, engine in self.engines.items():
+            with self.subTest(label):
+                faces = engine.detect(self.group)
+                self.assertEqual(len(faces), GROUP_FACES, [f.box for f in faces])
+                scores = [f.score for f in faces]
+                self.assertEqual(scores, sorted(scores, reverse=True), "best score first")
+                for face in faces:
+                    self.assertGreater(face.width, 20)
+                    self.assertGreater(face.height, 20)
+                    self.assertTrue(0.0 < face.score <= 1.0)
+
+    def test_six_faces_are_six_different_places(self):
+        for label, engine in self.engines.items():
+            with self.subTest(label):
+                centres = [((f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2)
+                           for f in engine.detect(self.group)]
+                for a, b in itertools.combinations(centres, 2):
+                    self.assertGreater(np.hypot(a[0] - b[0], a[1] - b[1]), 50, "duplicate detection")
+
+    def test_landmarks_inside_their_box_in_face_order(self):
+        for label, engine in self.engines.items():
+            for face in engine.detect(self.group):
+                with self.subTest(label, box=face.box):
+                    x1, y1, x2, y2 = face.box
+                    points = face.landmarks
+                    self.assertEqual(points.shape, (5, 2))
+                    self.assertEqual(points.dtype, np.float32)
+                    self.assertTrue(np.all((points[:, 0] >= x1) & (points[:, 0] <= x2)), points)
+                    self.assertTrue(np.all((points[:, 1] >= y1) & (points[:, 1] <= y2)), points)
+                    left_eye, right_eye, nose, mouth_left, mouth_right = points
+                    self.assertLess(left_eye[0], right_eye[0])
+                    self.assertLess(mouth_left[0], mouth_right[0])
+                    self.assertLess(max(left_eye[1], right_eye[1]), min(mouth_left[1], mouth_right[1]))
+
+    def test_all_detectors_agree_on_where_the_faces_are(self):
+        reference = sorted(self.engines["yunet"].detect(self.group), key=lambda f: f.box[0])
+        for label in ("scrfd (onnx_direct)", "scrfd (buffalo_sc)"):
+            faces = sorted(self.engines[label].detect(self.group), key=lambda f: f.box[0])
+            for a, b in zip(reference, faces):
+                with self.subTest(label, box=b.box):
+                    ix = max(0.0, min(a.box[2], b.box[2]) - max(a.box[0], b.box[0]))
+                    iy = max(0.0, min(a.box[3], b.box[3]) - max(a.box[1], b.box[1]))
+                    iou = ix * iy / (a.area + b.area - ix * iy)
+                    self.assertGreater(iou, 0.5)
+
+    def test_runtime_threshold_overrides_the_default(self):
+        for label, engine in self.engines.items():
+            with self.subTest(label):
+                self.assertEqual(engine.detect(self.group, 0.99), [])
+                scores = sorted((f.score for f in engine.detect(self.group)), reverse=True)
+                cut = (scores[1] + scores[2]) / 2  # keeps exactly the two best faces
+                kept = engine.detect(self.group, cut)
+                self.assertEqual(len(kept), 2)
+                self.assertTrue(all(f.score >= cut for f in kept))
+
+    def test_det_thresh_option_is_honoured(self):
+        for label, options in (("yunet", onnx_direct_options(YUNET)),
+                               ("scrfd (onnx_direct)", onnx_direct_options(SCRFD)),
+                               ("scrfd (buffalo_sc)", list(support.INSIGHTFACE_OPTIONS))):
+            with self.subTest(label):
+                strict = build("strict", options + ["det_thresh:0.99"])
+                self.assertLess(len(strict.detect(self.group)), GROUP_FACES)
+                scores = sorted((f.score for f in self.engines[label].detect(self.group)), reverse=True)
+                cut = round((scores[2] + scores[3]) / 2, 6)
+                engine = build("cut", options + [f"det_thresh:{cut}"])
+                faces = engine.detect(self.group)
+                self.assertEqual(len(faces), 3)
+                self.assertTrue(all(f.score >= cut for f in faces))
+                # An explicit per-call threshold still wins over the option.
+                self.assertEqual(len(strict.detect(self.group, scores[-1] - 0.01)), GROUP_FACES)
+
+    def test_det_size_option_is_honoured(self):
+        for label, options in (("yunet", onnx_direct_options(YUNET)),
+                               ("scrfd (onnx_direct)", onnx_direct_options(SCRFD)),
+                               ("scrfd (buffalo_sc)", list(support.INSIGHTFACE_OPTIONS))):
+            for value, size in (("320", (320, 320)), ("320x256", (320, 256)), ("640x640", (640, 640))):
+                with self.subTest(label, det_size=value):
+                    engine = build("size", options + [f"det_size:{value}"])
+                    self.assertEqual(tuple(engine.detector.input_size), size)
+                    self.assertEqual(len(engine.detect(self.group)), GROUP_FACES)
+            with self.subTest(label, det_size="160"):
+                small = build("small", options + ["det_size:160"])
+                self.assertLess(len(small.detect(self.group)), GROUP_FACES)  # faces too small at 160 px
+
+    def test_bad_det_options_are_option_errors(self):
+        for bad in ("det_size:abc", "det_size:100", "det_size:0", "det_size:640x480x3",
+                    "det_thresh:high", "det_thresh:1.5"):
+            with self.subTest(bad):
+                with self.assertRaises(ModelOptionError):
+                    build("bad", onnx_direct_options(YUNET) + [bad])
+
+    def test_onnx_direct_tells_yunet_from_scrfd_by_file(self):
+        self.assertIsInstance(self.engines["yunet"].detector, YuNetDetector)
+        self.assertIsInstance(self.engines["scrfd (onnx_direct)"].detector, SCRFDDetector)
+        self.assertTrue(self.engines["yunet"].name.startswith("face_detection_yunet_2023mar"))
+        self.assertTrue(self.engines["scrfd (onnx_direct)"].name.startswith("scrfd_500m_bnkps"))
+        # By content, not by name: each detector renamed to the other's kind.
+        with tempfile.TemporaryDirectory() as folder:
+            fake_scrfd = os.path.join(folder, "scrfd_10g_bnkps.onnx")
+            fake_yunet = os.path.join(folder, "yunet.onnx")
+            shutil.copy(support.model_path(YUNET), fake_scrfd)
+            shutil.copy(support.model_path(SCRFD), fake_yunet)
+            yunet = build("renamed", onnx_direct_options(fake_scrfd))  # absolute path
+            scrfd = build("renamed", onnx_direct_options(fake_yunet))
+            self.assertIsInstance(yunet.detector, YuNetDetector)
+            self.assertIsInstance(scrfd.detector, SCRFDDetector)
+            self.assertEqual(len(yunet.detect(self.group)), GROUP_FACES)
+            self.assertEqual(len(scrfd.detect(self.group)), GROUP_FACES)
+
+    def test_wrong_kind_of_file_is_a_model_file_error(self):
+        spoof = support.model_path("MiniFASNetV2.onnx")
+        for label, options in (("recognizer as detector", onnx_direct_options(MOBILEFACENET)),
+                               ("liveness model as detector", onnx_direct_options(spoof)),
+                               ("detector as recognizer", onnx_direct_options(YUNET, SCRFD)),
+                               ("liveness model as recognizer", onnx_direct_options(YUNET, spoof))):
+            with self.subTest(label):
+                with self.assertRaises(ModelFileError):
+                    build("wrong", options)
+
+
+class RecognizerTest(unittest.TestCase):
+    """Alignment and embeddings of both recognizers (w600k_mbf 512-d, MobileFaceNet 128-d)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.engines = {}
+        for kind in support.ENGINES:
+            name, options = support.engine_setup(kind)
+            cls.engines[kind] = build(name, options)
+        cls.group = read_image(support.data_path("insightface-wheel-images", "t1.jpg"))
+
+    def test_embeddings_are_unit_length_with_the_right_dimension(self):
+        for kind, engine in self.engines.items():
+            with self.subTest(kind):
+                self.assertEqual(engine.embedding_dim, support.EMBEDDING_DIM[kind])
+                faces = engine.detect(self.group)
+                vectors = np.stack([engine.embed(self.group, f) for f in faces])
+                self.assertEqual(vectors.shape, (GROUP_FACES, support.EMBEDDING_DIM[kind]))
+                self.assertEqual(vectors.dtype, np.float32)
+                self.assertTrue(np.all(np.isfinite(vectors)))
+                np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+                # Six different people: no two of them close, none identical.
+                similarity = vectors @ vectors.T
+                off_diagonal = similarity[~np.eye(GROUP_FACES, dtype=bool)]
+                self.assertLess(off_diagonal.max(), 1 - engine.default_threshold)
+
+    def test_embedding_is_deterministic(self):
+        for kind, engine in self.engines.items():
+            with self.subTest(kind):
+                face = engine.detect(self.group)[0]
+                np.testing.assert_array_equal(engine.embed(self.group, face), engine.embed(self.group, face))
+
+    def test_alignment_crop_is_112x112_on_the_template(self):
+        for kind, engine in self.engines.items():
+            for face in engine.detect(self.group):
+                with self.subTest(kind, box=face.box):
+                    crop = align_face(self.group, face.landmarks)
+                    self.assertEqual(crop.shape, (ARCFACE_SIZE, ARCFACE_SIZE, 3))
+                    self.assertEqual(crop.dtype, np.uint8)
+                    self.assertGreater(crop.std(), 10)  # a face, not the black border
+                    matrix = similarity_transform(face.landmarks, ARCFACE_TEMPLATE)
+                    moved = np.c_[face.landmarks, np.ones(5)] @ matrix.T
+                    residual = np.linalg.norm(moved - ARCFACE_TEMPLATE, axis=1)
+                    self.assertLess(residual.mean(), 10.0)
+
+    def test_similarity_transform_recovers_an_exact_similarity(self):
+        angle, scale, shift = np.deg2rad(20), 2.5, np.array([300.0, 120.0])
+        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        landmarks = (ARCFACE_TEMPLATE @ (scale * rotation).T + shift).astype(np.float32)
+        matrix = similarity_transform(landmarks, ARCFACE_TEMPLATE)
+        moved = np.c_[landmarks, np.ones(5)] @ matrix.T
+        np.testing.assert_allclose(moved, ARCFACE_TEMPLATE, atol=1e-3)
+        image = np.random.default_rng(0).integers(0, 256, (600, 800, 3), dtype=np.uint8)
+        self.assertEqual(align_face(image, landmarks).shape, (112, 112, 3))
+
+
+class InsightfacePackTest(unittest.TestCase):
+    """Pack files are told apart by their tensors: unrelated ONNX files are ignored, and flat and
+    nested (`<dir>/<pack>/<pack>/`) layouts both load."""
+
+    @classmethod
+    def setUpClass(cls):
+        support.engine_setup(support.ENGINE_INSIGHTFACE)
+        cls.det = support.model_path(os.path.join("buffalo_sc", "det_500m.onnx"))
+        cls.rec = support.model_path(os.path.join("buffalo_sc", "w600k_mbf.onnx"))
+        cls.spoof = support.model_path("MiniFASNetV2.onnx")
+        cls.extra = [support.model_path(n) for n in ("MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx")]
+        cls.group = read_image(support.data_path("insightface-wheel-images", "t1.jpg"))
+        reference = build("buffalo_sc", support.INSIGHTFACE_OPTIONS)
+        cls.reference_faces = reference.detect(cls.group)
+        cls.reference_vector = reference.embed(cls.group, cls.reference_faces[0])
+        cls.tmp = tempfile.TemporaryDirectory()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def make_pack(self, directory: str, files: dict[str, str]) -> None:
+        os.makedirs(directory, exist_ok=True)
+        for name, source in files.items():
+            shutil.copy(source, os.path.join(directory, name))
+
+    def assert_same_as_reference(self, engine) -> None:
+        self.assertIsInstance(engine.detector, SCRFDDetector)
+        self.assertEqual(engine.embedding_dim, 512)
+        self.assertEqual(engine.recognizer.profile.name, "w600k_mbf")
+        faces = engine.detect(self.group)
+        self.assertEqual(len(faces), GROUP_FACES)
+        np.testing.assert_allclose(faces[0].box, self.reference_faces[0].box, atol=1e-3)
+        np.testing.assert_allclose(engine.embed(self.group, faces[0]), self.reference_vector, atol=1e-5)
+
+    def test_flat_pack_with_an_unrelated_onnx_file(self):
+        root = os.path.join(self.tmp.name, "flat")
+        self.make_pack(os.path.join(root, "buffalo_sc"), {
+            "det_500m.onnx": self.det, "w600k_mbf.onnx": self.rec, "MiniFASNetV2.onnx": self.spoof})
+        engine = build("buffalo_sc", support.INSIGHTFACE_OPTIONS, model_path=root)
+        self.assert_same_as_reference(engine)
+
+    def test_nested_pack_layout(self):
+        root = os.path.join(self.tmp.name, "nested")
+        self.make_pack(os.path.join(root, "buffalo_sc", "buffalo_sc"), {
+            "det_500m.onnx": self.det, "w600k_mbf.onnx": self.rec, "MiniFASNetV2.onnx": self.spoof})
+        with self.subTest("via ModelPath"):
+            self.assert_same_as_reference(build("buffalo_sc", support.INSIGHTFACE_OPTIONS, model_path=root))
+        with self.subTest("via root: option"):
+            elsewhere = os.path.join(self.tmp.name, "empty")
+            os.makedirs(elsewhere, exist_ok=True)
+            engine = build("buffalo_sc", list(support.INSIGHTFACE_OPTIONS) + [f"root:{root}"],
+                           model_path=elsewhere)
+            self.assert_same_as_reference(engine)
+
+    def test_roles_come_from_the_tensors_not_the_names(self):
+        # Names sort so that every unrelated model comes before the real ones.
+        root = os.path.join(self.tmp.name, "scrambled")
+        files = {f"a{i}.onnx": path for i, path in enumerate([self.spoof, *self.extra])}
+        files.update({"x_recognizer_is_me.onnx": self.det, "y_detector_is_me.onnx": self.rec})
+        self.make_pack(os.path.join(root, "buffalo_sc"), files)
+        self.assert_same_as_reference(build("buffalo_sc", support.INSIGHTFACE_OPTIONS, model_path=root))
+
+    def test_pack_without_a_recognizer_names_what_is_missing(self):
+        root = os.path.join(self.tmp.name, "norec")
+        self.make_pack(os.path.join(root, "buffalo_sc"), {"det_500m.onnx": self.det, "MiniFASNetV2.onnx": self.spoof})
+        with self.assertRaises(ModelFileError) as caught:
+            build("buffalo_sc", support.INSIGHTFACE_OPTIONS, model_path=root)
+        self.assertIn("recognizer", str(caught.exception))
+
+    def test_unknown_pack_names_where_it_looked(self):
+        with self.assertRaises(ModelFileError) as caught:
+            build("buffalo_xx", ["engine:insightface", "model_pack:buffalo_xx"])
+        self.assertIn("buffalo_xx", str(caught.exception))
+        self.assertIn(support.MODELS_DIR, str(caught.exception))
+
+
+class LabelledPairsTest(unittest.TestCase):
+    """Each recognizer at its default threshold on labelled real faces (face_eval)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.results = {}
+        support.single_face_photos()
+        for kind in support.ENGINES:
+            name, options = support.engine_setup(kind)
+            engine = build(name, options)
+            calibration = face_eval.calibration_faces(engine, support.DATA)
+            heldout = face_eval.heldout_faces(engine, support.DATA)
+            cls.results[kind] = (engine, calibration, heldout)
+
+    def test_every_single_face_pair_is_decided_right(self):
+        for kind, (engine, faces, _) in self.results.items():
+            with self.subTest(kind, threshold=engine.default_threshold):
+                self.assertEqual(len(faces), 13)
+                wrong = []
+                same = different = 0
+                for a, b in itertools.combinations(faces, 2):
+                    distance = float(1.0 - a.embedding @ b.embedding)
+                    verified = distance < engine.default_threshold
+                    same += a.identity == b.identity
+                    different += a.identity != b.identity
+                    if verified != (a.identity == b.identity):
+                        wrong.append(f"{a.source} vs {b.source}: {distance:.3f}")
+                self.assertEqual((same, different), (12, 66))
+                self.assertEqual(wrong, [])
+
+    def test_heldout_faces_meet_the_operating_point(self):
+        for kind, (engine, calibration, heldout) in self.results.items():
+            with self.subTest(kind, threshold=engine.default_threshold):
+                self.assertGreaterEqual(len(heldout), 12, "held-out faces went missing")
+                stats = face_eval.pair_stats(calibration + heldout, engine.default_threshold,
+                                             only_with=heldout)
+                self.assertGreaterEqual(stats.same, 15)
+                self.assertGreaterEqual(stats.different, 200)
+                self.assertGreaterEqual(stats.tar, 0.97, stats)
+                self.assertGreaterEqual(stats.true_reject_rate, 0.995, stats)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,571 @@
+"""The backend over a real gRPC channel: the servicer built by backend.create_server on
+127.0.0.1, both model setups, every status code of the wire contract (../shared/docs/CONTRACT.md),
+bearer-token auth, the grpc.health.v1 service, concurrency, and `backend.py --addr` as the host
+starts it.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from concurrent import futures
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import backend
+import backend_pb2
+import backend_pb2_grpc
+from engines.recognition import INSIGHTFACE_FAR_1E6_DISTANCE, KNOWN_RECOGNIZERS, MOBILEFACENET_SHA256
+from face_service import FaceService
+from tests import support
+
+IMAGES = os.path.join("face-recognition-examples", "images")
+DEFAULT_THRESHOLD = {
+    support.ENGINE_INSIGHTFACE: INSIGHTFACE_FAR_1E6_DISTANCE,
+    support.ENGINE_ONNX_DIRECT: KNOWN_RECOGNIZERS[MOBILEFACENET_SHA256].threshold,
+}
+NOT_BASE64 = "this is *not* base64!"
+GARBAGE_BASE64 = base64.b64encode(b"certainly not an image" * 30).decode()
+LIVENESS_FIELDS = ("img1_is_real", "img1_antispoof_score", "img2_is_real", "img2_antispoof_score")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+CALL_TIMEOUT = 60.0
+
+
+def photo(name: str) -> str:
+    return support.b64_file(support.data_path(IMAGES, name))
+
+
+def model_options(kind: str, name: str = None, extra=()) -> backend_pb2.ModelOptions:
+    model_name, options = support.engine_setup(kind)
+    return backend_pb2.ModelOptions(Model=model_name if name is None else name,
+                                    ModelPath=support.MODELS_DIR, Options=list(options) + list(extra))
+
+
+@contextlib.contextmanager
+def auth_token(token):
+    """LOCALAI_GRPC_AUTH_TOKEN set (or unset) for the duration, then restored."""
+    saved = os.environ.get("LOCALAI_GRPC_AUTH_TOKEN")
+    if token is None:
+        os.environ.pop("LOCALAI_GRPC_AUTH_TOKEN", None)
+    else:
+        os.environ["LOCALAI_GRPC_AUTH_TOKEN"] = token
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LOCALAI_GRPC_AUTH_TOKEN", None)
+        else:
+            os.environ["LOCALAI_GRPC_AUTH_TOKEN"] = saved
+
+
+class RunningServer:
+    """backend.create_server(FaceService(), "127.0.0.1:0") started in this process, with stubs."""
+
+    def __init__(self, token: str = None):
+        self.service = FaceService()
+        with auth_token(token):
+            self.server, self.port = backend.create_server(self.service, "127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = backend_pb2_grpc.BackendStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(None).wait()
+
+
+class GrpcAssertions:
+    stub: backend_pb2_grpc.BackendStub
+    health: health_pb2_grpc.HealthStub
+
+    def assert_status(self, call, request, code: grpc.StatusCode, *fragments: str, metadata=None) -> str:
+        """`call(request)` fails with `code` and a message containing every fragment; the server
+        still answers Health afterwards."""
+        with self.assertRaises(grpc.RpcError) as caught:
+            call(request, timeout=CALL_TIMEOUT, metadata=metadata)
+        error = caught.exception
+        self.assertEqual(error.code(), code, error.details())
+        for fragment in fragments:
+            self.assertIn(fragment, error.details() or "")
+        self.assert_healthy(metadata)
+        return error.details()
+
+    def assert_healthy(self, metadata=None) -> None:
+        reply = self.stub.Health(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT, metadata=metadata)
+        self.assertEqual(reply.message, b"OK")
+
+    def health_status(self, metadata=None):
+        return self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=CALL_TIMEOUT,
+                                 metadata=metadata).status
+
+    def state(self):
+        return self.stub.Status(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT).state
+
+
+class EngineCases(GrpcAssertions):
+    """One server per model setup, loaded once over the wire; subclasses set KIND."""
+
+    KIND: str
+
+    @classmethod
+    def setUpClass(cls):
+        options = model_options(cls.KIND)
+        cls.model_name = options.Model
+        cls.obama1, cls.obama2, cls.biden1 = photo("obama_1.jpg"), photo("obama_2.jpg"), photo("biden_1.jpg")
+        cls.group = support.b64_file(support.data_path("insightface-wheel-images", "t1.jpg"))
+        cls.faceless = support.b64_image(support.faceless_image())
+        cls.running = RunningServer()
+        cls.stub, cls.health = cls.running.stub, cls.running.health
+        cls.load_result = cls.stub.LoadModel(options, timeout=CALL_TIMEOUT)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.running.close()
+
+    def verify(self, img1, img2, **kwargs) -> backend_pb2.FaceVerifyResponse:
+        return self.stub.FaceVerify(backend_pb2.FaceVerifyRequest(img1=img1, img2=img2, **kwargs),
+                                    timeout=CALL_TIMEOUT)
+
+    def test_load_model_succeeded(self):
+        self.assertTrue(self.load_result.success, self.load_result.message)
+        self.assertIn(self.running.service.loaded.engine.name, self.load_result.message)
+
+    def test_status_ready_with_memory(self):
+        status = self.stub.Status(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT)
+        self.assertEqual(status.state, backend_pb2.StatusResponse.READY)
+        self.assertGreater(status.memory.total, 0)
+
+    def test_health(self):
+        self.assert_healthy()
+        self.assertEqual(self.health_status(), SERVING)
+
+    def test_verify_same_and_different(self):
+        same = self.verify(self.obama1, self.obama2)
+        self.assertTrue(same.verified)
+        different = self.verify(self.obama1, self.biden1)
+        self.assertFalse(different.verified)
+        for response in (same, different):
+            self.assertTrue(0.0 <= response.distance <= 2.0)
+            self.assertAlmostEqual(response.threshold, DEFAULT_THRESHOLD[self.KIND], places=5)
+            self.assertTrue(0.0 <= response.confidence <= 100.0)
+            self.assertEqual(response.confidence > 50.0, response.verified)
+            self.assertEqual(response.model, self.running.service.loaded.engine.name)
+            self.assertGreater(response.processing_time_ms, 0.0)
+            for area in (response.img1_area, response.img2_area):
+                self.assertGreater(area.w, 0.0)
+                self.assertGreater(area.h, 0.0)
+            for field in LIVENESS_FIELDS:  # liveness did not run: absent, not false
+                self.assertFalse(response.HasField(field), field)
+        self.assertLess(same.distance, same.threshold)
+        self.assertGreater(different.distance, different.threshold)
+        custom = self.verify(self.obama1, self.obama2, threshold=same.distance / 2)
+        self.assertFalse(custom.verified)
+        self.assertAlmostEqual(custom.threshold, same.distance / 2, places=5)
+
+    def test_analyze_group_photo(self):
+        response = self.running.stub.FaceAnalyze(backend_pb2.FaceAnalyzeRequest(img=self.group),
+                                                 timeout=CALL_TIMEOUT)
+        self.assertEqual(len(response.faces), 6)
+        for face in response.faces:
+            self.assertGreater(face.region.w, 20)
+            self.assertGreater(face.region.h, 20)
+            self.assertTrue(0.0 < face.face_confidence <= 1.0)
+            self.assertFalse(face.HasField("is_real"))
+            self.assertFalse(face.HasField("antispoof_score"))
+
+    def test_embedding(self):
+        response = self.stub.Embedding(backend_pb2.PredictOptions(Images=[self.obama1]), timeout=CALL_TIMEOUT)
+        dim = support.EMBEDDING_DIM[self.KIND]
+        self.assertEqual(response.dim, dim)
+        self.assertEqual(response.tokens, 1)
+        self.assertEqual(response.layout, backend_pb2.EMBEDDING_LAYOUT_FINAL)
+        self.assertEqual(len(response.embeddings), dim)
+        vector = np.asarray(response.embeddings, dtype=np.float64)
+        self.assertAlmostEqual(float(np.linalg.norm(vector)), 1.0, places=5)
+        other = self.stub.Embedding(backend_pb2.PredictOptions(Images=[self.biden1]), timeout=CALL_TIMEOUT)
+        distance = 1.0 - float(vector @ np.asarray(other.embeddings))
+        self.assertAlmostEqual(distance, self.verify(self.obama1, self.biden1).distance, places=4)
+        self.assert_status(self.stub.Embedding, backend_pb2.PredictOptions(), grpc.StatusCode.INVALID_ARGUMENT,
+                           "Images[0]")
+
+    def test_detect(self):
+        response = self.stub.Detect(backend_pb2.DetectOptions(src=self.group), timeout=CALL_TIMEOUT)
+        self.assertEqual(len(response.Detections), 6)
+        for detection in response.Detections:
+            self.assertEqual(detection.class_name, "face")
+            self.assertGreater(detection.width, 20)
+            self.assertGreater(detection.height, 20)
+            self.assertTrue(0.0 < detection.confidence <= 1.0)
+        strict = self.stub.Detect(backend_pb2.DetectOptions(src=self.group, threshold=0.99), timeout=CALL_TIMEOUT)
+        self.assertEqual(len(strict.Detections), 0)
+        empty = self.stub.Detect(backend_pb2.DetectOptions(src=self.faceless), timeout=CALL_TIMEOUT)
+        self.assertEqual(len(empty.Detections), 0)
+        for src in (GARBAGE_BASE64, NOT_BASE64, ""):
+            with self.subTest(src=src[:10]):
+                self.assert_status(self.stub.Detect, backend_pb2.DetectOptions(src=src),
+                                   grpc.StatusCode.INVALID_ARGUMENT, "src")
+
+    def test_invalid_argument_names_the_image(self):
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        for img1, img2, name in ((NOT_BASE64, self.obama1, "img1"), (self.obama1, NOT_BASE64, "img2"),
+                                 (GARBAGE_BASE64, self.obama1, "img1"), (self.obama1, GARBAGE_BASE64, "img2")):
+            with self.subTest(name=name, img1=img1[:10], img2=img2[:10]):
+                details = self.assert_status(self.stub.FaceVerify,
+                                             backend_pb2.FaceVerifyRequest(img1=img1, img2=img2), invalid, name)
+                self.assertNotIn({"img1": "img2", "img2": "img1"}[name], details)
+        self.assert_status(self.stub.FaceAnalyze, backend_pb2.FaceAnalyzeRequest(img=NOT_BASE64), invalid, "img")
+        self.assert_status(self.stub.Embedding, backend_pb2.PredictOptions(Images=[GARBAGE_BASE64]), invalid,
+                           "Images[0]")
+        self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(
+            img1=self.obama1, img2=self.obama2, threshold=-1.0), invalid, "threshold")
+
+    def test_not_found_names_the_image(self):
+        not_found = grpc.StatusCode.NOT_FOUND
+        cases = [
+            (self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(img1=self.faceless, img2=self.obama1), "img1"),
+            (self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.faceless), "img2"),
+            (self.stub.FaceAnalyze, backend_pb2.FaceAnalyzeRequest(img=self.faceless), "img"),
+            (self.stub.Embedding, backend_pb2.PredictOptions(Images=[self.faceless]), "Images[0]"),
+        ]
+        for call, request, name in cases:
+            with self.subTest(name):
+                details = self.assert_status(call, request, not_found, name)
+                self.assertIn("no face", details)
+
+    def test_identity_guard(self):
+        not_found = grpc.StatusCode.NOT_FOUND
+        expected = f"model identity mismatch: loaded '{self.model_name}', requested 'other-model'"
+        cases = [
+            (self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2,
+                                                                 ModelIdentity="other-model")),
+            (self.stub.FaceAnalyze, backend_pb2.FaceAnalyzeRequest(img=self.obama1, ModelIdentity="other-model")),
+            (self.stub.Embedding, backend_pb2.PredictOptions(Images=[self.obama1], ModelIdentity="other-model")),
+            (self.stub.Detect, backend_pb2.DetectOptions(src=self.obama1, ModelIdentity="other-model")),
+        ]
+        for call, request in cases:
+            with self.subTest(type(request).__name__):
+                self.assert_status(call, request, not_found, expected)
+        same = self.verify(self.obama1, self.obama2, ModelIdentity=self.model_name)
+        self.assertTrue(same.verified)
+
+    def test_concurrent_verify(self):
+        threads, calls = 4, 5
+        barrier = threading.Barrier(threads)
+
+        def worker(_):
+            barrier.wait(timeout=30)
+            return [self.verify(self.obama1, self.obama2) for _ in range(calls)]
+
+        with futures.ThreadPoolExecutor(threads) as pool:
+            results = [r for batch in pool.map(worker, range(threads)) for r in batch]
+        self.assertEqual(len(results), threads * calls)
+        self.assertTrue(all(r.verified for r in results))
+        self.assertEqual(len({r.distance for r in results}), 1, sorted({r.distance for r in results}))
+        self.assertEqual(len({(r.img1_area.x, r.img1_area.y, r.img1_area.w) for r in results}), 1)
+
+
+class InsightfaceGrpcTest(EngineCases, unittest.TestCase):
+    KIND = support.ENGINE_INSIGHTFACE
+
+    def test_load_message_says_without_liveness(self):
+        self.assertIn("without liveness", self.load_result.message)
+
+    def test_anti_spoofing_without_liveness_weights_is_failed_precondition(self):
+        precondition = grpc.StatusCode.FAILED_PRECONDITION
+        for image in (self.obama1, GARBAGE_BASE64, self.faceless):
+            with self.subTest(image=image[:10]):
+                self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(
+                    img1=image, img2=self.obama1, anti_spoofing=True), precondition,
+                    "antispoof_v2_onnx", "antispoof_v1se_onnx")
+                self.assert_status(self.stub.FaceAnalyze, backend_pb2.FaceAnalyzeRequest(
+                    img=image, anti_spoofing=True), precondition, "antispoof_v2_onnx", "antispoof_v1se_onnx")
+
+
+class OnnxDirectGrpcTest(EngineCases, unittest.TestCase):
+    KIND = support.ENGINE_ONNX_DIRECT
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        spoof = lambda name: support.b64_file(support.data_path("silent-face-samples", name))
+        cls.t1, cls.f1 = spoof("image_T1.jpg"), spoof("image_F1.jpg")
+
+    def test_load_message_says_with_liveness(self):
+        self.assertIn("with liveness", self.load_result.message)
+        self.assertNotIn("without", self.load_result.message)
+
+    def test_liveness_fields_present_only_with_anti_spoofing(self):
+        checked = self.verify(self.t1, self.f1, anti_spoofing=True)
+        for field in LIVENESS_FIELDS:
+            self.assertTrue(checked.HasField(field), field)
+        self.assertFalse(checked.verified)
+        self.assertTrue(checked.img1_is_real)
+        self.assertFalse(checked.img2_is_real)
+        self.assertGreater(checked.img1_antispoof_score, 0.9)
+        self.assertLess(checked.img2_antispoof_score, 0.5)
+        real = self.verify(self.t1, self.t1, anti_spoofing=True)
+        self.assertTrue(real.verified)
+        self.assertTrue(real.HasField("img1_is_real") and real.img1_is_real and real.img2_is_real)
+        unchecked = self.verify(self.t1, self.f1)
+        for field in LIVENESS_FIELDS:
+            self.assertFalse(unchecked.HasField(field), field)
+
+    def test_analyze_with_anti_spoofing_scores_every_face(self):
+        response = self.stub.FaceAnalyze(backend_pb2.FaceAnalyzeRequest(img=self.group, anti_spoofing=True),
+                                         timeout=CALL_TIMEOUT)
+        self.assertEqual(len(response.faces), 6)
+        for face in response.faces:
+            self.assertTrue(face.HasField("is_real"))
+            self.assertTrue(face.HasField("antispoof_score"))
+            self.assertTrue(0.0 <= face.antispoof_score <= 1.0)
+        fake = self.stub.FaceAnalyze(backend_pb2.FaceAnalyzeRequest(img=self.f1, anti_spoofing=True),
+                                     timeout=CALL_TIMEOUT)
+        self.assertEqual(len(fake.faces), 1)
+        self.assertTrue(fake.faces[0].HasField("is_real"))
+        self.assertFalse(fake.faces[0].is_real)
+
+    def test_no_face_with_liveness_loaded_is_not_found(self):
+        self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(
+            img1=self.t1, img2=self.faceless, anti_spoofing=True), grpc.StatusCode.NOT_FOUND, "img2")
+
+
+class NoModelGrpcTest(GrpcAssertions, unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.running = RunningServer()
+        cls.stub, cls.health = cls.running.stub, cls.running.health
+        cls.image = support.b64_image(support.faceless_image())
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.running.close()
+
+    def test_not_ready(self):
+        self.assert_healthy()  # the process answers Health with or without a model
+        self.assertEqual(self.health_status(), NOT_SERVING)
+        self.assertEqual(self.state(), backend_pb2.StatusResponse.UNINITIALIZED)
+
+    def test_every_request_is_failed_precondition(self):
+        precondition = grpc.StatusCode.FAILED_PRECONDITION
+        image = self.image
+        cases = [
+            (self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(img1=image, img2=image)),
+            (self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(img1=image, img2=image, anti_spoofing=True)),
+            (self.stub.FaceAnalyze, backend_pb2.FaceAnalyzeRequest(img=image)),
+            (self.stub.Embedding, backend_pb2.PredictOptions(Images=[image])),
+            (self.stub.Detect, backend_pb2.DetectOptions(src=image)),
+        ]
+        for call, request in cases:
+            with self.subTest(type(request).__name__):
+                self.assert_status(call, request, precondition, "LoadModel")
+
+
+class LifecycleGrpcTest(GrpcAssertions, unittest.TestCase):
+    """LoadModel -> READY / SERVING, Free -> UNINITIALIZED / NOT_SERVING, for both setups."""
+
+    def setUp(self):
+        self.running = RunningServer()
+        self.stub, self.health = self.running.stub, self.running.health
+        self.obama1, self.obama2 = photo("obama_1.jpg"), photo("obama_2.jpg")
+
+    def tearDown(self):
+        self.running.close()
+
+    def test_load_free_reload(self):
+        for kind in support.ENGINES:
+            with self.subTest(kind):
+                self.assertEqual(self.health_status(), NOT_SERVING)
+                result = self.stub.LoadModel(model_options(kind), timeout=CALL_TIMEOUT)
+                self.assertTrue(result.success, result.message)
+                status = self.stub.Status(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT)
+                self.assertEqual(status.state, backend_pb2.StatusResponse.READY)
+                self.assertGreater(status.memory.total, 0)
+                self.assertEqual(self.health_status(), SERVING)
+                verified = self.stub.FaceVerify(backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2),
+                                                timeout=CALL_TIMEOUT)
+                self.assertTrue(verified.verified)
+                freed = self.stub.Free(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT)
+                self.assertTrue(freed.success)
+                self.assertEqual(self.state(), backend_pb2.StatusResponse.UNINITIALIZED)
+                self.assertEqual(self.health_status(), NOT_SERVING)
+                self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(
+                    img1=self.obama1, img2=self.obama2), grpc.StatusCode.FAILED_PRECONDITION)
+
+
+class FailedLoadGrpcTest(GrpcAssertions, unittest.TestCase):
+    """A failed LoadModel answers success=false naming the problem, and the previous engine keeps
+    answering exactly as before."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.obama1, cls.obama2 = photo("obama_1.jpg"), photo("obama_2.jpg")
+
+    def setUp(self):
+        self.running = RunningServer()
+        self.stub, self.health = self.running.stub, self.running.health
+
+    def tearDown(self):
+        self.running.close()
+
+    def test_failed_first_load_leaves_nothing_loaded(self):
+        for options in (["engine:onnx_direct", "detector_onnx:face_detection_yunet_2023mar.onnx",
+                         "recognizer_onnx:no-such-recognizer.onnx"], ["colour:blue"]):
+            with self.subTest(options=options):
+                failed = self.stub.LoadModel(backend_pb2.ModelOptions(
+                    Model="x", ModelPath=support.MODELS_DIR, Options=options), timeout=CALL_TIMEOUT)
+                self.assertFalse(failed.success)
+                self.assertEqual(self.state(), backend_pb2.StatusResponse.UNINITIALIZED)
+                self.assertEqual(self.health_status(), NOT_SERVING)
+                self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(
+                    img1=self.obama1, img2=self.obama2), grpc.StatusCode.FAILED_PRECONDITION)
+        negative_threads = model_options(support.ENGINE_INSIGHTFACE)
+        negative_threads.Threads = -1
+        failed = self.stub.LoadModel(negative_threads, timeout=CALL_TIMEOUT)
+        self.assertFalse(failed.success)
+        self.assertIn("Threads", failed.message)
+
+    def test_failed_load_keeps_the_previous_engine(self):
+        for kind in support.ENGINES:
+            good = model_options(kind)
+            result = self.stub.LoadModel(good, timeout=CALL_TIMEOUT)
+            self.assertTrue(result.success, result.message)
+            before = self.stub.FaceVerify(backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2),
+                                          timeout=CALL_TIMEOUT)
+            bad_loads = [
+                ("missing file", ["engine:onnx_direct", "detector_onnx:face_detection_yunet_2023mar.onnx",
+                                  "recognizer_onnx:no-such-recognizer.onnx"], "no-such-recognizer.onnx"),
+                ("missing liveness file", list(good.Options) + ["antispoof_v2_onnx:no-such-liveness.onnx"],
+                 "no-such-liveness.onnx"),
+                ("unknown option", list(good.Options) + ["colour:blue"], "colour"),
+                ("bad det_size", list(good.Options) + ["det_size:huge"], "det_size"),
+                ("unknown pack", ["engine:insightface", "model_pack:buffalo_xx"], "buffalo_xx"),
+            ]
+            for label, options, text in bad_loads:
+                with self.subTest(kind, load=label):
+                    failed = self.stub.LoadModel(backend_pb2.ModelOptions(
+                        Model="replacement", ModelPath=support.MODELS_DIR, Options=options), timeout=CALL_TIMEOUT)
+                    self.assertFalse(failed.success)
+                    self.assertIn(text, failed.message)
+                    self.assert_healthy()
+                    self.assertEqual(self.state(), backend_pb2.StatusResponse.READY)
+                    self.assertEqual(self.health_status(), SERVING)
+                    after = self.stub.FaceVerify(backend_pb2.FaceVerifyRequest(
+                        img1=self.obama1, img2=self.obama2, ModelIdentity=good.Model), timeout=CALL_TIMEOUT)
+                    self.assertTrue(after.verified)
+                    self.assertEqual(after.model, before.model)
+                    self.assertEqual(after.distance, before.distance)
+                    self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(
+                        img1=self.obama1, img2=self.obama2, ModelIdentity="replacement"),
+                        grpc.StatusCode.NOT_FOUND, "model identity mismatch")
+
+
+class AuthGrpcTest(GrpcAssertions, unittest.TestCase):
+    """LOCALAI_GRPC_AUTH_TOKEN set when the server is created: every call needs the bearer token."""
+
+    TOKEN = "s3cret-token-for-tests"
+
+    @classmethod
+    def setUpClass(cls):
+        before = os.environ.get("LOCALAI_GRPC_AUTH_TOKEN")
+        cls.running = RunningServer(token=cls.TOKEN)
+        assert os.environ.get("LOCALAI_GRPC_AUTH_TOKEN") == before, "environment not restored"
+        cls.stub, cls.health = cls.running.stub, cls.running.health
+        cls.good = (("authorization", f"Bearer {cls.TOKEN}"),)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.running.close()
+
+    def test_calls_without_the_right_token_are_unauthenticated(self):
+        unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+        bad_metadata = {
+            "none": None,
+            "wrong token": (("authorization", "Bearer wrong"),),
+            "prefix of the token": (("authorization", f"Bearer {self.TOKEN[:-1]}"),),
+            "token without Bearer": (("authorization", self.TOKEN),),
+            "other header": (("x-api-key", self.TOKEN),),
+        }
+        calls = [
+            (self.stub.Health, backend_pb2.HealthMessage()),
+            (self.stub.Status, backend_pb2.HealthMessage()),
+            (self.stub.LoadModel, model_options(support.ENGINE_INSIGHTFACE)),
+            (self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(img1=NOT_BASE64, img2=NOT_BASE64)),
+            (self.health.Check, health_pb2.HealthCheckRequest(service="")),
+        ]
+        for label, metadata in bad_metadata.items():
+            for call, request in calls:
+                with self.subTest(label, request=type(request).__name__):
+                    with self.assertRaises(grpc.RpcError) as caught:
+                        call(request, timeout=CALL_TIMEOUT, metadata=metadata)
+                    self.assertEqual(caught.exception.code(), unauthenticated)
+        self.assertIsNone(self.running.service.loaded, "an unauthenticated LoadModel ran")
+        self.assert_healthy(self.good)
+
+    def test_right_token_is_accepted(self):
+        self.assert_healthy(self.good)
+        result = self.stub.LoadModel(model_options(support.ENGINE_INSIGHTFACE), timeout=CALL_TIMEOUT,
+                                     metadata=self.good)
+        self.assertTrue(result.success, result.message)
+        response = self.stub.FaceVerify(backend_pb2.FaceVerifyRequest(
+            img1=photo("obama_1.jpg"), img2=photo("obama_2.jpg")), timeout=CALL_TIMEOUT, metadata=self.good)
+        self.assertTrue(response.verified)
+        self.assertEqual(self.health_status(self.good), SERVING)
+        # Errors still carry their own status once authenticated.
+        self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(img1=NOT_BASE64, img2=NOT_BASE64),
+                           grpc.StatusCode.INVALID_ARGUMENT, "img1", metadata=self.good)
+
+
+class BackendProcessTest(unittest.TestCase):
+    """`backend.py --addr 127.0.0.1:<port>` as the host starts it, stopped with SIGTERM."""
+
+    def test_start_serve_and_stop_on_sigterm(self):
+        options = model_options(support.ENGINE_ONNX_DIRECT)
+        img1, img2 = photo("obama_1.jpg"), photo("obama_2.jpg")
+        port = support.free_port()
+        env = dict(os.environ)
+        env.pop("LOCALAI_GRPC_AUTH_TOKEN", None)
+        with tempfile.TemporaryFile() as log:
+            process = subprocess.Popen(
+                [sys.executable, os.path.join(support.REPO, "backend.py"), "--addr", f"127.0.0.1:{port}"],
+                cwd=support.REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+                stub = backend_pb2_grpc.BackendStub(channel)
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        self.assertEqual(stub.Health(backend_pb2.HealthMessage(), timeout=2).message, b"OK")
+                        break
+                    except grpc.RpcError:
+                        if process.poll() is not None or time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.2)
+                result = stub.LoadModel(options, timeout=CALL_TIMEOUT)
+                self.assertTrue(result.success, result.message)
+                response = stub.FaceVerify(backend_pb2.FaceVerifyRequest(img1=img1, img2=img2), timeout=CALL_TIMEOUT)
+                self.assertTrue(response.verified)
+                channel.close()
+                process.send_signal(signal.SIGTERM)
+                code = process.wait(timeout=30)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+                log.seek(0)
+                output = log.read().decode(errors="replace")
+            self.assertEqual(code, 0, output[-2000:])
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,504 @@
+"""FaceService in-process (no gRPC): verify / analyze / embed / detect on real photos with both
+model setups, the domain errors and which image they name, LoadModel failures that must leave the
+previous model serving, and liveness (anti_spoofing) with the default set.
+"""
+from __future__ import annotations
+
+import base64
+import itertools
+import math
+import os
+import re
+import unittest
+
+import cv2
+import numpy as np
+
+from engines import parse_load_request
+from engines.errors import (IdentityMismatchError, InvalidInputError, ModelFileError,
+                            ModelOptionError, NoFaceError, PreconditionError)
+from engines.recognition import INSIGHTFACE_FAR_1E6_DISTANCE, KNOWN_RECOGNIZERS, MOBILEFACENET_SHA256
+from face_service import FaceService
+from tests import support
+
+IMAGES = os.path.join("face-recognition-examples", "images")
+# Default cosine-distance thresholds of the two recognizers (engines/recognition.py profiles).
+DEFAULT_THRESHOLD = {
+    support.ENGINE_INSIGHTFACE: INSIGHTFACE_FAR_1E6_DISTANCE,
+    support.ENGINE_ONNX_DIRECT: KNOWN_RECOGNIZERS[MOBILEFACENET_SHA256].threshold,
+}
+GARBAGE_BASE64 = base64.b64encode(b"this is not an image, just some bytes" * 20).decode()
+NOT_BASE64 = "this is *not* base64!"
+
+
+def photo(name: str) -> str:
+    return support.b64_file(support.data_path(IMAGES, name))
+
+
+def load(service: FaceService, name: str, options, model_path: str = None):
+    """What the servicer's LoadModel does: parse the options, then load."""
+    return service.load(parse_load_request(name, model_path or support.MODELS_DIR, 0, list(options)))
+
+
+def loaded_service(kind: str, name: str = None) -> FaceService:
+    model_name, options = support.engine_setup(kind)
+    service = FaceService()
+    load(service, model_name if name is None else name, options)
+    return service
+
+
+def side_by_side(big: str, small: str) -> np.ndarray:
+    """One photo with `big`'s face about 2.5x as tall as `small`'s."""
+    a = cv2.imread(support.data_path(IMAGES, big))
+    b = cv2.imread(support.data_path(IMAGES, small))
+    a = cv2.resize(a, None, fx=500 / a.shape[0], fy=500 / a.shape[0])
+    b = cv2.resize(b, None, fx=200 / b.shape[0], fy=200 / b.shape[0])
+    canvas = np.full((560, a.shape[1] + b.shape[1] + 60, 3), 200, np.uint8)
+    canvas[30:530, 20:20 + a.shape[1]] = a
+    canvas[180:380, 40 + a.shape[1]:40 + a.shape[1] + b.shape[1]] = b
+    return canvas
+
+
+class ErrorAssertions:
+    def assert_names(self, message: str, name: str) -> None:
+        """`name` (img1, img2, img, Images[0], src) appears as a word, and no other image does."""
+        self.assertRegex(message, rf"(?<![\w\[]){re.escape(name)}(?![\w\]])")
+        for other in {"img1", "img2", "Images[0]"} - {name}:
+            self.assertNotIn(other, message)
+
+
+class ServiceCases(ErrorAssertions):
+    """Run for each model setup; subclasses set KIND."""
+
+    KIND: str
+
+    @classmethod
+    def setUpClass(cls):
+        cls.service = loaded_service(cls.KIND)
+        cls.obama1, cls.obama2, cls.biden1 = photo("obama_1.jpg"), photo("obama_2.jpg"), photo("biden_1.jpg")
+        cls.group_path = support.data_path("insightface-wheel-images", "t1.jpg")
+        cls.group = support.b64_file(cls.group_path)
+        cls.faceless = support.b64_image(support.faceless_image())
+
+    # -- verify ------------------------------------------------------------------------------
+    def check_result_fields(self, result) -> None:
+        self.assertTrue(0.0 <= result.distance <= 2.0, result.distance)
+        self.assertTrue(0.0 <= result.confidence <= 100.0, result.confidence)
+        self.assertEqual(result.confidence > 50.0, result.distance < result.threshold)
+        self.assertEqual(result.model, self.service.loaded.engine.name)
+        self.assertGreater(result.processing_time_ms, 0.0)
+        self.assertIsNone(result.img1_liveness)
+        self.assertIsNone(result.img2_liveness)
+        for face in (result.img1_face, result.img2_face):
+            self.assertGreater(face.area, 0.0)
+
+    def test_same_person_is_verified(self):
+        result = self.service.verify(self.obama1, self.obama2)
+        self.check_result_fields(result)
+        self.assertTrue(result.verified)
+        self.assertLess(result.distance, result.threshold)
+        self.assertGreater(result.confidence, 50.0)
+
+    def test_different_people_are_rejected(self):
+        result = self.service.verify(self.obama1, self.biden1)
+        self.check_result_fields(result)
+        self.assertFalse(result.verified)
+        self.assertGreaterEqual(result.distance, result.threshold)
+        self.assertLess(result.confidence, 50.0)
+        self.assertGreater(result.distance, 0.7)  # not a near miss
+
+    def test_distance_is_one_minus_cosine_of_the_embeddings(self):
+        result = self.service.verify(self.obama1, self.biden1)
+        e1 = self.service.embed([self.obama1]).vector
+        e2 = self.service.embed([self.biden1]).vector
+        self.assertAlmostEqual(result.distance, 1.0 - float(e1 @ e2), places=5)
+        swapped = self.service.verify(self.biden1, self.obama1)
+        self.assertAlmostEqual(result.distance, swapped.distance, places=5)
+
+    def test_distance_of_identical_images_is_within_0_and_2(self):
+        # cosine distance is in [0, 2]; rounding must not make an image's distance to itself negative.
+        for path, _ in support.single_face_photos():
+            with self.subTest(os.path.basename(path)):
+                data = support.b64_file(path)
+                result = self.service.verify(data, data)
+                self.assertTrue(result.verified)
+                self.assertGreaterEqual(result.distance, 0.0)
+                self.assertLess(result.distance, 1e-5)
+
+    def test_zero_threshold_means_the_engine_default(self):
+        expected = DEFAULT_THRESHOLD[self.KIND]
+        self.assertEqual(self.service.loaded.engine.default_threshold, expected)
+        for pair in ((self.obama1, self.obama2), (self.obama1, self.biden1)):
+            self.assertAlmostEqual(self.service.verify(*pair, threshold=0.0).threshold, expected, places=6)
+        self.assertAlmostEqual(self.service.verify(self.obama1, self.obama2).threshold, expected, places=6)
+
+    def test_custom_threshold_is_honoured_and_echoed(self):
+        same = self.service.verify(self.obama1, self.obama2)
+        different = self.service.verify(self.obama1, self.biden1)
+        strict = self.service.verify(self.obama1, self.obama2, threshold=same.distance - 0.01)
+        self.assertFalse(strict.verified)
+        self.assertAlmostEqual(strict.threshold, same.distance - 0.01, places=6)
+        self.assertLess(strict.confidence, 50.0)
+        lenient = self.service.verify(self.obama1, self.biden1, threshold=different.distance + 0.01)
+        self.assertTrue(lenient.verified)
+        self.assertAlmostEqual(lenient.threshold, different.distance + 0.01, places=6)
+        self.assertGreater(lenient.confidence, 50.0)
+        for bad in (-0.1, float("nan"), float("inf")):
+            with self.subTest(threshold=bad), self.assertRaises(InvalidInputError):
+                self.service.verify(self.obama1, self.obama2, threshold=bad)
+
+    def test_confidence_is_monotone(self):
+        pairs = [(self.obama1, self.obama1), (self.obama1, self.obama2),
+                 (self.obama1, photo("obama_3.jpg")), (self.obama1, self.biden1),
+                 (self.obama1, photo("rose_leslie_1.jpg"))]
+        results = sorted((self.service.verify(*p) for p in pairs), key=lambda r: r.distance)
+        confidences = [r.confidence for r in results]
+        for closer, farther in zip(results, results[1:]):
+            if farther.distance > closer.distance + 1e-6:
+                self.assertGreater(closer.confidence, farther.confidence, confidences)
+        # For one pair, a higher threshold never lowers the confidence.
+        by_threshold = [self.service.verify(self.obama1, self.obama2, threshold=t).confidence
+                        for t in (0.1, 0.3, 0.5, 0.7, 0.9, 1.5)]
+        self.assertEqual(by_threshold, sorted(by_threshold))
+        self.assertLess(by_threshold[0], 50.0)
+        self.assertGreater(by_threshold[-1], 50.0)
+
+    def test_best_face_is_the_largest(self):
+        for big, small, big_again, small_again in (
+                ("obama_1.jpg", "biden_1.jpg", "obama_2.jpg", "biden_2.jpg"),
+                ("biden_1.jpg", "obama_1.jpg", "biden_2.jpg", "obama_2.jpg")):
+            with self.subTest(big=big, small=small):
+                image = support.b64_image(side_by_side(big, small))
+                faces = self.service.detect(image)
+                self.assertEqual(len(faces), 2)
+                largest = max(faces, key=lambda f: f.area)
+                matched = self.service.verify(image, photo(big_again))
+                self.assertTrue(matched.verified, matched.distance)
+                self.assertEqual(matched.img1_face.box, largest.box)
+                self.assertFalse(self.service.verify(image, photo(small_again)).verified)
+                self.assertEqual(self.service.verify(photo(small_again), image).img2_face.box, largest.box)
+                self.assertEqual(self.service.embed([image]).face.box, largest.box)
+
+    # -- analyze / embed / detect ---------------------------------------------------------
+    def test_analyze_returns_every_face_with_region_and_confidence(self):
+        analyzed = self.service.analyze(self.group)
+        self.assertEqual(len(analyzed), 6)
+        detected = sorted(f.box for f in self.service.detect(self.group))
+        self.assertEqual(sorted(a.face.box for a in analyzed), detected)
+        height, width = cv2.imread(self.group_path).shape[:2]
+        for item in analyzed:
+            x, y, w, h = item.face.xywh()
+            self.assertGreater(w, 20)
+            self.assertGreater(h, 20)
+            self.assertTrue(-w / 2 < x < width and -h / 2 < y < height)
+            self.assertTrue(0.0 < item.face.score <= 1.0)
+            self.assertIsNone(item.liveness)
+
+    def test_analyze_rejects_an_unknown_action(self):
+        with self.assertRaises(InvalidInputError) as caught:
+            self.service.analyze(self.group, ["horoscope"])
+        self.assertIn("horoscope", str(caught.exception))
+
+    def test_embed(self):
+        result = self.service.embed([self.obama1, self.biden1])  # Images[0] only
+        self.assertEqual(result.vector.shape, (support.EMBEDDING_DIM[self.KIND],))
+        self.assertAlmostEqual(float(np.linalg.norm(result.vector)), 1.0, places=5)
+        again = self.service.embed([self.obama1])
+        np.testing.assert_allclose(result.vector, again.vector, atol=1e-6)
+        other = self.service.embed([self.obama2]).vector
+        self.assertLess(1.0 - float(result.vector @ other), DEFAULT_THRESHOLD[self.KIND])
+        with self.assertRaises(InvalidInputError) as caught:
+            self.service.embed([])
+        self.assertIn("Images[0]", str(caught.exception))
+
+    def test_detect_honours_a_threshold(self):
+        default = self.service.detect(self.group)
+        self.assertEqual(len(default), 6)
+        self.assertEqual(len(self.service.detect(self.group, 0.0)), 6)
+        self.assertEqual(self.service.detect(self.group, 0.99), [])
+        scores = sorted((f.score for f in default), reverse=True)
+        cut = (scores[2] + scores[3]) / 2
+        kept = self.service.detect(self.group, cut)
+        self.assertEqual(len(kept), 3)
+        self.assertTrue(all(f.score >= cut for f in kept))
+        self.assertEqual(self.service.detect(self.faceless), [])  # no face is an empty list here
+        for bad in (-0.5, 1.5, float("nan")):
+            with self.subTest(threshold=bad), self.assertRaises(InvalidInputError):
+                self.service.detect(self.group, bad)
+
+    # -- errors -----------------------------------------------------------------------------
+    def test_undecodable_or_not_base64_images_name_the_image(self):
+        cases = [
+            (lambda: self.service.verify(self.obama1, GARBAGE_BASE64), "img2"),
+            (lambda: self.service.verify(NOT_BASE64, self.obama1), "img1"),
+            (lambda: self.service.verify(GARBAGE_BASE64, NOT_BASE64), "img1"),
+            (lambda: self.service.verify(self.obama1, ""), "img2"),
+            (lambda: self.service.analyze(GARBAGE_BASE64), "img"),
+            (lambda: self.service.analyze(NOT_BASE64), "img"),
+            (lambda: self.service.embed([NOT_BASE64]), "Images[0]"),
+            (lambda: self.service.embed([GARBAGE_BASE64]), "Images[0]"),
+            (lambda: self.service.detect(GARBAGE_BASE64), "src"),
+        ]
+        for call, name in cases:
+            with self.subTest(name):
+                with self.assertRaises(InvalidInputError) as caught:
+                    call()
+                self.assert_names(str(caught.exception), name)
+
+    def test_no_face_names_the_image(self):
+        cases = [
+            (lambda: self.service.verify(self.faceless, self.obama1), "img1"),
+            (lambda: self.service.verify(self.obama1, self.faceless), "img2"),
+            (lambda: self.service.verify(self.faceless, self.faceless), "img1"),
+            (lambda: self.service.analyze(self.faceless), "img"),
+            (lambda: self.service.embed([self.faceless]), "Images[0]"),
+        ]
+        for call, name in cases:
+            with self.subTest(name):
+                with self.assertRaises(NoFaceError) as caught:
+                    call()
+                self.assert_names(str(caught.exception), name)
+
+    def test_identity_guard(self):
+        service = loaded_service(self.KIND, name="a")
+        calls = {
+            "verify": lambda identity: service.verify(self.obama1, self.obama2, identity=identity),
+            "analyze": lambda identity: service.analyze(self.obama1, identity=identity),
+            "embed": lambda identity: service.embed([self.obama1], identity=identity),
+            "detect": lambda identity: service.detect(self.obama1, identity=identity),
+        }
+        for method, call in calls.items():
+            with self.subTest(method):
+                with self.assertRaises(IdentityMismatchError) as caught:
+                    call("b")
+                self.assertIn("model identity mismatch: loaded 'a', requested 'b'", str(caught.exception))
+                call("")  # empty identity: no check
+                call("a")
+        unnamed = loaded_service(self.KIND, name="")
+        self.assertTrue(unnamed.verify(self.obama1, self.obama2, identity="b").verified)
+
+
+class InsightfaceServiceTest(ServiceCases, unittest.TestCase):
+    KIND = support.ENGINE_INSIGHTFACE
+
+    def test_anti_spoofing_without_liveness_weights_is_a_precondition_error(self):
+        cases = {
+            "verify": lambda img: self.service.verify(img, img, anti_spoofing=True),
+            "analyze": lambda img: self.service.analyze(img, anti_spoofing=True),
+        }
+        # Checked before any image is decoded: garbage, no face or a good photo, same answer.
+        for (method, call), image in itertools.product(
+                cases.items(), (self.obama1, GARBAGE_BASE64, NOT_BASE64, self.faceless)):
+            with self.subTest(method, image=image[:12]):
+                with self.assertRaises(PreconditionError) as caught:
+                    call(image)
+                message = str(caught.exception)
+                self.assertIn("antispoof_v2_onnx", message)
+                self.assertIn("antispoof_v1se_onnx", message)
+        with self.assertRaises(PreconditionError):
+            self.service.verify(self.obama1, GARBAGE_BASE64, anti_spoofing=True)
+
+
+class OnnxDirectServiceTest(ServiceCases, unittest.TestCase):
+    KIND = support.ENGINE_ONNX_DIRECT
+
+
+class NoModelTest(unittest.TestCase):
+    def test_every_request_needs_a_loaded_model(self):
+        service = FaceService()
+        image = support.b64_image(support.faceless_image())
+        calls = {
+            "verify": lambda: service.verify(image, image),
+            "verify anti_spoofing": lambda: service.verify(image, image, anti_spoofing=True),
+            "verify garbage": lambda: service.verify(NOT_BASE64, NOT_BASE64),
+            "analyze": lambda: service.analyze(image),
+            "embed": lambda: service.embed([image]),
+            "detect": lambda: service.detect(image),
+        }
+        self.assertIsNone(service.loaded)
+        for label, call in calls.items():
+            with self.subTest(label):
+                with self.assertRaises(PreconditionError) as caught:
+                    call()
+                self.assertIn("LoadModel", str(caught.exception))
+
+
+class LoadModelTest(unittest.TestCase):
+    """A failed LoadModel leaves the previous model loaded and answering; Free unloads."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.setups = {kind: support.engine_setup(kind) for kind in support.ENGINES}
+        cls.obama1, cls.obama2 = photo("obama_1.jpg"), photo("obama_2.jpg")
+
+    def failing_loads(self, kind: str):
+        """(label, model name, options, error class, text the message must contain)."""
+        name, options = self.setups[kind]
+        return [
+            ("missing recognizer file", "new", ["engine:onnx_direct", "detector_onnx:face_detection_yunet_2023mar.onnx",
+                                                "recognizer_onnx:no-such-recognizer.onnx"],
+             ModelFileError, "no-such-recognizer.onnx"),
+            # The engine itself builds; the liveness file after it is missing.
+            ("missing liveness file", "new",
+             [o for o in options if not o.startswith("antispoof_v1se_onnx")]
+             + ["antispoof_v1se_onnx:no-such-liveness.onnx"],
+             ModelFileError, "no-such-liveness.onnx"),
+            ("unknown option", "new", options + ["colour:blue"], ModelOptionError, "colour"),
+            ("bad det_size", "new", options + ["det_size:abc"], ModelOptionError, "det_size"),
+            ("bad det_size multiple", "new", options + ["det_size:100"], ModelOptionError, "det_size"),
+            ("unknown pack", "new", ["engine:insightface", "model_pack:buffalo_xx"], ModelFileError, "buffalo_xx"),
+            ("unknown engine", "new", ["engine:tensorflow"], ModelOptionError, "tensorflow"),
+            ("not key:value", "new", options + ["det_size"], ModelOptionError, "det_size"),
+        ]
+
+    def test_failed_load_keeps_the_previous_model(self):
+        for kind in support.ENGINES:
+            name, options = self.setups[kind]
+            service = FaceService()
+            previous = load(service, name, options)
+            changes = []
+            service.on_change = changes.append
+            for label, new_name, new_options, error, text in self.failing_loads(kind):
+                with self.subTest(kind, load=label):
+                    with self.assertRaises(error) as caught:
+                        load(service, new_name, new_options)
+                    self.assertIn(text, str(caught.exception))
+                    self.assertIs(service.loaded, previous)
+                    self.assertEqual(changes, [], "a failed load must not report a change")
+                    result = service.verify(self.obama1, self.obama2, identity=name)
+                    self.assertTrue(result.verified)
+                    self.assertEqual(result.model, previous.engine.name)
+                    with self.assertRaises(IdentityMismatchError):
+                        service.verify(self.obama1, self.obama2, identity="new")
+
+    def test_successful_load_replaces_the_model_and_free_unloads(self):
+        service = FaceService()
+        changes = []
+        service.on_change = changes.append
+        first = load(service, *self.setups[support.ENGINE_INSIGHTFACE])
+        self.assertEqual(service.verify(self.obama1, self.obama2).model, first.engine.name)
+        second = load(service, *self.setups[support.ENGINE_ONNX_DIRECT])
+        self.assertIs(service.loaded, second)
+        self.assertEqual(service.embed([self.obama1]).vector.shape, (128,))
+        self.assertIsNotNone(second.liveness)
+        self.assertIsNone(first.liveness)
+        service.free()
+        self.assertIsNone(service.loaded)
+        self.assertEqual(changes, [True, True, False])
+        with self.assertRaises(PreconditionError):
+            service.verify(self.obama1, self.obama2)
+        with self.assertRaises(PreconditionError):
+            service.detect(self.obama1)
+        service.free()  # freeing twice is harmless
+        load(service, *self.setups[support.ENGINE_INSIGHTFACE])
+        self.assertTrue(service.verify(self.obama1, self.obama2).verified)
+
+
+class LivenessTest(ErrorAssertions, unittest.TestCase):
+    """anti_spoofing with the default set (MiniFASNetV2 + V1SE) on upstream's sample photos."""
+
+    @classmethod
+    def setUpClass(cls):
+        support.liveness_files()
+        cls.service = loaded_service(support.ENGINE_ONNX_DIRECT)
+        spoof = lambda name: support.b64_file(support.data_path("silent-face-samples", name))
+        cls.t1, cls.f1, cls.f2 = spoof("image_T1.jpg"), spoof("image_F1.jpg"), spoof("image_F2.jpg")
+        cls.t1_image = cv2.imread(support.data_path("silent-face-samples", "image_T1.jpg"))
+
+    def test_real_face_against_itself_is_verified_and_real(self):
+        result = self.service.verify(self.t1, self.t1, anti_spoofing=True)
+        self.assertTrue(result.verified)
+        for verdict in (result.img1_liveness, result.img2_liveness):
+            self.assertIsNotNone(verdict)
+            self.assertTrue(verdict.is_real)
+            self.assertGreater(verdict.score, 0.9)
+
+    def test_spoofs_are_vetoed(self):
+        for name, spoof in (("image_F1", self.f1), ("image_F2", self.f2)):
+            with self.subTest(name):
+                result = self.service.verify(self.t1, spoof, anti_spoofing=True)
+                self.assertFalse(result.verified)
+                self.assertTrue(result.img1_liveness.is_real)
+                self.assertFalse(result.img2_liveness.is_real)
+                self.assertLess(result.img2_liveness.score, 0.5)
+                reversed_ = self.service.verify(spoof, self.t1, anti_spoofing=True)
+                self.assertFalse(reversed_.verified)
+                self.assertFalse(reversed_.img1_liveness.is_real)
+                self.assertTrue(reversed_.img2_liveness.is_real)
+
+    def test_liveness_vetoes_a_matching_distance(self):
+        # The same spoof photo twice: distance ~0, verified without liveness, vetoed with it.
+        for name, spoof in (("image_F1", self.f1), ("image_F2", self.f2)):
+            with self.subTest(name):
+                plain = self.service.verify(spoof, spoof)
+                self.assertTrue(plain.verified)
+                self.assertIsNone(plain.img1_liveness)
+                checked = self.service.verify(spoof, spoof, anti_spoofing=True)
+                self.assertLess(checked.distance, checked.threshold)
+                self.assertFalse(checked.verified)
+                self.assertFalse(checked.img1_liveness.is_real)
+                self.assertFalse(checked.img2_liveness.is_real)
+
+    def test_face_crossing_the_image_border_scores(self):
+        x1, y1, _, _ = (int(v) for v in self.service.loaded.engine.detect(self.t1_image)[0].box)
+        touching = 0
+        for cut in (40, 60, 80):
+            with self.subTest(cut=cut):
+                # The face box of the full photo now starts `cut` px outside the left and top edges.
+                cropped = np.ascontiguousarray(self.t1_image[y1 + cut:, x1 + cut:])
+                data = support.b64_image(cropped)
+                result = self.service.verify(data, data, anti_spoofing=True)
+                box = result.img1_face.box
+                touching += box[0] <= 3 and box[1] <= 3
+                for verdict in (result.img1_liveness, result.img2_liveness):
+                    self.assertTrue(math.isfinite(verdict.score) and 0.0 <= verdict.score <= 1.0)
+                    self.assertAlmostEqual(sum(verdict.probabilities), 1.0, places=5)
+                analyzed = self.service.analyze(data, anti_spoofing=True)
+                self.assertEqual(len(analyzed), 1)
+                self.assertAlmostEqual(analyzed[0].liveness.score, result.img1_liveness.score, places=5)
+        self.assertGreater(touching, 0, "no crop put the detected box on the left and top edges")
+
+    def test_no_face_is_not_found_not_a_liveness_error(self):
+        faceless = support.b64_image(support.faceless_image())
+        for call, name in ((lambda: self.service.verify(faceless, self.t1, anti_spoofing=True), "img1"),
+                           (lambda: self.service.verify(self.t1, faceless, anti_spoofing=True), "img2"),
+                           (lambda: self.service.analyze(faceless, anti_spoofing=True), "img")):
+            with self.subTest(name):
+                with self.assertRaises(NoFaceError) as caught:
+                    call()
+                self.assertNotIn("anti_spoofing", str(caught.exception))
+                self.assert_names(str(caught.exception), name)
+
+    def test_analyze_scores_every_face(self):
+        group = support.b64_file(support.data_path("insightface-wheel-images", "t1.jpg"))
+        analyzed = self.service.analyze(group, anti_spoofing=True)
+        self.assertEqual(len(analyzed), 6)
+        for item in analyzed:
+            self.assertIsNotNone(item.liveness)
+            self.assertTrue(0.0 <= item.liveness.score <= 1.0)
+        self.assertTrue(all(item.liveness is None for item in self.service.analyze(group)))
+
+    def test_real_photos_are_judged_real(self):
+        folder = support.data_path(IMAGES)
+        paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".jpg")]
+        paths.append(support.data_path("insightface-wheel-images", "t1.jpg"))
+        total, fakes = 0, []
+        for path in paths:
+            for item in self.service.analyze(support.b64_file(path), anti_spoofing=True):
+                total += 1
+                if not item.liveness.is_real:
+                    fakes.append(f"{os.path.basename(path)} {item.face.box} {item.liveness.score:.2f}")
+        self.assertGreaterEqual(total, 25)
+        self.assertLessEqual(len(fakes), 0.05 * total, fakes)
+
+    def test_liveness_also_works_with_the_insightface_engine(self):
+        model_name, options = support.engine_setup(support.ENGINE_INSIGHTFACE)
+        service = FaceService()
+        model = load(service, model_name, options + list(support.LIVENESS_OPTIONS))
+        self.assertIsNotNone(model.liveness)
+        self.assertFalse(service.verify(self.t1, self.f2, anti_spoofing=True).verified)
+        self.assertTrue(service.verify(self.t1, self.t1, anti_spoofing=True).verified)
+
+
+if __name__ == "__main__":
+    unittest.main()
