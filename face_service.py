@@ -174,7 +174,8 @@ class FaceService:
             verdicts = [liveness.score(image, [face])[0] for image, face in zip(images, faces)]
         checkpoint("recognition")
         e1, e2 = (model.engine.embed(image, face) for image, face in zip(images, faces))
-        distance = float(1.0 - np.dot(e1, e2))
+        # float32 rounding can put identical faces a hair below 0; the contract's range is [0, 2].
+        distance = min(2.0, max(0.0, float(1.0 - np.dot(e1, e2))))
         verified = distance < threshold and all(v is None or v.is_real for v in verdicts)
         return VerifyResult(
             verified=verified, distance=distance, threshold=threshold,

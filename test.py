@@ -20,9 +20,12 @@ def main() -> int:
     suite = loader.discover(os.path.join(REPO, "tests"), top_level_dir=REPO)
     result = unittest.TextTestRunner(verbosity=2).run(suite)
     under_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    # Counted per test method: a method with failing subtests is one failure, however many.
+    failed_tests = {id(t) for t, _ in result.failures + result.errors} | {
+        id(t) for t in result.unexpectedSuccesses}
+    failed = len(failed_tests)
     skipped = len(result.skipped)
-    passed = result.testsRun - failed - skipped
+    passed = max(0, result.testsRun - failed - skipped)
     print(f"{passed} passed, {failed} failed, {skipped} skipped")
     if under_ci and skipped:
         print("CI=true: skipped tests count as failures", file=sys.stderr)
