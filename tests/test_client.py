@@ -1,0 +1,406 @@
+"""client.py, the operator command line, end to end: a real backend.py subprocess with the default
+model set, every subcommand run as `.venv/bin/python client.py ...` against it on the photos of
+../shared/data, and the error paths (missing file, unreachable server, gRPC status, bad token).
+The evaluation arithmetic (rank AUC, FAR threshold, liveness threshold) is checked directly."""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import cv2
+import numpy as np
+
+import client
+from tests import support
+
+REPO = support.REPO
+PYTHON = os.path.join(REPO, ".venv", "bin", "python")
+if not os.path.exists(PYTHON):  # a checkout whose interpreter lives elsewhere
+    PYTHON = sys.executable
+CLIENT = os.path.join(REPO, "client.py")
+DEFAULT_FILES = ("face_detection_yunet_2023mar.onnx", "MobileFaceNet.onnx", "MiniFASNetV2.onnx",
+                 "MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx")
+SERVER_START_SECONDS = 60
+
+
+def unused_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != client.TOKEN_ENV}
+    env.update(extra)
+    return env
+
+
+def start_server(port: int, env: dict, preload: bool) -> subprocess.Popen:
+    command = [PYTHON, os.path.join(REPO, "backend.py"), "--addr", f"127.0.0.1:{port}"]
+    if preload:
+        command += ["--preload-default", support.MODELS_DIR]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_for_health(server: subprocess.Popen, port: int, token: str = "") -> None:
+    import grpc
+    import backend_pb2
+    import backend_pb2_grpc
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = backend_pb2_grpc.BackendStub(channel)
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise AssertionError(f"backend.py exited with {server.returncode}: "
+                                     f"{server.stderr.read().decode(errors='replace')[-2000:]}")
+            try:
+                stub.Health(backend_pb2.HealthMessage(), timeout=1, metadata=metadata)
+                return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise AssertionError(f"backend.py on port {port} not healthy within {SERVER_START_SECONDS} s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    server.stderr.close()
+
+
+def png_size(path: str) -> tuple[int, int]:
+    image = cv2.imread(path)
+    assert image is not None, f"{path} is not a readable image"
+    return image.shape[1], image.shape[0]
+
+
+class ClientAgainstServerTest(unittest.TestCase):
+    """Every subcommand against one backend.py subprocess serving the default model set."""
+
+    @classmethod
+    def setUpClass(cls):
+        for name in DEFAULT_FILES:
+            support.model_path(name)
+        support.model_path(os.path.join("buffalo_sc", "w600k_mbf.onnx"))
+        cls.identity_labels = support.data_path("face-recognition-examples", "labels.csv")
+        cls.images = os.path.join(support.IDENTITY_DIR, "images")
+        cls.obama_1 = support.data_path("face-recognition-examples", "images", "obama_1.jpg")
+        cls.obama_2 = support.data_path("face-recognition-examples", "images", "obama_2.jpg")
+        cls.biden_1 = support.data_path("face-recognition-examples", "images", "biden_1.jpg")
+        cls.real_t1 = support.data_path("silent-face-samples", "image_T1.jpg")
+        cls.spoof_f1 = support.data_path("silent-face-samples", "image_F1.jpg")
+        cls.spoof_f2 = support.data_path("silent-face-samples", "image_F2.jpg")
+        cls.group = support.data_path("insightface-wheel-images", "t1.jpg")
+        cls.tmp = tempfile.mkdtemp(prefix="test_client_")
+        cls.port = unused_port()
+        cls.addr = f"127.0.0.1:{cls.port}"
+        cls.server = start_server(cls.port, clean_env(), preload=True)
+        try:
+            wait_for_health(cls.server, cls.port)
+        except BaseException:
+            stop_server(cls.server)
+            shutil.rmtree(cls.tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        stop_server(cls.server)
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def client(self, *args: str, addr: str | None = None, env: dict | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+        command = [PYTHON, CLIENT, "--addr", addr or self.addr, *args]
+        return subprocess.run(command, cwd=REPO, env=env or clean_env(), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def ok(self, *args: str, **kwargs) -> dict:
+        done = self.client(*args, **kwargs)
+        self.assertEqual(done.returncode, 0, f"client {' '.join(args)} failed: {done.stderr}")
+        return json.loads(done.stdout)
+
+    def fails(self, code: int, *args: str, **kwargs) -> str:
+        """Runs a call that must fail with exit `code` and exactly one stderr line; returns it."""
+        done = self.client(*args, **kwargs)
+        self.assertEqual(done.returncode, code, f"stdout={done.stdout!r} stderr={done.stderr!r}")
+        lines = done.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, f"want one stderr line, got {done.stderr!r}")
+        self.assertTrue(lines[0].startswith("error: "), lines[0])
+        return lines[0]
+
+    # -- load --------------------------------------------------------------------------------
+    def test_load_default(self):
+        result = self.ok("load", "--default", "--model-path", support.MODELS_DIR)
+        self.assertTrue(result["success"])
+        self.assertIn("with liveness", result["message"])
+        self.assertEqual(self.ok("embed", self.obama_1)["dim"], 128)
+
+    def test_load_options_buffalo_sc_then_back_to_default(self):
+        try:
+            result = self.ok("load", "--model", "buffalo_sc", "-o", "engine:insightface",
+                             "-o", "model_pack:buffalo_sc", "--model-path", support.MODELS_DIR)
+            self.assertTrue(result["success"], result)
+            self.assertIn("without liveness", result["message"])
+            self.assertEqual(self.ok("embed", self.obama_1)["dim"], 512)
+            # The identity guard: asking for another model than the loaded one is NOT_FOUND.
+            line = self.fails(client.EXIT_REFUSED, "--identity", "default", "embed", self.obama_1)
+            self.assertIn("NOT_FOUND", line)
+            self.assertEqual(self.ok("--identity", "buffalo_sc", "embed", self.obama_1)["dim"], 512)
+        finally:
+            self.ok("load", "--default")  # the repo's models/ is the default --model-path
+        self.assertEqual(self.ok("embed", self.obama_1)["dim"], 128)
+
+    def test_load_failure_is_one_line_and_keeps_the_model(self):
+        done = self.client("load", "-o", "engine:onnx_direct", "-o", "detector_onnx:missing.onnx",
+                           "-o", "recognizer_onnx:MobileFaceNet.onnx")
+        self.assertEqual(done.returncode, client.EXIT_REFUSED)
+        self.assertFalse(json.loads(done.stdout)["success"])
+        lines = done.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, done.stderr)
+        self.assertIn("missing.onnx", lines[0])
+        self.assertEqual(self.ok("embed", self.obama_1)["dim"], 128)
+
+    def test_load_without_options_is_a_usage_error(self):
+        self.assertIn("load needs", self.fails(client.EXIT_USAGE, "load"))
+
+    def test_status(self):
+        self.assertEqual(self.ok("status")["state"], "READY")
+
+    # -- verify ------------------------------------------------------------------------------
+    def test_verify_same_person(self):
+        result = self.ok("verify", self.obama_1, self.obama_2)
+        self.assertIs(result["verified"], True)
+        self.assertLess(result["distance"], result["threshold"])
+        self.assertAlmostEqual(result["threshold"], 0.57, places=4)
+        self.assertNotIn("img1_is_real", result)  # liveness did not run: absent, not false
+
+    def test_verify_different_people(self):
+        result = self.ok("verify", self.obama_1, self.biden_1)
+        self.assertIs(result["verified"], False)  # a false bool is printed, not dropped
+        self.assertGreater(result["distance"], result["threshold"])
+        self.assertNotIn("img2_is_real", result)
+
+    def test_verify_anti_spoofing_vetoes_a_printed_photo(self):
+        result = self.ok("verify", "--anti-spoofing", self.real_t1, self.spoof_f1)
+        self.assertIs(result["verified"], False)
+        self.assertIs(result["img1_is_real"], True)
+        self.assertIs(result["img2_is_real"], False)  # present, and false
+        self.assertLess(result["img2_antispoof_score"], 0.5)
+
+    def test_verify_threshold_is_honoured(self):
+        result = self.ok("verify", self.obama_1, self.biden_1, "--threshold", "1.5")
+        self.assertAlmostEqual(result["threshold"], 1.5, places=5)
+        self.assertIs(result["verified"], True)  # ~1.0 apart, accepted under a 1.5 threshold
+
+    # -- analyze, detect, embed ----------------------------------------------------------------
+    def test_analyze_group_photo(self):
+        faces = self.ok("analyze", self.group)["faces"]
+        self.assertEqual(len(faces), 6)
+        for face in faces:
+            self.assertGreater(face["region"]["w"], 0)
+            self.assertIn(face["dominant_gender"], ("Man", "Woman"))
+            self.assertGreater(face["age"], 0)
+            self.assertNotIn("is_real", face)
+
+    def test_analyze_gender_only_with_liveness(self):
+        faces = self.ok("analyze", self.group, "--actions", "gender", "--anti-spoofing")["faces"]
+        self.assertEqual(len(faces), 6)
+        for face in faces:
+            self.assertAlmostEqual(sum(face["gender"].values()), 1.0, places=4)
+            self.assertIn("is_real", face)
+            self.assertIn("antispoof_score", face)
+
+    def test_analyze_unknown_action_is_invalid_argument(self):
+        self.assertIn("INVALID_ARGUMENT", self.fails(client.EXIT_REFUSED, "analyze", self.group,
+                                                     "--actions", "emotion"))
+
+    def test_detect_group_photo(self):
+        detections = self.ok("detect", self.group)["Detections"]
+        self.assertEqual(len(detections), 6)
+        self.assertEqual({d["class_name"] for d in detections}, {"face"})
+
+    def test_embed(self):
+        result = self.ok("embed", self.obama_1)
+        self.assertEqual(result["dim"], 128)
+        self.assertEqual(len(result["embeddings"]), 128)
+        self.assertAlmostEqual(float(np.linalg.norm(result["embeddings"])), 1.0, places=3)
+
+    # -- evaluate ------------------------------------------------------------------------------
+    def test_evaluate_identity_set_with_plot(self):
+        plot = os.path.join(self.tmp, "identity.png")
+        done = self.client("evaluate", self.identity_labels, "--plot", plot)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        report = json.loads(done.stdout)
+        self.assertEqual(report["images"], 13)
+        self.assertEqual(len(report["skipped_multi_identity"]), 3)
+        self.assertIn("several identities", done.stderr)
+        self.assertEqual((report["pairs"], report["same"], report["different"]), (78, 12, 66))
+        self.assertAlmostEqual(report["default_threshold"], 0.57, places=4)
+        self.assertEqual(report["tar"], 1.0)
+        self.assertEqual(report["far"], 0.0)
+        self.assertEqual(report["auc"], 1.0)
+        # FAR target 0.001 on 66 impostor pairs allows none: the closest impostor, rounded down.
+        self.assertLessEqual(report["recommended_threshold"], report["min_different_distance"])
+        self.assertGreater(report["recommended_threshold"], report["max_same_distance"])
+        self.assertEqual(report["far_at_recommended"], 0.0)
+        self.assertEqual(report["tar_at_recommended"], 1.0)
+        self.assertEqual(report["recommended_support"]["different_pairs"], 66)
+        self.assertEqual(report["recommended_support"]["allowed_false_accepts"], 0)
+        width, height = png_size(plot)
+        self.assertGreater(os.path.getsize(plot), 0)
+        self.assertGreaterEqual(width, 600)
+        self.assertGreaterEqual(height, 300)
+
+    def test_evaluate_missing_image_in_csv(self):
+        labels = os.path.join(self.tmp, "broken.csv")
+        with open(labels, "w", newline="") as f:
+            f.write(f"file,identity\n{self.obama_1},obama\nnot_there.jpg,obama\n")
+        line = self.fails(client.EXIT_USAGE, "evaluate", labels)
+        self.assertIn("not_there.jpg", line)
+
+    def test_evaluate_liveness_with_plot(self):
+        labels = os.path.join(self.tmp, "liveness.csv")
+        reals = [support.data_path("face-recognition-examples", "images", name)
+                 for name in ("biden_1.jpg", "kit_harington_1.jpg", "obama_2.jpg", "rose_leslie_1.jpg")]
+        with open(labels, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", "label"])
+            writer.writerows([[self.spoof_f1, "spoof"], [self.spoof_f2, "spoof"], [self.real_t1, "real"]]
+                             + [[path, "real"] for path in reals])
+        plot = os.path.join(self.tmp, "liveness.png")
+        report = self.ok("evaluate-liveness", labels, "--plot", plot)
+        self.assertEqual((report["images"], report["real"], report["spoof"]), (7, 5, 2))
+        self.assertEqual(report["server_threshold"], 0.5)
+        self.assertEqual((report["apcer"], report["bpcer"], report["acer"]), (0.0, 0.0, 0.0))
+        self.assertEqual(report["auc"], 1.0)
+        spoof_scores = [r["antispoof_score"] for r in report["results"] if r["label"] == "spoof"]
+        real_scores = [r["antispoof_score"] for r in report["results"] if r["label"] == "real"]
+        self.assertLess(max(spoof_scores), report["recommended_threshold"])
+        self.assertLessEqual(report["recommended_threshold"], min(real_scores))
+        self.assertEqual(report["acer_at_recommended"], 0.0)
+        width, height = png_size(plot)
+        self.assertGreaterEqual(width, 600)
+        self.assertGreaterEqual(height, 300)
+
+    # -- error paths ---------------------------------------------------------------------------
+    def test_missing_file(self):
+        missing = os.path.join(self.tmp, "no_such_photo.jpg")
+        line = self.fails(client.EXIT_USAGE, "verify", missing, self.obama_1)
+        self.assertIn("no_such_photo.jpg", line)
+        # argparse's own usage errors are one line as well
+        self.assertIn("required: B", self.fails(client.EXIT_USAGE, "verify", self.obama_1))
+
+    def test_unreachable_server_fails_fast(self):
+        started = time.monotonic()
+        line = self.fails(client.EXIT_UNREACHABLE, "verify", self.obama_1, self.obama_2,
+                          addr=f"127.0.0.1:{unused_port()}", timeout=30)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertIn("cannot reach the server", line)
+
+    def test_no_face_is_not_found(self):
+        gradient = os.path.join(self.tmp, "gradient.png")
+        image = np.zeros((480, 640, 3), np.uint8)
+        image[..., 0] = np.linspace(0, 255, 640, dtype=np.uint8)[None, :]
+        image[..., 1] = 128
+        image[..., 2] = np.linspace(255, 0, 480, dtype=np.uint8)[:, None]
+        self.assertTrue(cv2.imwrite(gradient, image))
+        line = self.fails(client.EXIT_REFUSED, "verify", self.obama_1, gradient)
+        self.assertEqual(line, "error: FaceVerify: NOT_FOUND: no face found in img2")
+
+    def test_wrong_token_is_unauthenticated(self):
+        port = unused_port()
+        server = start_server(port, clean_env(**{client.TOKEN_ENV: "s3cret"}), preload=False)
+        try:
+            wait_for_health(server, port, token="s3cret")
+            addr = f"127.0.0.1:{port}"
+            line = self.fails(client.EXIT_REFUSED, "--token", "wrong", "status", addr=addr)
+            self.assertIn("UNAUTHENTICATED", line)
+            self.assertIn("UNAUTHENTICATED", self.fails(client.EXIT_REFUSED, "status", addr=addr))
+            # Without --token the client sends the token of the environment, as the server reads it.
+            status = self.ok("status", addr=addr, env=clean_env(**{client.TOKEN_ENV: "s3cret"}))
+            self.assertEqual(status["state"], "UNINITIALIZED")
+            self.assertEqual(self.ok("--token", "s3cret", "status", addr=addr)["state"], "UNINITIALIZED")
+        finally:
+            stop_server(server)
+
+
+class ClientOfflineTest(unittest.TestCase):
+    """The numbers `evaluate` and `evaluate-liveness` report, against brute force, and the label
+    files, without a server."""
+
+    def test_rank_auc_matches_pair_counting_with_ties(self):
+        rng = np.random.default_rng(7)
+        for _ in range(20):
+            positive = rng.integers(0, 6, size=rng.integers(1, 15)).astype(float)
+            negative = rng.integers(0, 6, size=rng.integers(1, 15)).astype(float)
+            brute = np.mean([1.0 if p > n else 0.5 if p == n else 0.0
+                             for p, n in itertools.product(positive, negative)])
+            self.assertAlmostEqual(client.rank_auc(positive, negative), brute, places=12)
+        self.assertIsNone(client.rank_auc(np.array([]), np.array([1.0])))
+
+    def test_far_threshold_is_the_largest_meeting_the_target(self):
+        different = np.array([0.9, 0.7, 0.8, 1.1, 0.75, 1.0, 0.95, 0.85, 0.65, 1.2])
+        for target in (0.0, 0.001, 0.1, 0.25, 0.5, 0.99):
+            threshold, allowed = client.far_threshold(different, target)
+            self.assertLessEqual(np.mean(different < threshold), target)
+            # anything above it lets one impostor too many through
+            self.assertGreater(np.mean(different < threshold + 1e-9), target)
+            self.assertEqual(allowed, int(target * len(different)))
+        self.assertEqual(client.far_threshold(different, 1.0)[0], client.MAX_DISTANCE)
+
+    def test_liveness_recommendation(self):
+        real = np.array([0.99, 0.95, 0.7, 0.3])
+        spoof = np.array([0.1, 0.2, 0.6])
+        threshold, _ = client.recommend_liveness(real, spoof, None)
+        best = min(client.liveness_rates(real, spoof, t)["acer"] for t in np.linspace(0, 1, 1001))
+        self.assertAlmostEqual(client.liveness_rates(real, spoof, threshold)["acer"], best)
+        strict, _ = client.recommend_liveness(real, spoof, 0.0)
+        rates = client.liveness_rates(real, spoof, strict)
+        self.assertEqual(rates["apcer"], 0.0)
+        self.assertEqual(rates["bpcer"], 0.25)  # the lowest threshold above 0.6 (0.65) rejects 0.3
+
+    def test_labels_fall_back_to_images_dir_and_skip_group_rows(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            os.mkdir(os.path.join(tmp, "images"))
+            for name in ("a.jpg", "b.jpg"):
+                open(os.path.join(tmp, "images" if name == "a.jpg" else "", name), "wb").close()
+            labels = os.path.join(tmp, "labels.csv")
+            with open(labels, "w") as f:
+                f.write("file,identity\na.jpg,x\nb.jpg,y\ngroup.jpg,x;y\n")
+            images, skipped = client.read_labels(labels, "identity")
+            self.assertEqual([os.path.relpath(i.path, tmp) for i in images],
+                             [os.path.join("images", "a.jpg"), "b.jpg"])
+            self.assertEqual(skipped, ["group.jpg"])
+
+    def test_shipped_liveness_labels_name_the_shared_samples(self):
+        # tests/data/liveness_labels.csv (the README's example) points at ../shared/data.
+        with open(os.path.join(REPO, "tests", "data", "liveness_labels.csv"), newline="") as f:
+            rows = list(csv.DictReader(f))
+        labels = {os.path.basename(r["file"]): r["label"] for r in rows}
+        self.assertEqual(labels["image_F1.jpg"], "spoof")
+        self.assertEqual(labels["image_F2.jpg"], "spoof")
+        self.assertEqual(labels["image_T1.jpg"], "real")
+        self.assertNotIn("image_T2.jpg", labels)  # ambiguous upstream: see its SOURCE.md
+        for row in rows:
+            parts = os.path.normpath(row["file"]).split(os.sep)
+            self.assertEqual(parts[:5], ["..", "..", "..", "shared", "data"])
+            support.data_path(*parts[5:])
+
+
+if __name__ == "__main__":
+    unittest.main()
