@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 ADDR ?= 127.0.0.1:50051
 STUBS := backend_pb2.py backend_pb2_grpc.py
 
-.PHONY: install models run test clean
+.PHONY: install models run test clean soak
 
 install: $(VENV)/.installed $(STUBS)
 
@@ -28,6 +28,11 @@ run: install models
 
 test: install models
 	bash test.sh
+
+# 30 s of mixed traffic from 8 clients against the real server (bench/soak.py); fails on any
+# unexpected status or RSS growth beyond the stated bound; writes bench/results/soak.json.
+soak: install models
+	$(PYTHON) bench/soak.py
 
 clean:
 	rm -rf $(VENV) models $(STUBS) .hypothesis

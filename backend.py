@@ -209,10 +209,16 @@ def parent_watch_interval() -> float | None:
         return 2.0
 
 
-def watch_parent(on_orphaned, interval: float) -> threading.Thread:
+def watch_parent(on_orphaned, interval: float) -> threading.Thread | None:
     """Call on_orphaned once the process that started us is gone (we get reparented), so a
     killed host does not leave this backend running and holding memory."""
     parent = os.getppid()
+    if parent <= 1:
+        # Started by init itself, e.g. by a host that is PID 1 in its container: there is no
+        # parent to outlive, and "our parent is 1" is the normal state, not orphanhood. The
+        # host's other backends skip the watch in this case too.
+        log.info("parent watch off: started by pid %d", parent)
+        return None
 
     def poll():
         while True:

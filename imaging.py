@@ -15,7 +15,7 @@ import warnings
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from engines.errors import InvalidInputError
 
@@ -33,8 +33,13 @@ MAX_IMAGE_BYTES = _env_int("FACE_MAX_IMAGE_BYTES", 20 * 1024 * 1024)
 MAX_IMAGE_PIXELS = _env_int("FACE_MAX_IMAGE_PIXELS", 50_000_000)
 # The smallest image a face detector can work with.
 MIN_IMAGE_SIDE = 16
+# The longest side OpenCV's decoders accept (CV_IO_MAX_IMAGE_WIDTH/HEIGHT): past it cv2.imdecode
+# raises instead of decoding, so a 16x2000000 image (under the pixel limit) is refused here.
+MAX_IMAGE_SIDE = 1 << 20
 
-SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+# MPO is Pillow's name for a JPEG carrying a multi-picture (MPF) segment, as many phone cameras
+# write (a depth map or HDR gain map after the photo): decoded as the JPEG it is, first picture.
+SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -71,7 +76,10 @@ def check_header(raw: bytes, name: str) -> tuple[str, int, int]:
                 fmt, (width, height) = header.format or "", header.size
     except Image.DecompressionBombError:
         raise InvalidInputError(f"{name}: image has more than {MAX_IMAGE_PIXELS} pixels") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except Exception:
+        # Pillow's format plugins raise many types on malformed headers (UnidentifiedImageError,
+        # OSError, SyntaxError, but also NotImplementedError, EOFError, struct.error, ...): whatever
+        # the bytes, a header Pillow cannot read is the caller's error, never an internal one.
         raise InvalidInputError(f"{name}: not a decodable image (JPEG, PNG, WebP, BMP, TIFF)") from None
     if fmt.upper() not in SUPPORTED_FORMATS:
         raise InvalidInputError(f"{name}: unsupported image format {fmt or 'unknown'};"
@@ -79,6 +87,9 @@ def check_header(raw: bytes, name: str) -> tuple[str, int, int]:
     if width * height > MAX_IMAGE_PIXELS:
         raise InvalidInputError(f"{name}: image is {width}x{height} pixels, more than the"
                                 f" {MAX_IMAGE_PIXELS} allowed")
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise InvalidInputError(f"{name}: image is {width}x{height} pixels, a side longer than the"
+                                f" {MAX_IMAGE_SIDE} allowed")
     if min(width, height) < MIN_IMAGE_SIDE:
         raise InvalidInputError(f"{name}: image is {width}x{height} pixels, too small to hold a face"
                                 f" (at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})")
@@ -96,7 +107,10 @@ def decode_image(data: str, name: str) -> np.ndarray:
     else:
         # IMREAD_COLOR makes grey, palette and alpha images 3-channel BGR and 16-bit ones 8-bit,
         # and applies the EXIF orientation.
-        image = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), cv2.IMREAD_COLOR)
+        try:
+            image = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), cv2.IMREAD_COLOR)
+        except cv2.error:  # some malformed headers fail an OpenCV assertion instead of returning None
+            image = None
     if image is None or image.size == 0:
         raise InvalidInputError(f"{name}: image data is corrupt or truncated")
     return image

@@ -1,0 +1,1032 @@
+"""Hardening (issue 5): the backend sits behind public endpoints and every byte of an image is
+attacker controlled. Whatever it is sent, it answers with the right status code and a clear
+message, keeps serving and keeps its memory bounded.
+
+- HostileInputTest: a battery of bad inputs in every image position of every RPC over a real gRPC
+  channel, pixel bombs, every image format, EXIF orientation, a very large photo.
+- DecodeFuzzTest: hypothesis on imaging.decode_image: an HxWx3 uint8 array or InvalidInputError.
+- AuthTest, IdentityGuardTest: bearer token on every RPC, the ModelIdentity guard.
+- OverloadTest: bounded in-flight calls (RESOURCE_EXHAUSTED at once), deadlines.
+- ReloadUnderLoadTest: LoadModel swapping engines (and failing) while requests run.
+- LifecycleTest: the real `backend.py` process: SIGTERM/SIGINT with a request in flight, parent watch.
+
+Real weights: missing files skip locally and fail under CI=true (tests.support).
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import os
+import re
+import signal
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+import warnings
+import zlib
+from concurrent import futures
+from unittest import mock
+
+import cv2
+import grpc
+import numpy as np
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import backend
+import backend_pb2 as pb
+import backend_pb2_grpc
+import imaging
+from engines import parse_load_request
+from engines.errors import InvalidInputError
+from face_service import DEFAULT_MODEL_OPTIONS, FaceService
+from tests import support
+
+PHOTO = ("face-recognition-examples", "images", "kit_harington_2.jpg")  # 630x374, one face
+LARGE_SOURCE = ("face-recognition-examples", "images", "rose_leslie_1.jpg")  # 1280x799, one face
+DEFAULT_NAME = "face-default"
+BUFFALO_SC_OPTIONS = ("engine:insightface", "model_pack:buffalo_sc")
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", backend.MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", backend.MAX_MESSAGE_BYTES)]
+TIMEOUT = 60.0  # per call: no test may hang on a stuck server
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+# What a message shown to a caller must never contain: tracebacks, library internals, class names.
+INTERNALS = re.compile(r"Traceback|cv2|OpenCV|Exception|[A-Za-z]Error\b|(^|\W)error:|binascii|File \"",
+                       re.IGNORECASE)
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_pixel_bomb(width: int = 40000, height: int = 40000) -> bytes:
+    """A valid few-KB RGB PNG whose header claims width x height pixels (4.8 GB decoded)."""
+    rows = zlib.compress(b"\x00" * (1 + 3 * width) * 16, 9)  # 16 rows of black, filter 0
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b""))
+
+
+def jpeg_pixel_bomb(jpeg: bytes, width: int = 40000, height: int = 40000) -> bytes:
+    """`jpeg` with its frame header (SOFn) claiming width x height pixels."""
+    data = bytearray(jpeg)
+    i = 2
+    while i + 9 < len(data):
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            data[i + 5:i + 9] = struct.pack(">HH", height, width)
+            return bytes(data)
+        i += 2 + length
+    raise AssertionError("no SOF marker in the JPEG")
+
+
+def dds_with_unknown_pixel_format() -> bytes:
+    """A DDS file whose pixel format has no known flag: Pillow raises NotImplementedError on open."""
+    raw = bytearray(encode(Image.new("RGBA", (32, 32)), "DDS"))
+    raw[80:84] = struct.pack("<I", 0)  # DDS_PIXELFORMAT.dwFlags
+    return bytes(raw)
+
+
+def bmp_claiming(width: int, height: int) -> bytes:
+    """A 16x16 BMP whose header claims width x height (OpenCV asserts past 2**20 on a side)."""
+    raw = bytearray(encode(Image.new("RGB", (16, 16), (90, 60, 30)), "BMP"))
+    raw[18:26] = struct.pack("<ii", width, height)
+    return bytes(raw)
+
+
+def load_default(name: str = DEFAULT_NAME) -> FaceService:
+    """A FaceService with the default set (face_service.DEFAULT_MODEL_OPTIONS) loaded from models/."""
+    for option in DEFAULT_MODEL_OPTIONS:
+        value = option.split(":", 1)[1]
+        if value.endswith(".onnx"):
+            support.model_path(value)
+    service = FaceService()
+    service.load(parse_load_request(name, support.MODELS_DIR, 0, list(DEFAULT_MODEL_OPTIONS)))
+    return service
+
+
+@contextlib.contextmanager
+def environment(**values):
+    """Set (str) or unset (None) environment variables for the block, then restore them."""
+    saved = {key: os.environ.get(key) for key in values}
+    try:
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class RunningServer:
+    """backend.create_server on 127.0.0.1:0 in this process, with a channel and both stubs."""
+
+    def __init__(self, service: FaceService, **env):
+        self.service = service
+        with environment(**env):
+            self.server, self.port = backend.create_server(service, "127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=CHANNEL_OPTIONS)
+        self.stub = backend_pb2_grpc.BackendStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(None).wait()
+
+
+def proc_status_kb(field: str, pid: str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> bool:
+    """Resets this process's VmHWM to its current RSS (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def box_close(test: unittest.TestCase, got, expected, tolerance: float, label: str) -> None:
+    """Boxes (x, y, w, h) agree within `tolerance` of the expected face width, coordinate by coordinate."""
+    slack = tolerance * expected[2]
+    for g, e, what in zip(got, expected, "xywh"):
+        test.assertLessEqual(abs(g - e), slack, f"{label}: {what} is {g:.1f}, expected {e:.1f}"
+                                                  f" (boxes {tuple(round(v) for v in got)} vs"
+                                                  f" {tuple(round(v) for v in expected)})")
+
+
+def xywh(area) -> tuple[float, float, float, float]:
+    if hasattr(area, "width"):
+        return area.x, area.y, area.width, area.height
+    return area.x, area.y, area.w, area.h
+
+
+class GrpcAssertions:
+    def assert_clean_message(self, message: str, label: str) -> None:
+        self.assertTrue(message, f"{label}: empty status message")
+        self.assertIsNone(INTERNALS.search(message), f"{label}: message leaks internals: {message!r}")
+
+    def assert_status(self, call, code: grpc.StatusCode, label: str, names: str | None = None,
+                      contains: str | None = None) -> str:
+        """`call()` fails with exactly `code`, a clean message naming `names`; returns the message."""
+        with self.assertRaises(grpc.RpcError, msg=f"{label}: expected {code.name}, the call succeeded") as caught:
+            call()
+        error = caught.exception
+        self.assertNotEqual(error.code(), grpc.StatusCode.UNKNOWN, f"{label}: UNKNOWN: {error.details()!r}")
+        self.assertEqual(error.code(), code, f"{label}: {error.code().name}: {error.details()!r}")
+        message = error.details() or ""
+        self.assert_clean_message(message, label)
+        if names is not None:
+            self.assertRegex(message, rf"(^|\W){re.escape(names)}(\W|$)", f"{label}: message does not name {names}")
+        if contains is not None:
+            self.assertIn(contains, message, label)
+        return message
+
+    def assert_healthy(self, running: RunningServer, label: str = "") -> None:
+        self.assertEqual(running.stub.Health(pb.HealthMessage(), timeout=TIMEOUT).message, b"OK", label)
+        status = running.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT).status
+        self.assertEqual(status, health_pb2.HealthCheckResponse.SERVING, label)
+
+
+def rpc_positions(stub):
+    """(label, name the message must give, call(good, bad)) for every image position of every RPC."""
+    return (
+        ("FaceVerify.img1", "img1", lambda good, bad: stub.FaceVerify(
+            pb.FaceVerifyRequest(img1=bad, img2=good), timeout=TIMEOUT)),
+        ("FaceVerify.img2", "img2", lambda good, bad: stub.FaceVerify(
+            pb.FaceVerifyRequest(img1=good, img2=bad), timeout=TIMEOUT)),
+        ("FaceAnalyze.img", "img", lambda good, bad: stub.FaceAnalyze(
+            pb.FaceAnalyzeRequest(img=bad), timeout=TIMEOUT)),
+        ("Embedding.Images[0]", "Images[0]", lambda good, bad: stub.Embedding(
+            pb.PredictOptions(Images=[bad]), timeout=TIMEOUT)),
+        ("Detect.src", "src", lambda good, bad: stub.Detect(pb.DetectOptions(src=bad), timeout=TIMEOUT)),
+    )
+
+
+def setUpModule():
+    global _cv2_log_level
+    _cv2_log_level = cv2.utils.logging.getLogLevel()
+    # Hostile input makes OpenCV's decoders log warnings; the backend's main() silences them too.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
+def tearDownModule():
+    cv2.utils.logging.setLogLevel(_cv2_log_level)
+
+
+# -- the battery ---------------------------------------------------------------------------------
+class HostileInputTest(GrpcAssertions, unittest.TestCase):
+    peak_kb = 0  # this process's peak RSS during the battery (the server runs in this process)
+
+    @classmethod
+    def note_peak(cls) -> None:
+        cls.peak_kb = max(cls.peak_kb, proc_status_kb("VmHWM"))
+
+    @classmethod
+    def setUpClass(cls):
+        reset_peak_rss()
+        cls.rss_at_start_kb = proc_status_kb("VmRSS")
+        cls.photo_path = support.data_path(*PHOTO)
+        cls.photo_bytes = support.read_bytes(cls.photo_path)
+        cls.photo = Image.open(cls.photo_path).convert("RGB")
+        cls.photo_bgr = cv2.imread(cls.photo_path, cv2.IMREAD_COLOR)
+        cls.good = b64(cls.photo_bytes)
+        cls.running = RunningServer(load_default())
+        cls.stub = cls.running.stub
+        detections = cls.stub.Detect(pb.DetectOptions(src=cls.good), timeout=TIMEOUT).Detections
+        cls.photo_box = xywh(max(detections, key=lambda d: d.width * d.height))
+        # One byte over the limit: a JPEG with padding after its end, still under the gRPC limit.
+        cls.oversized = b64(cls.photo_bytes + bytes(imaging.MAX_IMAGE_BYTES + 1 - len(cls.photo_bytes)))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.running.close()
+        cls.note_peak()
+        print(f"\n[hardening] battery: peak RSS of the test process (server in process) {cls.peak_kb / 1024:.0f} MB,"
+              f" {(cls.peak_kb - cls.rss_at_start_kb) / 1024:+.0f} MB over its RSS before the model load;"
+              f" RSS now {proc_status_kb('VmRSS') / 1024:.0f} MB")
+
+    def bad_inputs(self) -> dict[str, str]:
+        tiny = encode(self.photo.resize((32, 24)), "JPEG")
+        rng = np.random.default_rng(5)
+        return {
+            "empty": "",
+            "not base64": "this is not base64!",
+            "non-ASCII text": "\u00ebl\u00e8ve\u2603" * 20,
+            "random bytes": b64(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()),
+            "truncated JPEG": b64(self.photo_bytes[: len(self.photo_bytes) // 2]),
+            "JPEG header only": b64(self.photo_bytes[:400]),
+            "1x1 image": b64(encode(Image.new("RGB", (1, 1), (200, 150, 120)), "PNG")),
+            "PNG pixel bomb": b64(png_pixel_bomb()),
+            "JPEG pixel bomb": b64(jpeg_pixel_bomb(tiny)),
+            "unsupported format (PPM)": b64(encode(self.photo, "PPM")),
+            "data URI without ;base64": "data:image/jpeg," + self.good,
+            "data URI of garbage": "data:image/jpeg;base64,%%%%",
+            "image over FACE_MAX_IMAGE_BYTES": self.oversized,
+            "DDS with an unknown pixel format": b64(dds_with_unknown_pixel_format()),
+            "BMP claiming 16x2000000 pixels": b64(bmp_claiming(16, 2_000_000)),
+            "BMP claiming 2000000x16 pixels": b64(bmp_claiming(2_000_000, 16)),
+        }
+
+    def test_bad_inputs_in_every_position_are_invalid_argument_naming_the_input(self):
+        bad_inputs = self.bad_inputs()
+        for label, name, call in rpc_positions(self.stub):
+            for kind, bad in bad_inputs.items():
+                with self.subTest(position=label, input=kind):
+                    started = time.perf_counter()
+                    self.assert_status(lambda: call(self.good, bad), INVALID, f"{label} {kind}", names=name)
+                    self.assertLess(time.perf_counter() - started, 1.0, f"{label} {kind}: refused too slowly")
+                    self.assert_healthy(self.running, f"after {label} {kind}")
+
+    def test_a_message_over_the_grpc_limit_is_refused_by_the_transport(self):
+        too_big = "A" * (backend.MAX_MESSAGE_BYTES + 1024)
+        self.assert_status(lambda: self.stub.Detect(pb.DetectOptions(src=too_big), timeout=TIMEOUT),
+                           grpc.StatusCode.RESOURCE_EXHAUSTED, "over the message limit")
+        self.assert_healthy(self.running)
+
+    def test_embedding_without_images_is_invalid_argument(self):
+        self.assert_status(lambda: self.stub.Embedding(pb.PredictOptions(), timeout=TIMEOUT),
+                           INVALID, "Embedding()", names="Images[0]")
+        self.assert_healthy(self.running)
+
+    def test_a_faceless_photo_is_not_found_naming_the_image(self):
+        faceless = np.zeros((480, 640, 3), np.uint8)
+        faceless[..., 0] = np.linspace(0, 255, 640, dtype=np.uint8)[None, :]
+        faceless[..., 2] = np.linspace(255, 0, 480, dtype=np.uint8)[:, None]
+        blank = b64(cv2.imencode(".jpg", faceless)[1].tobytes())
+        for label, name, call in rpc_positions(self.stub):
+            with self.subTest(position=label):
+                if name == "src":  # Detect answers an empty list, not an error
+                    self.assertEqual(len(call(self.good, blank).Detections), 0)
+                else:
+                    self.assert_status(lambda: call(self.good, blank), NOT_FOUND, label, names=name,
+                                       contains="no face")
+                self.assert_healthy(self.running, label)
+
+    def test_pixel_bomb_is_refused_at_once_without_allocating_its_pixels(self):
+        bomb = png_pixel_bomb(40000, 40000)
+        self.assertLess(len(bomb), 16 * 1024, "the bomb must be a few KB")
+        request = pb.FaceVerifyRequest(img1=b64(bomb), img2=self.good)
+        self.stub.Health(pb.HealthMessage(), timeout=TIMEOUT)
+        self.note_peak()
+        resettable = reset_peak_rss()
+        rss_before = proc_status_kb("VmRSS")
+        started = time.perf_counter()
+        self.assert_status(lambda: self.stub.FaceVerify(request, timeout=TIMEOUT), INVALID, "pixel bomb",
+                           names="img1", contains="pixels")
+        elapsed = time.perf_counter() - started
+        grown_mb = ((proc_status_kb("VmHWM") if resettable else proc_status_kb("VmRSS")) - rss_before) / 1024
+        self.assertLess(elapsed, 1.0, f"pixel bomb took {elapsed:.2f} s to refuse")
+        self.assertLess(grown_mb, 64, f"RSS rose by {grown_mb:.0f} MB while refusing a pixel bomb")
+        self.assert_healthy(self.running)
+
+    def test_data_uri_prefix_and_wrapped_base64_are_accepted(self):
+        variants = {
+            "data:image/jpeg;base64,": "data:image/jpeg;base64," + self.good,
+            "MIME-wrapped base64": base64.encodebytes(self.photo_bytes).decode("ascii"),
+        }
+        for kind, data in variants.items():
+            with self.subTest(kind):
+                reply = self.stub.FaceVerify(pb.FaceVerifyRequest(img1=data, img2=data), timeout=TIMEOUT)
+                self.assertTrue(reply.verified)
+                self.assertEqual(len(self.stub.FaceAnalyze(pb.FaceAnalyzeRequest(img=data), timeout=TIMEOUT).faces), 1)
+                self.assertGreater(len(self.stub.Embedding(pb.PredictOptions(Images=[data]), timeout=TIMEOUT).embeddings), 0)
+                self.assertEqual(len(self.stub.Detect(pb.DetectOptions(src=data), timeout=TIMEOUT).Detections), 1)
+
+    def encodings(self) -> dict[str, tuple[bytes, bool]]:
+        """name -> (encoded bytes, colour kept) of the photo in every accepted format and mode."""
+        photo = self.photo
+        grey = photo.convert("L")
+        rgba = photo.convert("RGBA")
+        rgba.putalpha(200)
+        png16 = cv2.imencode(".png", self.photo_bgr.astype(np.uint16) * 257)[1].tobytes()
+        self.assertEqual(png16[24], 16, "the 16-bit PNG fixture is not 16-bit")
+        grey16 = encode(Image.fromarray(np.asarray(grey).astype(np.uint16) * 257), "PNG")
+        self.assertEqual(grey16[24], 16, "the 16-bit grey PNG fixture is not 16-bit")
+        palette = encode(photo.convert("P", palette=Image.Palette.ADAPTIVE), "PNG")
+        self.assertEqual(palette[25], 3, "the palette PNG fixture has no palette")
+        return {
+            "JPEG": (self.photo_bytes, True),
+            "progressive JPEG": (encode(photo, "JPEG", quality=92, progressive=True), True),
+            "CMYK JPEG": (encode(photo.convert("CMYK"), "JPEG", quality=92), True),
+            "grey JPEG": (encode(grey, "JPEG", quality=92), False),
+            "grey PNG": (encode(grey, "PNG"), False),
+            "RGBA PNG": (encode(rgba, "PNG"), True),
+            "16-bit PNG": (png16, True),
+            "16-bit grey PNG": (grey16, False),
+            "palette PNG": (palette, True),
+            "WebP": (encode(photo, "WEBP", quality=90), True),
+            "WebP lossless RGBA": (encode(rgba, "WEBP", lossless=True), True),
+            "BMP": (encode(photo, "BMP"), True),
+            "TIFF": (encode(photo, "TIFF"), True),
+            "TIFF LZW grey": (encode(grey, "TIFF", compression="tiff_lzw"), False),
+            "GIF": (encode(photo, "GIF"), True),
+            # Phone cameras write JPEGs with a multi-picture (MPF) segment, which Pillow calls MPO.
+            "MPO (multi-picture JPEG)": (encode(photo, "MPO", quality=92, save_all=True,
+                                               append_images=[photo.resize((160, 95))]), True),
+        }
+
+    def test_every_format_becomes_8bit_bgr_and_a_face_is_found(self):
+        height, width = self.photo_bgr.shape[:2]
+        reference = self.photo_bgr.astype(np.int16)
+        for kind, (raw, colour) in self.encodings().items():
+            with self.subTest(format=kind):
+                image = imaging.decode_image(b64(raw), "img")
+                self.assertEqual(image.dtype, np.uint8)
+                self.assertEqual(image.shape, (height, width, 3))
+                if colour:  # channels in BGR order: closer to the original than its RGB reading
+                    diff = np.abs(image.astype(np.int16) - reference).mean()
+                    swapped = np.abs(image[..., ::-1].astype(np.int16) - reference).mean()
+                    self.assertLess(diff, swapped, f"{kind}: channels are not BGR")
+                    self.assertLess(diff, 12.0, f"{kind}: decoded pixels differ by {diff:.1f} on average")
+                detections = self.stub.Detect(pb.DetectOptions(src=b64(raw)), timeout=TIMEOUT).Detections
+                self.assertGreaterEqual(len(detections), 1, f"{kind}: no face found")
+                box_close(self, xywh(max(detections, key=lambda d: d.width * d.height)), self.photo_box,
+                          0.1, kind)
+                reply = self.stub.FaceVerify(pb.FaceVerifyRequest(img1=self.good, img2=b64(raw)), timeout=TIMEOUT)
+                self.assertTrue(reply.verified, f"{kind}: the same photo is not verified (distance {reply.distance:.3f})")
+                self.assert_healthy(self.running, kind)
+
+    def test_exif_orientation_is_honoured(self):
+        height, width = self.photo_bgr.shape[:2]
+        # Orientation tag -> how the camera stored the pixels of the upright photo.
+        stored = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270, 3: Image.Transpose.ROTATE_180}
+        for orientation, transpose in stored.items():
+            with self.subTest(orientation=orientation):
+                exif = Image.Exif()
+                exif[0x0112] = orientation
+                raw = encode(self.photo.transpose(transpose), "JPEG", quality=95, exif=exif.tobytes())
+                with Image.open(io.BytesIO(raw)) as check:
+                    self.assertEqual(check.getexif().get(0x0112), orientation)
+                self.assertEqual(imaging.decode_image(b64(raw), "img").shape, (height, width, 3))
+                detections = self.stub.Detect(pb.DetectOptions(src=b64(raw)), timeout=TIMEOUT).Detections
+                self.assertGreaterEqual(len(detections), 1, f"orientation {orientation}: no face found")
+                box_close(self, xywh(max(detections, key=lambda d: d.width * d.height)), self.photo_box,
+                          0.05, f"orientation {orientation}")
+
+    def test_very_large_photo_reports_boxes_in_original_coordinates(self):
+        source = Image.open(support.data_path(*LARGE_SOURCE)).convert("RGB")
+        w, h = source.size
+        crop_w, crop_h = h * 4 // 3, h - h % 3  # 4:3, so that 6000x4500 is a uniform scale
+        left = (w - crop_w) // 2
+        small = source.crop((left, 0, left + crop_w, crop_h))
+        scale_x, scale_y = 6000 / small.size[0], 4500 / small.size[1]
+        big_raw = encode(small.resize((6000, 4500), Image.Resampling.BICUBIC), "JPEG", quality=90)
+        small_b64, big_b64 = b64(encode(small, "JPEG", quality=95)), b64(big_raw)
+        del source
+        small_faces = self.stub.Detect(pb.DetectOptions(src=small_b64), timeout=TIMEOUT).Detections
+        x, y, bw, bh = xywh(max(small_faces, key=lambda d: d.width * d.height))
+        expected = (x * scale_x, y * scale_y, bw * scale_x, bh * scale_y)
+        big_faces = self.stub.Detect(pb.DetectOptions(src=big_b64), timeout=TIMEOUT).Detections
+        box_close(self, xywh(max(big_faces, key=lambda d: d.width * d.height)), expected, 0.03, "Detect")
+        reply = self.stub.FaceVerify(pb.FaceVerifyRequest(img1=big_b64, img2=small_b64), timeout=TIMEOUT)
+        self.assertTrue(reply.verified)
+        box_close(self, xywh(reply.img1_area), expected, 0.03, "FaceVerify.img1_area")
+        box_close(self, xywh(reply.img2_area), (x, y, bw, bh), 0.001, "FaceVerify.img2_area")
+        faces = self.stub.FaceAnalyze(pb.FaceAnalyzeRequest(img=big_b64), timeout=TIMEOUT).faces
+        box_close(self, xywh(max(faces, key=lambda f: f.region.w * f.region.h).region), expected, 0.03,
+                  "FaceAnalyze.region")
+        self.assert_healthy(self.running)
+
+    def test_mutated_images_over_grpc_get_a_clean_answer(self):
+        seeds = [encode(self.photo.resize((160, 95)), fmt) for fmt in ("JPEG", "PNG", "WEBP", "TIFF")]
+        answered: dict[str, int] = {}
+
+        @settings(max_examples=40, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.data())
+        def run(data):
+            raw = data.draw(mutated_images(seeds))
+            try:
+                self.stub.Detect(pb.DetectOptions(src=b64(raw)), timeout=TIMEOUT)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                code = error.code()
+                self.assertEqual(code, INVALID, f"{code.name}: {error.details()!r}")
+                self.assert_clean_message(error.details(), "mutated image")
+                self.assertTrue(error.details().startswith("src: "), error.details())
+            answered[code.name] = answered.get(code.name, 0) + 1
+        run()
+        # Both kinds of answer were exercised: images that still decode and ones that do not.
+        self.assertEqual(set(answered), {"OK", "INVALID_ARGUMENT"}, answered)
+        self.assert_healthy(self.running)
+
+
+# -- fuzzing the decoder -------------------------------------------------------------------------
+@st.composite
+def mutated_images(draw, seeds):
+    """A real encoded image with a few bytes overwritten, cut out, inserted, or the tail truncated."""
+    data = bytearray(draw(st.sampled_from(seeds)))
+    for _ in range(draw(st.integers(1, 6))):
+        position = draw(st.integers(0, max(0, len(data) - 1)))
+        operation = draw(st.sampled_from(("overwrite", "delete", "insert", "truncate", "header")))
+        if operation == "overwrite" and data:
+            data[position] = draw(st.integers(0, 255))
+        elif operation == "delete":
+            del data[position:position + draw(st.integers(1, 64))]
+        elif operation == "insert":
+            data[position:position] = draw(st.binary(min_size=1, max_size=32))
+        elif operation == "truncate":
+            del data[position:]
+        elif operation == "header" and len(data) > 32:  # headers carry the sizes: hit them often
+            data[draw(st.integers(0, 31))] = draw(st.integers(0, 255))
+    return bytes(data)
+
+
+class DecodeFuzzTest(unittest.TestCase):
+    """Whatever the bytes, decode_image returns an HxWx3 uint8 image or raises InvalidInputError."""
+
+    @classmethod
+    def setUpClass(cls):
+        photo = Image.open(support.data_path(*PHOTO)).convert("RGB").resize((96, 57))
+        bgr = cv2.cvtColor(np.asarray(photo), cv2.COLOR_RGB2BGR)
+        cls.seeds = [
+            encode(photo, "JPEG", quality=90),
+            encode(photo, "JPEG", quality=90, progressive=True),
+            encode(photo.convert("L"), "JPEG"),
+            encode(photo, "PNG"),
+            encode(photo.convert("RGBA"), "PNG"),
+            encode(photo.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+            cv2.imencode(".png", bgr.astype(np.uint16) * 257)[1].tobytes(),
+            encode(photo, "WEBP"),
+            encode(photo, "BMP"),
+            encode(photo, "TIFF"),
+            encode(photo, "GIF"),
+            # Formats refused after the header is read: their Pillow plugins parse hostile bytes too.
+            encode(photo.convert("RGBA"), "DDS"),
+            encode(photo, "ICO"),
+            encode(photo, "TGA"),
+            encode(photo, "PCX"),
+            encode(photo, "SGI"),
+            bmp_claiming(16, 2_000_000),
+        ]
+
+    def check(self, data: str) -> None:
+        try:
+            with warnings.catch_warnings():  # Pillow warns about the corrupt EXIF it is fed here
+                warnings.simplefilter("ignore")
+                image = imaging.decode_image(data, "img")
+        except InvalidInputError as error:
+            self.assertTrue(str(error).startswith("img: "), str(error))
+            self.assertIsNone(INTERNALS.search(str(error)), str(error))
+            return
+        self.assertIsInstance(image, np.ndarray)
+        self.assertEqual(image.dtype, np.uint8)
+        self.assertEqual(image.ndim, 3)
+        self.assertEqual(image.shape[2], 3)
+        self.assertGreaterEqual(min(image.shape[:2]), imaging.MIN_IMAGE_SIDE)
+        self.assertLessEqual(image.shape[0] * image.shape[1], imaging.MAX_IMAGE_PIXELS)
+
+    @settings(max_examples=3000, deadline=2000, database=None, derandomize=support.UNDER_CI,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(st.data())
+    def test_mutated_real_images(self, data):
+        self.check(b64(data.draw(mutated_images(self.seeds))))
+
+    @settings(max_examples=500, deadline=2000, database=None, derandomize=support.UNDER_CI)
+    @given(st.binary(max_size=2048))
+    def test_arbitrary_bytes(self, raw):
+        self.check(b64(raw))
+
+    @settings(max_examples=300, deadline=2000, database=None, derandomize=support.UNDER_CI)
+    @given(st.one_of(st.text(max_size=256), st.text(max_size=64).map(lambda t: "data:" + t)))
+    def test_arbitrary_strings(self, text):
+        self.check(text)
+
+
+# -- auth and identity ---------------------------------------------------------------------------
+TOKEN = "hardening-test-token-7f3a"
+
+
+class AuthTest(GrpcAssertions, unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.good = support.b64_file(support.data_path(*PHOTO))
+        cls.running = RunningServer(load_default(), LOCALAI_GRPC_AUTH_TOKEN=TOKEN)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.running.close()
+
+    def calls(self):
+        """(name, call(metadata)) for every RPC of both services, plus a method nobody defines."""
+        stub, health = self.running.stub, self.running.health
+        good = self.good
+        missing = pb.ModelOptions(Model="x", ModelPath=support.MODELS_DIR,
+                                  Options=["engine:onnx_direct", "detector_onnx:missing-detector.onnx",
+                                           "recognizer_onnx:missing-recognizer.onnx"])
+        unknown = self.running.channel.unary_unary("/backend.Backend/NoSuchMethod",
+                                                   request_serializer=lambda m: m, response_deserializer=lambda b: b)
+        return (
+            ("Health", lambda md: stub.Health(pb.HealthMessage(), metadata=md, timeout=TIMEOUT)),
+            ("Status", lambda md: stub.Status(pb.HealthMessage(), metadata=md, timeout=TIMEOUT)),
+            ("LoadModel", lambda md: stub.LoadModel(missing, metadata=md, timeout=TIMEOUT)),
+            ("FaceVerify", lambda md: stub.FaceVerify(pb.FaceVerifyRequest(img1=good, img2=good),
+                                                      metadata=md, timeout=TIMEOUT)),
+            ("FaceAnalyze", lambda md: stub.FaceAnalyze(pb.FaceAnalyzeRequest(img=good), metadata=md, timeout=TIMEOUT)),
+            ("Embedding", lambda md: stub.Embedding(pb.PredictOptions(Images=[good]), metadata=md, timeout=TIMEOUT)),
+            ("Detect", lambda md: stub.Detect(pb.DetectOptions(src=good), metadata=md, timeout=TIMEOUT)),
+            ("grpc.health.v1.Health/Check", lambda md: health.Check(health_pb2.HealthCheckRequest(),
+                                                                    metadata=md, timeout=TIMEOUT)),
+            ("grpc.health.v1.Health/Watch", lambda md: next(iter(health.Watch(
+                health_pb2.HealthCheckRequest(), metadata=md, timeout=TIMEOUT)))),
+            ("Free", lambda md: stub.Free(pb.HealthMessage(), metadata=md, timeout=TIMEOUT)),
+            ("unknown method", lambda md: unknown(b"", metadata=md, timeout=TIMEOUT)),
+        )
+
+    def test_every_rpc_needs_the_bearer_token(self):
+        wrong = {
+            "no token": None,
+            "wrong token": (("authorization", "Bearer not-the-token"),),
+            "'Bearer' prefix missing": (("authorization", TOKEN),),
+            "token truncated": (("authorization", "Bearer " + TOKEN[:-1]),),
+            "token with a suffix": (("authorization", "Bearer " + TOKEN + "x"),),
+            "empty bearer": (("authorization", "Bearer "),),
+            "other scheme": (("authorization", "Basic " + TOKEN),),
+        }
+        for name, call in self.calls():
+            for kind, metadata in wrong.items():
+                with self.subTest(rpc=name, metadata=kind):
+                    self.assert_status(lambda: call(metadata), grpc.StatusCode.UNAUTHENTICATED, f"{name} {kind}")
+        # Nothing a refused call asked for happened: Free and LoadModel left the model in place.
+        self.assertIsNotNone(self.running.service.loaded)
+        self.assertEqual(self.running.service.loaded.name, DEFAULT_NAME)
+
+    def test_the_right_token_works_for_every_rpc(self):
+        metadata = (("authorization", f"Bearer {TOKEN}"),)
+        results = {}
+        for name, call in self.calls():
+            if name in ("Free", "unknown method"):
+                continue
+            results[name] = call(metadata)
+        self.assertEqual(results["Health"].message, b"OK")
+        self.assertEqual(results["Status"].state, pb.StatusResponse.READY)
+        self.assertFalse(results["LoadModel"].success)
+        self.assertIn("missing-detector.onnx", results["LoadModel"].message)
+        self.assertTrue(results["FaceVerify"].verified)
+        self.assertEqual(len(results["FaceAnalyze"].faces), 1)
+        self.assertEqual(results["Embedding"].dim, 128)
+        self.assertEqual(len(results["Detect"].Detections), 1)
+        for check in ("grpc.health.v1.Health/Check", "grpc.health.v1.Health/Watch"):
+            self.assertEqual(results[check].status, health_pb2.HealthCheckResponse.SERVING)
+        self.assert_status(lambda: self.calls()[-1][1](metadata), grpc.StatusCode.UNIMPLEMENTED, "unknown method")
+        # Free with the token works; reload so the other test still has a model.
+        stub = self.running.stub
+        self.assertTrue(stub.Free(pb.HealthMessage(), metadata=metadata, timeout=TIMEOUT).success)
+        self.assertEqual(self.running.health.Check(health_pb2.HealthCheckRequest(), metadata=metadata,
+                                                   timeout=TIMEOUT).status, health_pb2.HealthCheckResponse.NOT_SERVING)
+        loaded = stub.LoadModel(pb.ModelOptions(Model=DEFAULT_NAME, ModelPath=support.MODELS_DIR,
+                                                Options=list(DEFAULT_MODEL_OPTIONS)), metadata=metadata, timeout=TIMEOUT)
+        self.assertTrue(loaded.success, loaded.message)
+
+
+class IdentityGuardTest(GrpcAssertions, unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.good = support.b64_file(support.data_path(*PHOTO))
+        cls.running = RunningServer(load_default(DEFAULT_NAME))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.running.close()
+
+    def calls(self, identity: str):
+        stub, good = self.running.stub, self.good
+        return (
+            ("FaceVerify", lambda: stub.FaceVerify(pb.FaceVerifyRequest(img1=good, img2=good, ModelIdentity=identity),
+                                                   timeout=TIMEOUT)),
+            ("FaceAnalyze", lambda: stub.FaceAnalyze(pb.FaceAnalyzeRequest(img=good, ModelIdentity=identity),
+                                                     timeout=TIMEOUT)),
+            ("Embedding", lambda: stub.Embedding(pb.PredictOptions(Images=[good], ModelIdentity=identity),
+                                                 timeout=TIMEOUT)),
+            ("Detect", lambda: stub.Detect(pb.DetectOptions(src=good, ModelIdentity=identity), timeout=TIMEOUT)),
+        )
+
+    def load(self, model_name: str) -> None:
+        result = self.running.stub.LoadModel(pb.ModelOptions(Model=model_name, ModelPath=support.MODELS_DIR,
+                                                             Options=list(DEFAULT_MODEL_OPTIONS)), timeout=TIMEOUT)
+        self.assertTrue(result.success, result.message)
+
+    def test_identity_guard(self):
+        self.load(DEFAULT_NAME)
+        for name, call in self.calls("someone-else"):
+            with self.subTest(rpc=name, identity="mismatch"):
+                self.assert_status(call, NOT_FOUND, name,
+                                   contains=f"model identity mismatch: loaded '{DEFAULT_NAME}', requested 'someone-else'")
+        for identity in ("", DEFAULT_NAME):
+            for name, call in self.calls(identity):
+                with self.subTest(rpc=name, identity=identity):
+                    call()
+        # A model loaded without a name: any identity is accepted (empty on either side skips).
+        self.load("")
+        for name, call in self.calls("anything"):
+            with self.subTest(rpc=name, identity="unnamed model"):
+                call()
+        self.load(DEFAULT_NAME)
+        self.assert_healthy(self.running)
+
+
+# -- overload and deadlines ----------------------------------------------------------------------
+class OverloadTest(GrpcAssertions, unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.good = support.b64_file(support.data_path(*PHOTO))
+        cls.running = RunningServer(load_default(), PYTHON_GRPC_MAX_WORKERS="1",
+                                    PYTHON_GRPC_MAX_CONCURRENT_RPCS="2")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.running.close()
+
+    def test_excess_calls_are_refused_at_once_and_the_rest_succeed(self):
+        stub = self.running.stub
+        request = pb.FaceVerifyRequest(img1=self.good, img2=self.good, anti_spoofing=True)
+        calls = 16
+        answers: list[tuple[grpc.StatusCode, float, str]] = [None] * calls
+        barrier = threading.Barrier(calls)
+
+        def call(i):
+            barrier.wait()
+            started = time.perf_counter()
+            try:
+                reply = stub.FaceVerify(request, timeout=TIMEOUT)
+                answers[i] = (grpc.StatusCode.OK, time.perf_counter() - started, str(reply.verified))
+            except grpc.RpcError as error:
+                answers[i] = (error.code(), time.perf_counter() - started, error.details())
+        with futures.ThreadPoolExecutor(calls) as pool:
+            list(pool.map(call, range(calls)))
+        codes = [a[0] for a in answers]
+        unexpected = [a for a in answers if a[0] not in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)]
+        self.assertEqual(unexpected, [], "calls failed with something other than RESOURCE_EXHAUSTED")
+        exhausted = [a for a in answers if a[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        served = [a for a in answers if a[0] == grpc.StatusCode.OK]
+        self.assertGreater(len(exhausted), 0, f"no call was refused: {codes}")
+        self.assertGreaterEqual(len(served), 1, f"no call was served: {codes}")
+        self.assertTrue(all(a[2] == "True" for a in served))
+        slowest_refusal = max(a[1] for a in exhausted)
+        self.assertLess(slowest_refusal, 0.5, "RESOURCE_EXHAUSTED must come at once, not after queueing")
+        self.assert_healthy(self.running, "after the burst")
+        # And the server is back to full service.
+        self.assertTrue(stub.FaceVerify(request, timeout=TIMEOUT).verified)
+
+    def test_deadlines(self):
+        stub = self.running.stub
+        photo = Image.open(support.data_path(*PHOTO)).convert("RGB")
+        big = b64(encode(photo.resize((photo.width * 5, photo.height * 5)), "JPEG", quality=90))
+        request = pb.FaceVerifyRequest(img1=big, img2=big, anti_spoofing=True)  # ~0.5 s of work
+        for timeout in (0.001, 0.05):
+            with self.subTest(timeout=timeout):
+                with self.assertRaises(grpc.RpcError) as caught:
+                    stub.FaceVerify(request, timeout=timeout)
+                self.assertEqual(caught.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+                self.assert_healthy(self.running, f"after a {timeout}s deadline")
+                self.assertTrue(stub.FaceVerify(request, timeout=TIMEOUT).verified)
+
+
+# -- reload under load ---------------------------------------------------------------------------
+class ReloadUnderLoadTest(unittest.TestCase):
+    def test_requests_during_reloads_see_one_whole_engine(self):
+        for name in ("det_500m.onnx", "w600k_mbf.onnx"):
+            support.model_path(os.path.join("buffalo_sc", name))
+        good = support.b64_file(support.data_path(*PHOTO))
+        other = support.b64_file(support.data_path("face-recognition-examples", "images", "kit_harington_1.jpg"))
+        loads = {
+            "default": pb.ModelOptions(Model=DEFAULT_NAME, ModelPath=support.MODELS_DIR,
+                                       Options=list(DEFAULT_MODEL_OPTIONS)),
+            "buffalo_sc": pb.ModelOptions(Model="buffalo_sc", ModelPath=support.MODELS_DIR,
+                                          Options=list(BUFFALO_SC_OPTIONS)),
+            "missing file": pb.ModelOptions(Model="broken", ModelPath=support.MODELS_DIR,
+                                            Options=["engine:onnx_direct", "detector_onnx:no-such-detector.onnx",
+                                                     "recognizer_onnx:MobileFaceNet.onnx"]),
+        }
+        # What each engine answers for this pair when nothing else is going on.
+        expected = {}
+        embeddings = {}
+        for kind in ("default", "buffalo_sc"):
+            service = FaceService()
+            options = loads[kind]
+            service.load(parse_load_request(options.Model, options.ModelPath, 0, list(options.Options)))
+            result = service.verify(good, other)
+            expected[result.model] = (result.threshold, result.distance)
+            embeddings[kind] = service.embed([good]).vector
+        self.assertEqual(len(expected), 2, expected)
+
+        running = RunningServer(load_default())
+        stub = running.stub
+        stop = threading.Event()
+        problems: list[str] = []
+        seen: dict[str, int] = {}
+        lock = threading.Lock()
+
+        def verifier():
+            while not stop.is_set():
+                try:
+                    reply = stub.FaceVerify(pb.FaceVerifyRequest(img1=good, img2=other), timeout=TIMEOUT)
+                except grpc.RpcError as error:
+                    problems.append(f"FaceVerify {error.code().name}: {error.details()}")
+                    continue
+                if reply.model not in expected:
+                    problems.append(f"unknown model {reply.model!r}")
+                    continue
+                threshold, distance = expected[reply.model]
+                if abs(reply.threshold - threshold) > 1e-5 or abs(reply.distance - distance) > 1e-3:
+                    problems.append(f"{reply.model}: threshold {reply.threshold} distance {reply.distance},"
+                                    f" expected {threshold} / {distance:.4f}")
+                with lock:
+                    seen[reply.model] = seen.get(reply.model, 0) + 1
+
+        def embedder():
+            while not stop.is_set():
+                try:
+                    vector = np.array(stub.Embedding(pb.PredictOptions(Images=[good]), timeout=TIMEOUT).embeddings)
+                except grpc.RpcError as error:
+                    problems.append(f"Embedding {error.code().name}: {error.details()}")
+                    continue
+                matches = [k for k, v in embeddings.items() if v.shape == vector.shape and
+                           float(np.dot(v, vector)) > 0.999]
+                if not matches:
+                    problems.append(f"an embedding of dimension {vector.shape[0]} matches neither engine")
+
+        def watcher():
+            while not stop.is_set():
+                try:
+                    status = running.health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status
+                    state = stub.Status(pb.HealthMessage(), timeout=TIMEOUT).state
+                except grpc.RpcError as error:
+                    problems.append(f"health {error.code().name}")
+                    continue
+                if status != health_pb2.HealthCheckResponse.SERVING or state != pb.StatusResponse.READY:
+                    problems.append(f"not serving during a reload: {status}, {state}")
+                time.sleep(0.02)
+
+        threads = [threading.Thread(target=f) for f in (verifier, verifier, verifier, embedder, watcher)]
+        for thread in threads:
+            thread.start()
+        try:
+            for kind in ["buffalo_sc", "missing file", "default", "missing file", "buffalo_sc", "default",
+                         "buffalo_sc", "missing file", "default"]:
+                result = stub.LoadModel(loads[kind], timeout=TIMEOUT)
+                if kind == "missing file":
+                    self.assertFalse(result.success)
+                    self.assertIn("no-such-detector.onnx", result.message)
+                else:
+                    self.assertTrue(result.success, result.message)
+                time.sleep(0.5)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=TIMEOUT)
+            running.close()
+        self.assertEqual(problems, [])
+        self.assertEqual(set(seen), set(expected), f"requests did not run on both engines: {seen}")
+
+
+# -- the real process ----------------------------------------------------------------------------
+class LifecycleTest(unittest.TestCase):
+    """`python backend.py --addr ... --preload-default models` as the host starts it."""
+
+    @classmethod
+    def setUpClass(cls):
+        support.model_path("face_detection_yunet_2023mar.onnx")
+        cls.python = os.path.join(support.REPO, ".venv", "bin", "python")
+        if not os.path.exists(cls.python):
+            import sys
+            cls.python = sys.executable
+        cls.tmp = tempfile.TemporaryDirectory()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def env(self, **extra) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("LOCALAI_GRPC_AUTH_TOKEN", None)
+        env.update({"FACE_SHUTDOWN_GRACE_SECONDS": "10", "PYTHONUNBUFFERED": "1"}, **extra)
+        return env
+
+    def command(self, port: int) -> list[str]:
+        return [self.python, os.path.join(support.REPO, "backend.py"), "--addr", f"127.0.0.1:{port}",
+                "--preload-default", support.MODELS_DIR]
+
+    def wait_serving(self, port: int, alive, log_path: str) -> grpc.Channel:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if not alive():
+                self.fail("backend exited during start-up:\n" + read_log(log_path))
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                self.assertEqual(status, health_pb2.HealthCheckResponse.SERVING)
+                return channel
+            except grpc.RpcError:
+                time.sleep(0.1)
+        self.fail("backend did not become SERVING in 60 s:\n" + read_log(log_path))
+
+    def start(self):
+        port = support.free_port()
+        log_path = os.path.join(self.tmp.name, f"backend-{port}.log")
+        log = open(log_path, "w")
+        process = subprocess.Popen(self.command(port), env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, cwd=support.REPO)
+        log.close()
+        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
+        channel = self.wait_serving(port, lambda: process.poll() is None, log_path)
+        self.addCleanup(channel.close)
+        return process, channel, log_path
+
+    def slow_request(self):
+        """A FaceVerify of two 6000x4500 photos with liveness: about a second of work."""
+        source = Image.open(support.data_path(*LARGE_SOURCE)).convert("RGB")
+        big = b64(encode(source.resize((6000, 4500), Image.Resampling.BILINEAR), "JPEG", quality=90))
+        return pb.FaceVerifyRequest(img1=big, img2=big, anti_spoofing=True)
+
+    def check_signal_with_request_in_flight(self, sig: int) -> None:
+        request = self.slow_request()
+        process, channel, log_path = self.start()
+        stub = backend_pb2_grpc.BackendStub(channel)
+        started = time.monotonic()
+        call = stub.FaceVerify.future(request, timeout=TIMEOUT)
+        time.sleep(0.15)  # the request (two ~2 MB images over loopback) reaches the server in ms
+        self.assertFalse(call.done(), "the request finished before the signal; make it slower")
+        signalled = time.monotonic()
+        process.send_signal(sig)
+        reply = call.result()  # raises if the stop cut the request off
+        finished = time.monotonic()
+        self.assertTrue(reply.verified)
+        self.assertGreater(finished, signalled, "the request was not in flight when the signal came")
+        self.assertEqual(process.wait(timeout=30), 0, read_log(log_path))
+        self.assertIn("stopping", read_log(log_path))
+        print(f"\n[hardening] {signal.Signals(sig).name}: request in flight finished"
+              f" {finished - signalled:.2f} s after the signal ({finished - started:.2f} s in all); exit 0")
+
+    def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(self):
+        self.check_signal_with_request_in_flight(signal.SIGTERM)
+
+    def test_sigint_lets_the_request_in_flight_finish_and_exits_0(self):
+        self.check_signal_with_request_in_flight(signal.SIGINT)
+
+    def start_through_a_parent(self, **extra):
+        """The backend started by an intermediate shell, as a host would; returns (shell, pid, log)."""
+        port = support.free_port()
+        log_path = os.path.join(self.tmp.name, f"backend-{port}.log")
+        script = '"$@" >"$BACKEND_LOG" 2>&1 & echo $!; wait'
+        shell = subprocess.Popen(["sh", "-c", script, "sh", *self.command(port)],
+                                 env=self.env(BACKEND_LOG=log_path, **extra), stdout=subprocess.PIPE,
+                                 stdin=subprocess.DEVNULL, cwd=support.REPO)
+        pid = int(shell.stdout.readline())
+        backend_process = psutil.Process(pid)
+        self.addCleanup(lambda: shell.poll() is None and (shell.kill(), shell.wait()))
+        self.addCleanup(lambda: shell.stdout.close())
+        self.addCleanup(self.kill_if_running, backend_process)
+        self.assertEqual(backend_process.ppid(), shell.pid)
+        channel = self.wait_serving(port, lambda: running(backend_process), log_path)
+        self.addCleanup(channel.close)
+        return shell, backend_process, channel, log_path
+
+    @staticmethod
+    def kill_if_running(process: psutil.Process) -> None:
+        if running(process):
+            process.kill()
+
+    def test_parent_watch_stops_an_orphaned_backend(self):
+        shell, backend_process, _, log_path = self.start_through_a_parent(
+            LOCALAI_BACKEND_PARENT_WATCH_INTERVAL="200ms")
+        shell.kill()
+        shell.wait()
+        killed = time.monotonic()
+        deadline = killed + 10
+        while running(backend_process) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertFalse(running(backend_process), "the orphaned backend is still running 10 s after its parent died")
+        self.assertIn("parent process", read_log(log_path))
+        print(f"\n[hardening] parent watch: orphaned backend gone {time.monotonic() - killed:.2f} s"
+              " after its parent was killed")
+
+    def test_parent_watch_can_be_disabled(self):
+        shell, backend_process, channel, log_path = self.start_through_a_parent(
+            LOCALAI_BACKEND_PARENT_WATCH="false", LOCALAI_BACKEND_PARENT_WATCH_INTERVAL="200ms")
+        shell.kill()
+        shell.wait()
+        time.sleep(1.5)  # seven watch intervals
+        self.assertTrue(running(backend_process), "the backend stopped although the parent watch is off")
+        self.assertEqual(backend_pb2_grpc.BackendStub(channel).Health(pb.HealthMessage(), timeout=TIMEOUT).message,
+                         b"OK")
+        backend_process.terminate()
+        deadline = time.monotonic() + 20
+        while running(backend_process) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertFalse(running(backend_process))
+
+
+class ParentWatchTest(unittest.TestCase):
+    """backend.watch_parent itself, with getppid() faked."""
+
+    def test_a_backend_started_by_pid_1_keeps_running(self):
+        # A host that is PID 1 in its container starts backends whose parent is 1 from the start:
+        # that is not orphanhood, and the backend must not stop itself (the host's Go, C++ and
+        # Python backends skip the watch then too).
+        orphaned = threading.Event()
+        with mock.patch("os.getppid", return_value=1):
+            backend.watch_parent(orphaned.set, 0.02)
+            time.sleep(0.3)
+        self.assertFalse(orphaned.is_set(), "a backend started by pid 1 shut itself down")
+
+    def test_reparenting_is_noticed(self):
+        orphaned = threading.Event()
+        answers = iter([4242, 4242, 4242])
+        with mock.patch("os.getppid", side_effect=lambda: next(answers, 1)):
+            backend.watch_parent(orphaned.set, 0.02)
+            self.assertTrue(orphaned.wait(5), "reparenting to pid 1 went unnoticed")
+
+
+def read_log(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def running(process: psutil.Process) -> bool:
+    """True while `process` runs (a zombie waiting for a reaper that is not ours counts as gone)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+if __name__ == "__main__":
+    unittest.main()
