@@ -101,7 +101,7 @@ class SCRFDDetector:
     def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]:
         threshold = self.score_threshold if threshold is None else threshold
         scale = letterbox_scale(image.shape, self.input_size)
-        new_w, new_h = int(round(image.shape[1] * scale)), int(round(image.shape[0] * scale))
+        new_w, new_h = (max(1, int(round(image.shape[1] * scale))), max(1, int(round(image.shape[0] * scale))))
         canvas = np.zeros((self.input_size[1], self.input_size[0], 3), dtype=np.uint8)
         canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
         blob = cv2.dnn.blobFromImage(canvas, 1.0 / self.INPUT_STD, self.input_size,
