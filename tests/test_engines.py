@@ -67,6 +67,13 @@ class DetectorTest(unittest.TestCase):
                     self.assertGreater(face.height, 20)
                     self.assertTrue(0.0 < face.score <= 1.0)
 
+    def test_elongated_images_find_nothing_without_error(self):
+        # Letterboxing a 16x30000 strip rounds one side to zero pixels unless guarded.
+        for label, engine in self.engines.items():
+            for shape in ((16, 30000, 3), (30000, 16, 3)):
+                with self.subTest(label, shape=shape):
+                    self.assertEqual(engine.detect(np.zeros(shape, dtype=np.uint8)), [])
+
     def test_six_faces_are_six_different_places(self):
         for label, engine in self.engines.items():
             with self.subTest(label):
