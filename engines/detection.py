@@ -45,6 +45,24 @@ def letterbox_scale(image_shape: Sequence[int], input_size: tuple[int, int]) -> 
     return min(input_size[0] / width, input_size[1] / height)
 
 
+def plausible_faces(faces: list[FaceDetection], image_shape: Sequence[int]) -> list[FaceDetection]:
+    """Drops detections no real face can produce: non-finite, empty, or outside the image.
+
+    Degenerate inputs (an image shrunk to one pixel row) can make a network emit garbage with
+    a high score; a box has to be a box in this image before anything downstream sees it.
+    """
+    height, width = image_shape[:2]
+    kept = []
+    for face in faces:
+        x1, y1, x2, y2 = face.box
+        if not (np.isfinite(face.box).all() and np.isfinite(face.landmarks).all()):
+            continue
+        if x2 - x1 < 1 or y2 - y1 < 1 or x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+            continue
+        kept.append(face)
+    return kept
+
+
 class SCRFDDetector:
     """SCRFD (insightface `model_zoo/scrfd.py`): anchor-free distances at strides 8/16/32."""
 
@@ -130,8 +148,8 @@ class SCRFDDetector:
         keypoints = np.concatenate(kps_all) / scale
         scores = np.concatenate(scores_all)
         keep = non_max_suppression(boxes, scores, NMS_IOU_THRESHOLD)
-        return [FaceDetection(tuple(float(v) for v in boxes[i]), float(scores[i]),
-                              keypoints[i].astype(np.float32)) for i in keep]
+        return plausible_faces([FaceDetection(tuple(float(v) for v in boxes[i]), float(scores[i]),
+                                              keypoints[i].astype(np.float32)) for i in keep], image.shape)
 
 
 class YuNetDetector:
@@ -144,6 +162,7 @@ class YuNetDetector:
 
     NMS_IOU_THRESHOLD = 0.3  # OpenCV Zoo yunet demo default
     TOP_K = 5000
+    MIN_INPUT_SIDE = 32  # YuNet's largest stride
 
     def __init__(self, path: str, input_size=DEFAULT_DETECTION_SIZE,
                  score_threshold: float = DEFAULT_SCORE_THRESHOLD):
@@ -170,11 +189,18 @@ class YuNetDetector:
 
     def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]:
         threshold = self.score_threshold if threshold is None else threshold
+        original_shape = image.shape
         scale = min(1.0, letterbox_scale(image.shape, self.input_size))
         if scale < 1.0:
             image = cv2.resize(image, (max(1, int(round(image.shape[1] * scale))),
                                        max(1, int(round(image.shape[0] * scale)))),
                                interpolation=cv2.INTER_AREA)
+        if min(image.shape[:2]) < self.MIN_INPUT_SIDE:
+            # Padding at the bottom/right keeps coordinates; a 1-pixel-high input makes YuNet
+            # return uninitialised rows with score 1.0.
+            image = cv2.copyMakeBorder(image, 0, max(0, self.MIN_INPUT_SIDE - image.shape[0]),
+                                       0, max(0, self.MIN_INPUT_SIDE - image.shape[1]),
+                                       cv2.BORDER_CONSTANT, value=0)
         detector = self._instance(threshold)
         detector.setInputSize((image.shape[1], image.shape[0]))
         _, rows = detector.detect(image)
@@ -186,4 +212,4 @@ class YuNetDetector:
             landmarks = (row[4:14].reshape(5, 2) / scale).astype(np.float32)
             faces.append(FaceDetection((x, y, x + w, y + h), float(row[14]), landmarks))
         faces.sort(key=lambda f: f.score, reverse=True)
-        return faces
+        return plausible_faces(faces, original_shape)
