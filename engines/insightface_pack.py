@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from catalog import file_sha256
 
+from .attributes import build_attribute_heads
 from .detection import DEFAULT_DETECTION_SIZE, DEFAULT_SCORE_THRESHOLD, SCRFDDetector
 from .errors import ModelFileError, ModelOptionError
 from .modular import ModularFaceEngine
@@ -90,7 +91,6 @@ def build_insightface_engine(request: LoadRequest) -> ModularFaceEngine:
     recognizer = ArcFaceRecognizer(
         recognizer_session, profile_for(file_sha256(recognizer_path), request.get("recognizer_preprocess")))
     # age_onnx / gender_onnx first; the pack's genderage.onnx for the actions they leave.
-    from .attributes import build_attribute_heads
     heads = build_attribute_heads(request, roles.get(ROLE_GENDERAGE, (None, None))[1])
     return ModularFaceEngine(pack, detector, recognizer, heads,
                              verify_threshold=request.float_in_range("verify_threshold", 0.0, 2.0))
