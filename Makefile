@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 ADDR ?= 127.0.0.1:50051
 STUBS := backend_pb2.py backend_pb2_grpc.py
 
-.PHONY: install models run test clean soak
+.PHONY: install models run test clean soak bench
 
 install: $(VENV)/.installed $(STUBS)
 
@@ -33,6 +33,20 @@ test: install models
 # unexpected status or RSS growth beyond the stated bound; writes bench/results/soak.json.
 soak: install models
 	$(PYTHON) bench/soak.py
+
+# Speed, side by side with an in-process insightface script (bench/bench.py): prints a table and
+# PASS/FAIL per target, writes bench/results/bench.json, fails on a missed target. Its packages
+# (bench/requirements.txt, a fully pinned closure) go in with --no-deps so that insightface cannot
+# pull the GUI opencv-python next to opencv-python-headless. BENCH_ARGS passes options through.
+bench: install models $(VENV)/.bench-installed
+	$(PYTHON) bench/bench.py $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet --no-deps -r bench/requirements.txt
+	@if $(VENV)/bin/pip show --quiet opencv-python 2>/dev/null; then \
+		echo "opencv-python is installed; only opencv-python-headless may provide cv2" >&2; exit 1; fi
+	$(PYTHON) -c "import cv2, insightface.model_zoo; print('cv2', cv2.__version__, 'from', cv2.__file__)"
+	touch $@
 
 clean:
 	rm -rf $(VENV) models $(STUBS) .hypothesis

@@ -8,10 +8,32 @@ import onnxruntime as ort
 
 from .errors import ModelFileError
 
-# Threads each session may use for one Run. Concurrency comes from the gRPC worker pool running
-# several requests side by side; letting every session also spin up all cores makes concurrent
-# requests fight over them. Overridden by ModelOptions.Threads via set_default_threads().
-_default_intra_op_threads = 1
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which a container's cpuset narrows)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+# Threads each session may use for one Run when ModelOptions.Threads is 0: every usable CPU, up
+# to 4, never spinning. Measured with bench/bench.py and A/B runs of the server on 2 vCPUs
+# (machine shared, so several runs): one thread per Run made a lone FaceVerify 1.1-1.4x slower
+# than two (buffalo_sc 105-136 ms vs 82-97 ms; default set 86 vs 80 ms, where YuNet runs in
+# OpenCV), while with 4 concurrent clients two threads per Run served within 5% as many
+# verifications per second as one (buffalo_sc 16.9 vs 17.5/s, default set 17.1 vs 18.0/s in the
+# quietest run): under load, requests side by side share the cores either way.
+# The cap keeps small models (112x112 recognizers, 80x80 liveness nets) from spreading one Run
+# over many cores on big hosts, where the loop overhead outgrows the work (a judgement, not
+# measured: this machine has 2 CPUs). ModelOptions.Threads (the `threads` argument of
+# create_session) or set_default_threads() override it.
+#
+# OpenCV's own pool (YuNet, SFace) is left at its default, one thread per CPU: cv2.setNumThreads(1)
+# made a lone default-set FaceVerify slower (75 -> 93 ms) and did not raise 4-client throughput
+# (20.0 -> 19.0/s).
+MAX_DEFAULT_INTRA_OP_THREADS = 4
+_default_intra_op_threads = min(usable_cpus(), MAX_DEFAULT_INTRA_OP_THREADS)
 
 
 def set_default_threads(threads: int) -> None:
@@ -33,7 +55,9 @@ def create_session(path: str, threads: Optional[int] = None) -> ort.InferenceSes
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Spinning threads burn a core waiting for work; with many requests in flight that core is
-    # better spent on another request.
+    # better spent on another request, and even with one, a session's workers spinning after its
+    # Run take the cores from the next model's Run (measured with 2 threads: buffalo_sc FaceVerify
+    # 139 ms and 10.5/s with spinning vs 94 ms and 14.9/s without).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     try:

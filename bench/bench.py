@@ -1,0 +1,680 @@
+"""Speed of the gRPC backend, side by side with an in-process script: `make bench`.
+
+    .venv/bin/python bench/bench.py [--sets buffalo_sc,default] [--blocks 10] [--per-block 6]
+        [--clients 4] [--load-seconds 25] [--threads N] [--server-env KEY=VALUE] [--quick]
+
+For each model set it starts `backend.py` as a subprocess, loads the set with LoadModel, and in
+ONE run alternates blocks of FaceVerify calls over gRPC with blocks of an in-process script that
+does the same work on the same image bytes with the same model files, so machine drift hits both
+sides alike (the side that goes first alternates, and every block starts after a short untimed
+pause):
+
+* buffalo_sc: the script is insightface's own code: `insightface.model_zoo.get_model()` for the
+  SCRFD detector (prepared on the CPU for 640x640) and the ArcFace recognizer, cv2.imdecode of
+  the same bytes, `recognizer.get` (face_align.norm_crop) on the largest face.
+* default set: insightface's model_zoo has no YuNet, so the script runs cv2.FaceDetectorYN (same
+  file, score threshold, NMS and 640 px fit as the backend) and MobileFaceNet through an
+  onnxruntime session with the model's own preprocessing (insightface norm_crop, ImageNet
+  mean/std, flipped crop added).
+
+The script runs twice over: with onnxruntime's defaults (all cores, spinning workers), which is
+the reference of the targets, and with spinning off (faster on a small machine, where a
+session's spinning workers take the cores from the next model's run), reported for comparison.
+
+Also measured over gRPC: the transport alone (the same payloads refused before decoding),
+FaceVerify with and without liveness, FaceAnalyze on 1 and on 6 faces, Embedding, Detect,
+throughput with several concurrent clients (load windows alternating with in-process blocks)
+and the server's peak RSS under that load, LoadModel of the default set; and in this process
+the cost of MobileFaceNet's flipped crop. Prints a table and PASS/FAIL per target, writes
+bench/results/bench.json, exits 1 if a target fails.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import cv2
+import grpc
+import numpy as np
+import onnxruntime as ort
+import psutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import backend_pb2  # noqa: E402
+import backend_pb2_grpc  # noqa: E402
+from engines.alignment import align_face  # noqa: E402
+from engines.onnx_direct import YUNET_SCORE_THRESHOLD  # noqa: E402
+from engines.recognition import KNOWN_RECOGNIZERS, MOBILEFACENET_SHA256  # noqa: E402
+from face_service import DEFAULT_MODEL_OPTIONS  # noqa: E402
+from tests.support import DATA, GROUP_PHOTO, IDENTITY_DIR, MODELS_DIR  # noqa: E402
+
+RESULTS = os.path.join(REPO, "bench", "results")
+MAX_MESSAGE = 50 * 1024 * 1024
+
+# Targets of issue 6.
+TARGET_VERIFY_RATIO = 1.25  # gRPC FaceVerify median <= 1.25 x the in-process script's median
+TARGET_CORES_WORTH = 1.4  # concurrent throughput x in-process seconds per verify
+TARGET_LIVENESS_MS = 10.0  # liveness adds at most this per image
+TARGET_LOAD_S = 1.0  # LoadModel of the default set
+TARGET_RSS_MB = 350.0  # peak server RSS under the concurrent load
+
+# Verification pairs: single-face photos of ../shared/data, of several sizes (0.2 to 2.1 MP).
+VERIFY_PAIRS = (
+    ("obama_1.jpg", "obama_2.jpg"),
+    ("biden_1.jpg", "biden_2.jpg"),
+    ("kit_harington_1.jpg", "kit_harington_2.jpg"),
+    ("rose_leslie_1.jpg", "rose_leslie_2.jpg"),
+    ("alex_lacamoire_1.jpg", "obama_4.jpg"),
+)
+ONE_FACE = "obama_1.jpg"
+
+SETS = {
+    "buffalo_sc": dict(model="buffalo_sc", options=("engine:insightface", "model_pack:buffalo_sc")),
+    "default": dict(model="default", options=tuple(DEFAULT_MODEL_OPTIONS)),
+}
+
+
+# -- statistics -----------------------------------------------------------------------------
+def stats_ms(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1000.0
+    return {"n": int(ms.size), "median_ms": round(float(np.median(ms)), 2),
+            "p90_ms": round(float(np.percentile(ms, 90)), 2), "mean_ms": round(float(ms.mean()), 2)}
+
+
+def timed(call: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = call()
+    return time.perf_counter() - start, result
+
+
+# Untimed pause before every block: onnxruntime's default sessions (the script's) keep their
+# workers spinning after a run, which slowed the first call of the next block by 25-30 ms.
+SETTLE_SECONDS = 0.2
+
+
+def alternate(sides: dict[str, Callable[[int], object]], blocks: int, per_block: int,
+              count: int) -> dict[str, list[float]]:
+    """Blocks of `per_block` calls per side, interleaved, the side that goes first alternating.
+
+    Call i of a side gets argument i % count (which pair / image), so both sides see the same
+    sequence of inputs.
+    """
+    names = list(sides)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    position = {n: 0 for n in names}
+    for block in range(blocks):
+        order = names if block % 2 == 0 else names[::-1]
+        for name in order:
+            time.sleep(SETTLE_SECONDS)
+            for _ in range(per_block):
+                seconds, _ = timed(lambda: sides[name](position[name] % count))
+                times[name].append(seconds)
+                position[name] += 1
+    return times
+
+
+# -- the server -----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """backend.py as a subprocess on a free local port, and a stub to talk to it."""
+
+    def __init__(self, log_path: str, env: dict[str, str], script: str):
+        self.address = f"127.0.0.1:{free_port()}"
+        self.log = open(log_path, "w")
+        full_env = dict(os.environ)
+        full_env.setdefault("FACE_SHUTDOWN_GRACE_SECONDS", "1")
+        full_env.update(env)
+        self.process = subprocess.Popen([sys.executable, script, "--addr", self.address],
+                                        cwd=REPO, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.stub = self.new_stub()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.stub.Health(backend_pb2.HealthMessage(), timeout=2)
+                break
+            except grpc.RpcError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"backend did not start; see {log_path}")
+                time.sleep(0.1)
+
+    def new_stub(self) -> backend_pb2_grpc.BackendStub:
+        channel = grpc.insecure_channel(self.address, options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)])
+        return backend_pb2_grpc.BackendStub(channel)
+
+    def load(self, model: str, options, threads: int) -> float:
+        request = backend_pb2.ModelOptions(Model=model, ModelPath=MODELS_DIR, Options=list(options), Threads=threads)
+        seconds, result = timed(lambda: self.stub.LoadModel(request, timeout=120))
+        if not result.success:
+            raise RuntimeError(f"LoadModel {model}: {result.message}")
+        return seconds
+
+    def status_field(self, key: str) -> Optional[int]:
+        """A kB field of /proc/<pid>/status (VmHWM, VmRSS) or a count (Threads)."""
+        try:
+            with open(f"/proc/{self.process.pid}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def reset_peak_rss(self) -> bool:
+        """Reset VmHWM to the current RSS (Linux: `echo 5 > /proc/<pid>/clear_refs`)."""
+        try:
+            with open(f"/proc/{self.process.pid}/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+# -- the in-process scripts -----------------------------------------------------------------
+class _Face:
+    """What insightface's recognizer.get() reads from a face: its 5 keypoints."""
+
+    def __init__(self, kps: np.ndarray):
+        self.kps = kps
+
+
+def largest(boxes: np.ndarray) -> int:
+    """Index of the largest box (x1, y1, x2, y2, score), ties to the higher score (the service's rule)."""
+    keys = [((b[2] - b[0]) * (b[3] - b[1]), b[4]) for b in boxes]
+    return max(range(len(keys)), key=lambda i: keys[i])
+
+
+class InsightFaceScript:
+    """buffalo_sc through insightface's model_zoo: what a user of the insightface package would run."""
+
+    label = "insightface model_zoo (SCRFD + ArcFaceONNX)"
+
+    def __init__(self, pack_dir: str, session_options: Optional[ort.SessionOptions] = None):
+        from insightface.model_zoo import get_model
+        kwargs = {"sess_options": session_options} if session_options is not None else {}
+        self.detector = get_model(os.path.join(pack_dir, "det_500m.onnx"), **kwargs)
+        # FaceAnalysis.prepare(det_size=(640, 640)) hands the detector input_size=(640, 640); in
+        # insightface 2.1 SCRFD.prepare ignores a `det_size` keyword and would then run every
+        # image at both 128x128 and 640x640.
+        self.detector.prepare(ctx_id=-1, input_size=(640, 640))
+        self.recognizer = get_model(os.path.join(pack_dir, "w600k_mbf.onnx"), **kwargs)
+        self.recognizer.prepare(ctx_id=-1)
+
+    def embed(self, image: np.ndarray) -> np.ndarray:
+        boxes, kpss = self.detector.detect(image, max_num=0)
+        if len(boxes) == 0:
+            raise RuntimeError("script: no face")
+        embedding = self.recognizer.get(image, _Face(kpss[largest(boxes)]))
+        return embedding / np.linalg.norm(embedding)
+
+
+class YuNetMobileFaceNetScript:
+    """The default set without the backend: cv2.FaceDetectorYN + MobileFaceNet on onnxruntime."""
+
+    label = ("cv2.FaceDetectorYN + MobileFaceNet on onnxruntime (insightface's model_zoo has no YuNet);"
+             " insightface norm_crop, ImageNet mean/std, flipped crop added")
+
+    def __init__(self, models_dir: str, session_options: Optional[ort.SessionOptions] = None):
+        from insightface.utils import face_align
+        self.norm_crop = face_align.norm_crop
+        self.yunet_path = os.path.join(models_dir, "face_detection_yunet_2023mar.onnx")
+        self.detector = cv2.FaceDetectorYN.create(self.yunet_path, "", (640, 640), YUNET_SCORE_THRESHOLD, 0.3, 5000)
+        self.session = ort.InferenceSession(os.path.join(models_dir, "MobileFaceNet.onnx"),
+                                            sess_options=session_options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        profile = KNOWN_RECOGNIZERS[MOBILEFACENET_SHA256]
+        self.mean = np.asarray(profile.mean, np.float32).reshape(1, 3, 1, 1)
+        self.std = np.asarray(profile.std, np.float32).reshape(1, 3, 1, 1)
+
+    def embed(self, image: np.ndarray) -> np.ndarray:
+        # YuNet on the image fitted into 640x640 (never enlarged), as the backend runs it.
+        scale = min(1.0, 640 / image.shape[1], 640 / image.shape[0])
+        small = image if scale == 1.0 else cv2.resize(
+            image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
+            interpolation=cv2.INTER_AREA)
+        self.detector.setInputSize((small.shape[1], small.shape[0]))
+        _, rows = self.detector.detect(small)
+        if rows is None:
+            raise RuntimeError("script: no face")
+        # Largest box (areas compare the same at any scale), ties to the higher score.
+        row = rows[largest(np.array([[r[0], r[1], r[0] + r[2], r[1] + r[3], r[14]] for r in rows]))]
+        crop = self.norm_crop(image, landmark=row[4:14].reshape(5, 2) / scale)
+        blob = (np.stack([crop, crop[:, ::-1]])[..., ::-1].astype(np.float32).transpose(0, 3, 1, 2) - self.mean) / self.std
+        raw = sum(self.session.run(None, {self.input_name: blob[i:i + 1]})[0][0] for i in range(2))
+        return raw / np.linalg.norm(raw)
+
+
+def no_spinning_options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+# -- one model set --------------------------------------------------------------------------
+@dataclass
+class Inputs:
+    pairs: list[tuple[bytes, bytes]]
+    one_face: bytes
+    group: bytes
+
+    @staticmethod
+    def read() -> "Inputs":
+        def read(path):
+            with open(path, "rb") as f:
+                return f.read()
+        images = os.path.join(IDENTITY_DIR, "images")
+        pairs = [(read(os.path.join(images, a)), read(os.path.join(images, b))) for a, b in VERIFY_PAIRS]
+        return Inputs(pairs=pairs, one_face=read(os.path.join(images, ONE_FACE)), group=read(GROUP_PHOTO))
+
+
+def inputs_names() -> list[str]:
+    return [f"{a} | {b}" for a, b in VERIFY_PAIRS]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@dataclass
+class SetReport:
+    name: str
+    script_label: str
+    timings: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)
+
+
+def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetReport:
+    spec = SETS[name]
+    os.makedirs(RESULTS, exist_ok=True)
+    server = Server(os.path.join(RESULTS, f"server-{name}.log"), server_env, args.backend)
+    try:
+        report = SetReport(name, "")
+        # LoadModel: the first call (pays lazy imports), then the median of several more.
+        loads = [server.load(spec["model"], spec["options"], args.threads)
+                 for _ in range(1 + (args.load_repeats if name == "default" else 0))]
+        report.values["load_first_s"] = round(loads[0], 3)
+        if len(loads) > 1:
+            report.values["load_median_s"] = round(float(np.median(loads[1:])), 3)
+            report.values["load_all_s"] = [round(x, 3) for x in loads]
+
+        # The script as issue 6 defines it (onnxruntime defaults: all cores, spinning workers), and
+        # the same with spinning off.
+        make = ((lambda o: InsightFaceScript(os.path.join(MODELS_DIR, "buffalo_sc"), o)) if name == "buffalo_sc"
+                else (lambda o: YuNetMobileFaceNetScript(MODELS_DIR, o)))
+        scripts = {"script": make(None), "script_nospin": make(no_spinning_options())}
+        report.script_label = scripts["script"].label
+        stub = server.stub
+        verify_requests = [backend_pb2.FaceVerifyRequest(img1=b64(a), img2=b64(b)) for a, b in inputs.pairs]
+        live_requests = [backend_pb2.FaceVerifyRequest(img1=b64(a), img2=b64(b), anti_spoofing=True)
+                         for a, b in inputs.pairs]
+
+        def grpc_verify(i: int):
+            return stub.FaceVerify(verify_requests[i], timeout=60)
+
+        def grpc_verify_live(i: int):
+            return stub.FaceVerify(live_requests[i], timeout=60)
+
+        def script_verify(i: int, which: str = "script") -> float:
+            a, b = inputs.pairs[i]
+            e1 = scripts[which].embed(cv2.imdecode(np.frombuffer(a, np.uint8), cv2.IMREAD_COLOR))
+            e2 = scripts[which].embed(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR))
+            return float(1.0 - np.dot(e1, e2))
+
+        def script_nospin_verify(i: int) -> float:
+            return script_verify(i, "script_nospin")
+
+        # Same answers? (proves both sides do the same work) and warm-up of every path.
+        count = len(inputs.pairs)
+        agreement = []
+        for i in range(count):
+            server_distance = grpc_verify(i).distance
+            script_distance = script_verify(i)
+            agreement.append(abs(server_distance - script_distance))
+        report.values["max_abs_distance_difference"] = round(max(agreement), 4)
+        for _ in range(args.warmup):
+            for i in range(count):
+                grpc_verify(i)
+                script_verify(i)
+                script_nospin_verify(i)
+
+        sides = {"grpc": grpc_verify, "script": script_verify, "script_nospin": script_nospin_verify}
+        times = alternate(sides, args.blocks, args.per_block, count)
+        report.timings["FaceVerify (gRPC)"] = stats_ms(times["grpc"])
+        report.timings["FaceVerify (in-process script)"] = stats_ms(times["script"])
+        report.timings["FaceVerify (in-process script, no spinning)"] = stats_ms(times["script_nospin"])
+        grpc_ms = report.timings["FaceVerify (gRPC)"]["median_ms"]
+        report.values["verify_ratio"] = round(grpc_ms / report.timings["FaceVerify (in-process script)"]["median_ms"], 3)
+        report.values["verify_ratio_vs_no_spinning"] = round(
+            grpc_ms / report.timings["FaceVerify (in-process script, no spinning)"]["median_ms"], 3)
+
+        # What gRPC itself costs: the same payloads, refused (threshold < 0) before any decoding.
+        transport_requests = [backend_pb2.FaceVerifyRequest(img1=r.img1, img2=r.img2, threshold=-1.0)
+                              for r in verify_requests]
+
+        def transport_only(i: int):
+            try:
+                stub.FaceVerify(transport_requests[i], timeout=60)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+        report.timings["FaceVerify transport only (gRPC)"] = stats_ms(
+            [timed(lambda: transport_only(i % count))[0] for i in range(args.per_block * 4)])
+
+        liveness = name == "default"
+        if liveness:
+            for i in range(count):
+                grpc_verify_live(i)
+            # Each pair without and then with liveness (or the other way round, alternating),
+            # back to back: the median of those paired differences is the cost, and drift slower
+            # than one call cancels out of it.
+            live: dict[str, list[float]] = {"without": [], "with": []}
+            differences = []
+            for k in range(args.blocks * args.per_block):
+                i = k % count
+                order = (("without", grpc_verify), ("with", grpc_verify_live))
+                seconds = {}
+                for key, call in (order if k % 2 == 0 else order[::-1]):
+                    seconds[key] = timed(lambda: call(i))[0]
+                    live[key].append(seconds[key])
+                differences.append(seconds["with"] - seconds["without"])
+            report.timings["FaceVerify, no liveness (gRPC)"] = stats_ms(live["without"])
+            report.timings["FaceVerify, liveness (gRPC)"] = stats_ms(live["with"])
+            report.values["liveness_ms_per_image"] = round(float(np.median(differences)) * 1000 / 2, 2)
+
+        # The other RPCs, interleaved too.
+        one, group = b64(inputs.one_face), b64(inputs.group)
+        analyze_one = backend_pb2.FaceAnalyzeRequest(img=one)
+        analyze_group = backend_pb2.FaceAnalyzeRequest(img=group)
+        others = {
+            "FaceAnalyze, 1 face": lambda _: stub.FaceAnalyze(analyze_one, timeout=60),
+            "FaceAnalyze, 6 faces (t1.jpg)": lambda _: stub.FaceAnalyze(analyze_group, timeout=60),
+            "Embedding": lambda _: stub.Embedding(backend_pb2.PredictOptions(Images=[one]), timeout=60),
+            "Detect (t1.jpg)": lambda _: stub.Detect(backend_pb2.DetectOptions(src=group), timeout=60),
+        }
+        if liveness:
+            others["FaceAnalyze, 6 faces, liveness"] = lambda _: stub.FaceAnalyze(
+                backend_pb2.FaceAnalyzeRequest(img=group, anti_spoofing=True), timeout=60)
+        group_faces = others["FaceAnalyze, 6 faces (t1.jpg)"](0).faces
+        report.values["faces_in_group_photo"] = len(group_faces)
+        report.values["analyze_computes_age_gender"] = bool(group_faces) and bool(group_faces[0].dominant_gender)
+        report.values["detections_in_group_photo"] = len(others["Detect (t1.jpg)"](0).Detections)
+        for call in others.values():
+            call(0)
+        other_times = alternate(others, max(2, args.blocks // 2), args.per_block, 1)
+        for key, values in other_times.items():
+            report.timings[key + " (gRPC)"] = stats_ms(values)
+
+        # Concurrent clients: throughput and the server's peak RSS, load windows alternating with
+        # blocks of the in-process script, whose median (single caller) is the per-verify cost.
+        position = iter(range(10 ** 9))
+
+        def script_block() -> dict[str, list[float]]:
+            times = {}
+            for which in scripts:
+                time.sleep(SETTLE_SECONDS)
+                times[which] = [timed(lambda: script_verify(next(position) % count, which))[0]
+                                for _ in range(args.per_block)]
+            return times
+
+        report.values.update(concurrent_load(server, verify_requests, args.clients, args.load_seconds,
+                                             args.load_windows, script_block))
+        report.timings[f"FaceVerify under {args.clients} clients (gRPC)"] = report.values.pop("latencies")
+        between = report.values.pop("script_times")
+        report.timings["FaceVerify (in-process, between load windows)"] = stats_ms(between["script"])
+        report.timings["FaceVerify (in-process, no spinning, between)"] = stats_ms(between["script_nospin"])
+        for key, label in (("cores_worth", "FaceVerify (in-process, between load windows)"),
+                           ("cores_worth_vs_no_spinning", "FaceVerify (in-process, no spinning, between)")):
+            report.values[key] = round(report.values["verify_per_s"] * report.timings[label]["median_ms"] / 1000, 3)
+        report.values["server_threads"] = server.status_field("Threads")
+
+        if name == "default":
+            report.values.update(flip_cost(inputs, args.threads))
+        return report
+    finally:
+        server.stop()
+
+
+def concurrent_load(server: Server, requests, clients: int, seconds: float, windows: int,
+                    script_block: Callable[[], dict[str, list[float]]]) -> dict:
+    """`clients` threads calling FaceVerify back to back, in `windows` windows of seconds/windows
+    each, with a block of the in-process script between windows (so drift hits both alike).
+
+    Throughput counts the requests finished in each window over the time until the last of them
+    finished (the drain at the end of a window runs below full concurrency, so this is slightly
+    conservative). Peak RSS: VmHWM reset before the first window, plus VmRSS polled every 50 ms.
+    """
+    stubs = [server.new_stub() for _ in range(clients)]
+    reset = server.reset_peak_rss()
+    rss_base_kb = server.status_field("VmRSS") or 0
+    peak_polled_kb = rss_base_kb
+    process = psutil.Process(server.process.pid)
+    latencies: list[float] = []
+    script_times: dict[str, list[float]] = {}
+    errors: list[str] = []
+    lock = threading.Lock()
+    completed, busy_seconds = 0, 0.0
+    for window in range(windows):
+        time.sleep(SETTLE_SECONDS)
+        window_latencies: list[float] = []
+        start = time.perf_counter()
+        deadline = start + seconds / windows
+
+        def client(k: int):
+            i = k + window  # every client walks the pairs from a different place
+            while time.perf_counter() < deadline:
+                try:
+                    elapsed, _ = timed(lambda: stubs[k].FaceVerify(requests[i % len(requests)], timeout=120))
+                except grpc.RpcError as error:
+                    with lock:
+                        errors.append(f"{error.code().name}: {error.details()}")
+                    continue
+                with lock:
+                    window_latencies.append(elapsed)
+                i += 1
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            try:
+                peak_polled_kb = max(peak_polled_kb, process.memory_info().rss // 1024)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        busy_seconds += time.perf_counter() - start
+        completed += len(window_latencies)
+        latencies += window_latencies
+        for which, values in script_block().items():
+            script_times.setdefault(which, []).extend(values)
+    hwm_kb = server.status_field("VmHWM") or 0
+    peak_kb = max(hwm_kb if reset else 0, peak_polled_kb)
+    return {
+        "clients": clients, "load_seconds": round(busy_seconds, 2), "verifies": completed,
+        "errors": errors[:5], "error_count": len(errors),
+        "verify_per_s": round(completed / busy_seconds, 3),
+        "rss_before_load_mb": round(rss_base_kb / 1024, 1),
+        "peak_rss_mb": round(peak_kb / 1024, 1),
+        "peak_rss_source": "VmHWM reset before the load (clear_refs) and polled VmRSS" if reset
+                           else "polled VmRSS every 50 ms (VmHWM could not be reset)",
+        "latencies": stats_ms(latencies) if latencies else {},
+        "script_times": script_times,
+    }
+
+
+def flip_cost(inputs: Inputs, threads: int) -> dict:
+    """What MobileFaceNet's flipped crop costs: the backend's recognizer with and without it, in
+    this process, with the threads the server's sessions get."""
+    from engines.detection import YuNetDetector
+    from engines.recognition import ArcFaceRecognizer
+    from engines.runtime import create_session, default_threads
+    from dataclasses import replace
+    image = cv2.imdecode(np.frombuffer(inputs.one_face, np.uint8), cv2.IMREAD_COLOR)
+    face = max(YuNetDetector(os.path.join(MODELS_DIR, "face_detection_yunet_2023mar.onnx"),
+                             score_threshold=YUNET_SCORE_THRESHOLD).detect(image), key=lambda f: f.area)
+    session = create_session(os.path.join(MODELS_DIR, "MobileFaceNet.onnx"), threads or None)
+    profile = KNOWN_RECOGNIZERS[MOBILEFACENET_SHA256]
+    with_flip = ArcFaceRecognizer(session, profile)
+    without = ArcFaceRecognizer(session, replace(profile, flip=False))
+    align = lambda: align_face(image, face.landmarks)  # noqa: E731
+    result = {}
+    for key, call in (("embed_with_flip_ms", lambda: with_flip.embed(image, face)),
+                      ("embed_without_flip_ms", lambda: without.embed(image, face)),
+                      ("align_ms", align)):
+        for _ in range(5):
+            call()
+        result[key] = round(float(np.median([timed(call)[0] for _ in range(40)])) * 1000, 2)
+    result["flip_cost_ms_per_image"] = round(result["embed_with_flip_ms"] - result["embed_without_flip_ms"], 2)
+    result["flip_session_threads"] = threads or default_threads()
+    return result
+
+
+# -- report ---------------------------------------------------------------------------------
+def targets(reports: dict[str, SetReport]) -> list[dict]:
+    rows = []
+
+    def add(name, set_name, value, limit, passed, unit):
+        rows.append({"target": name, "set": set_name, "value": value, "limit": limit, "unit": unit,
+                     "pass": bool(passed)})
+
+    for name, r in reports.items():
+        v = r.values
+        add("FaceVerify gRPC median / in-process median", name, v["verify_ratio"], f"<= {TARGET_VERIFY_RATIO}",
+            v["verify_ratio"] <= TARGET_VERIFY_RATIO, "x")
+        add(f"throughput with {v['clients']} clients x in-process s/verify", name, v["cores_worth"],
+            f">= {TARGET_CORES_WORTH}", v["cores_worth"] >= TARGET_CORES_WORTH and v["error_count"] == 0,
+            "cores")
+        add(f"peak server RSS under {v['clients']} clients", name, v["peak_rss_mb"], f"< {TARGET_RSS_MB:.0f}",
+            v["peak_rss_mb"] < TARGET_RSS_MB, "MB")
+        if "liveness_ms_per_image" in v:
+            add("liveness added per image", name, v["liveness_ms_per_image"], f"<= {TARGET_LIVENESS_MS:.0f}",
+                v["liveness_ms_per_image"] <= TARGET_LIVENESS_MS, "ms")
+        if "load_median_s" in v:
+            add("LoadModel of the default set (median)", name, v["load_median_s"], f"< {TARGET_LOAD_S:.0f}",
+                v["load_median_s"] < TARGET_LOAD_S, "s")
+    return rows
+
+
+def print_report(reports: dict[str, SetReport], rows: list[dict], meta: dict) -> None:
+    print(f"\nmachine: {meta['cpu_count']} CPUs, load average before {meta['load_before']}, after "
+          f"{meta['load_after']}; onnxruntime {meta['onnxruntime']}, OpenCV {meta['opencv']}, "
+          f"insightface {meta['insightface']}")
+    print(f"server: {meta['server_settings']}")
+    for name, r in reports.items():
+        print(f"\n== {name} ==  (script side: {r.script_label})")
+        print(f"  {'measurement':48s} {'median ms':>10s} {'p90 ms':>10s} {'n':>5s}")
+        for key, s in r.timings.items():
+            if s:
+                print(f"  {key:48s} {s['median_ms']:10.1f} {s['p90_ms']:10.1f} {s['n']:5d}")
+        for key, value in r.values.items():
+            print(f"  {key:48s} {value}")
+    print("\ntargets:")
+    for row in rows:
+        print(f"  {'PASS' if row['pass'] else 'FAIL'}  {row['set']:10s} {row['target']:52s} "
+              f"{row['value']} {row['unit']} ({row['limit']})")
+
+
+def check_headless_opencv() -> str:
+    """Only opencv-python-headless may provide cv2 (insightface's metadata asks for the GUI build)."""
+    from importlib import metadata
+    for dist in ("opencv-python", "opencv-contrib-python"):
+        try:
+            metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        raise SystemExit(f"{dist} is installed next to opencv-python-headless; uninstall it"
+                         " (insightface must be installed with --no-deps)")
+    return cv2.__file__
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", default="buffalo_sc,default", help="comma-separated: buffalo_sc, default")
+    parser.add_argument("--blocks", type=int, default=10, help="alternating blocks per side")
+    parser.add_argument("--per-block", type=int, default=6, help="requests per block")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds over all pairs per side")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients for the throughput run")
+    parser.add_argument("--load-seconds", type=float, default=25.0, help="length of the throughput run")
+    parser.add_argument("--load-windows", type=int, default=5,
+                        help="the throughput run is cut into this many windows, with in-process blocks between")
+    parser.add_argument("--load-repeats", type=int, default=5, help="LoadModel calls of the default set timed")
+    parser.add_argument("--threads", type=int, default=0, help="ModelOptions.Threads sent with LoadModel (0: the backend's default)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the backend process (repeatable)")
+    parser.add_argument("--backend", default=os.path.join(REPO, "backend.py"),
+                        help="server script to start (a variant of backend.py to compare)")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (numbers are not meaningful)")
+    parser.add_argument("--json", default=os.path.join(RESULTS, "bench.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.blocks, args.per_block, args.load_seconds, args.load_windows, args.load_repeats = 2, 2, 4.0, 2, 2
+    warnings.filterwarnings("ignore")  # insightface's skimage call warns on every crop
+
+    cv2_path = check_headless_opencv()
+    import insightface
+    server_env = dict(item.split("=", 1) for item in args.server_env)
+    meta = {
+        "cpu_count": os.cpu_count(), "load_before": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(), "onnxruntime": ort.__version__, "opencv": cv2.__version__,
+        "opencv_module": cv2_path, "insightface": insightface.__version__,
+        "server_settings": {"script": os.path.relpath(args.backend, REPO), "ModelOptions.Threads": args.threads,
+                            "env": server_env},
+        "data": DATA, "verify_pairs": inputs_names(),
+        "grpc_workers": server_env.get("PYTHON_GRPC_MAX_WORKERS") or os.environ.get("PYTHON_GRPC_MAX_WORKERS")
+                        or "backend default",
+    }
+    inputs = Inputs.read()
+    reports = {}
+    for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
+        if name not in SETS:
+            raise SystemExit(f"unknown set {name}; known: {', '.join(SETS)}")
+        print(f"[bench] {name} ...", flush=True)
+        reports[name] = run_set(name, args, inputs, server_env)
+    meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    rows = targets(reports)
+    print_report(reports, rows, meta)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "args": vars(args),
+                   "sets": {n: {"script": r.script_label, "timings": r.timings, "values": r.values}
+                            for n, r in reports.items()},
+                   "targets": rows}, f, indent=2)
+    print(f"\nwrote {os.path.relpath(args.json, REPO)}")
+    failed = [r for r in rows if not r["pass"]]
+    if failed:
+        print(f"{len(failed)} target(s) FAILED")
+        return 1
+    print("all targets PASS")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
