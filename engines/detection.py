@@ -13,7 +13,8 @@ import onnxruntime as ort
 
 from .base import FaceDetection
 from .errors import ModelFileError
-from .runtime import create_session
+from .instance_pool import InstancePool
+from .runtime import create_session, usable_cpus
 
 DEFAULT_DETECTION_SIZE = (640, 640)  # insightface FaceAnalysis default det_size
 DEFAULT_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh
@@ -155,7 +156,7 @@ class SCRFDDetector:
 class YuNetDetector:
     """YuNet through cv2.FaceDetectorYN (OpenCV Zoo face_detection_yunet).
 
-    FaceDetectorYN keeps per-input-size state, so each thread gets its own instance. Images are
+    FaceDetectorYN keeps per-input-size state, so threads borrow instances from a pool. Images are
     shrunk to fit `input_size` first: YuNet's cost grows with the pixel count and the host sends
     phone-sized photos, while faces that matter for verification stay large enough at 640 px.
     """
@@ -169,23 +170,14 @@ class YuNetDetector:
         self.path = path
         self.input_size = tuple(input_size)
         self.score_threshold = score_threshold
-        self._local = threading.local()
-        self._instance(self.score_threshold)  # fail now, in LoadModel, if the file is bad
+        self._pool = InstancePool(self._create, usable_cpus())
 
-    def _instance(self, threshold: float):
-        detector = getattr(self._local, "detector", None)
-        if detector is None:
-            try:
-                detector = cv2.FaceDetectorYN.create(self.path, "", self.input_size, threshold,
-                                                     self.NMS_IOU_THRESHOLD, self.TOP_K)
-            except cv2.error as exc:
-                raise ModelFileError(f"cannot load YuNet model {self.path}: OpenCV could not read it") from exc
-            self._local.detector = detector
-            self._local.threshold = threshold
-        elif self._local.threshold != threshold:
-            detector.setScoreThreshold(threshold)
-            self._local.threshold = threshold
-        return detector
+    def _create(self):
+        try:
+            return cv2.FaceDetectorYN.create(self.path, "", self.input_size, self.score_threshold,
+                                             self.NMS_IOU_THRESHOLD, self.TOP_K)
+        except cv2.error as exc:
+            raise ModelFileError(f"cannot load YuNet model {self.path}: OpenCV could not read it") from exc
 
     def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]:
         threshold = self.score_threshold if threshold is None else threshold
@@ -196,14 +188,14 @@ class YuNetDetector:
                                        max(1, int(round(image.shape[0] * scale)))),
                                interpolation=cv2.INTER_AREA)
         if min(image.shape[:2]) < self.MIN_INPUT_SIDE:
-            # Padding at the bottom/right keeps coordinates; a 1-pixel-high input makes YuNet
-            # return uninitialised rows with score 1.0.
-            image = cv2.copyMakeBorder(image, 0, max(0, self.MIN_INPUT_SIDE - image.shape[0]),
-                                       0, max(0, self.MIN_INPUT_SIDE - image.shape[1]),
-                                       cv2.BORDER_CONSTANT, value=0)
-        detector = self._instance(threshold)
-        detector.setInputSize((image.shape[1], image.shape[0]))
-        _, rows = detector.detect(image)
+            # A strip this thin holds no face YuNet can find, and FaceDetectorYN answers such
+            # inputs with rows of uninitialised memory scored up to 1.0 (seen on 640x1 and 1x640,
+            # even padded to 32): no detection is the only right answer.
+            return []
+        with self._pool.borrow() as detector:
+            detector.setScoreThreshold(threshold)
+            detector.setInputSize((image.shape[1], image.shape[0]))
+            _, rows = detector.detect(image)
         if rows is None:
             return []
         faces = []

@@ -7,7 +7,6 @@ picked by the file's sha256 (the same bytes always get the same treatment, whate
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,7 +17,8 @@ import onnxruntime as ort
 from .alignment import ARCFACE_SIZE, align_face
 from .base import FaceDetection
 from .errors import ModelFileError, ModelOptionError
-from .runtime import create_session
+from .instance_pool import InstancePool
+from .runtime import create_session, usable_cpus
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class ArcFaceRecognizer:
 class SFaceRecognizer:
     """OpenCV Zoo SFace through cv2.FaceRecognizerSF, which does its own alignment and scaling.
 
-    cv2 DNN nets are not safe to share between threads, so each thread gets its own instance.
+    cv2 DNN nets are not safe to share between threads, so threads borrow instances from a pool.
     """
 
     profile = SFACE_PROFILE
@@ -145,26 +145,22 @@ class SFaceRecognizer:
 
     def __init__(self, path: str):
         self.path = path
-        self._local = threading.local()
-        self._instance()
+        self._pool = InstancePool(self._create, usable_cpus())
 
-    def _instance(self):
-        recognizer = getattr(self._local, "recognizer", None)
-        if recognizer is None:
-            try:
-                recognizer = cv2.FaceRecognizerSF.create(self.path, "")
-            except cv2.error as exc:
-                raise ModelFileError(f"cannot load SFace model {self.path}") from exc
-            self._local.recognizer = recognizer
-        return recognizer
+    def _create(self):
+        try:
+            return cv2.FaceRecognizerSF.create(self.path, "")
+        except cv2.error as exc:
+            raise ModelFileError(f"cannot load SFace model {self.path}") from exc
 
     def embed(self, image: np.ndarray, face: FaceDetection) -> np.ndarray:
         # FaceRecognizerSF.alignCrop expects a YuNet row: x, y, w, h, 10 landmark coords, score.
         row = np.concatenate([np.asarray(face.xywh(), dtype=np.float32),
                               face.landmarks.reshape(-1), [face.score]]).astype(np.float32)
-        recognizer = self._instance()
-        aligned = recognizer.alignCrop(image, row)
-        return l2_normalise(recognizer.feature(aligned).reshape(-1))
+        with self._pool.borrow() as recognizer:
+            aligned = recognizer.alignCrop(image, row)
+            feature = recognizer.feature(aligned)
+        return l2_normalise(feature.reshape(-1))
 
 
 def profile_for(sha256: str, preprocess: Optional[str]) -> RecognizerProfile:
