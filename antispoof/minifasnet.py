@@ -16,7 +16,7 @@ import numpy as np
 
 from engines.base import FaceDetection
 from engines.errors import ModelFileError
-from engines.runtime import create_session
+from engines.runtime import create_session, run_batched
 
 # Upstream model files are named "<scale>_<h>x<w>_<arch>.pth": 2.7_80x80_MiniFASNetV2 and
 # 4_0_0_80x80_MiniFASNetV1SE. Both take an 80x80 crop of the face box enlarged by that scale.
@@ -102,7 +102,6 @@ class MiniFASNet:
             raise ModelFileError(
                 f"{path} is not a MiniFASNet liveness model: input {model_input.shape}, output "
                 f"{output_shape}; expected [N, 3, {INPUT_SIZE}, {INPUT_SIZE}] -> [N, {NUM_CLASSES}]")
-        self._input_name = model_input.name
         self.input_shape: list = model_input.shape
         # A symbolic or unknown batch dimension is reported as a str or None. The shipped exports
         # are fixed at 1 and reject anything else, so those run one face per call.
@@ -117,12 +116,7 @@ class MiniFASNet:
         # Upstream feeds raw 0..255 BGR values as float, CHW, without mean/std normalisation.
         batch = np.stack([crop_for_liveness(image_bgr, box, self.scale) for box in boxes_xywh])
         batch = batch.transpose(0, 3, 1, 2).astype(np.float32)
-        if self.dynamic_batch:
-            logits = self._session.run(None, {self._input_name: batch})[0]
-        else:
-            logits = np.concatenate(
-                [self._session.run(None, {self._input_name: one[None]})[0] for one in batch])
-        return _softmax(logits)
+        return _softmax(run_batched(self._session, batch))
 
     def close(self) -> None:
         self._session = None

@@ -36,8 +36,20 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return matrix
 
 
+def similarity_chip(image: np.ndarray, landmarks: np.ndarray, template: np.ndarray, size: int,
+                    oversample: int = 1) -> np.ndarray:
+    """The size x size BGR crop with the 5 landmarks moved onto `template` (units of the side).
+
+    With oversample > 1 the warp is made at oversample * size (bilinear) and shrunk with INTER_AREA.
+    """
+    side = size * oversample
+    matrix = similarity_transform(landmarks, template * side)
+    chip = cv2.warpAffine(image, matrix, (side, side), flags=cv2.INTER_LINEAR, borderValue=0.0)
+    if oversample > 1:
+        chip = cv2.resize(chip, (size, size), interpolation=cv2.INTER_AREA)
+    return chip
+
+
 def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = ARCFACE_SIZE) -> np.ndarray:
     """The size x size crop with the 5 landmarks moved onto the ArcFace template."""
-    template = ARCFACE_TEMPLATE * (size / ARCFACE_SIZE)
-    matrix = similarity_transform(landmarks, template)
-    return cv2.warpAffine(image, matrix, (size, size), borderValue=0.0)
+    return similarity_chip(image, landmarks, ARCFACE_TEMPLATE / ARCFACE_SIZE, size)

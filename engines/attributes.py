@@ -19,11 +19,11 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
-from .alignment import similarity_transform
+from .alignment import similarity_chip
 from .base import ACTION_AGE, ACTION_GENDER, FaceAttributes, FaceDetection
 from .errors import ModelFileError
 from .options import LoadRequest
-from .runtime import create_session
+from .runtime import create_session, run_batched
 
 # --- Cydral (dlib-models) age and gender ----------------------------------------------------
 # Where the 5 landmarks (FaceDetection order: eye on the image's left, eye on the image's right,
@@ -57,20 +57,6 @@ GENDERAGE_INPUT_MEAN = 0.0
 GENDERAGE_INPUT_STD = 1.0
 
 
-def similarity_chip(image: np.ndarray, landmarks: np.ndarray, template: np.ndarray, size: int,
-                    oversample: int = 1) -> np.ndarray:
-    """The size x size BGR crop with the 5 landmarks moved onto `template` (units of the side).
-
-    With oversample > 1 the warp is made at oversample * size (bilinear) and shrunk with INTER_AREA.
-    """
-    side = size * oversample
-    matrix = similarity_transform(landmarks, template * side)
-    chip = cv2.warpAffine(image, matrix, (side, side), flags=cv2.INTER_LINEAR, borderValue=0.0)
-    if oversample > 1:
-        chip = cv2.resize(chip, (size, size), interpolation=cv2.INTER_AREA)
-    return chip
-
-
 def box_chip(image: np.ndarray, box: Sequence[float], size: int, box_scale: float) -> np.ndarray:
     """insightface face_align.transform(img, centre of box, size, size / (max(w,h) * box_scale), 0)."""
     x1, y1, x2, y2 = (float(v) for v in box)
@@ -87,8 +73,6 @@ class _OnnxHead:
     def __init__(self, session, what: str, size: Optional[int] = None):
         self.session = session
         model_input = session.get_inputs()[0]
-        self.input_name = model_input.name
-        self.output_name = session.get_outputs()[0].name
         shape = list(model_input.shape)
         if len(shape) != 4:
             raise ModelFileError(f"{what}: expected an image input [N,3,H,W], got {shape}")
@@ -102,10 +86,7 @@ class _OnnxHead:
 
     def run(self, blob: np.ndarray) -> np.ndarray:
         """Model output for a [N,3,H,W] blob: one session.run, or one per face if the batch is fixed."""
-        if self.fixed_batch is None or len(blob) == 1:
-            return self.session.run([self.output_name], {self.input_name: blob})[0]
-        return np.concatenate([self.session.run([self.output_name], {self.input_name: blob[i:i + 1]})[0]
-                               for i in range(len(blob))])
+        return run_batched(self.session, blob)
 
 
 class _CydralHead(_OnnxHead):

@@ -18,7 +18,7 @@ from .alignment import ARCFACE_SIZE, align_face
 from .base import FaceDetection
 from .errors import ModelFileError, ModelOptionError
 from .instance_pool import InstancePool
-from .runtime import create_session, usable_cpus
+from .runtime import create_session, run_batched, usable_cpus
 
 
 @dataclass(frozen=True)
@@ -106,10 +106,7 @@ class ArcFaceRecognizer:
             raise ModelFileError("not a 112x112 face recognizer (expected input [N,3,112,112], output [N,D])")
         self.session = session
         self.profile = profile
-        self.input_name = session.get_inputs()[0].name
         self.embedding_dim = int(session.get_outputs()[0].shape[1])
-        batch = session.get_inputs()[0].shape[0]
-        self.batchable = not isinstance(batch, int) or batch != 1
         self._scale = (1.0 / np.asarray(profile.std, dtype=np.float32)).reshape(1, 3, 1, 1)
         self._mean = np.asarray(profile.mean, dtype=np.float32).reshape(1, 3, 1, 1)
 
@@ -121,16 +118,10 @@ class ArcFaceRecognizer:
         rgb = np.stack(crops_bgr)[..., ::-1].astype(np.float32)
         return (rgb.transpose(0, 3, 1, 2) - self._mean) * self._scale
 
-    def _run(self, blob: np.ndarray) -> np.ndarray:
-        if self.batchable:
-            return self.session.run(None, {self.input_name: blob})[0]
-        return np.concatenate([self.session.run(None, {self.input_name: blob[i:i + 1]})[0]
-                               for i in range(len(blob))])
-
     def embed(self, image: np.ndarray, face: FaceDetection) -> np.ndarray:
         crop = align_face(image, face.landmarks)
         crops = [crop, crop[:, ::-1]] if self.profile.flip else [crop]
-        raw = self._run(self._blob(crops))
+        raw = run_batched(self.session, self._blob(crops))
         return l2_normalise(raw.sum(axis=0))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import numpy as np
 import onnxruntime as ort
 
 from .errors import ModelFileError
@@ -64,3 +65,20 @@ def create_session(path: str, threads: Optional[int] = None) -> ort.InferenceSes
         return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated types for bad files
         raise ModelFileError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0][:200]}") from exc
+
+
+def takes_any_batch(session: ort.InferenceSession) -> bool:
+    """True when the first input's batch dimension is symbolic or unknown, not a fixed number."""
+    batch = session.get_inputs()[0].shape[0]
+    return not (isinstance(batch, int) and batch > 0)
+
+
+def run_batched(session: ort.InferenceSession, blob: np.ndarray) -> np.ndarray:
+    """First output for a [N, ...] blob: one Run for the whole batch, or one Run per item when
+    the export fixes its batch at 1 (the shipped MobileFaceNet and MiniFASNet files do)."""
+    input_name = session.get_inputs()[0].name
+    output_names = [session.get_outputs()[0].name]
+    if len(blob) == 1 or takes_any_batch(session):
+        return session.run(output_names, {input_name: blob})[0]
+    return np.concatenate([session.run(output_names, {input_name: blob[i:i + 1]})[0]
+                           for i in range(len(blob))])
