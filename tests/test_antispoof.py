@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import unittest
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -173,6 +174,16 @@ class LivenessModelsTest(unittest.TestCase):
         for joint, single in zip(together, one_by_one):
             np.testing.assert_allclose(joint.probabilities, single.probabilities, atol=1e-6)
         self.assertEqual(self.ensemble.score(image, []), [])
+
+    def test_concurrent_callers_each_get_their_own_faces_scores(self):
+        # Request threads share the ensemble and its helper thread (which runs the second model):
+        # a mixed-up future would hand one caller another image's probabilities.
+        expected = {name: self.score_sample(name).probabilities for name in SAMPLE_BOXES}
+        names = list(SAMPLE_BOXES) * 8
+        with ThreadPoolExecutor(max_workers=4) as callers:
+            results = list(callers.map(self.score_sample, names))
+        for name, result in zip(names, results):
+            np.testing.assert_allclose(result.probabilities, expected[name], atol=1e-6, err_msg=name)
 
     def test_faces_at_and_over_every_border_score(self):
         image = self.images["image_F1.jpg"]
