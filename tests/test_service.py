@@ -9,13 +9,15 @@ import itertools
 import math
 import os
 import re
+import threading
 import unittest
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
 
 from engines import parse_load_request
-from engines.errors import (IdentityMismatchError, InvalidInputError, ModelFileError,
+from engines.errors import (CallEndedError, IdentityMismatchError, InvalidInputError, ModelFileError,
                             ModelOptionError, NoFaceError, PreconditionError)
 from engines.recognition import INSIGHTFACE_FAR_1E6_DISTANCE, KNOWN_RECOGNIZERS, MOBILEFACENET_SHA256
 from face_service import FaceService
@@ -244,6 +246,41 @@ class ServiceCases(ErrorAssertions):
                 with self.assertRaises(InvalidInputError) as caught:
                     call()
                 self.assert_names(str(caught.exception), name)
+
+    def test_images_side_by_side_or_one_after_the_other_give_one_answer(self):
+        alone = FaceService(image_helpers=0)
+        load(alone, "alone", support.engine_setup(self.KIND)[1])
+        for img1, img2 in ((self.obama1, self.obama2), (self.obama1, self.biden1), (self.group, self.obama1)):
+            together, sequential = self.service.verify(img1, img2), alone.verify(img1, img2)
+            self.assertAlmostEqual(together.distance, sequential.distance, places=5)
+            self.assertEqual(together.img1_face.box, sequential.img1_face.box)
+            self.assertEqual(together.img2_face.box, sequential.img2_face.box)
+
+    def test_concurrent_verifications_each_get_their_own_answer(self):
+        # Requests share the helper thread that takes their second images.
+        pairs = [(self.obama1, self.obama2), (self.obama1, self.biden1), (self.biden1, self.obama2)]
+        expected = [self.service.verify(*pair).distance for pair in pairs]
+        jobs = list(range(len(pairs))) * 4
+        with ThreadPoolExecutor(max_workers=4) as callers:
+            distances = list(callers.map(lambda i: self.service.verify(*pairs[i]).distance, jobs))
+        for i, distance in zip(jobs, distances):
+            self.assertAlmostEqual(distance, expected[i], places=5)
+
+    def test_a_call_ended_on_either_image_ends_the_verification(self):
+        # The deadline passes at the first or at the second image to reach recognition, on the
+        # request's thread or on the helper: either way the verification ends with that error.
+        for nth in (1, 2):
+            with self.subTest(nth=nth):
+                seen, lock = [], threading.Lock()
+
+                def deadline_passes(stage: str) -> None:
+                    with lock:
+                        seen.append(stage)
+                        count = seen.count("recognition")
+                    if stage == "recognition" and count == nth:
+                        raise CallEndedError("deadline exceeded", deadline_exceeded=True)
+                with self.assertRaises(CallEndedError):
+                    self.service.verify(self.obama1, self.obama2, checkpoint=deadline_passes)
 
     def test_no_face_names_the_image(self):
         cases = [
