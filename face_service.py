@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 import psutil
@@ -28,6 +28,8 @@ from imaging import decode_image
 # Called between the stages of a request with the name of the next stage; raises (e.g.
 # engines.errors.CallEndedError) to stop work whose caller has gone or whose deadline passed.
 Checkpoint = Callable[[str], None]
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 def _always_continue(stage: str) -> None:
@@ -82,7 +84,7 @@ class VerifiedImage:
 
 
 class _Abandoned(Exception):
-    """Stops the second image's work once the first image has failed the request."""
+    """Stops the second half of a request once the first half has failed it."""
 
 
 @dataclass(frozen=True)
@@ -119,19 +121,20 @@ def build_liveness(request: LoadRequest) -> Optional[LivenessEnsemble]:
 
 
 class FaceService:
-    def __init__(self, image_helpers: Optional[int] = None) -> None:
-        """`image_helpers`: threads that take FaceVerify's second image (default: one fewer
-        than the usable CPUs; 0 does both images on the request's thread)."""
+    def __init__(self, helpers: Optional[int] = None) -> None:
+        """`helpers`: threads that take the second half of a request (default: one fewer than
+        the usable CPUs; 0 does everything on the request's thread)."""
         self._model: Optional[LoadedModel] = None
         self._load_lock = threading.Lock()  # one LoadModel at a time; requests never wait on it
         self.on_change: Callable[[bool], None] = lambda loaded: None  # told whether a model is loaded
-        # FaceVerify works on its second image here while the request's thread does the first:
-        # one image's models are too small to keep two cores busy (a lone default-set FaceVerify
-        # in process: 95-102 ms one image after the other, 73-82 ms side by side, 2 vCPUs).
-        # Under load the helper is often busy; a request then does its second image itself.
-        helpers = usable_cpus() - 1 if image_helpers is None else image_helpers
-        self._second_image = (ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="verify")
-                              if helpers > 0 else None)
+        # FaceVerify's second image, and FaceAnalyze's liveness, run here while the request's
+        # thread does the first image or the attributes: one image's models are too small to keep
+        # two cores busy (a lone default-set FaceVerify in process: 95-102 ms one image after the
+        # other, 73-82 ms side by side, 2 vCPUs). Under load the helpers are often busy; a request
+        # then does both parts itself.
+        helpers = usable_cpus() - 1 if helpers is None else helpers
+        self._helpers = (ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="request-helper")
+                         if helpers > 0 else None)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self, request: LoadRequest) -> LoadedModel:
@@ -189,7 +192,9 @@ class FaceService:
         if threshold < 0 or not math.isfinite(threshold):
             raise InvalidInputError(f"threshold must be a cosine distance >= 0, got {threshold}")
         threshold = threshold or model.engine.default_threshold
-        first, second = self._verify_images(model, liveness, img1, img2, checkpoint)
+        first, second = self._side_by_side(
+            lambda stage: self._verify_image(model, liveness, img1, "img1", stage),
+            lambda stage: self._verify_image(model, liveness, img2, "img2", stage), checkpoint)
         # float32 rounding can put identical faces a hair below 0; the contract's range is [0, 2].
         distance = min(2.0, max(0.0, float(1.0 - np.dot(first.embedding, second.embedding))))
         verified = distance < threshold and all(v.liveness is None or v.liveness.is_real
@@ -201,13 +206,12 @@ class FaceService:
             img1_liveness=first.liveness, img2_liveness=second.liveness,
             processing_time_ms=(time.perf_counter() - started) * 1000.0)
 
-    def _verify_images(self, model: LoadedModel, liveness: Optional[LivenessEnsemble], img1: str,
-                       img2: str, checkpoint: Checkpoint) -> tuple[VerifiedImage, VerifiedImage]:
-        """Both images of a FaceVerify, side by side when a helper thread is free. When both
-        images are bad, the error about img1 is the one reported."""
-        if self._second_image is None:
-            return (self._verify_image(model, liveness, img1, "img1", checkpoint),
-                    self._verify_image(model, liveness, img2, "img2", checkpoint))
+    def _side_by_side(self, first: Callable[[Checkpoint], A], second: Callable[[Checkpoint], B],
+                      checkpoint: Checkpoint) -> tuple[A, B]:
+        """first(checkpoint) on this thread and second(checkpoint) on a helper when one is free
+        (else here, after first). first's error wins, and stops second at its next stage."""
+        if self._helpers is None:
+            return first(checkpoint), second(checkpoint)
         abandoned = threading.Event()
 
         def second_checkpoint(stage: str) -> None:
@@ -215,17 +219,16 @@ class FaceService:
                 raise _Abandoned(stage)
             checkpoint(stage)
 
-        pending = self._second_image.submit(self._verify_image, model, liveness, img2, "img2",
-                                            second_checkpoint)
+        pending = self._helpers.submit(second, second_checkpoint)
         try:
-            first = self._verify_image(model, liveness, img1, "img1", checkpoint)
+            first_result = first(checkpoint)
         except BaseException:
             abandoned.set()
             pending.cancel()
             raise
         if pending.cancel():  # the helper never got to it: no waiting in its queue
-            return first, self._verify_image(model, liveness, img2, "img2", checkpoint)
-        return first, pending.result()
+            return first_result, second(checkpoint)
+        return first_result, pending.result()
 
     def _verify_image(self, model: LoadedModel, liveness: Optional[LivenessEnsemble], encoded: str,
                       name: str, checkpoint: Checkpoint) -> VerifiedImage:
@@ -247,10 +250,19 @@ class FaceService:
         image = decode_image(img, "img")
         checkpoint("detection")
         faces = self._faces(model.engine, image, "img")
-        checkpoint("attributes")
-        attributes = model.engine.analyze(image, faces, wanted) if wanted else [FaceAttributes()] * len(faces)
-        checkpoint("liveness")
-        verdicts = liveness.score(image, faces) if liveness is not None else [None] * len(faces)
+
+        def compute_attributes(stage: Checkpoint) -> Sequence[FaceAttributes]:
+            stage("attributes")
+            return model.engine.analyze(image, faces, wanted) if wanted else [FaceAttributes()] * len(faces)
+
+        def score_liveness(stage: Checkpoint) -> Sequence[Optional[LivenessResult]]:
+            stage("liveness")
+            return liveness.score(image, faces)
+
+        if liveness is None:
+            attributes, verdicts = compute_attributes(checkpoint), [None] * len(faces)
+        else:
+            attributes, verdicts = self._side_by_side(compute_attributes, score_liveness, checkpoint)
         return [AnalyzedFace(f, a, v) for f, a, v in zip(faces, attributes, verdicts)]
 
     @staticmethod

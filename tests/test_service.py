@@ -248,7 +248,7 @@ class ServiceCases(ErrorAssertions):
                 self.assert_names(str(caught.exception), name)
 
     def test_images_side_by_side_or_one_after_the_other_give_one_answer(self):
-        alone = FaceService(image_helpers=0)
+        alone = FaceService(helpers=0)
         load(alone, "alone", support.engine_setup(self.KIND)[1])
         for img1, img2 in ((self.obama1, self.obama2), (self.obama1, self.biden1), (self.group, self.obama1)):
             together, sequential = self.service.verify(img1, img2), alone.verify(img1, img2)
@@ -449,6 +449,19 @@ class LivenessTest(ErrorAssertions, unittest.TestCase):
             self.assertIsNotNone(verdict)
             self.assertTrue(verdict.is_real)
             self.assertGreater(verdict.score, 0.9)
+
+    def test_analyze_gives_one_answer_with_or_without_a_helper_thread(self):
+        # Attributes on the request's thread, liveness on a helper; or both on one thread.
+        alone = FaceService(helpers=0)
+        load(alone, "alone", support.engine_setup(support.ENGINE_ONNX_DIRECT)[1])
+        group = support.b64_file(support.data_path("insightface-wheel-images", "t1.jpg"))
+        together = self.service.analyze(group, anti_spoofing=True)
+        sequential = alone.analyze(group, anti_spoofing=True)
+        self.assertEqual(len(together), 6)
+        self.assertEqual([a.face.box for a in together], [a.face.box for a in sequential])
+        self.assertEqual([a.attributes for a in together], [a.attributes for a in sequential])
+        self.assertEqual([a.liveness for a in together], [a.liveness for a in sequential])
+        self.assertTrue(all(a.liveness is not None and a.attributes.age is not None for a in together))
 
     def test_spoofs_are_vetoed(self):
         for name, spoof in (("image_F1", self.f1), ("image_F2", self.f2)):
