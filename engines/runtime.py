@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Optional
 
 import numpy as np
@@ -46,6 +47,28 @@ def default_threads() -> int:
     return _default_intra_op_threads
 
 
+# Every session draws its working memory from one arena that grows by exactly what is asked
+# (kSameAsRequested) instead of one arena per session that grows in powers of two: models that
+# run at different moments reuse the same blocks. Measured on the default set (server, 15 s of
+# 4 clients after reloads and every RPC, two runs each): peak RSS 331-343 -> 310-313 MB, lone
+# FaceVerify 47-48 vs 46-47 ms, 22.8 vs 21.9-22.7 verify/s.
+ARENA_EXTEND_SAME_AS_REQUESTED = 1
+_shared_arena_lock = threading.Lock()
+_shared_arena_registered = False
+
+
+def _register_shared_arena() -> None:
+    global _shared_arena_registered
+    with _shared_arena_lock:
+        if _shared_arena_registered:
+            return
+        memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        # OrtArenaCfg(max_mem (0 = no cap), extend strategy, initial chunk, max dead bytes per
+        # chunk (-1 = onnxruntime's defaults)).
+        ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, ARENA_EXTEND_SAME_AS_REQUESTED, -1, -1))
+        _shared_arena_registered = True
+
+
 def create_session(path: str, threads: Optional[int] = None) -> ort.InferenceSession:
     """An onnxruntime CPU session for `path`; a missing or unreadable file is a ModelFileError."""
     if not os.path.isfile(path):
@@ -61,6 +84,8 @@ def create_session(path: str, threads: Optional[int] = None) -> ort.InferenceSes
     # 139 ms and 10.5/s with spinning vs 94 ms and 14.9/s without).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
+    _register_shared_arena()
+    options.add_session_config_entry("session.use_env_allocators", "1")
     try:
         return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated types for bad files
