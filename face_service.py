@@ -22,7 +22,7 @@ from engines import (ACTION_AGE, ACTION_GENDER, FaceAttributes, FaceDetection, F
                      LoadRequest, build_engine)
 from engines.errors import (IdentityMismatchError, InvalidInputError, NoFaceError,
                             PreconditionError)
-from engines.runtime import usable_cpus
+from engines.runtime import set_opencv_threads, usable_cpus
 from imaging import decode_image
 
 # Called between the stages of a request with the name of the next stage; raises (e.g.
@@ -58,6 +58,9 @@ class LoadedModel:
     name: str  # ModelOptions.Model, for the identity guard
     engine: FaceEngine
     liveness: Optional[LivenessEnsemble]
+    # False when the host granted a single thread (ModelOptions.Threads = 1): a request then
+    # never hands work to a helper thread.
+    side_by_side: bool = True
 
 
 @dataclass(frozen=True)
@@ -141,8 +144,10 @@ class FaceService:
         with self._load_lock:
             engine = build_engine(request)
             liveness = build_liveness(request)
-            model = LoadedModel(name=request.model_name, engine=engine, liveness=liveness)
+            model = LoadedModel(name=request.model_name, engine=engine, liveness=liveness,
+                                side_by_side=request.threads != 1)
             self._model = model  # a single reference assignment: requests see old or new, whole
+            set_opencv_threads(request.threads)
         self.on_change(True)
         return model
 
@@ -193,7 +198,7 @@ class FaceService:
             raise InvalidInputError(f"threshold must be a cosine distance >= 0, got {threshold}")
         threshold = threshold or model.engine.default_threshold
         first, second = self._side_by_side(
-            lambda stage: self._verify_image(model, liveness, img1, "img1", stage),
+            model, lambda stage: self._verify_image(model, liveness, img1, "img1", stage),
             lambda stage: self._verify_image(model, liveness, img2, "img2", stage), checkpoint)
         # float32 rounding can put identical faces a hair below 0; the contract's range is [0, 2].
         distance = min(2.0, max(0.0, float(1.0 - np.dot(first.embedding, second.embedding))))
@@ -206,11 +211,11 @@ class FaceService:
             img1_liveness=first.liveness, img2_liveness=second.liveness,
             processing_time_ms=(time.perf_counter() - started) * 1000.0)
 
-    def _side_by_side(self, first: Callable[[Checkpoint], A], second: Callable[[Checkpoint], B],
-                      checkpoint: Checkpoint) -> tuple[A, B]:
+    def _side_by_side(self, model: LoadedModel, first: Callable[[Checkpoint], A],
+                      second: Callable[[Checkpoint], B], checkpoint: Checkpoint) -> tuple[A, B]:
         """first(checkpoint) on this thread and second(checkpoint) on a helper when one is free
         (else here, after first). first's error wins, and stops second at its next stage."""
-        if self._helpers is None:
+        if self._helpers is None or not model.side_by_side:
             return first(checkpoint), second(checkpoint)
         abandoned = threading.Event()
 
@@ -262,7 +267,7 @@ class FaceService:
         if liveness is None:
             attributes, verdicts = compute_attributes(checkpoint), [None] * len(faces)
         else:
-            attributes, verdicts = self._side_by_side(compute_attributes, score_liveness, checkpoint)
+            attributes, verdicts = self._side_by_side(model, compute_attributes, score_liveness, checkpoint)
         return [AnalyzedFace(f, a, v) for f, a, v in zip(faces, attributes, verdicts)]
 
     @staticmethod

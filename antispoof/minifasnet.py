@@ -152,6 +152,8 @@ class LivenessEnsemble:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"liveness threshold must be within [0, 1], got {threshold}")
         self.threshold = threshold
+        # A host that grants one thread (ModelOptions.Threads = 1) gets the models in turn.
+        side_by_side = threads != 1
         threads = threads or INTRA_OP_THREADS
         models = []
         if v2_path:
@@ -162,7 +164,11 @@ class LivenessEnsemble:
         # One helper is enough: it only ever runs the second model while the caller runs the
         # first, and under load the other requests keep the remaining cores busy.
         self._helper = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="liveness")
-                        if len(self.models) > 1 and usable_cpus() > 1 else None)
+                        if side_by_side and len(self.models) > 1 and usable_cpus() > 1 else None)
+
+    @property
+    def runs_models_side_by_side(self) -> bool:
+        return self._helper is not None
 
     def score(self, image_bgr: np.ndarray, faces: Sequence[FaceDetection]) -> list[LivenessResult]:
         """One verdict per face of `image_bgr`, in the order of `faces`."""

@@ -5,6 +5,7 @@ import os
 import threading
 from typing import Optional
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 
@@ -36,6 +37,12 @@ def usable_cpus() -> int:
 # (20.0 -> 19.0/s).
 MAX_DEFAULT_INTRA_OP_THREADS = 4
 _default_intra_op_threads = min(usable_cpus(), MAX_DEFAULT_INTRA_OP_THREADS)
+
+
+def set_opencv_threads(threads: int) -> None:
+    """Grant OpenCV's pool (YuNet, SFace) `threads` threads, or its default (one per CPU) for 0.
+    The pool is process-wide, so this follows the loaded model's ModelOptions.Threads."""
+    cv2.setNumThreads(threads if threads > 0 else -1)
 
 
 def set_default_threads(threads: int) -> None:

@@ -15,11 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
+import onnxruntime as ort
 
 from engines import parse_load_request
 from engines.errors import (CallEndedError, IdentityMismatchError, InvalidInputError, ModelFileError,
                             ModelOptionError, NoFaceError, PreconditionError)
 from engines.recognition import INSIGHTFACE_FAR_1E6_DISTANCE, KNOWN_RECOGNIZERS, MOBILEFACENET_SHA256
+from engines.runtime import set_opencv_threads, usable_cpus
 from face_service import FaceService
 from tests import support
 
@@ -31,6 +33,7 @@ DEFAULT_THRESHOLD = {
 }
 GARBAGE_BASE64 = base64.b64encode(b"this is not an image, just some bytes" * 20).decode()
 NOT_BASE64 = "this is *not* base64!"
+OPENCV_DEFAULT_THREADS = cv2.getNumThreads()  # before any test loads a model
 
 
 def photo(name: str) -> str:
@@ -429,6 +432,66 @@ class LoadModelTest(unittest.TestCase):
         service.free()  # freeing twice is harmless
         load(service, *self.setups[support.ENGINE_INSIGHTFACE])
         self.assertTrue(service.verify(self.obama1, self.obama2).verified)
+
+
+def sessions_in(root) -> list[ort.InferenceSession]:
+    """Every onnxruntime session reachable from `root`'s attributes, however the engine nests them."""
+    found, seen, pending = [], set(), [root]
+    while pending:
+        item = pending.pop()
+        if id(item) in seen or isinstance(item, (str, bytes, int, float, np.ndarray)):
+            continue
+        seen.add(id(item))
+        if isinstance(item, ort.InferenceSession):
+            found.append(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            pending.extend(item)
+        elif hasattr(item, "__dict__"):
+            pending.extend(vars(item).values())
+    return found
+
+
+class ThreadGrantTest(unittest.TestCase):
+    """ModelOptions.Threads, the CPU threads the host grants, reaches every runtime of the model."""
+
+    @classmethod
+    def setUpClass(cls):
+        support.liveness_files()
+        cls.obama1, cls.obama2 = photo("obama_1.jpg"), photo("obama_2.jpg")
+        cls.group = support.b64_file(support.data_path("insightface-wheel-images", "t1.jpg"))
+
+    def tearDown(self):
+        set_opencv_threads(0)
+
+    def load_granting(self, service: FaceService, threads: int):
+        name, options = support.engine_setup(support.ENGINE_ONNX_DIRECT)
+        return service.load(parse_load_request(name, support.MODELS_DIR, threads, list(options)))
+
+    def test_one_granted_thread_is_one_thread(self):
+        service = FaceService()
+        model = self.load_granting(service, 1)
+        sessions = sessions_in(model)
+        self.assertGreaterEqual(len(sessions), 5)  # recognizer, age, gender, MiniFASNetV2, V1SE
+        for session in sessions:
+            self.assertEqual(session.get_session_options().intra_op_num_threads, 1)
+        self.assertEqual(cv2.getNumThreads(), 1)  # YuNet
+        self.assertFalse(model.liveness.runs_models_side_by_side)
+        threads_used = set()
+        record = lambda stage: threads_used.add(threading.current_thread())
+        self.assertTrue(service.verify(self.obama1, self.obama2, anti_spoofing=True, checkpoint=record).verified)
+        self.assertEqual(len(service.analyze(self.group, anti_spoofing=True, checkpoint=record)), 6)
+        self.assertEqual(threads_used, {threading.current_thread()})
+
+    def test_a_grant_of_n_threads_and_no_grant(self):
+        service = FaceService()
+        for session in sessions_in(self.load_granting(service, 3)):
+            self.assertEqual(session.get_session_options().intra_op_num_threads, 3)
+        self.assertEqual(cv2.getNumThreads(), 3)
+        model = self.load_granting(service, 0)  # the backend decides again
+        self.assertEqual(cv2.getNumThreads(), OPENCV_DEFAULT_THREADS)
+        self.assertEqual(model.liveness.runs_models_side_by_side, usable_cpus() > 1)
 
 
 class LivenessTest(ErrorAssertions, unittest.TestCase):
