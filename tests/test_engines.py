@@ -18,6 +18,7 @@ from engines import build_engine, parse_load_request
 from engines.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face, similarity_transform
 from engines.detection import SCRFDDetector, YuNetDetector
 from engines.errors import ModelFileError, ModelOptionError
+from engines.runtime import MAX_RUN_BATCH, create_session, run_batched
 from tests import support
 
 YUNET = "face_detection_yunet_2023mar.onnx"
@@ -181,6 +182,36 @@ class DetectorTest(unittest.TestCase):
             with self.subTest(label):
                 with self.assertRaises(ModelFileError):
                     build("wrong", options)
+
+
+class RunBatchedTest(unittest.TestCase):
+    """One helper runs every model on a batch of faces, whatever batch its export accepts."""
+
+    def check_against_one_by_one(self, file_name: str, faces: int) -> list[int]:
+        session = create_session(support.model_path(file_name), threads=1)
+        shape = [faces] + [d for d in session.get_inputs()[0].shape[1:]]
+        blob = np.random.default_rng(faces).uniform(0, 1, shape).astype(np.float32)
+        batch_sizes = []
+        real_run = session.run
+
+        def recording_run(names, feeds):
+            batch_sizes.append(len(next(iter(feeds.values()))))
+            return real_run(names, feeds)
+        session.run = recording_run
+        together = run_batched(session, blob)
+        session.run = real_run
+        one_by_one = np.concatenate([run_batched(session, blob[i:i + 1]) for i in range(faces)])
+        np.testing.assert_allclose(together, one_by_one, rtol=1e-4, atol=1e-5)
+        self.assertEqual(sum(batch_sizes), faces)
+        return batch_sizes
+
+    def test_dynamic_batch_export_runs_in_bounded_batches(self):
+        # gender-v1.onnx takes any batch; 20 faces go in Runs of at most MAX_RUN_BATCH.
+        sizes = self.check_against_one_by_one("gender-v1.onnx", 20)
+        self.assertEqual(sizes, [min(MAX_RUN_BATCH, 20 - start) for start in range(0, 20, MAX_RUN_BATCH)])
+
+    def test_fixed_batch_export_runs_one_face_at_a_time(self):
+        self.assertEqual(self.check_against_one_by_one(MOBILEFACENET, 3), [1, 1, 1])
 
 
 class RecognizerTest(unittest.TestCase):
