@@ -22,7 +22,7 @@ from engines import (ACTION_AGE, ACTION_GENDER, FaceAttributes, FaceDetection, F
                      LoadRequest, build_engine)
 from engines.errors import (IdentityMismatchError, InvalidInputError, NoFaceError,
                             PreconditionError)
-from engines.runtime import set_opencv_threads, usable_cpus
+from engines.runtime import set_opencv_threads, side_by_side, usable_cpus
 from imaging import decode_image
 
 # Called between the stages of a request with the name of the next stage; raises (e.g.
@@ -146,8 +146,8 @@ class FaceService:
             liveness = build_liveness(request)
             model = LoadedModel(name=request.model_name, engine=engine, liveness=liveness,
                                 side_by_side=request.threads != 1)
-            self._model = model  # a single reference assignment: requests see old or new, whole
             set_opencv_threads(request.threads)
+            self._model = model  # a single reference assignment: requests see old or new, whole
         self.on_change(True)
         return model
 
@@ -214,9 +214,7 @@ class FaceService:
     def _side_by_side(self, model: LoadedModel, first: Callable[[Checkpoint], A],
                       second: Callable[[Checkpoint], B], checkpoint: Checkpoint) -> tuple[A, B]:
         """first(checkpoint) on this thread and second(checkpoint) on a helper when one is free
-        (else here, after first). first's error wins, and stops second at its next stage."""
-        if self._helpers is None or not model.side_by_side:
-            return first(checkpoint), second(checkpoint)
+        (engines.runtime.side_by_side); an error in first stops second at its next stage."""
         abandoned = threading.Event()
 
         def second_checkpoint(stage: str) -> None:
@@ -224,16 +222,9 @@ class FaceService:
                 raise _Abandoned(stage)
             checkpoint(stage)
 
-        pending = self._helpers.submit(second, second_checkpoint)
-        try:
-            first_result = first(checkpoint)
-        except BaseException:
-            abandoned.set()
-            pending.cancel()
-            raise
-        if pending.cancel():  # the helper never got to it: no waiting in its queue
-            return first_result, second(checkpoint)
-        return first_result, pending.result()
+        return side_by_side(self._helpers if model.side_by_side else None,
+                            lambda: first(checkpoint), lambda: second(second_checkpoint),
+                            on_first_error=abandoned.set)
 
     def _verify_image(self, model: LoadedModel, liveness: Optional[LivenessEnsemble], encoded: str,
                       name: str, checkpoint: Checkpoint) -> VerifiedImage:

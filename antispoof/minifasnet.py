@@ -17,7 +17,7 @@ import numpy as np
 
 from engines.base import FaceDetection
 from engines.errors import ModelFileError
-from engines.runtime import create_session, run_batched, usable_cpus
+from engines.runtime import create_session, run_batched, side_by_side, usable_cpus
 
 # Upstream model files are named "<scale>_<h>x<w>_<arch>.pth": 2.7_80x80_MiniFASNetV2 and
 # 4_0_0_80x80_MiniFASNetV1SE. Both take an 80x80 crop of the face box enlarged by that scale.
@@ -161,8 +161,8 @@ class LivenessEnsemble:
         if v1se_path:
             models.append(MiniFASNet(v1se_path, V1SE_CROP_SCALE, threads))
         self.models: tuple[MiniFASNet, ...] = tuple(models)
-        # One helper is enough: it only ever runs the second model while the caller runs the
-        # first, and under load the other requests keep the remaining cores busy.
+        # One helper is enough: it only runs the second model while the caller runs the first;
+        # when it is busy with another request, the caller runs both (runtime.side_by_side).
         self._helper = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="liveness")
                         if side_by_side and len(self.models) > 1 and usable_cpus() > 1 else None)
 
@@ -175,12 +175,12 @@ class LivenessEnsemble:
         boxes = [face.xywh() for face in faces]
         if not boxes:
             return []
-        first, *others = self.models
-        if self._helper is not None:
-            pending = [self._helper.submit(model.probabilities, image_bgr, boxes) for model in others]
-            per_model = [first.probabilities(image_bgr, boxes)] + [p.result() for p in pending]
+        if len(self.models) == 1:
+            per_model = [self.models[0].probabilities(image_bgr, boxes)]
         else:
-            per_model = [model.probabilities(image_bgr, boxes) for model in self.models]
+            v2, v1se = self.models
+            per_model = side_by_side(self._helper, lambda: v2.probabilities(image_bgr, boxes),
+                                     lambda: v1se.probabilities(image_bgr, boxes))
         mean = sum(per_model) / len(per_model)
         return [self._verdict(row) for row in mean]
 

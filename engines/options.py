@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from .errors import ModelFileError, ModelOptionError
+from .runtime import usable_cpus
 
 # Keys of the host's model gallery (../shared/docs/CONTRACT.md) plus the ones this backend adds.
 KNOWN_OPTIONS = {
@@ -98,4 +99,7 @@ def parse_load_request(model_name: str, model_path: str, threads: int,
         raise ModelOptionError(f"engine must be one of {', '.join(ENGINES)}, got '{engine}'")
     if threads < 0:
         raise ModelOptionError(f"Threads must be >= 0, got {threads}")
+    # A grant beyond the CPUs this process may use buys nothing but contention, and a mistyped
+    # huge one would have OpenCV try to spawn that many threads on the first request.
+    threads = min(threads, usable_cpus())
     return LoadRequest(model_name=model_name, model_path=model_path, threads=threads, options=parsed)

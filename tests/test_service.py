@@ -10,6 +10,7 @@ import math
 import os
 import re
 import threading
+import time
 import unittest
 from concurrent.futures import ThreadPoolExecutor
 
@@ -269,6 +270,29 @@ class ServiceCases(ErrorAssertions):
         for i, distance in zip(jobs, distances):
             self.assertAlmostEqual(distance, expected[i], places=5)
 
+    def test_a_failed_first_image_stops_the_second_at_its_next_stage(self):
+        service = FaceService(helpers=1)
+        load(service, "helped", support.engine_setup(self.KIND)[1])
+        caller = threading.current_thread()
+        helper_stages, helper_started, released = [], threading.Event(), threading.Event()
+
+        def checkpoint(stage: str) -> None:
+            if threading.current_thread() is caller:
+                # img1 fails only once img2 is under way on the helper.
+                if stage == "detection" and not helper_started.wait(10):
+                    raise AssertionError("the helper never started img2")
+                return
+            helper_stages.append(stage)
+            if stage == "detection":
+                helper_started.set()
+                released.wait(10)
+        with self.assertRaises(NoFaceError) as caught:
+            service.verify(self.faceless, self.obama1, checkpoint=checkpoint)
+        self.assert_names(str(caught.exception), "img1")
+        released.set()
+        time.sleep(1.0)  # unstopped, img2 reaches recognition within a tenth of that
+        self.assertEqual(helper_stages, ["detection"])
+
     def test_a_call_ended_on_either_image_ends_the_verification(self):
         # The deadline passes at the first or at the second image to reach recognition, on the
         # request's thread or on the helper: either way the verification ends with that error.
@@ -486,12 +510,21 @@ class ThreadGrantTest(unittest.TestCase):
 
     def test_a_grant_of_n_threads_and_no_grant(self):
         service = FaceService()
-        for session in sessions_in(self.load_granting(service, 3)):
-            self.assertEqual(session.get_session_options().intra_op_num_threads, 3)
-        self.assertEqual(cv2.getNumThreads(), 3)
+        granted = min(2, usable_cpus())
+        for session in sessions_in(self.load_granting(service, granted)):
+            self.assertEqual(session.get_session_options().intra_op_num_threads, granted)
+        self.assertEqual(cv2.getNumThreads(), granted)
         model = self.load_granting(service, 0)  # the backend decides again
         self.assertEqual(cv2.getNumThreads(), OPENCV_DEFAULT_THREADS)
         self.assertEqual(model.liveness.runs_models_side_by_side, usable_cpus() > 1)
+
+    def test_a_grant_beyond_the_cpus_is_capped_at_the_cpus(self):
+        service = FaceService()
+        model = self.load_granting(service, 100_000)
+        for session in sessions_in(model):
+            self.assertEqual(session.get_session_options().intra_op_num_threads, usable_cpus())
+        self.assertEqual(cv2.getNumThreads(), usable_cpus())
+        self.assertTrue(service.verify(self.obama1, self.obama2).verified)
 
 
 class LivenessTest(ErrorAssertions, unittest.TestCase):
