@@ -355,6 +355,30 @@ def save_figure(figure, path: str) -> None:
         raise ClientError(EXIT_USAGE, f"cannot write {path}: {error.strerror or error}") from None
 
 
+def plotted_rate(mask: np.ndarray) -> float:
+    """Share of True in `mask` for a curve point; an empty class plots at 0."""
+    return rate(int(np.sum(mask)), mask.size) or 0.0
+
+
+def finish_curve(axes, xlabel: str, ylabel: str, title: str, legend_loc: str) -> None:
+    """The unit-square rate plot (ROC or DET) both evaluate commands draw."""
+    axes.set_xlim(-0.02, 1.02)
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(fontsize=8, loc=legend_loc)
+
+
+def finish_figure(plt, figure, title: str, path: str) -> None:
+    figure.suptitle(title)
+    figure.tight_layout()
+    try:
+        save_figure(figure, path)
+    finally:
+        plt.close(figure)
+
+
 def pyplot():
     import matplotlib
     matplotlib.use("Agg")  # files only, never a window
@@ -376,22 +400,14 @@ def plot_identity(path: str, same: np.ndarray, different: np.ndarray, default_th
     hist.set_title("pair distances")
     hist.legend(fontsize=8)
     thresholds = np.concatenate([[0.0], np.unique(np.concatenate([same, different])), [MAX_DISTANCE + 1e-6]])
-    far = [np.mean(different < t) if len(different) else 0.0 for t in thresholds]
-    tar = [np.mean(same < t) if len(same) else 0.0 for t in thresholds]
+    far = [plotted_rate(different < t) for t in thresholds]
+    tar = [plotted_rate(same < t) for t in thresholds]
     roc.plot(far, tar, color="tab:purple", drawstyle="steps-post")
     for t, style, label in ((default_threshold, "ko", threshold_name), (recommended, "bs", "recommended")):
-        roc.plot([np.mean(different < t)], [np.mean(same < t)], style, label=f"{label} ({t:.4f})")
+        roc.plot([plotted_rate(different < t)], [plotted_rate(same < t)], style, label=f"{label} ({t:.4f})")
     roc.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
-    roc.set_xlim(-0.02, 1.02)
-    roc.set_ylim(-0.02, 1.02)
-    roc.set_xlabel("false accept rate")
-    roc.set_ylabel("true accept rate")
-    roc.set_title("ROC")
-    roc.legend(fontsize=8, loc="lower right")
-    figure.suptitle(title)
-    figure.tight_layout()
-    save_figure(figure, path)
-    plt.close(figure)
+    finish_curve(roc, "false accept rate", "true accept rate", "ROC", "lower right")
+    finish_figure(plt, figure, title, path)
 
 
 def cmd_evaluate(args) -> int:
@@ -563,25 +579,16 @@ def plot_liveness(path: str, real: np.ndarray, spoof: np.ndarray, server_thresho
     hist.set_title("liveness scores")
     hist.legend(fontsize=8)
     thresholds = [0.0] + liveness_candidates(np.concatenate([real, spoof])) + [1.0 + 1e-6]
-    apcer = [np.mean(spoof >= t) if len(spoof) else 0.0 for t in thresholds]
-    bpcer = [np.mean(real < t) if len(real) else 0.0 for t in thresholds]
+    apcer = [plotted_rate(spoof >= t) for t in thresholds]
+    bpcer = [plotted_rate(real < t) for t in thresholds]
     det.plot(apcer, bpcer, color="tab:purple", marker=".")
     points = [(recommended, "bs", "recommended")]
     if server_threshold is not None:
         points.insert(0, (server_threshold, "ko", "server"))
     for t, style, label in points:
-        det.plot([np.mean(spoof >= t) if len(spoof) else 0.0], [np.mean(real < t) if len(real) else 0.0],
-                 style, label=f"{label} ({t:.4f})")
-    det.set_xlim(-0.02, 1.02)
-    det.set_ylim(-0.02, 1.02)
-    det.set_xlabel("APCER (spoofs accepted)")
-    det.set_ylabel("BPCER (real faces rejected)")
-    det.set_title("DET (linear axes)")
-    det.legend(fontsize=8, loc="upper right")
-    figure.suptitle(title)
-    figure.tight_layout()
-    save_figure(figure, path)
-    plt.close(figure)
+        det.plot([plotted_rate(spoof >= t)], [plotted_rate(real < t)], style, label=f"{label} ({t:.4f})")
+    finish_curve(det, "APCER (spoofs accepted)", "BPCER (real faces rejected)", "DET (linear axes)", "upper right")
+    finish_figure(plt, figure, title, path)
 
 
 def cmd_evaluate_liveness(args) -> int:
