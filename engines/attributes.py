@@ -102,6 +102,16 @@ class _CydralHead(_OnnxHead):
         rgb = chips[..., ::-1].astype(np.float32)
         return np.ascontiguousarray(((rgb - CYDRAL_RGB_MEAN) * CYDRAL_SCALE).transpose(0, 3, 1, 2))
 
+    def predict(self, image: np.ndarray, faces: Sequence[FaceDetection],
+                actions: frozenset[str]) -> list[FaceAttributes]:
+        if not (self.actions & actions) or not faces:
+            return [FaceAttributes() for _ in faces]
+        return [self.attributes_of(row) for row in self.run(self.blob(image, faces))]
+
+    def attributes_of(self, probabilities: np.ndarray) -> FaceAttributes:
+        """The attributes one face's output row gives."""
+        raise NotImplementedError
+
 
 class CydralGenderHead(_CydralHead):
     """gender-v1.onnx: male_probability = the model's own P(male) (softmax is in the graph)."""
@@ -110,12 +120,8 @@ class CydralGenderHead(_CydralHead):
     OPTION = "gender_onnx"
     actions = frozenset({ACTION_GENDER})
 
-    def predict(self, image: np.ndarray, faces: Sequence[FaceDetection],
-                actions: frozenset[str]) -> list[FaceAttributes]:
-        if ACTION_GENDER not in actions or not faces:
-            return [FaceAttributes() for _ in faces]
-        probabilities = self.run(self.blob(image, faces))
-        return [FaceAttributes(male_probability=float(p[1])) for p in probabilities]
+    def attributes_of(self, probabilities: np.ndarray) -> FaceAttributes:
+        return FaceAttributes(male_probability=float(probabilities[1]))
 
 
 class CydralAgeHead(_CydralHead):
@@ -125,12 +131,8 @@ class CydralAgeHead(_CydralHead):
     OPTION = "age_onnx"
     actions = frozenset({ACTION_AGE})
 
-    def predict(self, image: np.ndarray, faces: Sequence[FaceDetection],
-                actions: frozenset[str]) -> list[FaceAttributes]:
-        if ACTION_AGE not in actions or not faces:
-            return [FaceAttributes() for _ in faces]
-        probabilities = self.run(self.blob(image, faces)).astype(np.float64)
-        return [FaceAttributes(age=float(p @ CYDRAL_AGE_WEIGHTS)) for p in probabilities]
+    def attributes_of(self, probabilities: np.ndarray) -> FaceAttributes:
+        return FaceAttributes(age=float(probabilities.astype(np.float64) @ CYDRAL_AGE_WEIGHTS))
 
 
 def male_probability_from_pair(pair: np.ndarray) -> float:
