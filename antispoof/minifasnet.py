@@ -17,7 +17,7 @@ import numpy as np
 
 from engines.base import FaceDetection
 from engines.errors import ModelFileError
-from engines.runtime import create_session, run_batched, side_by_side, usable_cpus
+from engines.runtime import check_batch_dimension, create_session, run_batched, side_by_side, usable_cpus
 
 # Upstream model files are named "<scale>_<h>x<w>_<arch>.pth": 2.7_80x80_MiniFASNetV2 and
 # 4_0_0_80x80_MiniFASNetV1SE. Both take an 80x80 crop of the face box enlarged by that scale.
@@ -102,18 +102,15 @@ class MiniFASNet:
         self.scale = scale
         self._session = create_session(path, threads)
         model_input = self._session.get_inputs()[0]
-        batch, *chw = model_input.shape
+        _, *chw = model_input.shape
         output_shape = self._session.get_outputs()[0].shape
         if chw != [3, INPUT_SIZE, INPUT_SIZE] or output_shape[-1] != NUM_CLASSES:
             raise ModelFileError(
                 f"{path} is not a MiniFASNet liveness model: input {model_input.shape}, output "
                 f"{output_shape}; expected [N, 3, {INPUT_SIZE}, {INPUT_SIZE}] -> [N, {NUM_CLASSES}]")
         self.input_shape: list = model_input.shape
-        # A symbolic or unknown batch dimension is reported as a str or None. The shipped exports
-        # are fixed at 1 and reject anything else, so those run one face per call.
-        self.dynamic_batch = not isinstance(batch, int)
-        if not self.dynamic_batch and batch != 1:
-            raise ModelFileError(f"{path}: fixed batch size {batch} is not supported (need 1 or dynamic)")
+        # The shipped exports are fixed at 1 and reject anything else: one face per Run.
+        self.dynamic_batch = check_batch_dimension(self._session, path)
 
     def probabilities(self, image_bgr: np.ndarray, boxes_xywh: Sequence[BoxXYWH]) -> np.ndarray:
         """(len(boxes), 3) softmax over (print attack, real, replay attack) for each face box."""

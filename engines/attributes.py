@@ -23,7 +23,7 @@ from .alignment import similarity_chip
 from .base import ACTION_AGE, ACTION_GENDER, FaceAttributes, FaceDetection
 from .errors import ModelFileError
 from .options import LoadRequest
-from .runtime import create_session, run_batched
+from .runtime import check_batch_dimension, create_session, run_batched
 
 # --- Cydral (dlib-models) age and gender ----------------------------------------------------
 # Where the 5 landmarks (FaceDetection order: eye on the image's left, eye on the image's right,
@@ -78,11 +78,7 @@ class _OnnxHead:
             raise ModelFileError(f"{what}: expected an image input [N,3,H,W], got {shape}")
         if size is not None and tuple(shape[2:]) != (size, size):
             raise ModelFileError(f"{what}: expected a {size}x{size} input, the model takes {shape[2:]}")
-        batch = shape[0]
-        # A symbolic or missing batch dimension ('N', None) takes any batch; a fixed one only itself.
-        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
-        if self.fixed_batch not in (None, 1):
-            raise ModelFileError(f"{what}: fixed batch size {batch} is not supported")
+        check_batch_dimension(session, what)
 
     def run(self, blob: np.ndarray) -> np.ndarray:
         """Model output for a [N,3,H,W] blob: one session.run, or one per face if the batch is fixed."""

@@ -18,7 +18,7 @@ from .alignment import ARCFACE_SIZE, align_face
 from .base import FaceDetection
 from .errors import ModelFileError, ModelOptionError
 from .instance_pool import InstancePool
-from .runtime import create_session, run_batched, usable_cpus
+from .runtime import check_batch_dimension, create_session, run_batched, usable_cpus
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,7 @@ class ArcFaceRecognizer:
     def __init__(self, session: ort.InferenceSession, profile: RecognizerProfile):
         if not is_arcface_session(session):
             raise ModelFileError("not a 112x112 face recognizer (expected input [N,3,112,112], output [N,D])")
+        check_batch_dimension(session, "recognizer")
         self.session = session
         self.profile = profile
         self.embedding_dim = int(session.get_outputs()[0].shape[1])

@@ -133,6 +133,17 @@ def takes_any_batch(session: ort.InferenceSession) -> bool:
     return not (isinstance(batch, int) and batch > 0)
 
 
+def check_batch_dimension(session: ort.InferenceSession, what: str) -> bool:
+    """Whether the model takes any batch. A batch fixed at 1 is fine too (run_batched feeds it one
+    face per Run); any other fixed batch is a ModelFileError naming `what`."""
+    if takes_any_batch(session):
+        return True
+    batch = session.get_inputs()[0].shape[0]
+    if batch != 1:
+        raise ModelFileError(f"{what}: fixed batch size {batch} is not supported (need 1 or dynamic)")
+    return False
+
+
 # The most faces one Run takes. The shared arena keeps the blocks of the largest Run for good, so
 # an unbounded batch would let one crowd photo raise the resting memory of the process
 # (FaceAnalyze of 64 faces + liveness in one batch: +46 MB kept); beyond a few faces a bigger

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import threading
+import types
 import unittest
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +21,7 @@ from engines import build_engine, parse_load_request
 from engines.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face, similarity_transform
 from engines.detection import SCRFDDetector, YuNetDetector
 from engines.errors import ModelFileError, ModelOptionError
-from engines.runtime import MAX_RUN_BATCH, create_session, run_batched, side_by_side
+from engines.runtime import MAX_RUN_BATCH, check_batch_dimension, create_session, run_batched, side_by_side
 from tests import support
 
 YUNET = "face_detection_yunet_2023mar.onnx"
@@ -211,6 +212,17 @@ class RunBatchedTest(unittest.TestCase):
         # gender-v1.onnx takes any batch; 20 faces go in Runs of at most MAX_RUN_BATCH.
         sizes = self.check_against_one_by_one("gender-v1.onnx", 20)
         self.assertEqual(sizes, [min(MAX_RUN_BATCH, 20 - start) for start in range(0, 20, MAX_RUN_BATCH)])
+
+    def test_batch_dimension_any_one_or_refused(self):
+        # What every batched model (recognizer, attribute heads, MiniFASNet) checks when it loads.
+        def session_with_batch(batch):
+            model_input = types.SimpleNamespace(name="input", shape=[batch, 3, 112, 112])
+            return types.SimpleNamespace(get_inputs=lambda: [model_input])
+        self.assertTrue(check_batch_dimension(session_with_batch("N"), "model.onnx"))
+        self.assertTrue(check_batch_dimension(session_with_batch(None), "model.onnx"))
+        self.assertFalse(check_batch_dimension(session_with_batch(1), "model.onnx"))
+        with self.assertRaisesRegex(ModelFileError, r"model\.onnx: fixed batch size 4"):
+            check_batch_dimension(session_with_batch(4), "model.onnx")
 
     def test_fixed_batch_export_runs_one_face_at_a_time(self):
         self.assertEqual(self.check_against_one_by_one(MOBILEFACENET, 3), [1, 1, 1])
