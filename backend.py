@@ -250,6 +250,7 @@ def worker_count() -> int:
     return max(2, usable_cpus())
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
     """glibc's handle for its malloc tuning calls, or None on another C library."""
     try:

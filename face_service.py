@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import psutil
@@ -22,14 +22,12 @@ from engines import (ACTION_AGE, ACTION_GENDER, FaceAttributes, FaceDetection, F
                      LoadRequest, build_engine)
 from engines.errors import (IdentityMismatchError, InvalidInputError, NoFaceError,
                             PreconditionError)
-from engines.runtime import set_opencv_threads, side_by_side, usable_cpus
+from engines.runtime import A, B, set_opencv_threads, side_by_side, usable_cpus
 from imaging import decode_image
 
 # Called between the stages of a request with the name of the next stage; raises (e.g.
 # engines.errors.CallEndedError) to stop work whose caller has gone or whose deadline passed.
 Checkpoint = Callable[[str], None]
-A = TypeVar("A")
-B = TypeVar("B")
 
 
 def _always_continue(stage: str) -> None:
