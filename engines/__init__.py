@@ -1,5 +1,6 @@
 """Pluggable face engines behind one interface (engines.base.FaceEngine)."""
-from .base import ACTION_AGE, ACTION_GENDER, FaceAttributes, FaceDetection, FaceEngine
+from .base import (ACTION_AGE, ACTION_EMOTION, ACTION_GENDER, ACTION_RACE, HOST_ACTIONS, FaceAttributes,
+                   FaceDetection, FaceEngine)
 from .options import LoadRequest, parse_load_request
 
 
@@ -12,5 +13,5 @@ def build_engine(request: LoadRequest) -> FaceEngine:
     return build_insightface_engine(request)
 
 
-__all__ = ["ACTION_AGE", "ACTION_GENDER", "FaceAttributes", "FaceDetection", "FaceEngine",
+__all__ = ["ACTION_AGE", "ACTION_EMOTION", "ACTION_GENDER", "ACTION_RACE", "HOST_ACTIONS", "FaceAttributes", "FaceDetection", "FaceEngine",
            "LoadRequest", "build_engine", "parse_load_request"]

@@ -91,6 +91,7 @@ class _CydralHead(_OnnxHead):
 
     def __init__(self, path: str, threads: Optional[int] = None):
         super().__init__(create_session(path, threads), f"{self.OPTION} {path}", self.SIZE)
+        self.path = path
 
     def blob(self, image: np.ndarray, faces: Sequence[FaceDetection]) -> np.ndarray:
         chips = np.stack([similarity_chip(image, f.landmarks, CYDRAL_CHIP_TEMPLATE, self.SIZE,
@@ -151,8 +152,10 @@ class InsightFaceGenderAge(_OnnxHead):
     another head (e.g. the explicit age_onnx/gender_onnx options)."""
 
     def __init__(self, session, actions: frozenset[str] = frozenset({ACTION_AGE, ACTION_GENDER}),
-                 input_mean: float = GENDERAGE_INPUT_MEAN, input_std: float = GENDERAGE_INPUT_STD):
+                 input_mean: float = GENDERAGE_INPUT_MEAN, input_std: float = GENDERAGE_INPUT_STD,
+                 path: str = "genderage.onnx"):
         super().__init__(session, "genderage")
+        self.path = path
         shape = session.get_inputs()[0].shape
         self.size = shape[2] if isinstance(shape[2], int) else GENDERAGE_SIZE
         self.actions = frozenset(actions) & {ACTION_AGE, ACTION_GENDER}

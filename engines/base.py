@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-# The attributes a face engine may be able to compute (FaceAnalyze `actions`).
+# FaceAnalyze `actions`, as the host documents them: "a subset of age, gender, emotion, race;
+# empty = all supported". A model computes those it has heads for and leaves the rest empty.
 ACTION_AGE = "age"
 ACTION_GENDER = "gender"
+ACTION_EMOTION = "emotion"
+ACTION_RACE = "race"
+HOST_ACTIONS = (ACTION_AGE, ACTION_GENDER, ACTION_EMOTION, ACTION_RACE)
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,9 @@ class FaceAttributes:
     age: Optional[float] = None
     # P(man). The head's own probability where it gives one; 1.0/0.0 for a hard label.
     male_probability: Optional[float] = None
+    # P(expression) keyed by deepface's names (angry disgust fear happy sad surprise neutral),
+    # the shape the host's face API follows.
+    emotion: Optional[Mapping[str, float]] = None
 
 
 class FaceEngine(abc.ABC):
@@ -68,6 +75,8 @@ class FaceEngine(abc.ABC):
     default_threshold: float
     #: length of the embedding vectors this engine returns.
     embedding_dim: int
+    #: the model files the engine was built from, by role ("detector", "recognizer", "age", ...).
+    files: Mapping[str, str] = {}
 
     @abc.abstractmethod
     def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]:

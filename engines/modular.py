@@ -5,7 +5,7 @@ The insightface and onnx_direct engines differ only in how they find and build t
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from typing import Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -26,6 +26,7 @@ class Recognizer(Protocol):
 
 class AttributeHead(Protocol):
     actions: frozenset[str]
+    path: str  # the model file the head runs, for LoadModel's message and Status
 
     def predict(self, image: np.ndarray, faces: Sequence[FaceDetection],
                 actions: frozenset[str]) -> list[FaceAttributes]: ...
@@ -34,7 +35,8 @@ class AttributeHead(Protocol):
 class ModularFaceEngine(FaceEngine):
     def __init__(self, name: str, detector: Detector, recognizer: Recognizer,
                  attribute_heads: Sequence[AttributeHead] = (),
-                 verify_threshold: Optional[float] = None):
+                 verify_threshold: Optional[float] = None, files: Mapping[str, str] = {}):
+        """`files`: the detector's and recognizer's model files by role; the heads add their own."""
         self.name = name
         self.detector = detector
         self.recognizer = recognizer
@@ -42,6 +44,7 @@ class ModularFaceEngine(FaceEngine):
         self.embedding_dim = recognizer.embedding_dim
         self.default_threshold = (recognizer.profile.threshold if verify_threshold is None
                                   else verify_threshold)
+        self.files = {**files, **{"+".join(sorted(h.actions)): h.path for h in self.attribute_heads}}
 
     def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]:
         return self.detector.detect(image, threshold)

@@ -63,4 +63,5 @@ def build_onnx_direct_engine(request: LoadRequest) -> ModularFaceEngine:
     name = f"{os.path.splitext(os.path.basename(detector_path))[0]}+{recognizer.profile.name}"
     heads = build_attribute_heads(request)  # age_onnx / gender_onnx
     return ModularFaceEngine(name, detector, recognizer, heads,
-                             verify_threshold=request.float_in_range("verify_threshold", 0.0, 2.0))
+                             verify_threshold=request.float_in_range("verify_threshold", 0.0, 2.0),
+                             files={"detector": detector_path, "recognizer": recognizer_path})
