@@ -1,12 +1,16 @@
 """LoadModel options: `key:value` strings from ModelOptions.Options, validated in one place."""
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from .errors import ModelFileError, ModelOptionError
 from .runtime import usable_cpus
+
+log = logging.getLogger(__name__)
 
 # Keys of the host's model gallery (../shared/docs/CONTRACT.md) plus the ones this backend adds.
 KNOWN_OPTIONS = {
@@ -25,7 +29,18 @@ KNOWN_OPTIONS = {
     "age_onnx": "age head file (Cydral age-v1.onnx)",
     "gender_onnx": "gender head file (Cydral gender-v1.onnx)",
 }
-ENGINES = ("insightface", "onnx_direct")
+ENGINE_INSIGHTFACE = "insightface"
+ENGINE_ONNX_DIRECT = "onnx_direct"
+ENGINES = (ENGINE_INSIGHTFACE, ENGINE_ONNX_DIRECT)
+# Engine names as the host's own face backend accepts them (any case): its gallery and users'
+# YAMLs carry these spellings.
+ENGINE_ALIASES = {
+    "insightface": ENGINE_INSIGHTFACE,
+    "onnx_direct": ENGINE_ONNX_DIRECT,
+    "onnx-direct": ENGINE_ONNX_DIRECT,
+    "onnxdirect": ENGINE_ONNX_DIRECT,
+    "opencv": ENGINE_ONNX_DIRECT,
+}
 
 
 @dataclass
@@ -36,6 +51,9 @@ class LoadRequest:
     model_path: str = ""
     threads: int = 0
     options: dict[str, str] = field(default_factory=dict)
+    # Options this backend does not use, each with why (the host appends its own, and model
+    # YAMLs carry other backends' options): accepted, logged and named in LoadModel's message.
+    ignored: list[str] = field(default_factory=list)
 
     def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
         return self.options.get(key, default)
@@ -80,26 +98,45 @@ class LoadRequest:
         return sizes[0], sizes[1]
 
 
+def _ignored(raw: str, key: Optional[str]) -> str:
+    """How an option this backend does not use is named back to the operator."""
+    if key is None:
+        return f"'{raw}' (not key:value)"
+    near = difflib.get_close_matches(key.lower(), KNOWN_OPTIONS, n=1, cutoff=0.75)
+    return f"'{raw}' (did you mean {near[0]}?)" if near else f"'{raw}'"
+
+
 def parse_load_request(model_name: str, model_path: str, threads: int,
                        options: Sequence[str]) -> LoadRequest:
+    """Known keys are validated (a bad value fails LoadModel); anything else is ignored, as the
+    host does: it appends `<artifact>:<path>` options of its own to every model's list."""
     parsed: dict[str, str] = {}
+    ignored: list[str] = []
     for raw in options:
         if ":" not in raw:
-            raise ModelOptionError(f"option '{raw}' is not of the form key:value")
-        key, value = raw.split(":", 1)
-        key, value = key.strip(), value.strip()
+            if raw.strip():
+                ignored.append(_ignored(raw, None))
+            continue
+        key, value = (part.strip() for part in raw.split(":", 1))
         if key not in KNOWN_OPTIONS:
-            raise ModelOptionError(f"unknown option '{key}'; known options: {', '.join(sorted(KNOWN_OPTIONS))}")
+            ignored.append(_ignored(raw, key))
+            continue
         parsed[key] = value
+    if ignored:
+        log.warning("LoadModel %r: ignored options: %s", model_name, ", ".join(ignored))
     engine = parsed.get("engine")
     if engine is None:
-        engine = "onnx_direct" if "detector_onnx" in parsed or "recognizer_onnx" in parsed else "insightface"
-        parsed["engine"] = engine
-    if engine not in ENGINES:
-        raise ModelOptionError(f"engine must be one of {', '.join(ENGINES)}, got '{engine}'")
+        onnx_direct = "detector_onnx" in parsed or "recognizer_onnx" in parsed
+        parsed["engine"] = ENGINE_ONNX_DIRECT if onnx_direct else ENGINE_INSIGHTFACE
+    elif engine.lower() in ENGINE_ALIASES:
+        parsed["engine"] = ENGINE_ALIASES[engine.lower()]
+    else:
+        raise ModelOptionError(f"engine must be one of {', '.join(ENGINE_ALIASES)} (any case),"
+                               f" got '{engine}'")
     if threads < 0:
         raise ModelOptionError(f"Threads must be >= 0, got {threads}")
     # A grant beyond the CPUs this process may use buys nothing but contention, and a mistyped
     # huge one would have OpenCV try to spawn that many threads on the first request.
     threads = min(threads, usable_cpus())
-    return LoadRequest(model_name=model_name, model_path=model_path, threads=threads, options=parsed)
+    return LoadRequest(model_name=model_name, model_path=model_path, threads=threads,
+                       options=parsed, ignored=ignored)
