@@ -120,15 +120,19 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             return backend_pb2.Result(success=False, message=f"LoadModel failed: {type(error).__name__}")
         finally:
             return_free_memory()
-        liveness = "with liveness" if model.liveness else "without liveness"
-        return backend_pb2.Result(success=True, message=f"loaded {model.engine.name} ({liveness})")
+        return backend_pb2.Result(success=True, message=f"loaded {model.describe()}")
 
     def Status(self, request, context):
         memory = self.service.memory_usage()
-        state = (backend_pb2.StatusResponse.READY if self.service.loaded
-                 else backend_pb2.StatusResponse.UNINITIALIZED)
-        return backend_pb2.StatusResponse(
-            state=state, memory=backend_pb2.MemoryUsageData(total=memory["rss"], breakdown=memory))
+        model = self.service.loaded
+        response = backend_pb2.StatusResponse(
+            state=backend_pb2.StatusResponse.READY if model else backend_pb2.StatusResponse.UNINITIALIZED,
+            memory=backend_pb2.MemoryUsageData(total=memory["rss"], breakdown=memory))
+        if model is not None:
+            response.model = model.name
+            response.model_description = model.describe()
+            response.attributes.extend(model.attributes)
+        return response
 
     def Free(self, request, context):
         self.service.free()

@@ -7,6 +7,7 @@ completely before swapping it in, and a failed build leaves the previous one ser
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +19,8 @@ import psutil
 
 from antispoof import DEFAULT_THRESHOLD as LIVENESS_DEFAULT_THRESHOLD
 from antispoof import LIVENESS_FILES, LIVENESS_OPTIONS, LivenessEnsemble, LivenessResult
-from engines import (ACTION_AGE, ACTION_GENDER, FaceAttributes, FaceDetection, FaceEngine,
-                     LoadRequest, build_engine)
+from engines import (HOST_ACTIONS, FaceAttributes, FaceDetection, FaceEngine, LoadRequest,
+                     build_engine)
 from engines.errors import (IdentityMismatchError, InvalidInputError, NoFaceError,
                             PreconditionError)
 from engines.runtime import A, B, set_opencv_threads, side_by_side, usable_cpus
@@ -33,13 +34,6 @@ Checkpoint = Callable[[str], None]
 def _always_continue(stage: str) -> None:
     return None
 
-
-# Actions FaceAnalyze knows. Emotion and race are in the host's message but not computed here.
-SUPPORTED_ACTIONS = (ACTION_AGE, ACTION_GENDER)
-ACTION_MODELS = {
-    ACTION_AGE: "an age head: LoadModel option age_onnx:age-v1.onnx (or an insightface pack with genderage.onnx)",
-    ACTION_GENDER: "a gender head: LoadModel option gender_onnx:gender-v1.onnx (or an insightface pack with genderage.onnx)",
-}
 
 # Slope of the logistic that maps distance to `confidence`: 50 at the threshold, about 95 at
 # 0.25 below it and about 5 at 0.25 above it.
@@ -59,6 +53,35 @@ class LoadedModel:
     # False when the host granted a single thread (ModelOptions.Threads = 1): a request then
     # never hands work to a helper thread.
     side_by_side: bool = True
+    ignored_options: tuple[str, ...] = ()
+
+    @property
+    def display_name(self) -> str:
+        """The name the host's user knows (ModelOptions.Model); the engine's when none was sent."""
+        return self.name or self.engine.name
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        """The FaceAnalyze actions this model computes, in the host's order."""
+        return tuple(a for a in HOST_ACTIONS if a in self.engine.supported_actions)
+
+    def describe(self) -> str:
+        """What was loaded, file by file, for LoadModel's message and Status: an operator reads
+        here why a FaceAnalyze field stays empty or which of two same-named files was taken."""
+        engine = self.engine
+        parts = [f"{role} {os.path.basename(path)}" for role, path in engine.files.items()]
+        parts.append(f"verify threshold {engine.default_threshold:g}")
+        missing = [a for a in HOST_ACTIONS if a not in self.attributes]
+        parts.append("attributes: " + (", ".join(self.attributes) or "none")
+                     + (f" (not computed: {', '.join(missing)})" if missing else ""))
+        if self.liveness is None:
+            parts.append("without liveness")
+        else:
+            files = " + ".join(os.path.basename(m.path) for m in self.liveness.models)
+            parts.append(f"with liveness: {files} (threshold {self.liveness.threshold:g})")
+        if self.ignored_options:
+            parts.append("ignored options: " + ", ".join(self.ignored_options))
+        return f"{engine.name}: " + "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -143,7 +166,8 @@ class FaceService:
             engine = build_engine(request)
             liveness = build_liveness(request)
             model = LoadedModel(name=request.model_name, engine=engine, liveness=liveness,
-                                side_by_side=request.threads != 1)
+                                side_by_side=request.threads != 1,
+                                ignored_options=tuple(request.ignored))
             set_opencv_threads(request.threads)
             self._model = model  # a single reference assignment: requests see old or new, whole
         self.on_change(True)
@@ -204,7 +228,7 @@ class FaceService:
                                                 for v in (first, second))
         return VerifyResult(
             verified=verified, distance=distance, threshold=threshold,
-            confidence=verification_confidence(distance, threshold), model=model.engine.name,
+            confidence=verification_confidence(distance, threshold), model=model.display_name,
             img1_face=first.face, img2_face=second.face,
             img1_liveness=first.liveness, img2_liveness=second.liveness,
             processing_time_ms=(time.perf_counter() - started) * 1000.0)
@@ -243,7 +267,9 @@ class FaceService:
         wanted = self._resolve_actions(model.engine, actions)
         image = decode_image(img, "img")
         checkpoint("detection")
-        faces = self._faces(model.engine, image, "img")
+        faces = model.engine.detect(image)
+        if not faces:  # the host's contract: a photo without a face is an answer, not an error
+            return []
 
         def compute_attributes(stage: Checkpoint) -> Sequence[FaceAttributes]:
             stage("attributes")
@@ -261,18 +287,16 @@ class FaceService:
 
     @staticmethod
     def _resolve_actions(engine: FaceEngine, actions: Sequence[str]) -> frozenset[str]:
+        """The host's rule: any of its four actions may be asked for, empty means all the model
+        computes, and one the model has no head for is left empty rather than failing."""
         requested = {a.strip().lower() for a in actions if a.strip()}
-        unknown = requested - set(SUPPORTED_ACTIONS)
+        unknown = requested - set(HOST_ACTIONS)
         if unknown:
-            raise InvalidInputError(f"unsupported action(s): {', '.join(sorted(unknown))};"
-                                    f" supported actions: {', '.join(SUPPORTED_ACTIONS)}")
+            raise InvalidInputError(f"actions: unsupported action(s) {', '.join(sorted(unknown))};"
+                                    f" actions are a subset of {', '.join(HOST_ACTIONS)}")
         if not requested:
             return engine.supported_actions
-        missing = requested - engine.supported_actions
-        if missing:
-            raise PreconditionError("the loaded model cannot compute " + "; ".join(
-                f"'{a}' (needs {ACTION_MODELS[a]})" for a in sorted(missing)))
-        return frozenset(requested)
+        return frozenset(requested) & engine.supported_actions
 
     def embed(self, images: Sequence[str], identity: str = "",
               checkpoint: Checkpoint = _always_continue) -> Embedding:
