@@ -120,3 +120,46 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SERVER_START_SECONDS = 120.0
+
+
+def wait_for_health(process, port: int, token: str = "") -> None:
+    """Return once the backend `process` started on `port` answers Health; fail with its stderr
+    if it exits first or does not answer within SERVER_START_SECONDS."""
+    import time
+
+    import grpc
+
+    import backend_pb2
+    import backend_pb2_grpc
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = backend_pb2_grpc.BackendStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+                raise AssertionError(f"backend exited with {process.returncode}: {stderr[-2000:]}")
+            try:
+                stub.Health(backend_pb2.HealthMessage(), timeout=1, metadata=metadata)
+                return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise AssertionError(f"backend on port {port} not healthy within {SERVER_START_SECONDS} s")
+
+
+def stop_process(process) -> None:
+    """SIGTERM, then SIGKILL after 15 s; closes the pipes the test opened."""
+    import subprocess
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for pipe in (process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()

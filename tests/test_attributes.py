@@ -21,9 +21,9 @@ from engines import parse_load_request
 from engines.attributes import (CYDRAL_AGE_WEIGHTS, GENDERAGE_SIZE, CydralAgeHead,
                                 CydralGenderHead, InsightFaceGenderAge, build_attribute_heads,
                                 male_probability_from_pair)
-from engines.base import ACTION_AGE, ACTION_GENDER, FaceDetection
+from engines.base import ACTION_AGE, ACTION_GENDER, HOST_ACTIONS, FaceAttributes, FaceDetection
 from engines.detection import YuNetDetector
-from engines.errors import InvalidInputError, ModelFileError, PreconditionError
+from engines.errors import InvalidInputError, ModelFileError
 from face_service import DEFAULT_MODEL_OPTIONS, FaceService, best_face
 from tests import support
 
@@ -355,19 +355,24 @@ class ServiceAttributesTest(unittest.TestCase):
                 self.assertEqual({k: c.batches for k, c in runs.items()},
                                  {"CydralAgeHead": [6], "CydralGenderHead": [6]})
 
-    def test_unknown_action_is_invalid_input_listing_the_supported(self):
+    def test_unknown_action_is_invalid_input_listing_the_four(self):
         with self.assertRaises(InvalidInputError) as caught:
-            self.services["default"].analyze(self.group, ["emotion"])
-        self.assertIn("emotion", str(caught.exception))
-        self.assertIn("age", str(caught.exception))
-        self.assertIn("gender", str(caught.exception))
+            self.services["default"].analyze(self.group, ["age", "beauty"])
+        message = str(caught.exception)
+        self.assertIn("beauty", message)
+        for action in HOST_ACTIONS:
+            self.assertIn(action, message)
 
-    def test_action_without_a_head_is_a_precondition_naming_the_option(self):
-        with self.assertRaises(PreconditionError) as caught:
-            self.bare.analyze(self.group, ["age"])
-        self.assertIn("age_onnx", str(caught.exception))
-        with self.assertRaisesRegex(PreconditionError, "gender_onnx"):
-            self.bare.analyze(self.group, ["gender"])
+    def test_every_host_action_is_accepted_and_one_without_a_head_left_empty(self):
+        # The host's documentation: a model without a demographic head returns empty attributes.
+        for action in HOST_ACTIONS:
+            with self.subTest(action=action):
+                for a in self.bare.analyze(self.group, [action.upper()]):
+                    self.assertEqual(a.attributes, FaceAttributes())
+        # race: no model computes it; asking for it beside age still gives the age.
+        for a in self.services["default"].analyze(self.group, ["race", "age"]):
+            self.assertIsNotNone(a.attributes.age)
+            self.assertIsNone(a.attributes.male_probability)
 
 
 class GrpcAttributesTest(unittest.TestCase):
@@ -433,17 +438,18 @@ class GrpcAttributesTest(unittest.TestCase):
     def test_unknown_action_is_invalid_argument(self):
         self.load(DEFAULT_MODEL_OPTIONS)
         with self.assertRaises(self.grpc.RpcError) as caught:
-            self.analyze(["race"])
+            self.analyze(["age", "hair colour"])
         self.assertEqual(caught.exception.code(), self.grpc.StatusCode.INVALID_ARGUMENT)
-        self.assertIn("race", caught.exception.details())
+        self.assertIn("hair colour", caught.exception.details())
 
-    def test_age_without_a_head_is_failed_precondition(self):
+    def test_age_without_a_head_is_left_empty(self):
         self.load(INSIGHTFACE_BARE)
-        with self.assertRaises(self.grpc.RpcError) as caught:
-            self.analyze(["age"])
-        self.assertEqual(caught.exception.code(), self.grpc.StatusCode.FAILED_PRECONDITION)
-        self.assertIn("age_onnx", caught.exception.details())
-
+        reply = self.analyze(["age", "gender", "emotion", "race"])
+        self.assertEqual(len(reply.faces), 6)
+        for f in reply.faces:
+            self.assertEqual(f.age, 0.0)
+            self.assertEqual((f.dominant_gender, len(f.gender)), ("", 0))
+            self.assertEqual((f.dominant_race, len(f.race)), ("", 0))
 
 if __name__ == "__main__":
     unittest.main()

@@ -227,7 +227,7 @@ class ClientAgainstServerTest(unittest.TestCase):
 
     def test_analyze_unknown_action_is_invalid_argument(self):
         self.assertIn("INVALID_ARGUMENT", self.fails(client.EXIT_REFUSED, "analyze", self.group,
-                                                     "--actions", "emotion"))
+                                                     "--actions", "hair_colour"))
 
     def test_detect_group_photo(self):
         detections = self.ok("detect", self.group)["Detections"]

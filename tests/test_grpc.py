@@ -160,7 +160,7 @@ class EngineCases(GrpcAssertions):
             self.assertAlmostEqual(response.threshold, DEFAULT_THRESHOLD[self.KIND], places=5)
             self.assertTrue(0.0 <= response.confidence <= 100.0)
             self.assertEqual(response.confidence > 50.0, response.verified)
-            self.assertEqual(response.model, self.running.service.loaded.engine.name)
+            self.assertEqual(response.model, self.model_name)
             self.assertGreater(response.processing_time_ms, 0.0)
             for area in (response.img1_area, response.img2_area):
                 self.assertGreater(area.w, 0.0)
@@ -235,13 +235,16 @@ class EngineCases(GrpcAssertions):
         cases = [
             (self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(img1=self.faceless, img2=self.obama1), "img1"),
             (self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.faceless), "img2"),
-            (self.stub.FaceAnalyze, backend_pb2.FaceAnalyzeRequest(img=self.faceless), "img"),
             (self.stub.Embedding, backend_pb2.PredictOptions(Images=[self.faceless]), "Images[0]"),
         ]
         for call, request, name in cases:
             with self.subTest(name):
                 details = self.assert_status(call, request, not_found, name)
                 self.assertIn("no face", details)
+
+    def test_faceless_photo_analyzes_to_no_faces(self):
+        reply = self.stub.FaceAnalyze(backend_pb2.FaceAnalyzeRequest(img=self.faceless), timeout=CALL_TIMEOUT)
+        self.assertEqual(list(reply.faces), [])
 
     def test_identity_guard(self):
         not_found = grpc.StatusCode.NOT_FOUND
@@ -447,7 +450,7 @@ class FailedLoadGrpcTest(GrpcAssertions, unittest.TestCase):
                                   "recognizer_onnx:no-such-recognizer.onnx"], "no-such-recognizer.onnx"),
                 ("missing liveness file", list(good.Options) + ["antispoof_v2_onnx:no-such-liveness.onnx"],
                  "no-such-liveness.onnx"),
-                ("unknown option", list(good.Options) + ["colour:blue"], "colour"),
+                ("bad det_thresh", list(good.Options) + ["det_thresh:often"], "det_thresh"),
                 ("bad det_size", list(good.Options) + ["det_size:huge"], "det_size"),
                 ("unknown pack", ["engine:insightface", "model_pack:buffalo_xx"], "buffalo_xx"),
             ]

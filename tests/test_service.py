@@ -91,7 +91,7 @@ class ServiceCases(ErrorAssertions):
         self.assertTrue(0.0 <= result.distance <= 2.0, result.distance)
         self.assertTrue(0.0 <= result.confidence <= 100.0, result.confidence)
         self.assertEqual(result.confidence > 50.0, result.distance < result.threshold)
-        self.assertEqual(result.model, self.service.loaded.engine.name)
+        self.assertEqual(result.model, self.service.loaded.name)
         self.assertGreater(result.processing_time_ms, 0.0)
         self.assertIsNone(result.img1_liveness)
         self.assertIsNone(result.img2_liveness)
@@ -314,7 +314,6 @@ class ServiceCases(ErrorAssertions):
             (lambda: self.service.verify(self.faceless, self.obama1), "img1"),
             (lambda: self.service.verify(self.obama1, self.faceless), "img2"),
             (lambda: self.service.verify(self.faceless, self.faceless), "img1"),
-            (lambda: self.service.analyze(self.faceless), "img"),
             (lambda: self.service.embed([self.faceless]), "Images[0]"),
         ]
         for call, name in cases:
@@ -322,6 +321,11 @@ class ServiceCases(ErrorAssertions):
                 with self.assertRaises(NoFaceError) as caught:
                     call()
                 self.assert_names(str(caught.exception), name)
+
+    def test_a_faceless_photo_analyzes_to_no_faces(self):
+        # The host's contract and its current backend: OK with `faces: []`, not NOT_FOUND.
+        self.assertEqual(self.service.analyze(self.faceless), [])
+        self.assertEqual(self.service.analyze(self.faceless, ["age", "gender", "emotion"]), [])
 
     def test_identity_guard(self):
         service = loaded_service(self.KIND, name="a")
@@ -407,12 +411,11 @@ class LoadModelTest(unittest.TestCase):
              [o for o in options if not o.startswith("antispoof_v1se_onnx")]
              + ["antispoof_v1se_onnx:no-such-liveness.onnx"],
              ModelFileError, "no-such-liveness.onnx"),
-            ("unknown option", "new", options + ["colour:blue"], ModelOptionError, "colour"),
+            ("bad det_thresh", "new", options + ["det_thresh:1.5"], ModelOptionError, "det_thresh"),
             ("bad det_size", "new", options + ["det_size:abc"], ModelOptionError, "det_size"),
             ("bad det_size multiple", "new", options + ["det_size:100"], ModelOptionError, "det_size"),
             ("unknown pack", "new", ["engine:insightface", "model_pack:buffalo_xx"], ModelFileError, "buffalo_xx"),
             ("unknown engine", "new", ["engine:tensorflow"], ModelOptionError, "tensorflow"),
-            ("not key:value", "new", options + ["det_size"], ModelOptionError, "det_size"),
         ]
 
     def test_failed_load_keeps_the_previous_model(self):
@@ -431,16 +434,49 @@ class LoadModelTest(unittest.TestCase):
                     self.assertEqual(changes, [], "a failed load must not report a change")
                     result = service.verify(self.obama1, self.obama2, identity=name)
                     self.assertTrue(result.verified)
-                    self.assertEqual(result.model, previous.engine.name)
+                    self.assertEqual(result.model, name)
                     with self.assertRaises(IdentityMismatchError):
                         service.verify(self.obama1, self.obama2, identity="new")
+
+    def test_options_the_backend_does_not_use_are_ignored_and_named(self):
+        # The host appends `<artifact>:<path>` options of its own; model YAMLs carry other
+        # backends' options. Neither may fail LoadModel, and the operator must see both.
+        name, options = self.setups[support.ENGINE_ONNX_DIRECT]
+        service = FaceService()
+        extra = ["mmproj:/models/extra.bin", "use_jinja", "det_tresh:0.7", "", "engine:OpenCV"]
+        model = load(service, name, [o for o in options if not o.startswith("engine:")] + extra)
+        self.assertEqual(model.ignored_options,
+                         ("'mmproj:/models/extra.bin'", "'use_jinja' (not key:value)",
+                          "'det_tresh:0.7' (did you mean det_thresh?)"))
+        description = model.describe()
+        self.assertIn("ignored options: 'mmproj:/models/extra.bin'", description)
+        self.assertIn("did you mean det_thresh?", description)
+        self.assertTrue(service.verify(self.obama1, self.obama2).verified)
+
+    def test_engine_names_in_the_host_backends_spellings(self):
+        name, options = self.setups[support.ENGINE_ONNX_DIRECT]
+        files = [o for o in options if not o.startswith("engine:")]
+        for spelling in ("onnx-direct", "OpenCV", "ONNX_DIRECT", "opencv"):
+            with self.subTest(spelling):
+                model = load(FaceService(), name, files + [f"engine:{spelling}"])
+                self.assertEqual(model.engine.embedding_dim, 128)
+        model = load(FaceService(), "m", ["engine:InsightFace", "model_pack:buffalo_sc"])
+        self.assertEqual(model.engine.embedding_dim, 512)
+
+    def test_the_response_names_the_model_as_the_host_named_it(self):
+        service = FaceService()
+        load(service, "insightface-buffalo-sc", ["engine:insightface", "model_pack:buffalo_sc"])
+        self.assertEqual(service.verify(self.obama1, self.obama2).model, "insightface-buffalo-sc")
+        # No name from the host: the engine's own description.
+        load(service, "", ["engine:insightface", "model_pack:buffalo_sc"])
+        self.assertEqual(service.verify(self.obama1, self.obama2).model, "buffalo_sc")
 
     def test_successful_load_replaces_the_model_and_free_unloads(self):
         service = FaceService()
         changes = []
         service.on_change = changes.append
         first = load(service, *self.setups[support.ENGINE_INSIGHTFACE])
-        self.assertEqual(service.verify(self.obama1, self.obama2).model, first.engine.name)
+        self.assertEqual(service.verify(self.obama1, self.obama2).model, first.name)
         second = load(service, *self.setups[support.ENGINE_ONNX_DIRECT])
         self.assertIs(service.loaded, second)
         self.assertEqual(service.embed([self.obama1]).vector.shape, (128,))
@@ -607,13 +643,13 @@ class LivenessTest(ErrorAssertions, unittest.TestCase):
     def test_no_face_is_not_found_not_a_liveness_error(self):
         faceless = support.b64_image(support.faceless_image())
         for call, name in ((lambda: self.service.verify(faceless, self.t1, anti_spoofing=True), "img1"),
-                           (lambda: self.service.verify(self.t1, faceless, anti_spoofing=True), "img2"),
-                           (lambda: self.service.analyze(faceless, anti_spoofing=True), "img")):
+                           (lambda: self.service.verify(self.t1, faceless, anti_spoofing=True), "img2")):
             with self.subTest(name):
                 with self.assertRaises(NoFaceError) as caught:
                     call()
                 self.assertNotIn("anti_spoofing", str(caught.exception))
                 self.assert_names(str(caught.exception), name)
+        self.assertEqual(self.service.analyze(faceless, anti_spoofing=True), [])
 
     def test_analyze_scores_every_face(self):
         group = support.b64_file(support.data_path("insightface-wheel-images", "t1.jpg"))

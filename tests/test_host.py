@@ -1,0 +1,232 @@
+"""The backend as the host uses it: its gallery configurations, its models directory, its requests.
+
+The host (LocalAI) extracts a pack's zip flat into its models directory next to every other
+model's files (buffalo_m and antelopev2 zips extract into a folder of their own), sends LoadModel
+with every ModelOptions field it fills (most of them LLM settings this backend never declares:
+they arrive as unknown fields), appends options of its own, and then calls the face RPCs with
+ModelIdentity = ModelOptions.Model. Each configuration below is built that way and driven over a
+real gRPC channel; the answers checked are the ones the host reads.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import unittest
+
+import grpc
+import numpy as np
+
+import backend_pb2
+import backend_pb2_grpc
+from tests import support
+from tests.test_grpc import CALL_TIMEOUT, GrpcAssertions, RunningServer
+
+IMAGES = os.path.join("face-recognition-examples", "images")
+SAME = ("obama_1.jpg", "obama_2.jpg")
+DIFFERENT = ("obama_1.jpg", "biden_1.jpg")
+PACK_FILES = {"det_500m.onnx": "buffalo_sc/det_500m.onnx", "w600k_mbf.onnx": "buffalo_sc/w600k_mbf.onnx"}
+# Other models' files the host keeps in the same directory.
+NEIGHBOURS = ("face_detection_yunet_2023mar.onnx", "MobileFaceNet.onnx", "MiniFASNetV2.onnx",
+              "MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx")
+LIVENESS = ("antispoof_v2_onnx:MiniFASNetV2.onnx", "antispoof_v1se_onnx:MiniFASNetV1SE.onnx")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(number: int, value) -> bytes:
+    """One protobuf field in wire format: varint for ints and bools, length-delimited for text."""
+    if isinstance(value, (bool, int)):
+        return _varint(number << 3) + _varint(int(value))
+    data = value.encode()
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+# ModelOptions fields the host fills for every model (field numbers of the host's backend.proto)
+# that this backend does not declare.
+HOST_ONLY_FIELDS = (
+    (2, 512),                # ContextSize
+    (3, 1234),               # Seed
+    (4, 512),                # NBatch
+    (5, True),               # F16Memory
+    (7, True),               # MMap
+    (12, 99999999),          # NGPULayers
+    (49, ""),                # Type
+    (56, "auto"),            # FlashAttention
+    (72, "some:override"),   # Overrides
+)
+
+
+def host_load_model(stub, model: str, model_path: str, options: list[str], threads: int = 2):
+    """LoadModel as the host sends it: declared fields plus the host-only ones, as raw bytes."""
+    declared = backend_pb2.ModelOptions(
+        Model=model, ModelPath=model_path, ModelFile=os.path.join(model_path, model),
+        Threads=threads, Options=options).SerializeToString()
+    raw = declared + b"".join(_field(n, v) for n, v in HOST_ONLY_FIELDS)
+    load = stub._channel.unary_unary(  # the generated stub would re-serialise the message
+        "/backend.Backend/LoadModel", request_serializer=lambda b: b,
+        response_deserializer=backend_pb2.Result.FromString)
+    return load(raw, timeout=CALL_TIMEOUT)
+
+
+def link(target_dir: str, name: str, source: str) -> None:
+    os.makedirs(target_dir, exist_ok=True)
+    os.symlink(os.path.abspath(support.model_path(source)), os.path.join(target_dir, name))
+
+
+class HostConfigurationTest(GrpcAssertions, unittest.TestCase):
+    """One server; each configuration is loaded into it the way the host would."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = RunningServer()
+        cls.stub, cls.health = cls.server.stub, cls.server.health
+        cls.stub._channel = cls.server.channel
+        cls.tmp = tempfile.mkdtemp(prefix="host-models-")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def models_dir(self, name: str, pack_layout: str) -> tuple[str, list[str]]:
+        """A host models directory with buffalo_sc laid out `flat`, `nested` or under a `root`
+        of its own, beside the other models' files; returns it and the extra options it needs."""
+        models = os.path.join(self.tmp, name)
+        for neighbour in NEIGHBOURS:
+            link(models, neighbour, neighbour)
+        link(models, "w600k_mbf_copy_of_another_model.onnx", "w600k_mbf.onnx")
+        extra: list[str] = []
+        if pack_layout == "flat":
+            pack_dir = models
+        elif pack_layout == "nested":
+            pack_dir = os.path.join(models, "buffalo_sc")
+        elif pack_layout == "root":
+            pack_dir = os.path.join(self.tmp, name + "-root")
+            extra = [f"root:{pack_dir}"]
+        else:
+            raise ValueError(pack_layout)
+        for member, source in PACK_FILES.items():
+            link(pack_dir, member, source)
+        return models, extra
+
+    def configurations(self):
+        """(gallery name, models dir, options, embedding dim, attributes) of every configuration."""
+        for layout in ("flat", "nested", "root"):
+            models, extra = self.models_dir(f"buffalo-sc-{layout}", layout)
+            # The host appends `<artifact>:<path>` options of its own to the entry's.
+            options = ["engine:insightface", "model_pack:buffalo_sc", *LIVENESS, *extra,
+                       f"buffalo_sc.zip:{os.path.join(models, 'buffalo_sc.zip')}"]
+            yield f"insightface-buffalo-sc ({layout})", "insightface-buffalo-sc", models, options, 512, ()
+        models, _ = self.models_dir("opencv", "flat")
+        # The gallery's insightface-opencv entry with MobileFaceNet standing in for SFace (not
+        # obtainable here); the host's backend spells the engine `opencv`.
+        options = ["engine:OpenCV", "detector_onnx:face_detection_yunet_2023mar.onnx",
+                   "recognizer_onnx:MobileFaceNet.onnx", *LIVENESS, "age_onnx:age-v1.onnx",
+                   "gender_onnx:gender-v1.onnx", "backend_specific_option:true"]
+        yield "insightface-opencv", "insightface-opencv", models, options, 128, ("age", "gender")
+
+    def test_every_gallery_configuration_answers_what_the_host_reads(self):
+        for label, model, models, options, dim, attributes in self.configurations():
+            with self.subTest(label):
+                self.run_configuration(model, models, options, dim, attributes)
+
+    def run_configuration(self, model, models, options, dim, attributes):
+        result = host_load_model(self.stub, model, models, options)
+        self.assertTrue(result.success, result.message)
+        self.assert_healthy()
+        status = self.stub.Status(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT)
+        self.assertEqual(status.state, backend_pb2.StatusResponse.READY)
+        self.assertEqual(status.model, model)
+        for attribute in attributes:
+            self.assertIn(attribute, status.attributes)
+        self.assertIn("MiniFASNetV2.onnx", status.model_description)
+
+        detected = self.stub.Detect(backend_pb2.DetectOptions(
+            src=support.b64_file(support.GROUP_PHOTO), ModelIdentity=model), timeout=CALL_TIMEOUT)
+        self.assertEqual(len(detected.Detections), 6)
+        self.assertTrue(all(d.class_name == "face" for d in detected.Detections))
+
+        embedding = self.stub.Embedding(backend_pb2.PredictOptions(
+            Images=[photo(SAME[0])], ModelIdentity=model), timeout=CALL_TIMEOUT)
+        self.assertEqual(embedding.dim, dim)
+        self.assertAlmostEqual(float(np.linalg.norm(embedding.embeddings)), 1.0, places=4)
+
+        for pair, expected in ((SAME, True), (DIFFERENT, False)):
+            for anti_spoofing in (False, True):
+                response = self.stub.FaceVerify(backend_pb2.FaceVerifyRequest(
+                    img1=photo(pair[0]), img2=photo(pair[1]), anti_spoofing=anti_spoofing,
+                    ModelIdentity=model), timeout=CALL_TIMEOUT)
+                self.assertEqual(response.verified, expected, (pair, anti_spoofing, response.distance))
+                self.assertEqual(response.model, model)
+                self.assertEqual(response.HasField("img1_is_real"), anti_spoofing)
+                self.assertEqual(response.HasField("img2_antispoof_score"), anti_spoofing)
+
+        analyzed = self.stub.FaceAnalyze(backend_pb2.FaceAnalyzeRequest(
+            img=support.b64_file(support.GROUP_PHOTO), actions=["age", "gender", "emotion", "race"],
+            anti_spoofing=True, ModelIdentity=model), timeout=CALL_TIMEOUT)
+        self.assertEqual(len(analyzed.faces), 6)
+        for face in analyzed.faces:
+            self.assertTrue(face.HasField("is_real"))
+            self.assertEqual(face.age > 0, "age" in attributes)
+            self.assertEqual(bool(face.dominant_gender), "gender" in attributes)
+            self.assertEqual(face.dominant_race, "")
+        faceless = self.stub.FaceAnalyze(backend_pb2.FaceAnalyzeRequest(
+            img=support.b64_image(support.faceless_image()), ModelIdentity=model), timeout=CALL_TIMEOUT)
+        self.assertEqual(list(faceless.faces), [])
+
+        self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(
+            img1=photo(SAME[0]), img2=photo(SAME[1]), ModelIdentity="another-model"),
+            grpc.StatusCode.NOT_FOUND, f"model identity mismatch: loaded '{model}'")
+
+    def test_flat_and_nested_buffalo_sc_give_the_same_distances(self):
+        distances = {}
+        for layout in ("flat", "nested"):
+            models, _ = self.models_dir(f"distances-{layout}", layout)
+            result = host_load_model(self.stub, "insightface-buffalo-sc", models,
+                                     ["engine:insightface", "model_pack:buffalo_sc"])
+            self.assertTrue(result.success, result.message)
+            self.assertIn("det_500m.onnx", result.message)
+            self.assertIn("w600k_mbf.onnx", result.message)
+            self.assertNotIn("MobileFaceNet", result.message)
+            distances[layout] = [self.stub.FaceVerify(backend_pb2.FaceVerifyRequest(
+                img1=photo(a), img2=photo(b)), timeout=CALL_TIMEOUT).distance for a, b in (SAME, DIFFERENT)]
+        np.testing.assert_allclose(distances["flat"], distances["nested"], atol=1e-6)
+
+
+class RunScriptTest(unittest.TestCase):
+    def test_run_sh_starts_the_server_from_another_directory(self):
+        port = support.free_port()
+        with tempfile.TemporaryDirectory() as elsewhere:
+            process = subprocess.Popen([os.path.join(support.REPO, "run.sh"), "--addr", f"127.0.0.1:{port}"],
+                                       cwd=elsewhere, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE)
+            try:
+                support.wait_for_health(process, port)
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    stub = backend_pb2_grpc.BackendStub(channel)
+                    result = stub.LoadModel(backend_pb2.ModelOptions(
+                        Model="m", ModelPath=support.MODELS_DIR,
+                        Options=["engine:insightface", "model_pack:buffalo_sc"]), timeout=CALL_TIMEOUT)
+                    self.assertTrue(result.success, result.message)
+            finally:
+                support.stop_process(process)
+
+
+def photo(name: str) -> str:
+    return support.b64_file(support.data_path(IMAGES, name))
+
+
+if __name__ == "__main__":
+    unittest.main()
