@@ -180,9 +180,10 @@ class InsightFaceGenderAge(_OnnxHead):
             for out in outputs]
 
 
-def build_attribute_heads(request: LoadRequest, genderage_session=None) -> list:
+def build_attribute_heads(request: LoadRequest, genderage_session=None,
+                          genderage_path: str = "genderage.onnx") -> list:
     """The heads a LoadModel request asks for: age_onnx / gender_onnx (any engine) first, then a
-    pack's genderage.onnx for whatever actions those options do not cover."""
+    pack's genderage.onnx (read from `genderage_path`) for whatever actions those options do not cover."""
     threads = request.threads or None
     heads: list = []
     gender_path = request.file("gender_onnx")
@@ -195,5 +196,5 @@ def build_attribute_heads(request: LoadRequest, genderage_session=None) -> list:
         covered = frozenset().union(*(h.actions for h in heads))
         rest = frozenset({ACTION_AGE, ACTION_GENDER}) - covered
         if rest:
-            heads.append(InsightFaceGenderAge(genderage_session, rest))
+            heads.append(InsightFaceGenderAge(genderage_session, rest, path=genderage_path))
     return heads
