@@ -95,6 +95,10 @@ def face_analysis(item: AnalyzedFace) -> backend_pb2.FaceAnalysis:
         message.gender["Man"] = p_man
         message.gender["Woman"] = 1.0 - p_man
         message.dominant_gender = "Man" if p_man >= 0.5 else "Woman"
+    if attrs.emotion:
+        # Probabilities 0-1 under deepface's keys, the scale of the gender map above.
+        message.emotion.update(attrs.emotion)
+        message.dominant_emotion = max(attrs.emotion, key=attrs.emotion.get)
     if item.liveness is not None:
         message.is_real = item.liveness.is_real
         message.antispoof_score = item.liveness.score

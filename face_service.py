@@ -328,4 +328,5 @@ DEFAULT_MODEL_OPTIONS = (
     "antispoof_v1se_onnx:MiniFASNetV1SE.onnx",
     "age_onnx:age-v1.onnx",
     "gender_onnx:gender-v1.onnx",
+    "emotion_onnx:facial_expression_recognition_mobilefacenet_2022july_int8.onnx",
 )

@@ -24,9 +24,11 @@ session's spinning workers take the cores from the next model's run), reported f
 Also measured over gRPC: the transport alone (the same payloads refused before decoding),
 FaceVerify with and without liveness, FaceAnalyze on 1 and on 6 faces, Embedding, Detect,
 throughput with several concurrent clients (load windows alternating with in-process blocks)
-and the server's peak RSS under that load, LoadModel of the default set; and in this process
-the cost of MobileFaceNet's flipped crop. Prints a table and PASS/FAIL per target, writes
-bench/results/bench.json, exits 1 if a target fails.
+and the server's peak RSS under that load, LoadModel of the default set; for the default set
+FaceAnalyze also with only age and gender asked, so the rest of its heads (emotion) shows as the
+difference per face; and in this process the cost of MobileFaceNet's flipped crop and of each
+attribute head per face. Prints a table and PASS/FAIL per target, writes bench/results/bench.json,
+exits 1 if a target fails.
 """
 from __future__ import annotations
 
@@ -420,18 +422,30 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
             "Embedding": lambda _: stub.Embedding(backend_pb2.PredictOptions(Images=[one]), timeout=60),
             "Detect (t1.jpg)": lambda _: stub.Detect(backend_pb2.DetectOptions(src=group), timeout=60),
         }
+        # Only age and gender asked: what the default set's other heads cost is the difference.
+        narrowed = {"FaceAnalyze, 1 face": (one, 1), "FaceAnalyze, 6 faces (t1.jpg)": (group, 6)}
         if liveness:
             others["FaceAnalyze, 6 faces, liveness"] = lambda _: stub.FaceAnalyze(
                 backend_pb2.FaceAnalyzeRequest(img=group, anti_spoofing=True), timeout=60)
+            for key, (img, _) in narrowed.items():
+                request = backend_pb2.FaceAnalyzeRequest(img=img, actions=["age", "gender"])
+                others[key + ", age+gender"] = lambda _, r=request: stub.FaceAnalyze(r, timeout=60)
         group_faces = others["FaceAnalyze, 6 faces (t1.jpg)"](0).faces
         report.values["faces_in_group_photo"] = len(group_faces)
         report.values["analyze_computes_age_gender"] = bool(group_faces) and bool(group_faces[0].dominant_gender)
+        report.values["analyze_computes_emotion"] = bool(group_faces) and bool(group_faces[0].dominant_emotion)
         report.values["detections_in_group_photo"] = len(others["Detect (t1.jpg)"](0).Detections)
         for call in others.values():
             call(0)
         other_times = alternate(others, max(2, args.blocks // 2), args.per_block, 1)
         for key, values in other_times.items():
             report.timings[key + " (gRPC)"] = stats_ms(values)
+        for key, (_, faces) in narrowed.items():
+            if key + ", age+gender" in other_times:
+                extra_ms = (report.timings[key + " (gRPC)"]["median_ms"]
+                            - report.timings[key + ", age+gender (gRPC)"]["median_ms"])
+                report.values[f"heads_beyond_age_gender_ms_per_face ({faces} face{'s' * (faces > 1)})"] = \
+                    round(extra_ms / faces, 2)
 
         # Concurrent clients: throughput and the server's peak RSS, load windows alternating with
         # blocks of the in-process script, whose median (single caller) is the per-verify cost.
@@ -458,6 +472,7 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
 
         if name == "default":
             report.values.update(flip_cost(inputs, args.threads))
+            report.values.update(head_costs(inputs, args.threads))
         return report
     finally:
         server.stop()
@@ -554,6 +569,31 @@ def flip_cost(inputs: Inputs, threads: int) -> dict:
         result[key] = round(float(np.median([timed(call)[0] for _ in range(40)])) * 1000, 2)
     result["flip_cost_ms_per_image"] = round(result["embed_with_flip_ms"] - result["embed_without_flip_ms"], 2)
     result["flip_session_threads"] = threads or default_threads()
+    return result
+
+
+def head_costs(inputs: Inputs, threads: int) -> dict:
+    """ms per face of each attribute head of the default set (chip and run), in this process with
+    the threads the server's sessions get, on the one-face photo and on t1.jpg's faces."""
+    from engines import parse_load_request
+    from engines.attributes import build_attribute_heads
+    from engines.base import HOST_ACTIONS
+    from engines.detection import YuNetDetector
+    detector = YuNetDetector(os.path.join(MODELS_DIR, "face_detection_yunet_2023mar.onnx"),
+                             score_threshold=YUNET_SCORE_THRESHOLD)
+    heads = build_attribute_heads(parse_load_request("default", MODELS_DIR, threads, list(DEFAULT_MODEL_OPTIONS)))
+    actions = frozenset(HOST_ACTIONS)
+    result = {}
+    for label, data in (("1 face", inputs.one_face), ("6 faces", inputs.group)):
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        faces = detector.detect(image)
+        for head in heads:
+            call = lambda: head.predict(image, faces, actions)  # noqa: E731
+            for _ in range(3):
+                call()
+            seconds = float(np.median([timed(call)[0] for _ in range(20)]))
+            key = f"{'+'.join(sorted(head.actions))}_head_ms_per_face ({label})"
+            result[key] = round(seconds * 1000 / len(faces), 2)
     return result
 
 

@@ -1,12 +1,14 @@
-"""Age and gender heads for FaceAnalyze (the engines.modular.AttributeHead protocol).
+"""Age, gender and emotion heads for FaceAnalyze (the engines.modular.AttributeHead protocol).
 
-Two families, each head owning its onnxruntime session and its preprocessing constants:
+Three families, each head owning its onnxruntime session and its preprocessing constants:
 
 * `CydralGenderHead` / `CydralAgeHead`: the CC0 Cydral networks from davisking/dlib-models as
   ONNX (gender-v1.onnx, age-v1.onnx; ../shared/models/age-gender-cydral/SOURCE.md). They work with
   any engine: the chip is built from the detector's 5 landmarks, no dlib needed.
 * `InsightFaceGenderAge`: insightface's genderage.onnx, when a model pack ships one (insightface
   `model_zoo/attribute.py` Attribute), for boxes only.
+* `ExpressionHead`: OpenCV Zoo's facial expression recognition network (Apache-2.0;
+  ../shared/models/fer-mobilefacenet/SOURCE.md), on the ArcFace chip the recognizers use.
 
 Every head runs all faces of an image through its model in ONE batched session.run (a model
 whose batch dimension is fixed is run face by face instead), and computes nothing for an action
@@ -19,8 +21,8 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
-from .alignment import similarity_chip
-from .base import ACTION_AGE, ACTION_GENDER, FaceAttributes, FaceDetection
+from .alignment import ARCFACE_SIZE, align_face, similarity_chip
+from .base import ACTION_AGE, ACTION_EMOTION, ACTION_GENDER, FaceAttributes, FaceDetection
 from .errors import ModelFileError
 from .options import LoadRequest
 from .runtime import check_batch_dimension, create_session, run_batched
@@ -55,6 +57,15 @@ GENDERAGE_SIZE = 96
 GENDERAGE_BOX_SCALE = 1.5
 GENDERAGE_INPUT_MEAN = 0.0
 GENDERAGE_INPUT_STD = 1.0
+
+# --- OpenCV Zoo facial expression recognition --------------------------------------------------
+# ../shared/models/fer-mobilefacenet/SOURCE.md (opencv_zoo models/facial_expression_recognition):
+# the 5-point ArcFace 112x112 chip, RGB, (x / 255 - 0.5) / 0.5, NCHW; output [N,7] raw scores.
+FER_INPUT_MEAN = 0.5
+FER_INPUT_STD = 0.5
+# The upstream class order (0 angry, 1 disgust, 2 fearful, 3 happy, 4 neutral, 5 sad,
+# 6 surprised), each named with deepface's key, since the host's face API follows deepface.
+FER_EMOTIONS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
 
 
 def box_chip(image: np.ndarray, box: Sequence[float], size: int, box_scale: float) -> np.ndarray:
@@ -132,6 +143,12 @@ class CydralAgeHead(_CydralHead):
         return FaceAttributes(age=float(probabilities.astype(np.float64) @ CYDRAL_AGE_WEIGHTS))
 
 
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of raw class scores, in float64 so the probabilities sum to 1."""
+    shifted = np.exp(scores.astype(np.float64) - scores.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
 def male_probability_from_pair(pair: np.ndarray) -> float:
     """P(male) from genderage's two gender outputs.
 
@@ -143,8 +160,7 @@ def male_probability_from_pair(pair: np.ndarray) -> float:
     pair = np.asarray(pair, dtype=np.float64)
     if np.all(pair >= 0.0) and np.all(pair <= 1.0) and abs(pair.sum() - 1.0) < 1e-4:
         return float(pair[1])
-    shifted = np.exp(pair - pair.max())
-    return float(shifted[1] / shifted.sum())
+    return float(softmax(pair)[1])
 
 
 class InsightFaceGenderAge(_OnnxHead):
@@ -180,10 +196,40 @@ class InsightFaceGenderAge(_OnnxHead):
             for out in outputs]
 
 
+class ExpressionHead(_OnnxHead):
+    """facial_expression_recognition_mobilefacenet_2022july_int8.onnx: emotion = the softmax of
+    the 7 scores, keyed by FER_EMOTIONS. The export fixes its batch at 1 (run face by face)."""
+
+    OPTION = "emotion_onnx"
+    actions = frozenset({ACTION_EMOTION})
+
+    def __init__(self, path: str, threads: Optional[int] = None):
+        what = f"{self.OPTION} {path}"
+        super().__init__(create_session(path, threads), what, ARCFACE_SIZE)
+        classes = self.session.get_outputs()[0].shape[-1]
+        if classes != len(FER_EMOTIONS):
+            raise ModelFileError(f"{what}: expected {len(FER_EMOTIONS)} expression scores,"
+                                 f" the model gives {classes}")
+        self.path = path
+
+    def blob(self, image: np.ndarray, faces: Sequence[FaceDetection]) -> np.ndarray:
+        rgb = np.stack([align_face(image, f.landmarks) for f in faces])[..., ::-1].astype(np.float32)
+        normalised = (rgb / 255.0 - FER_INPUT_MEAN) / FER_INPUT_STD
+        return np.ascontiguousarray(normalised.transpose(0, 3, 1, 2))
+
+    def predict(self, image: np.ndarray, faces: Sequence[FaceDetection],
+                actions: frozenset[str]) -> list[FaceAttributes]:
+        if not (self.actions & actions) or not faces:
+            return [FaceAttributes() for _ in faces]
+        scores = self.run(self.blob(image, faces)).reshape(len(faces), len(FER_EMOTIONS))
+        return [FaceAttributes(emotion=dict(zip(FER_EMOTIONS, row.tolist()))) for row in softmax(scores)]
+
+
 def build_attribute_heads(request: LoadRequest, genderage_session=None,
                           genderage_path: str = "genderage.onnx") -> list:
-    """The heads a LoadModel request asks for: age_onnx / gender_onnx (any engine) first, then a
-    pack's genderage.onnx (read from `genderage_path`) for whatever actions those options do not cover."""
+    """The heads a LoadModel request asks for: age_onnx / gender_onnx / emotion_onnx (any engine)
+    first, then a pack's genderage.onnx (read from `genderage_path`) for whatever age/gender those
+    options do not cover."""
     threads = request.threads or None
     heads: list = []
     gender_path = request.file("gender_onnx")
@@ -192,6 +238,9 @@ def build_attribute_heads(request: LoadRequest, genderage_session=None,
         heads.append(CydralGenderHead(gender_path, threads))
     if age_path:
         heads.append(CydralAgeHead(age_path, threads))
+    emotion_path = request.file(ExpressionHead.OPTION)
+    if emotion_path:
+        heads.append(ExpressionHead(emotion_path, threads))
     if genderage_session is not None:
         covered = frozenset().union(*(h.actions for h in heads))
         rest = frozenset({ACTION_AGE, ACTION_GENDER}) - covered

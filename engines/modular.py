@@ -58,13 +58,13 @@ class ModularFaceEngine(FaceEngine):
 
     def analyze(self, image: np.ndarray, faces: Sequence[FaceDetection],
                 actions: frozenset[str]) -> list[FaceAttributes]:
-        merged = [dict(age=None, male_probability=None) for _ in faces]
+        merged = [dict(age=None, male_probability=None, emotion=None) for _ in faces]
         for head in self.attribute_heads:
             wanted = actions & head.actions
             if not wanted or not faces:
                 continue
             for slot, attrs in zip(merged, head.predict(image, faces, wanted)):
-                for key in ("age", "male_probability"):
+                for key in slot:
                     value = getattr(attrs, key)
                     if value is not None and slot[key] is None:
                         slot[key] = value

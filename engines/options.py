@@ -28,6 +28,7 @@ KNOWN_OPTIONS = {
     "antispoof_threshold": "P(real) needed for is_real, in [0, 1]",
     "age_onnx": "age head file (Cydral age-v1.onnx)",
     "gender_onnx": "gender head file (Cydral gender-v1.onnx)",
+    "emotion_onnx": "emotion head file (OpenCV Zoo facial expression recognition, int8 MobileFaceNet)",
 }
 ENGINE_INSIGHTFACE = "insightface"
 ENGINE_ONNX_DIRECT = "onnx_direct"

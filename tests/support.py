@@ -51,7 +51,8 @@ def read_bytes(path: str) -> bytes:
 # -- helpers for the engine, service and gRPC tests ---------------------------------------------
 # The two model setups every service-level test runs against ("both engines"):
 # insightface buffalo_sc (SCRFD + w600k_mbf, 512-d, no liveness) and the permissive default set of
-# face_service.DEFAULT_MODEL_OPTIONS (YuNet + MobileFaceNet 128-d + both MiniFASNet files).
+# face_service.DEFAULT_MODEL_OPTIONS (YuNet + MobileFaceNet 128-d + both MiniFASNet files + the
+# age, gender and emotion heads).
 ENGINE_INSIGHTFACE = "insightface"
 ENGINE_ONNX_DIRECT = "onnx_direct"
 ENGINES = (ENGINE_INSIGHTFACE, ENGINE_ONNX_DIRECT)

@@ -40,6 +40,7 @@ TEST_GROUP_SOURCES = {
     "MiniFASNetV1SE.onnx": "minifasnet/MiniFASNetV1SE.onnx",
     "age-v1.onnx": "age-gender-cydral/age-v1.onnx",
     "gender-v1.onnx": "age-gender-cydral/gender-v1.onnx",
+    "facial_expression_recognition_mobilefacenet_2022july_int8.onnx": "fer-mobilefacenet/facial_expression_recognition_mobilefacenet_2022july_int8.onnx",
     "scrfd_500m_bnkps.onnx": "scrfd/scrfd_500m_bnkps.onnx",
     "w600k_mbf.onnx": "insightface-w600k-mbf/w600k_mbf.onnx",
 }
@@ -110,7 +111,8 @@ class CatalogContentTest(unittest.TestCase):
     def test_groups(self) -> None:
         default = [e.name for e in self.cat.expand(["default"])]
         self.assertEqual(default, ["face_detection_yunet_2023mar.onnx", "MobileFaceNet.onnx", "MiniFASNetV2.onnx",
-                                   "MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx"])
+                                   "MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx",
+                                   "facial_expression_recognition_mobilefacenet_2022july_int8.onnx"])
         test = [e.name for e in self.cat.expand(["test"])]
         self.assertEqual(test, default + ["buffalo_sc", "scrfd_500m_bnkps.onnx", "w600k_mbf.onnx"])
         self.assertIsInstance(self.cat.get("buffalo_sc"), catalog.ModelPack)
@@ -302,9 +304,9 @@ class MirrorInstallTest(unittest.TestCase):
         self.scramble(list(TEST_GROUP_SOURCES))
         log = Quiet()
         outcomes = installer.install(["test"], dest=self.dest, mirror=self.mirror, catalog=self.catalog, log=log)
-        self.assertEqual(len(outcomes), 9)
+        self.assertEqual(len(outcomes), 10)
         self.assertTrue(all(o.action == installer.MIRROR for o in outcomes), log.lines)
-        self.assertEqual(len(log.lines), 9)
+        self.assertEqual(len(log.lines), 10)
         expected = set(TEST_GROUP_SOURCES) | {"buffalo_sc", "buffalo_sc/det_500m.onnx", "buffalo_sc/w600k_mbf.onnx"}
         self.assertEqual(listing(self.dest), expected)  # no temp leftovers, pack flat
         for name, rel in TEST_GROUP_SOURCES.items():

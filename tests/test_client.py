@@ -28,7 +28,7 @@ if not os.path.exists(PYTHON):  # a checkout whose interpreter lives elsewhere
     PYTHON = sys.executable
 CLIENT = os.path.join(REPO, "client.py")
 DEFAULT_FILES = ("face_detection_yunet_2023mar.onnx", "MobileFaceNet.onnx", "MiniFASNetV2.onnx",
-                 "MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx")
+                 "MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx", "facial_expression_recognition_mobilefacenet_2022july_int8.onnx")
 SERVER_START_SECONDS = 60
 
 

@@ -28,8 +28,9 @@ SAME = ("obama_1.jpg", "obama_2.jpg")
 DIFFERENT = ("obama_1.jpg", "biden_1.jpg")
 PACK_FILES = {"det_500m.onnx": "buffalo_sc/det_500m.onnx", "w600k_mbf.onnx": "buffalo_sc/w600k_mbf.onnx"}
 # Other models' files the host keeps in the same directory.
+EMOTION_FILE = "facial_expression_recognition_mobilefacenet_2022july_int8.onnx"
 NEIGHBOURS = ("face_detection_yunet_2023mar.onnx", "MobileFaceNet.onnx", "MiniFASNetV2.onnx",
-              "MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx")
+              "MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx", EMOTION_FILE)
 LIVENESS = ("antispoof_v2_onnx:MiniFASNetV2.onnx", "antispoof_v1se_onnx:MiniFASNetV1SE.onnx")
 
 
@@ -134,8 +135,8 @@ class HostConfigurationTest(GrpcAssertions, unittest.TestCase):
         # obtainable here); the host's backend spells the engine `opencv`.
         options = ["engine:OpenCV", "detector_onnx:face_detection_yunet_2023mar.onnx",
                    "recognizer_onnx:MobileFaceNet.onnx", *LIVENESS, "age_onnx:age-v1.onnx",
-                   "gender_onnx:gender-v1.onnx", "backend_specific_option:true"]
-        yield "insightface-opencv", "insightface-opencv", models, options, 128, ("age", "gender")
+                   "gender_onnx:gender-v1.onnx", f"emotion_onnx:{EMOTION_FILE}", "backend_specific_option:true"]
+        yield "insightface-opencv", "insightface-opencv", models, options, 128, ("age", "gender", "emotion")
 
     def test_every_gallery_configuration_answers_what_the_host_reads(self):
         for label, model, models, options, dim, attributes in self.configurations():
@@ -181,6 +182,8 @@ class HostConfigurationTest(GrpcAssertions, unittest.TestCase):
             self.assertTrue(face.HasField("is_real"))
             self.assertEqual(face.age > 0, "age" in attributes)
             self.assertEqual(bool(face.dominant_gender), "gender" in attributes)
+            self.assertEqual(bool(face.dominant_emotion), "emotion" in attributes)
+            self.assertEqual(len(face.emotion), 7 if "emotion" in attributes else 0)
             self.assertEqual(face.dominant_race, "")
         faceless = self.stub.FaceAnalyze(backend_pb2.FaceAnalyzeRequest(
             img=support.b64_image(support.faceless_image()), ModelIdentity=model), timeout=CALL_TIMEOUT)
