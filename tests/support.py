@@ -108,11 +108,9 @@ def faceless_image(width: int = 640, height: int = 480):
 
 def single_face_photos() -> list[tuple[str, str]]:
     """(path, identity) of the 13 single-face photos of face-recognition-examples/labels.csv."""
-    import csv
-    labels = data_path("face-recognition-examples", "labels.csv")
-    with open(labels, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if ";" not in r["identity"]]
-    return [(data_path("face-recognition-examples", "images", r["file"]), r["identity"]) for r in rows]
+    from evaluation import read_labels
+    images, _ = read_labels(data_path("face-recognition-examples", "labels.csv"), "identity")
+    return [(data_path("face-recognition-examples", "images", i.file), i.label) for i in images]
 
 
 def free_port() -> int:
