@@ -27,6 +27,8 @@ from typing import Callable, Optional, Sequence
 import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 import backend_pb2
 import backend_pb2_grpc
@@ -46,10 +48,15 @@ EXIT_REFUSED = 4
 class ClientError(Exception):
     """A failure reported as one stderr line and an exit code."""
 
-    def __init__(self, code: int, message: str, status: Optional[grpc.StatusCode] = None):
+    def __init__(self, code: int, message: str, status: Optional[grpc.StatusCode] = None,
+                 reason: str = "", field: str = ""):
         super().__init__(message)
         self.code = code
         self.status = status  # the gRPC status, when the server answered with one
+        # Its google.rpc.ErrorInfo, when it sent one: why (NO_FACE, IDENTITY_MISMATCH, ...) and
+        # which request field was at fault (img1, Images[0], ModelIdentity, ...).
+        self.reason = reason
+        self.field = field
 
 
 def one_line(text: str) -> str:
@@ -112,7 +119,25 @@ def rpc_error(name: str, error: grpc.RpcError) -> ClientError:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
     exit_code = EXIT_UNREACHABLE if code == grpc.StatusCode.UNAVAILABLE else EXIT_REFUSED
-    return ClientError(exit_code, f"{name}: {code.name}: {one_line(details or '')}", code)
+    info = error_info(error)
+    reason, field = (info.reason, info.metadata.get("field", "")) if info is not None else ("", "")
+    return ClientError(exit_code, f"{name}: {code.name}: {one_line(details or '')}", code, reason, field)
+
+
+def error_info(error: grpc.RpcError) -> Optional[error_details_pb2.ErrorInfo]:
+    """The google.rpc.ErrorInfo a failed call carries: the server's reason (NO_FACE, ...) and, as
+    metadata `field`, the request field at fault. None for a status gRPC made itself
+    (UNAVAILABLE, RESOURCE_EXHAUSTED, a deadline the client saw pass)."""
+    try:
+        status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+    except ValueError:  # details that contradict the call's own code or message: ignore them
+        status = None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
 
 
 def message_dict(message) -> dict:
@@ -246,16 +271,16 @@ def run_all(items: Sequence[LabelledImage], work: Callable[[LabelledImage], obje
                          file=sys.stderr, disable=None, leave=False))
 
 
-def per_image_or_skip(conn: Connection, name: str, request_of: Callable[[LabelledImage], object]):
-    """Runs one RPC per image; an image the server finds no face in (NOT_FOUND) or cannot decode
-    (INVALID_ARGUMENT) is reported and skipped, any other failure stops the evaluation."""
+def per_image_or_skip(conn: Connection, name: str, image_field: str, request_of: Callable[[LabelledImage], object]):
+    """Runs one RPC per image. An error the server pins on the image itself (its ErrorInfo field
+    is `image_field`: no face in it, not decodable, too large, ...) skips that image, reported
+    with its reason; any other failure (no model, identity mismatch, ...) stops the evaluation."""
     def work(item: LabelledImage):
         request = request_of(item)
         try:
             return item, conn.call(name, request), None
         except ClientError as error:
-            if error.status in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) \
-                    and "identity mismatch" not in str(error):
+            if error.field == image_field:
                 return item, None, error
             raise
     return work
@@ -263,7 +288,7 @@ def per_image_or_skip(conn: Connection, name: str, request_of: Callable[[Labelle
 
 def skipped(item: LabelledImage, error: ClientError, **extra) -> dict:
     note(f"skipped {item.file}: {error}")
-    return {"file": item.file, **extra, "error": str(error)}
+    return {"file": item.file, **extra, "error": str(error), "reason": error.reason}
 
 
 @contextlib.contextmanager
@@ -287,7 +312,7 @@ def cmd_evaluate(args) -> int:
     if len(images) < 2:
         raise ClientError(EXIT_USAGE, f"{args.labels}: needs at least 2 single-identity images, has {len(images)}")
     conn = connect(args)
-    work = per_image_or_skip(conn, "Embedding", lambda item: backend_pb2.PredictOptions(
+    work = per_image_or_skip(conn, "Embedding", "Images[0]", lambda item: backend_pb2.PredictOptions(
         Images=[read_image_b64(item.path)], ModelIdentity=args.identity))
     embedded, no_face = [], []
     for item, result, error in run_all(images, work, args.jobs, "embedding"):
@@ -333,7 +358,7 @@ def cmd_evaluate_liveness(args) -> int:
     if not images:
         raise ClientError(EXIT_USAGE, f"{args.labels}: no labelled images")
     conn = connect(args)
-    work = per_image_or_skip(conn, "FaceAnalyze", lambda item: backend_pb2.FaceAnalyzeRequest(
+    work = per_image_or_skip(conn, "FaceAnalyze", "img", lambda item: backend_pb2.FaceAnalyzeRequest(
         img=read_image_b64(item.path), anti_spoofing=True, ModelIdentity=args.identity))
     scored, no_face = [], []
     for item, result, error in run_all(images, work, args.jobs, "liveness"):

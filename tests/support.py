@@ -113,6 +113,18 @@ def single_face_photos() -> list[tuple[str, str]]:
     return [(data_path("face-recognition-examples", "images", i.file), i.label) for i in images]
 
 
+def assert_error_info(test: unittest.TestCase, error, reason: str, field: str | None = None) -> None:
+    """The failed call `error` carries the backend's google.rpc.ErrorInfo with `reason` and, when
+    given, metadata `field` ("" for none), read as client.py reads it."""
+    from backend import ERROR_DOMAIN
+    from client import error_info
+    info = error_info(error)
+    test.assertIsNotNone(info, f"no ErrorInfo on {error.code().name}: {error.details()!r}")
+    test.assertEqual((info.domain, info.reason), (ERROR_DOMAIN, reason), error.details())
+    if field is not None:
+        test.assertEqual(info.metadata.get("field", ""), field, error.details())
+
+
 def free_port() -> int:
     import socket
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -1,7 +1,8 @@
 """client.py, the operator command line, end to end: a real backend.py subprocess with the default
 model set, every subcommand run as `.venv/bin/python client.py ...` against it on the photos of
-../shared/data, and the error paths (missing file, unreachable server, gRPC status, bad token).
-The evaluation arithmetic itself is tests/test_evaluation.py."""
+../shared/data, and the error paths (missing file, unreachable server, gRPC status, bad token,
+which images an evaluation skips by the ErrorInfo reason). The evaluation arithmetic itself is
+tests/test_evaluation.py."""
 from __future__ import annotations
 
 import csv
@@ -166,6 +167,15 @@ class ClientAgainstServerTest(unittest.TestCase):
             # The identity guard: asking for another model than the loaded one is NOT_FOUND.
             line = self.fails(client.EXIT_REFUSED, "--identity", "default", "embed", self.obama_1)
             self.assertIn("NOT_FOUND", line)
+            # An evaluation stops on it (it is not about an image), as on liveness asked of a
+            # model without liveness weights.
+            labels = self.labels_csv("two.csv", "identity", [[self.obama_1, "obama"], [self.biden_1, "biden"]])
+            line = self.fails(client.EXIT_REFUSED, "--identity", "default", "evaluate", labels)
+            self.assertIn("NOT_FOUND: model identity mismatch", line)
+            labels = self.labels_csv("one.csv", "label", [[self.real_t1, "real"]])
+            line = self.fails(client.EXIT_REFUSED, "evaluate-liveness", labels)
+            self.assertIn("FAILED_PRECONDITION", line)
+            self.assertIn("antispoof_v2_onnx", line)
             self.assertEqual(self.ok("--identity", "buffalo_sc", "embed", self.obama_1)["dim"], 512)
         finally:
             self.ok("load", "--default")  # the repo's models/ is the default --model-path
@@ -271,6 +281,34 @@ class ClientAgainstServerTest(unittest.TestCase):
         self.assertGreater(os.path.getsize(plot), 0)
         self.assertGreaterEqual(width, 600)
         self.assertGreaterEqual(height, 300)
+
+    def test_evaluate_skips_the_images_the_server_refuses(self):
+        # NOT_FOUND (no face) and INVALID_ARGUMENT (not an image) with the image's field: skipped
+        # with their reason, and the evaluation goes on with the rest.
+        not_an_image = os.path.join(self.tmp, "not_an_image.jpg")
+        with open(not_an_image, "wb") as f:
+            f.write(b"certainly not a JPEG" * 50)
+        faceless = self.faceless()
+        labels = self.labels_csv("with_bad.csv", "identity", [
+            [self.obama_1, "obama"], [self.obama_2, "obama"], [self.biden_1, "biden"],
+            [faceless, "nobody"], [not_an_image, "nobody"]])
+        done = self.client("evaluate", labels)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        report = json.loads(done.stdout)
+        self.assertEqual((report["images"], report["same"], report["different"]), (3, 1, 2))
+        skipped = {entry["file"]: entry for entry in report["skipped_no_face"]}
+        self.assertEqual(skipped[faceless]["reason"], "NO_FACE")
+        self.assertEqual(skipped[faceless]["error"], "Embedding: NOT_FOUND: no face found in Images[0]")
+        self.assertEqual(skipped[not_an_image]["reason"], "IMAGE_UNDECODABLE")
+        self.assertIn("INVALID_ARGUMENT", skipped[not_an_image]["error"])
+        self.assertIn(f"skipped {faceless}", done.stderr)
+        # evaluate-liveness the same way, its rows keeping their label
+        labels = self.labels_csv("liveness_with_bad.csv", "label", [[self.real_t1, "real"], [self.spoof_f1, "spoof"],
+                                                                     [faceless, "real"]])
+        report = self.ok("evaluate-liveness", labels)
+        self.assertEqual((report["images"], report["real"], report["spoof"]), (2, 1, 1))
+        self.assertEqual([(e["file"], e["label"], e["reason"]) for e in report["skipped_no_face"]],
+                         [(faceless, "real", "NO_FACE")])
 
     def test_evaluate_missing_image_in_csv(self):
         labels = os.path.join(self.tmp, "broken.csv")
