@@ -2,7 +2,8 @@
 """gRPC face backend for a host inference server: `python backend.py --addr HOST:PORT`.
 
 The servicer only translates between wire messages and face_service.FaceService; every domain
-error becomes a status code in ERROR_STATUS and nowhere else.
+error becomes a status code in ERROR_STATUS and nowhere else, with a google.rpc.ErrorInfo saying
+why (the error's reason) and which request field was at fault.
 """
 from __future__ import annotations
 
@@ -20,13 +21,16 @@ from concurrent import futures
 
 import cv2
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 import backend_pb2
 import backend_pb2_grpc
 from engines import parse_load_request
 from engines.errors import (CallEndedError, FaceServiceError, IdentityMismatchError, InvalidInputError,
-                            ModelFileError, ModelOptionError, NoFaceError, PreconditionError)
+                            ModelFileError, ModelOptionError, NoFaceError, PreconditionError, Reason)
 from engines.runtime import usable_cpus
 from face_service import DEFAULT_MODEL_OPTIONS, AnalyzedFace, FaceService
 
@@ -35,6 +39,7 @@ log = logging.getLogger("face-backend")
 MAX_MESSAGE_BYTES = 50 * 1024 * 1024
 M_ARENA_MAX = -8  # glibc <malloc.h>
 SHUTDOWN_GRACE_SECONDS = float(os.environ.get("FACE_SHUTDOWN_GRACE_SECONDS", "10"))
+ERROR_DOMAIN = "faceverify"  # ErrorInfo.domain: whose reasons these are
 
 ERROR_STATUS = {
     InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -55,6 +60,18 @@ def status_for(error: FaceServiceError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str, reason: Reason,
+          field: str = "") -> None:
+    """Ends the call with `code` and `message`, and a google.rpc.ErrorInfo carrying `reason` and,
+    as metadata `field`, the request field at fault (grpc_status.rpc_status.from_call reads it)."""
+    info = error_details_pb2.ErrorInfo(reason=Reason(reason).value, domain=ERROR_DOMAIN,
+                                       metadata={"field": field} if field else {})
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    context.abort_with_status(rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=message, details=[detail])))
+
+
 def translate_errors(method):
     """Domain errors become their status code; anything else is INTERNAL with no internals shown."""
     @functools.wraps(method)
@@ -62,10 +79,10 @@ def translate_errors(method):
         try:
             return method(self, request, context)
         except FaceServiceError as error:
-            context.abort(status_for(error), str(error))
+            abort(context, status_for(error), str(error), error.reason, error.field)
         except Exception:  # a bug: log it, keep serving, never leak a traceback or answer UNKNOWN
             log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: internal error")
+            abort(context, grpc.StatusCode.INTERNAL, f"{method.__name__}: internal error", Reason.INTERNAL)
     return wrapper
 
 
@@ -193,7 +210,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
 
         def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+            abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token",
+                  Reason.BAD_TOKEN, "authorization")
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
 
     def intercept_service(self, continuation, handler_call_details):

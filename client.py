@@ -9,27 +9,31 @@ which kind: 2 usage, missing file or bad labels CSV; 3 server unreachable (or we
 4 the server refused the call (a gRPC status, or LoadModel answering success=false).
 The bearer token is --token, else the environment variable LOCALAI_GRPC_AUTH_TOKEN (the one the
 server reads), sent as `authorization: Bearer <token>`.
+
+The arithmetic of the evaluations is evaluation.py, their figures plotting.py.
 """
 from __future__ import annotations
 
 import argparse
 import base64
-import csv
+import contextlib
 import json
-import math
 import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 import backend_pb2
 import backend_pb2_grpc
+import evaluation
+from evaluation import LabelledImage
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ADDR = "127.0.0.1:50051"
@@ -40,17 +44,19 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_REFUSED = 4
 
-# A cosine distance is at most 2; a threshold this high accepts every pair.
-MAX_DISTANCE = 2.0
-
 
 class ClientError(Exception):
     """A failure reported as one stderr line and an exit code."""
 
-    def __init__(self, code: int, message: str, status: Optional[grpc.StatusCode] = None):
+    def __init__(self, code: int, message: str, status: Optional[grpc.StatusCode] = None,
+                 reason: str = "", field: str = ""):
         super().__init__(message)
         self.code = code
         self.status = status  # the gRPC status, when the server answered with one
+        # Its google.rpc.ErrorInfo, when it sent one: why (NO_FACE, IDENTITY_MISMATCH, ...) and
+        # which request field was at fault (img1, Images[0], ModelIdentity, ...).
+        self.reason = reason
+        self.field = field
 
 
 def one_line(text: str) -> str:
@@ -113,7 +119,25 @@ def rpc_error(name: str, error: grpc.RpcError) -> ClientError:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
     exit_code = EXIT_UNREACHABLE if code == grpc.StatusCode.UNAVAILABLE else EXIT_REFUSED
-    return ClientError(exit_code, f"{name}: {code.name}: {one_line(details or '')}", code)
+    info = error_info(error)
+    reason, field = (info.reason, info.metadata.get("field", "")) if info is not None else ("", "")
+    return ClientError(exit_code, f"{name}: {code.name}: {one_line(details or '')}", code, reason, field)
+
+
+def error_info(error: grpc.RpcError) -> Optional[error_details_pb2.ErrorInfo]:
+    """The google.rpc.ErrorInfo a failed call carries: the server's reason (NO_FACE, ...) and, as
+    metadata `field`, the request field at fault. None for a status gRPC made itself
+    (UNAVAILABLE, RESOURCE_EXHAUSTED, a deadline the client saw pass)."""
+    try:
+        status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+    except ValueError:  # details that contradict the call's own code or message: ignore them
+        status = None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
 
 
 def message_dict(message) -> dict:
@@ -226,59 +250,12 @@ def cmd_embed(args) -> int:
 
 # -- labelled sets ----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class LabelledImage:
-    file: str  # as written in the CSV
-    path: str  # resolved
-    label: str
-
-
-def resolve_image(csv_dir: str, name: str) -> Optional[str]:
-    """`<csv dir>/<file>`, else `<csv dir>/images/<file>` (the shared sets keep photos there)."""
-    for candidate in (os.path.join(csv_dir, name), os.path.join(csv_dir, "images", name)):
-        if os.path.isfile(candidate):
-            return candidate
-    return None
-
-
-def read_labels(csv_path: str, label_column: str, allowed: Optional[set[str]] = None) -> tuple[list[LabelledImage], list[str]]:
-    """Rows of a labels CSV with columns `file` and `label_column`; (images, skipped file names).
-
-    A row whose label holds several identities (`a;b`, a photo of several people) is skipped:
-    which face is whose cannot be told from the label alone.
-    """
+def read_labels(csv_path: str, label_column: str,
+                allowed: Optional[set[str]] = None) -> tuple[list[LabelledImage], list[str]]:
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            if "file" not in columns or label_column not in columns:
-                raise ClientError(EXIT_USAGE, f"{csv_path}: needs columns file,{label_column}"
-                                              f" (has {','.join(columns) or 'none'})")
-            rows = list(reader)
-    except FileNotFoundError:
-        raise ClientError(EXIT_USAGE, f"no such file: {csv_path}") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise ClientError(EXIT_USAGE, f"cannot read {csv_path}: {one_line(error)}") from None
-    csv_dir = os.path.dirname(os.path.abspath(csv_path))
-    images, skipped = [], []
-    for number, row in enumerate(rows, start=2):  # line 1 is the header
-        name, label = (row.get("file") or "").strip(), (row.get(label_column) or "").strip()
-        if not name:
-            continue
-        if ";" in label:
-            skipped.append(name)
-            continue
-        if not label:
-            raise ClientError(EXIT_USAGE, f"{csv_path}:{number}: empty {label_column} for {name}")
-        if allowed is not None and label.lower() not in allowed:
-            raise ClientError(EXIT_USAGE, f"{csv_path}:{number}: {label_column} must be one of "
-                                          f"{', '.join(sorted(allowed))}, got '{label}'")
-        path = resolve_image(csv_dir, name)
-        if path is None:
-            raise ClientError(EXIT_USAGE, f"{csv_path}:{number}: no such file: {name} (looked in"
-                                          f" {csv_dir} and {os.path.join(csv_dir, 'images')})")
-        images.append(LabelledImage(name, path, label.lower() if allowed is not None else label))
-    return images, skipped
+        return evaluation.read_labels(csv_path, label_column, allowed)
+    except evaluation.LabelsError as error:
+        raise ClientError(EXIT_USAGE, one_line(error)) from None
 
 
 def note(text: str) -> None:
@@ -294,126 +271,40 @@ def run_all(items: Sequence[LabelledImage], work: Callable[[LabelledImage], obje
                          file=sys.stderr, disable=None, leave=False))
 
 
-def per_image_or_skip(conn: Connection, name: str, request_of: Callable[[LabelledImage], object]):
-    """Runs one RPC per image; an image the server finds no face in (NOT_FOUND) or cannot decode
-    (INVALID_ARGUMENT) is reported and skipped, any other failure stops the evaluation."""
+def per_image_or_skip(conn: Connection, name: str, image_field: str, request_of: Callable[[LabelledImage], object]):
+    """Runs one RPC per image. An error the server pins on the image itself (its ErrorInfo field
+    is `image_field`: no face in it, not decodable, too large, ...) skips that image, reported
+    with its reason; any other failure (no model, identity mismatch, ...) stops the evaluation."""
     def work(item: LabelledImage):
         request = request_of(item)
         try:
             return item, conn.call(name, request), None
         except ClientError as error:
-            if error.status in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) \
-                    and "identity mismatch" not in str(error):
-                return item, None, str(error)
+            if error.field == image_field:
+                return item, None, error
             raise
     return work
 
 
-def rank_auc(positive: np.ndarray, negative: np.ndarray) -> Optional[float]:
-    """ROC AUC of scores where positives should score higher: the Mann-Whitney U statistic from
-    average ranks, so a tie counts one half."""
-    if len(positive) == 0 or len(negative) == 0:
-        return None
-    scores = np.concatenate([positive, negative])
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average rank over each run of ties (ranks start at 1)
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    n_pos, n_neg = len(positive), len(negative)
-    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+def skipped(item: LabelledImage, error: ClientError, **extra) -> dict:
+    note(f"skipped {item.file}: {error}")
+    return {"file": item.file, **extra, "error": str(error), "reason": error.reason}
 
 
-def rate(count: int, total: int) -> Optional[float]:
-    return count / total if total else None
-
-
-def rounded(value: Optional[float], digits: int = 4) -> Optional[float]:
-    return None if value is None else round(float(value), digits)
-
-
-def far_threshold(different: np.ndarray, target: float) -> tuple[float, int]:
-    """The largest threshold whose false-accept rate on these pairs is <= target (accept is
-    `distance < threshold`, as the server decides), and how many false accepts it allows."""
-    allowed = int(math.floor(target * len(different) + 1e-9))
-    if allowed >= len(different):
-        return MAX_DISTANCE, allowed
-    # Accepting fewer than allowed+1 impostors: stop at the (allowed+1)-th closest one.
-    return float(np.sort(different)[allowed]), allowed
-
-
-def save_figure(figure, path: str) -> None:
+@contextlib.contextmanager
+def plotting_to(path: str):
+    """The plotting module (matplotlib is imported only now); a file it cannot write is a usage error."""
+    import plotting
     try:
-        figure.savefig(path, dpi=100)
+        yield plotting
     except OSError as error:
         raise ClientError(EXIT_USAGE, f"cannot write {path}: {error.strerror or error}") from None
-
-
-def plotted_rate(mask: np.ndarray) -> float:
-    """Share of True in `mask` for a curve point; an empty class plots at 0."""
-    return rate(int(np.sum(mask)), mask.size) or 0.0
-
-
-def finish_curve(axes, xlabel: str, ylabel: str, title: str, legend_loc: str) -> None:
-    """The unit-square rate plot (ROC or DET) both evaluate commands draw."""
-    axes.set_xlim(-0.02, 1.02)
-    axes.set_ylim(-0.02, 1.02)
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
-    axes.set_title(title)
-    axes.legend(fontsize=8, loc=legend_loc)
-
-
-def finish_figure(plt, figure, title: str, path: str) -> None:
-    figure.suptitle(title)
-    figure.tight_layout()
-    try:
-        save_figure(figure, path)
-    finally:
-        plt.close(figure)
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_identity(path: str, same: np.ndarray, different: np.ndarray, default_threshold: float,
-                  recommended: float, title: str, threshold_name: str = "default threshold") -> None:
-    plt = pyplot()
-    figure, (hist, roc) = plt.subplots(1, 2, figsize=(12, 4.8))
-    bins = np.linspace(0.0, max(1.2, float(np.max(np.concatenate([same, different]))) + 0.05), 41)
-    hist.hist(different, bins=bins, alpha=0.6, color="tab:red", label=f"different person ({len(different)})")
-    hist.hist(same, bins=bins, alpha=0.6, color="tab:green", label=f"same person ({len(same)})")
-    hist.axvline(default_threshold, color="black", linestyle="--", label=f"{threshold_name} {default_threshold:.4f}")
-    hist.axvline(recommended, color="tab:blue", linestyle=":", label=f"recommended {recommended:.4f}")
-    hist.set_xlabel("cosine distance (1 - cos)")
-    hist.set_ylabel("pairs")
-    hist.set_title("pair distances")
-    hist.legend(fontsize=8)
-    thresholds = np.concatenate([[0.0], np.unique(np.concatenate([same, different])), [MAX_DISTANCE + 1e-6]])
-    far = [plotted_rate(different < t) for t in thresholds]
-    tar = [plotted_rate(same < t) for t in thresholds]
-    roc.plot(far, tar, color="tab:purple", drawstyle="steps-post")
-    for t, style, label in ((default_threshold, "ko", threshold_name), (recommended, "bs", "recommended")):
-        roc.plot([plotted_rate(different < t)], [plotted_rate(same < t)], style, label=f"{label} ({t:.4f})")
-    roc.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
-    finish_curve(roc, "false accept rate", "true accept rate", "ROC", "lower right")
-    finish_figure(plt, figure, title, path)
 
 
 def cmd_evaluate(args) -> int:
     if not 0.0 <= args.far <= 1.0:
         raise ClientError(EXIT_USAGE, f"--far must be within [0, 1], got {args.far}")
-    if not 0.0 <= args.threshold <= MAX_DISTANCE:
+    if not 0.0 <= args.threshold <= evaluation.MAX_DISTANCE:
         raise ClientError(EXIT_USAGE, f"--threshold must be a cosine distance in [0, 2], got {args.threshold}")
     images, multi = read_labels(args.labels, "identity")
     if multi:
@@ -421,13 +312,12 @@ def cmd_evaluate(args) -> int:
     if len(images) < 2:
         raise ClientError(EXIT_USAGE, f"{args.labels}: needs at least 2 single-identity images, has {len(images)}")
     conn = connect(args)
-    work = per_image_or_skip(conn, "Embedding", lambda item: backend_pb2.PredictOptions(
+    work = per_image_or_skip(conn, "Embedding", "Images[0]", lambda item: backend_pb2.PredictOptions(
         Images=[read_image_b64(item.path)], ModelIdentity=args.identity))
     embedded, no_face = [], []
     for item, result, error in run_all(images, work, args.jobs, "embedding"):
         if result is None:
-            no_face.append({"file": item.file, "error": error})
-            note(f"skipped {item.file}: {error}")
+            no_face.append(skipped(item, error))
         else:
             vector = np.asarray(result.embeddings, dtype=np.float64)
             embedded.append((item, vector / np.linalg.norm(vector)))
@@ -443,220 +333,56 @@ def cmd_evaluate(args) -> int:
     probe = conn.call("FaceVerify", backend_pb2.FaceVerifyRequest(
         img1=probe_image, img2=probe_image, threshold=0.0, ModelIdentity=args.identity))
     default_threshold = float(probe.threshold)
-    threshold = args.threshold if args.threshold else default_threshold
-
-    same, different, same_pairs, different_pairs = [], [], [], []
-    for i in range(len(embedded)):
-        for j in range(i + 1, len(embedded)):
-            (a, ea), (b, eb) = embedded[i], embedded[j]
-            distance = float(1.0 - ea @ eb)
-            (same if a.label == b.label else different).append(distance)
-            (same_pairs if a.label == b.label else different_pairs).append((a.file, b.file))
-    same_d, different_d = np.asarray(same), np.asarray(different)
-    if len(different_d):
-        recommended, allowed = far_threshold(different_d, args.far)
-        # Reported to 4 decimals, rounded down so that the value shown keeps FAR <= target.
-        recommended = math.floor(recommended * 1e4) / 1e4
-    else:
-        recommended, allowed = threshold, 0
-
-    def accepts(t: float) -> dict:
-        tar = rate(int(np.sum(same_d < t)), len(same_d))
-        far = rate(int(np.sum(different_d < t)), len(different_d))
-        return {"tar": rounded(tar), "far": rounded(far)}
-
-    at_threshold, at_recommended = accepts(threshold), accepts(recommended)
-    report = {
-        "labels": args.labels,
-        "model": probe.model,
-        "images": len(embedded),
-        "identities": len({item.label for item, _ in embedded}),
-        "skipped_multi_identity": multi,
-        "skipped_no_face": no_face,
-        "embedding_dim": dims.pop(),
-        "pairs": len(same) + len(different),
-        "same": len(same),
-        "different": len(different),
-        "default_threshold": rounded(default_threshold),
-        "threshold": rounded(threshold),
-        "tar": at_threshold["tar"],
-        "far": at_threshold["far"],
-        "auc": rounded(rank_auc(-same_d, -different_d)),  # closer = more alike
-        "max_same_distance": rounded(same_d.max()) if len(same_d) else None,
-        "max_same_pair": list(same_pairs[int(same_d.argmax())]) if len(same_d) else None,
-        "min_different_distance": rounded(different_d.min()) if len(different_d) else None,
-        "min_different_pair": list(different_pairs[int(different_d.argmin())]) if len(different_d) else None,
-        "far_target": args.far,
-        "recommended_threshold": rounded(recommended),
-        "tar_at_recommended": at_recommended["tar"],
-        "far_at_recommended": at_recommended["far"],
-        "recommended_support": support_note(len(different_d), allowed, args.far),
-    }
-    if threshold != default_threshold:
-        report["threshold_source"] = "--threshold"
+    result = evaluation.evaluate_identity(
+        [item.file for item, _ in embedded], [item.label for item, _ in embedded],
+        np.stack([vector for _, vector in embedded]), default_threshold=default_threshold,
+        threshold=args.threshold or default_threshold, far_target=args.far,
+        skipped_multi_identity=multi, skipped_no_face=no_face)
+    report = {"labels": args.labels, "model": probe.model, **result.report}
     if args.plot:
-        plot_identity(args.plot, same_d, different_d, threshold, recommended,
-                      f"{os.path.basename(args.labels)}: {probe.model}, {len(embedded)} images, "
-                      f"{len(same)} same / {len(different)} different pairs",
-                      "default threshold" if threshold == default_threshold else "--threshold")
+        with plotting_to(args.plot) as plotting:
+            plotting.plot_identity(
+                args.plot, result.pairs.same, result.pairs.different, result.threshold, result.recommended,
+                f"{os.path.basename(args.labels)}: {probe.model}, {report['images']} images, "
+                f"{report['same']} same / {report['different']} different pairs",
+                "default threshold" if result.threshold == default_threshold else "--threshold")
         report["plot"] = args.plot
     print_json(report)
     return 0
 
 
-def support_note(different: int, allowed: int, target: float) -> dict:
-    """How much the recommended threshold can be trusted: with n impostor pairs and k allowed
-    false accepts, the 'rule of three' bounds the true FAR at about 3/n (95%) when k = 0."""
-    text = (f"{different} different-person pairs back this estimate; a target FAR of {target:g} allows "
-            f"{allowed} false accept(s) among them")
-    if different and allowed == 0:
-        text += (f", so the recommended threshold is the closest different-person distance and the true FAR "
-                 f"there is only known to be below about {3.0 / different:.3g} (95%, rule of three)")
-    if different and different * target < 10:
-        text += f"; about {math.ceil(10 / target)} different-person pairs are needed to measure a FAR of {target:g}"
-    return {"different_pairs": different, "allowed_false_accepts": allowed, "note": text}
-
-
-# -- liveness ---------------------------------------------------------------------------------
-
-LIVENESS_LABELS = {"real", "spoof"}
-LIVENESS_DEFAULT_THRESHOLD = 0.5  # antispoof_threshold when the LoadModel options do not set it
-
-
-def liveness_rates(real: np.ndarray, spoof: np.ndarray, threshold: float) -> dict:
-    """APCER, BPCER and ACER when a face counts as real at `score >= threshold`."""
-    apcer = rate(int(np.sum(spoof >= threshold)), len(spoof))
-    bpcer = rate(int(np.sum(real < threshold)), len(real))
-    return {"apcer": rounded(apcer), "bpcer": rounded(bpcer), "acer": acer_of(apcer, bpcer)}
-
-
-def acer_of(apcer: Optional[float], bpcer: Optional[float]) -> Optional[float]:
-    if apcer is None or bpcer is None:
-        return None
-    return rounded((apcer + bpcer) / 2.0)
-
-
-def liveness_candidates(scores: np.ndarray) -> list[float]:
-    """One threshold per distinct outcome: below all scores, between neighbours, above all."""
-    unique = np.unique(np.clip(scores, 0.0, 1.0))
-    middles = (unique[:-1] + unique[1:]) / 2.0
-    return [float(unique[0] / 2.0)] + [float(m) for m in middles] + [float((unique[-1] + 1.0) / 2.0)]
-
-
-def recommend_liveness(real: np.ndarray, spoof: np.ndarray, apcer_target: Optional[float]) -> tuple[float, str]:
-    candidates = liveness_candidates(np.concatenate([real, spoof]))
-    if apcer_target is not None:
-        # The lowest threshold (fewest real faces rejected) that keeps APCER within the target.
-        for t in candidates:
-            apcer = rate(int(np.sum(spoof >= t)), len(spoof))
-            if apcer is None or apcer <= apcer_target + 1e-12:
-                return t, f"lowest threshold with APCER <= {apcer_target:g}"
-        return candidates[-1], f"no threshold reaches APCER <= {apcer_target:g}: all faces rejected"
-
-    def key(t: float):
-        r = liveness_rates(real, spoof, t)
-        # minimal ACER; among equals, fewer spoofs accepted, then the threshold nearest the default
-        return (r["acer"] if r["acer"] is not None else 0.0, r["apcer"] or 0.0,
-                abs(t - LIVENESS_DEFAULT_THRESHOLD))
-    # The default is a candidate too: when it is already optimal on this set it is kept, rather
-    # than moved to another point of the same gap on the evidence of a few images.
-    return (min(candidates + [LIVENESS_DEFAULT_THRESHOLD], key=key),
-            "minimal ACER (ties: lower APCER, then nearest 0.5)")
-
-
-def plot_liveness(path: str, real: np.ndarray, spoof: np.ndarray, server_threshold: Optional[float],
-                  recommended: float, title: str) -> None:
-    plt = pyplot()
-    figure, (hist, det) = plt.subplots(1, 2, figsize=(12, 4.8))
-    bins = np.linspace(0.0, 1.0, 21)
-    hist.hist(spoof, bins=bins, alpha=0.6, color="tab:red", label=f"spoof ({len(spoof)})")
-    hist.hist(real, bins=bins, alpha=0.6, color="tab:green", label=f"real ({len(real)})")
-    if server_threshold is not None:
-        hist.axvline(server_threshold, color="black", linestyle="--", label=f"server threshold {server_threshold:g}")
-    hist.axvline(recommended, color="tab:blue", linestyle=":", label=f"recommended {recommended:.4f}")
-    hist.set_xlabel("antispoof_score = P(real)")
-    hist.set_ylabel("images")
-    hist.set_title("liveness scores")
-    hist.legend(fontsize=8)
-    thresholds = [0.0] + liveness_candidates(np.concatenate([real, spoof])) + [1.0 + 1e-6]
-    apcer = [plotted_rate(spoof >= t) for t in thresholds]
-    bpcer = [plotted_rate(real < t) for t in thresholds]
-    det.plot(apcer, bpcer, color="tab:purple", marker=".")
-    points = [(recommended, "bs", "recommended")]
-    if server_threshold is not None:
-        points.insert(0, (server_threshold, "ko", "server"))
-    for t, style, label in points:
-        det.plot([plotted_rate(spoof >= t)], [plotted_rate(real < t)], style, label=f"{label} ({t:.4f})")
-    finish_curve(det, "APCER (spoofs accepted)", "BPCER (real faces rejected)", "DET (linear axes)", "upper right")
-    finish_figure(plt, figure, title, path)
-
-
 def cmd_evaluate_liveness(args) -> int:
     if args.apcer is not None and not 0.0 <= args.apcer <= 1.0:
         raise ClientError(EXIT_USAGE, f"--apcer must be within [0, 1], got {args.apcer}")
-    images, _ = read_labels(args.labels, "label", LIVENESS_LABELS)
+    images, _ = read_labels(args.labels, "label", evaluation.LIVENESS_LABELS)
     if not images:
         raise ClientError(EXIT_USAGE, f"{args.labels}: no labelled images")
     conn = connect(args)
-    work = per_image_or_skip(conn, "FaceAnalyze", lambda item: backend_pb2.FaceAnalyzeRequest(
+    work = per_image_or_skip(conn, "FaceAnalyze", "img", lambda item: backend_pb2.FaceAnalyzeRequest(
         img=read_image_b64(item.path), anti_spoofing=True, ModelIdentity=args.identity))
-    rows, scores, no_face = [], [], []
+    scored, no_face = [], []
     for item, result, error in run_all(images, work, args.jobs, "liveness"):
+        if result is not None and not result.faces:  # FaceAnalyze answers a faceless photo with []
+            result, error = None, ClientError(EXIT_REFUSED, "FaceAnalyze: no face found in img",
+                                              reason="NO_FACE", field="img")
         if result is None:
-            no_face.append({"file": item.file, "label": item.label, "error": error})
-            note(f"skipped {item.file}: {error}")
+            no_face.append(skipped(item, error, label=item.label))
             continue
         # The face a check is about: the largest box, ties to the detector's more confident face.
         face = max(result.faces, key=lambda f: (f.region.w * f.region.h, f.face_confidence))
         if not face.HasField("antispoof_score"):
             raise ClientError(EXIT_REFUSED, "FaceAnalyze: the server returned no antispoof_score")
-        rows.append({"file": item.file, "label": item.label, "faces": len(result.faces),
-                     "antispoof_score": rounded(face.antispoof_score), "is_real": face.is_real})
-        scores.append(float(face.antispoof_score))
-    real = np.asarray([s for r, s in zip(rows, scores) if r["label"] == "real"], dtype=np.float64)
-    spoof = np.asarray([s for r, s in zip(rows, scores) if r["label"] == "spoof"], dtype=np.float64)
-    if not rows:
+        scored.append(evaluation.ScoredImage(item.file, item.label, len(result.faces),
+                                             float(face.antispoof_score), face.is_real))
+    if not scored:
         raise ClientError(EXIT_REFUSED, "no image could be analysed")
-
-    spoofs_accepted = sum(1 for r in rows if r["label"] == "spoof" and r["is_real"])
-    reals_rejected = sum(1 for r in rows if r["label"] == "real" and not r["is_real"])
-    apcer, bpcer = rate(spoofs_accepted, len(spoof)), rate(reals_rejected, len(real))
-    # The threshold is not on the wire: the LoadModel default 0.5 is reported when every verdict
-    # agrees with it (is_real exactly when score >= 0.5), otherwise it was set to something else.
-    consistent = all(r["is_real"] == (s >= LIVENESS_DEFAULT_THRESHOLD) for r, s in zip(rows, scores))
-    server_threshold = LIVENESS_DEFAULT_THRESHOLD if consistent else None
-    recommended, criterion = recommend_liveness(real, spoof, args.apcer)
-    recommended = round(recommended, 4)  # a midpoint between two scores; the rates below are at this value
-    at_recommended = liveness_rates(real, spoof, recommended)
-    report = {
-        "labels": args.labels,
-        "images": len(rows),
-        "real": len(real),
-        "spoof": len(spoof),
-        "skipped_no_face": no_face,
-        "server_threshold": server_threshold,
-        "apcer": rounded(apcer),
-        "bpcer": rounded(bpcer),
-        "acer": acer_of(apcer, bpcer),
-        "spoofs_accepted": spoofs_accepted,
-        "reals_rejected": reals_rejected,
-        "auc": rounded(rank_auc(real, spoof)),
-        "recommended_threshold": rounded(recommended),
-        "recommended_criterion": criterion,
-        "apcer_at_recommended": at_recommended["apcer"],
-        "bpcer_at_recommended": at_recommended["bpcer"],
-        "acer_at_recommended": at_recommended["acer"],
-        "results": rows,
-    }
-    if not consistent:
-        report["server_threshold_note"] = ("the is_real verdicts do not all match score >= 0.5: the model was "
-                                           "loaded with another antispoof_threshold")
-    if recommended < LIVENESS_DEFAULT_THRESHOLD:
-        report["recommended_note"] = ("below 0.5 the server also requires 'real' to be the most likely of "
-                                      "its 3 classes, so antispoof_threshold set to this value may reject a little more")
+    result = evaluation.evaluate_liveness(scored, args.apcer, skipped_no_face=no_face)
+    report = {"labels": args.labels, **result.report}
     if args.plot:
-        plot_liveness(args.plot, real, spoof, server_threshold, recommended,
-                      f"{os.path.basename(args.labels)}: {len(real)} real, {len(spoof)} spoof")
+        with plotting_to(args.plot) as plotting:
+            plotting.plot_liveness(args.plot, result.real, result.spoof, result.server_threshold, result.recommended,
+                                   f"{os.path.basename(args.labels)}: {len(result.real)} real, "
+                                   f"{len(result.spoof)} spoof")
         report["plot"] = args.plot
     print_json(report)
     return 0

@@ -8,7 +8,6 @@ Two sets of real photos from ../shared/data:
 from __future__ import annotations
 
 import csv
-import itertools
 import os
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import cv2
 import numpy as np
 
 from engines import FaceEngine
+from evaluation import MAX_DISTANCE, labelled_pairs, read_labels
 from face_service import best_face
 
 HELDOUT_LABELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "heldout_faces.csv")
@@ -48,15 +48,12 @@ class PairStats:
 
 def calibration_faces(engine: FaceEngine, data_dir: str) -> list[LabelledFace]:
     """The best face of every single-face photo in face-recognition-examples/labels.csv."""
-    base = os.path.join(data_dir, "face-recognition-examples")
+    images, _ = read_labels(os.path.join(data_dir, "face-recognition-examples", "labels.csv"), "identity")
     faces = []
-    with open(os.path.join(base, "labels.csv"), newline="") as f:
-        for row in csv.DictReader(f):
-            if ";" in row["identity"]:
-                continue
-            image = cv2.imread(os.path.join(base, "images", row["file"]))
-            face = best_face(engine.detect(image))
-            faces.append(LabelledFace(row["identity"], row["file"], engine.embed(image, face)))
+    for item in images:
+        image = cv2.imread(item.path)
+        face = best_face(engine.detect(image))
+        faces.append(LabelledFace(item.label, item.file, engine.embed(image, face)))
     return faces
 
 
@@ -83,19 +80,11 @@ def heldout_faces(engine: FaceEngine, data_dir: str) -> list[LabelledFace]:
 def pair_stats(faces: list[LabelledFace], threshold: float,
                only_with: list[LabelledFace] | None = None) -> PairStats:
     """Accept counts over all pairs (or only pairs with at least one face of `only_with`)."""
-    required = {id(f) for f in only_with} if only_with is not None else None
-    same = different = true_accepts = false_accepts = 0
-    max_same, min_different = 0.0, 2.0
-    for a, b in itertools.combinations(faces, 2):
-        if required is not None and id(a) not in required and id(b) not in required:
-            continue
-        distance = float(1.0 - a.embedding @ b.embedding)
-        if a.identity == b.identity:
-            same += 1
-            true_accepts += distance < threshold
-            max_same = max(max_same, distance)
-        else:
-            different += 1
-            false_accepts += distance < threshold
-            min_different = min(min_different, distance)
-    return PairStats(same, different, true_accepts, false_accepts, max_same, min_different)
+    involving = None
+    if only_with is not None:
+        required = {id(f) for f in only_with}
+        involving = [i for i, face in enumerate(faces) if id(face) in required]
+    pairs = labelled_pairs([f.identity for f in faces], np.stack([f.embedding for f in faces]), involving)
+    true_accepts, false_accepts = pairs.accepted(threshold)
+    return PairStats(len(pairs.same), len(pairs.different), true_accepts, false_accepts,
+                     float(pairs.same.max(initial=0.0)), float(pairs.different.min(initial=MAX_DISTANCE)))

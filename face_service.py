@@ -190,16 +190,17 @@ class FaceService:
     def _model_for(self, identity: str) -> LoadedModel:
         model = self._model
         if model is None:
-            raise PreconditionError("no model is loaded: call LoadModel first")
+            raise PreconditionError("no model is loaded: call LoadModel first", reason="NO_MODEL_LOADED")
         if identity and model.name and identity != model.name:
             raise IdentityMismatchError(
-                f"model identity mismatch: loaded '{model.name}', requested '{identity}'")
+                f"model identity mismatch: loaded '{model.name}', requested '{identity}'",
+                field="ModelIdentity")
         return model
 
     @staticmethod
     def _require_liveness(model: LoadedModel) -> LivenessEnsemble:
         if model.liveness is None:
-            raise PreconditionError(LIVENESS_MISSING)
+            raise PreconditionError(LIVENESS_MISSING, reason="LIVENESS_WEIGHTS_MISSING", field="anti_spoofing")
         return model.liveness
 
     @staticmethod
@@ -207,7 +208,7 @@ class FaceService:
                threshold: Optional[float] = None) -> list[FaceDetection]:
         faces = engine.detect(image, threshold)
         if not faces:
-            raise NoFaceError(f"no face found in {name}")
+            raise NoFaceError(f"no face found in {name}", field=name)
         return faces
 
     # -- requests ----------------------------------------------------------------------------
@@ -217,7 +218,8 @@ class FaceService:
         model = self._model_for(identity)
         liveness = self._require_liveness(model) if anti_spoofing else None
         if threshold < 0 or not math.isfinite(threshold):
-            raise InvalidInputError(f"threshold must be a cosine distance >= 0, got {threshold}")
+            raise InvalidInputError(f"threshold must be a cosine distance >= 0, got {threshold}",
+                                    reason="BAD_THRESHOLD", field="threshold")
         threshold = threshold or model.engine.default_threshold
         first, second = self._side_by_side(
             model, lambda stage: self._verify_image(model, liveness, img1, "img1", stage),
@@ -293,7 +295,8 @@ class FaceService:
         unknown = requested - set(HOST_ACTIONS)
         if unknown:
             raise InvalidInputError(f"actions: unsupported action(s) {', '.join(sorted(unknown))};"
-                                    f" actions are a subset of {', '.join(HOST_ACTIONS)}")
+                                    f" actions are a subset of {', '.join(HOST_ACTIONS)}",
+                                    reason="BAD_ACTION", field="actions")
         if not requested:
             return engine.supported_actions
         return frozenset(requested) & engine.supported_actions
@@ -302,7 +305,8 @@ class FaceService:
               checkpoint: Checkpoint = _always_continue) -> Embedding:
         model = self._model_for(identity)
         if not images:
-            raise InvalidInputError("Images[0]: no image given (Embedding needs one image)")
+            raise InvalidInputError("Images[0]: no image given (Embedding needs one image)",
+                                    reason="IMAGE_MISSING", field="Images[0]")
         image = decode_image(images[0], "Images[0]")
         checkpoint("detection")
         face = best_face(self._faces(model.engine, image, "Images[0]"))
@@ -313,7 +317,8 @@ class FaceService:
                checkpoint: Checkpoint = _always_continue) -> list[FaceDetection]:
         model = self._model_for(identity)
         if threshold < 0 or threshold > 1 or not math.isfinite(threshold):
-            raise InvalidInputError(f"threshold must be a detector score in [0, 1], got {threshold}")
+            raise InvalidInputError(f"threshold must be a detector score in [0, 1], got {threshold}",
+                                    reason="BAD_THRESHOLD", field="threshold")
         image = decode_image(src, "src")
         checkpoint("detection")
         return model.engine.detect(image, threshold if threshold > 0 else None)

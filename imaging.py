@@ -46,14 +46,16 @@ _WHITESPACE = re.compile(r"\s+")
 def decode_base64(data: str, name: str) -> bytes:
     """Strict base64 (a `data:<mime>;base64,` prefix is accepted); garbage is an error."""
     if not data:
-        raise InvalidInputError(f"{name}: no image data")
+        raise InvalidInputError(f"{name}: no image data", reason="IMAGE_MISSING", field=name)
     if data.startswith("data:"):
         header, sep, data = data.partition(",")
         if not sep or not header.endswith(";base64"):
-            raise InvalidInputError(f"{name}: data URI must be of the form data:<mime>;base64,<data>")
+            raise InvalidInputError(f"{name}: data URI must be of the form data:<mime>;base64,<data>",
+                                    reason="IMAGE_NOT_BASE64", field=name)
     # Allowed lengths are checked before the string is copied or decoded.
     if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 1024:
-        raise InvalidInputError(f"{name}: image is larger than {MAX_IMAGE_BYTES} bytes")
+        raise InvalidInputError(f"{name}: image is larger than {MAX_IMAGE_BYTES} bytes",
+                                reason="IMAGE_TOO_LARGE", field=name)
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
@@ -62,9 +64,10 @@ def decode_base64(data: str, name: str) -> bytes:
         try:
             raw = base64.b64decode(_WHITESPACE.sub("", data), validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidInputError(f"{name}: not valid base64") from None
+            raise InvalidInputError(f"{name}: not valid base64", reason="IMAGE_NOT_BASE64",
+                                    field=name) from None
     if not raw:
-        raise InvalidInputError(f"{name}: no image data")
+        raise InvalidInputError(f"{name}: no image data", reason="IMAGE_MISSING", field=name)
     return raw
 
 
@@ -77,24 +80,28 @@ def check_header(raw: bytes, name: str) -> tuple[str, int, int]:
             with Image.open(io.BytesIO(raw)) as header:
                 fmt, (width, height) = header.format or "", header.size
     except Image.DecompressionBombError:
-        raise InvalidInputError(f"{name}: image has more than {MAX_IMAGE_PIXELS} pixels") from None
+        raise InvalidInputError(f"{name}: image has more than {MAX_IMAGE_PIXELS} pixels",
+                                reason="IMAGE_TOO_LARGE", field=name) from None
     except Exception:
         # Pillow's format plugins raise many types on malformed headers (UnidentifiedImageError,
         # OSError, SyntaxError, but also NotImplementedError, EOFError, struct.error, ...): whatever
         # the bytes, a header Pillow cannot read is the caller's error, never an internal one.
-        raise InvalidInputError(f"{name}: not a decodable image (JPEG, PNG, WebP, BMP, TIFF)") from None
+        raise InvalidInputError(f"{name}: not a decodable image (JPEG, PNG, WebP, BMP, TIFF)",
+                                reason="IMAGE_UNDECODABLE", field=name) from None
     if fmt.upper() not in SUPPORTED_FORMATS:
         raise InvalidInputError(f"{name}: unsupported image format {fmt or 'unknown'};"
-                                " send JPEG, PNG, WebP, BMP or TIFF")
+                                " send JPEG, PNG, WebP, BMP or TIFF",
+                                reason="IMAGE_FORMAT_UNSUPPORTED", field=name)
     if width * height > MAX_IMAGE_PIXELS:
         raise InvalidInputError(f"{name}: image is {width}x{height} pixels, more than the"
-                                f" {MAX_IMAGE_PIXELS} allowed")
+                                f" {MAX_IMAGE_PIXELS} allowed", reason="IMAGE_TOO_LARGE", field=name)
     if max(width, height) > MAX_IMAGE_SIDE:
         raise InvalidInputError(f"{name}: image is {width}x{height} pixels, a side longer than the"
-                                f" {MAX_IMAGE_SIDE} allowed")
+                                f" {MAX_IMAGE_SIDE} allowed", reason="IMAGE_TOO_LARGE", field=name)
     if min(width, height) < MIN_IMAGE_SIDE:
         raise InvalidInputError(f"{name}: image is {width}x{height} pixels, too small to hold a face"
-                                f" (at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})")
+                                f" (at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})",
+                                reason="IMAGE_TOO_SMALL", field=name)
     return fmt, width, height
 
 
@@ -102,7 +109,8 @@ def decode_image(data: str, name: str) -> np.ndarray:
     """The image in `data` as an HxWx3 uint8 BGR array, EXIF orientation applied."""
     raw = decode_base64(data, name)
     if len(raw) > MAX_IMAGE_BYTES:
-        raise InvalidInputError(f"{name}: image is larger than {MAX_IMAGE_BYTES} bytes")
+        raise InvalidInputError(f"{name}: image is larger than {MAX_IMAGE_BYTES} bytes",
+                                reason="IMAGE_TOO_LARGE", field=name)
     fmt, _, _ = check_header(raw, name)
     if fmt.upper() == "GIF":
         image = _decode_with_pillow(raw)  # OpenCV builds differ in GIF support
@@ -114,7 +122,8 @@ def decode_image(data: str, name: str) -> np.ndarray:
         except cv2.error:  # some malformed headers fail an OpenCV assertion instead of returning None
             image = None
     if image is None or image.size == 0:
-        raise InvalidInputError(f"{name}: image data is corrupt or truncated")
+        raise InvalidInputError(f"{name}: image data is corrupt or truncated",
+                                reason="IMAGE_UNDECODABLE", field=name)
     return image
 
 

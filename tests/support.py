@@ -109,11 +109,21 @@ def faceless_image(width: int = 640, height: int = 480):
 
 def single_face_photos() -> list[tuple[str, str]]:
     """(path, identity) of the 13 single-face photos of face-recognition-examples/labels.csv."""
-    import csv
-    labels = data_path("face-recognition-examples", "labels.csv")
-    with open(labels, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if ";" not in r["identity"]]
-    return [(data_path("face-recognition-examples", "images", r["file"]), r["identity"]) for r in rows]
+    from evaluation import read_labels
+    images, _ = read_labels(data_path("face-recognition-examples", "labels.csv"), "identity")
+    return [(data_path("face-recognition-examples", "images", i.file), i.label) for i in images]
+
+
+def assert_error_info(test: unittest.TestCase, error, reason: str, field: str | None = None) -> None:
+    """The failed call `error` carries the backend's google.rpc.ErrorInfo with `reason` and, when
+    given, metadata `field` ("" for none), read as client.py reads it."""
+    from backend import ERROR_DOMAIN
+    from client import error_info
+    info = error_info(error)
+    test.assertIsNotNone(info, f"no ErrorInfo on {error.code().name}: {error.details()!r}")
+    test.assertEqual((info.domain, info.reason), (ERROR_DOMAIN, reason), error.details())
+    if field is not None:
+        test.assertEqual(info.metadata.get("field", ""), field, error.details())
 
 
 def free_port() -> int:

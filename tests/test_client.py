@@ -1,15 +1,14 @@
 """client.py, the operator command line, end to end: a real backend.py subprocess with the default
 model set, every subcommand run as `.venv/bin/python client.py ...` against it on the photos of
-../shared/data, and the error paths (missing file, unreachable server, gRPC status, bad token).
-The evaluation arithmetic (rank AUC, FAR threshold, liveness threshold) is checked directly."""
+../shared/data, and the error paths (missing file, unreachable server, gRPC status, bad token,
+which images an evaluation skips by the ErrorInfo reason). The evaluation arithmetic itself is
+tests/test_evaluation.py."""
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,12 +29,6 @@ CLIENT = os.path.join(REPO, "client.py")
 DEFAULT_FILES = ("face_detection_yunet_2023mar.onnx", "MobileFaceNet.onnx", "MiniFASNetV2.onnx",
                  "MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx", "facial_expression_recognition_mobilefacenet_2022july_int8.onnx")
 SERVER_START_SECONDS = 60
-
-
-def unused_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict:
@@ -107,7 +100,7 @@ class ClientAgainstServerTest(unittest.TestCase):
         cls.spoof_f2 = support.data_path("silent-face-samples", "image_F2.jpg")
         cls.group = support.data_path("insightface-wheel-images", "t1.jpg")
         cls.tmp = tempfile.mkdtemp(prefix="test_client_")
-        cls.port = unused_port()
+        cls.port = support.free_port()
         cls.addr = f"127.0.0.1:{cls.port}"
         cls.server = start_server(cls.port, clean_env(), preload=True)
         try:
@@ -133,6 +126,20 @@ class ClientAgainstServerTest(unittest.TestCase):
         done = self.client(*args, **kwargs)
         self.assertEqual(done.returncode, 0, f"client {' '.join(args)} failed: {done.stderr}")
         return json.loads(done.stdout)
+
+    def labels_csv(self, name: str, column: str, rows) -> str:
+        """A labels CSV in the test's directory: columns file,<column>, one (path, label) a row."""
+        path = os.path.join(self.tmp, name)
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", column])
+            writer.writerows(rows)
+        return path
+
+    def faceless(self) -> str:
+        path = os.path.join(self.tmp, "faceless.png")
+        self.assertTrue(cv2.imwrite(path, support.faceless_image()))
+        return path
 
     def fails(self, code: int, *args: str, **kwargs) -> str:
         """Runs a call that must fail with exit `code` and exactly one stderr line; returns it."""
@@ -160,6 +167,15 @@ class ClientAgainstServerTest(unittest.TestCase):
             # The identity guard: asking for another model than the loaded one is NOT_FOUND.
             line = self.fails(client.EXIT_REFUSED, "--identity", "default", "embed", self.obama_1)
             self.assertIn("NOT_FOUND", line)
+            # An evaluation stops on it (it is not about an image), as on liveness asked of a
+            # model without liveness weights.
+            labels = self.labels_csv("two.csv", "identity", [[self.obama_1, "obama"], [self.biden_1, "biden"]])
+            line = self.fails(client.EXIT_REFUSED, "--identity", "default", "evaluate", labels)
+            self.assertIn("NOT_FOUND: model identity mismatch", line)
+            labels = self.labels_csv("one.csv", "label", [[self.real_t1, "real"]])
+            line = self.fails(client.EXIT_REFUSED, "evaluate-liveness", labels)
+            self.assertIn("FAILED_PRECONDITION", line)
+            self.assertIn("antispoof_v2_onnx", line)
             self.assertEqual(self.ok("--identity", "buffalo_sc", "embed", self.obama_1)["dim"], 512)
         finally:
             self.ok("load", "--default")  # the repo's models/ is the default --model-path
@@ -266,6 +282,34 @@ class ClientAgainstServerTest(unittest.TestCase):
         self.assertGreaterEqual(width, 600)
         self.assertGreaterEqual(height, 300)
 
+    def test_evaluate_skips_the_images_the_server_refuses(self):
+        # NOT_FOUND (no face) and INVALID_ARGUMENT (not an image) with the image's field: skipped
+        # with their reason, and the evaluation goes on with the rest.
+        not_an_image = os.path.join(self.tmp, "not_an_image.jpg")
+        with open(not_an_image, "wb") as f:
+            f.write(b"certainly not a JPEG" * 50)
+        faceless = self.faceless()
+        labels = self.labels_csv("with_bad.csv", "identity", [
+            [self.obama_1, "obama"], [self.obama_2, "obama"], [self.biden_1, "biden"],
+            [faceless, "nobody"], [not_an_image, "nobody"]])
+        done = self.client("evaluate", labels)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        report = json.loads(done.stdout)
+        self.assertEqual((report["images"], report["same"], report["different"]), (3, 1, 2))
+        skipped = {entry["file"]: entry for entry in report["skipped_no_face"]}
+        self.assertEqual(skipped[faceless]["reason"], "NO_FACE")
+        self.assertEqual(skipped[faceless]["error"], "Embedding: NOT_FOUND: no face found in Images[0]")
+        self.assertEqual(skipped[not_an_image]["reason"], "IMAGE_UNDECODABLE")
+        self.assertIn("INVALID_ARGUMENT", skipped[not_an_image]["error"])
+        self.assertIn(f"skipped {faceless}", done.stderr)
+        # evaluate-liveness the same way, its rows keeping their label
+        labels = self.labels_csv("liveness_with_bad.csv", "label", [[self.real_t1, "real"], [self.spoof_f1, "spoof"],
+                                                                     [faceless, "real"]])
+        report = self.ok("evaluate-liveness", labels)
+        self.assertEqual((report["images"], report["real"], report["spoof"]), (2, 1, 1))
+        self.assertEqual([(e["file"], e["label"], e["reason"]) for e in report["skipped_no_face"]],
+                         [(faceless, "real", "NO_FACE")])
+
     def test_evaluate_missing_image_in_csv(self):
         labels = os.path.join(self.tmp, "broken.csv")
         with open(labels, "w", newline="") as f:
@@ -274,14 +318,10 @@ class ClientAgainstServerTest(unittest.TestCase):
         self.assertIn("not_there.jpg", line)
 
     def test_evaluate_liveness_with_plot(self):
-        labels = os.path.join(self.tmp, "liveness.csv")
         reals = [support.data_path("face-recognition-examples", "images", name)
                  for name in ("biden_1.jpg", "kit_harington_1.jpg", "obama_2.jpg", "rose_leslie_1.jpg")]
-        with open(labels, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["file", "label"])
-            writer.writerows([[self.spoof_f1, "spoof"], [self.spoof_f2, "spoof"], [self.real_t1, "real"]]
-                             + [[path, "real"] for path in reals])
+        rows = [[self.spoof_f1, "spoof"], [self.spoof_f2, "spoof"], [self.real_t1, "real"]]
+        labels = self.labels_csv("liveness.csv", "label", rows + [[path, "real"] for path in reals])
         plot = os.path.join(self.tmp, "liveness.png")
         report = self.ok("evaluate-liveness", labels, "--plot", plot)
         self.assertEqual((report["images"], report["real"], report["spoof"]), (7, 5, 2))
@@ -308,22 +348,16 @@ class ClientAgainstServerTest(unittest.TestCase):
     def test_unreachable_server_fails_fast(self):
         started = time.monotonic()
         line = self.fails(client.EXIT_UNREACHABLE, "verify", self.obama_1, self.obama_2,
-                          addr=f"127.0.0.1:{unused_port()}", timeout=30)
+                          addr=f"127.0.0.1:{support.free_port()}", timeout=30)
         self.assertLess(time.monotonic() - started, 10)
         self.assertIn("cannot reach the server", line)
 
     def test_no_face_is_not_found(self):
-        gradient = os.path.join(self.tmp, "gradient.png")
-        image = np.zeros((480, 640, 3), np.uint8)
-        image[..., 0] = np.linspace(0, 255, 640, dtype=np.uint8)[None, :]
-        image[..., 1] = 128
-        image[..., 2] = np.linspace(255, 0, 480, dtype=np.uint8)[:, None]
-        self.assertTrue(cv2.imwrite(gradient, image))
-        line = self.fails(client.EXIT_REFUSED, "verify", self.obama_1, gradient)
+        line = self.fails(client.EXIT_REFUSED, "verify", self.obama_1, self.faceless())
         self.assertEqual(line, "error: FaceVerify: NOT_FOUND: no face found in img2")
 
     def test_wrong_token_is_unauthenticated(self):
-        port = unused_port()
+        port = support.free_port()
         server = start_server(port, clean_env(**{client.TOKEN_ENV: "s3cret"}), preload=False)
         try:
             wait_for_health(server, port, token="s3cret")
@@ -340,52 +374,16 @@ class ClientAgainstServerTest(unittest.TestCase):
 
 
 class ClientOfflineTest(unittest.TestCase):
-    """The numbers `evaluate` and `evaluate-liveness` report, against brute force, and the label
-    files, without a server."""
+    """What needs no server: the client's imports and the shipped example labels."""
 
-    def test_rank_auc_matches_pair_counting_with_ties(self):
-        rng = np.random.default_rng(7)
-        for _ in range(20):
-            positive = rng.integers(0, 6, size=rng.integers(1, 15)).astype(float)
-            negative = rng.integers(0, 6, size=rng.integers(1, 15)).astype(float)
-            brute = np.mean([1.0 if p > n else 0.5 if p == n else 0.0
-                             for p, n in itertools.product(positive, negative)])
-            self.assertAlmostEqual(client.rank_auc(positive, negative), brute, places=12)
-        self.assertIsNone(client.rank_auc(np.array([]), np.array([1.0])))
-
-    def test_far_threshold_is_the_largest_meeting_the_target(self):
-        different = np.array([0.9, 0.7, 0.8, 1.1, 0.75, 1.0, 0.95, 0.85, 0.65, 1.2])
-        for target in (0.0, 0.001, 0.1, 0.25, 0.5, 0.99):
-            threshold, allowed = client.far_threshold(different, target)
-            self.assertLessEqual(np.mean(different < threshold), target)
-            # anything above it lets one impostor too many through
-            self.assertGreater(np.mean(different < threshold + 1e-9), target)
-            self.assertEqual(allowed, int(target * len(different)))
-        self.assertEqual(client.far_threshold(different, 1.0)[0], client.MAX_DISTANCE)
-
-    def test_liveness_recommendation(self):
-        real = np.array([0.99, 0.95, 0.7, 0.3])
-        spoof = np.array([0.1, 0.2, 0.6])
-        threshold, _ = client.recommend_liveness(real, spoof, None)
-        best = min(client.liveness_rates(real, spoof, t)["acer"] for t in np.linspace(0, 1, 1001))
-        self.assertAlmostEqual(client.liveness_rates(real, spoof, threshold)["acer"], best)
-        strict, _ = client.recommend_liveness(real, spoof, 0.0)
-        rates = client.liveness_rates(real, spoof, strict)
-        self.assertEqual(rates["apcer"], 0.0)
-        self.assertEqual(rates["bpcer"], 0.25)  # the lowest threshold above 0.6 (0.65) rejects 0.3
-
-    def test_labels_fall_back_to_images_dir_and_skip_group_rows(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            os.mkdir(os.path.join(tmp, "images"))
-            for name in ("a.jpg", "b.jpg"):
-                open(os.path.join(tmp, "images" if name == "a.jpg" else "", name), "wb").close()
-            labels = os.path.join(tmp, "labels.csv")
-            with open(labels, "w") as f:
-                f.write("file,identity\na.jpg,x\nb.jpg,y\ngroup.jpg,x;y\n")
-            images, skipped = client.read_labels(labels, "identity")
-            self.assertEqual([os.path.relpath(i.path, tmp) for i in images],
-                             [os.path.join("images", "a.jpg"), "b.jpg"])
-            self.assertEqual(skipped, ["group.jpg"])
+    def test_the_command_line_imports_no_engine_and_no_plotting(self):
+        # `client.py status` on a machine without the models' runtime: gRPC, numpy and the
+        # evaluation arithmetic only; matplotlib comes in with --plot.
+        probe = ("import sys, client; print(' '.join(sorted(m for m in ('cv2', 'onnxruntime', 'engines',"
+                 " 'face_service', 'matplotlib', 'plotting') if m in sys.modules)))")
+        done = subprocess.run([PYTHON, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.strip(), "")
 
     def test_shipped_liveness_labels_name_the_shared_samples(self):
         # tests/data/liveness_labels.csv (the README's example) points at ../shared/data.

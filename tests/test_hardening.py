@@ -43,6 +43,7 @@ from PIL import Image
 import backend
 import backend_pb2 as pb
 import backend_pb2_grpc
+import client
 import imaging
 from engines import parse_load_request
 from engines.errors import InvalidInputError
@@ -199,8 +200,9 @@ class GrpcAssertions:
         self.assertIsNone(INTERNALS.search(message), f"{label}: message leaks internals: {message!r}")
 
     def assert_status(self, call, code: grpc.StatusCode, label: str, names: str | None = None,
-                      contains: str | None = None) -> str:
-        """`call()` fails with exactly `code`, a clean message naming `names`; returns the message."""
+                      contains: str | None = None, reason: str | None = None, field: str | None = None) -> str:
+        """`call()` fails with exactly `code`, a clean message naming `names` and, when `reason` is
+        given, an ErrorInfo with that reason and `field` (default: `names`); returns the message."""
         with self.assertRaises(grpc.RpcError, msg=f"{label}: expected {code.name}, the call succeeded") as caught:
             call()
         error = caught.exception
@@ -212,6 +214,8 @@ class GrpcAssertions:
             self.assertRegex(message, rf"(^|\W){re.escape(names)}(\W|$)", f"{label}: message does not name {names}")
         if contains is not None:
             self.assertIn(contains, message, label)
+        if reason is not None:
+            support.assert_error_info(self, error, reason, names if field is None else field)
         return message
 
     def assert_healthy(self, running: RunningServer, label: str = "") -> None:
@@ -278,35 +282,37 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
               f" {(cls.peak_kb - cls.rss_at_start_kb) / 1024:+.0f} MB over its RSS before the model load;"
               f" RSS now {proc_status_kb('VmRSS') / 1024:.0f} MB")
 
-    def bad_inputs(self) -> dict[str, str]:
+    def bad_inputs(self) -> dict[str, tuple[str, str]]:
+        """{kind: (image string, the ErrorInfo reason it must get)}"""
         tiny = encode(self.photo.resize((32, 24)), "JPEG")
         rng = np.random.default_rng(5)
         return {
-            "empty": "",
-            "not base64": "this is not base64!",
-            "non-ASCII text": "\u00ebl\u00e8ve\u2603" * 20,
-            "random bytes": b64(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()),
-            "truncated JPEG": b64(self.photo_bytes[: len(self.photo_bytes) // 2]),
-            "JPEG header only": b64(self.photo_bytes[:400]),
-            "1x1 image": b64(encode(Image.new("RGB", (1, 1), (200, 150, 120)), "PNG")),
-            "PNG pixel bomb": b64(png_pixel_bomb()),
-            "JPEG pixel bomb": b64(jpeg_pixel_bomb(tiny)),
-            "unsupported format (PPM)": b64(encode(self.photo, "PPM")),
-            "data URI without ;base64": "data:image/jpeg," + self.good,
-            "data URI of garbage": "data:image/jpeg;base64,%%%%",
-            "image over FACE_MAX_IMAGE_BYTES": self.oversized,
-            "DDS with an unknown pixel format": b64(dds_with_unknown_pixel_format()),
-            "BMP claiming 16x2000000 pixels": b64(bmp_claiming(16, 2_000_000)),
-            "BMP claiming 2000000x16 pixels": b64(bmp_claiming(2_000_000, 16)),
+            "empty": ("", "IMAGE_MISSING"),
+            "not base64": ("this is not base64!", "IMAGE_NOT_BASE64"),
+            "non-ASCII text": ("\u00ebl\u00e8ve\u2603" * 20, "IMAGE_NOT_BASE64"),
+            "random bytes": (b64(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()), "IMAGE_UNDECODABLE"),
+            "truncated JPEG": (b64(self.photo_bytes[: len(self.photo_bytes) // 2]), "IMAGE_UNDECODABLE"),
+            "JPEG header only": (b64(self.photo_bytes[:400]), "IMAGE_UNDECODABLE"),
+            "1x1 image": (b64(encode(Image.new("RGB", (1, 1), (200, 150, 120)), "PNG")), "IMAGE_TOO_SMALL"),
+            "PNG pixel bomb": (b64(png_pixel_bomb()), "IMAGE_TOO_LARGE"),
+            "JPEG pixel bomb": (b64(jpeg_pixel_bomb(tiny)), "IMAGE_TOO_LARGE"),
+            "unsupported format (PPM)": (b64(encode(self.photo, "PPM")), "IMAGE_FORMAT_UNSUPPORTED"),
+            "data URI without ;base64": ("data:image/jpeg," + self.good, "IMAGE_NOT_BASE64"),
+            "data URI of garbage": ("data:image/jpeg;base64,%%%%", "IMAGE_NOT_BASE64"),
+            "image over FACE_MAX_IMAGE_BYTES": (self.oversized, "IMAGE_TOO_LARGE"),
+            "DDS with an unknown pixel format": (b64(dds_with_unknown_pixel_format()), "IMAGE_UNDECODABLE"),
+            "BMP claiming 16x2000000 pixels": (b64(bmp_claiming(16, 2_000_000)), "IMAGE_TOO_LARGE"),
+            "BMP claiming 2000000x16 pixels": (b64(bmp_claiming(2_000_000, 16)), "IMAGE_TOO_LARGE"),
         }
 
     def test_bad_inputs_in_every_position_are_invalid_argument_naming_the_input(self):
         bad_inputs = self.bad_inputs()
         for label, name, call in rpc_positions(self.stub):
-            for kind, bad in bad_inputs.items():
+            for kind, (bad, reason) in bad_inputs.items():
                 with self.subTest(position=label, input=kind):
                     started = time.perf_counter()
-                    self.assert_status(lambda: call(self.good, bad), INVALID, f"{label} {kind}", names=name)
+                    self.assert_status(lambda: call(self.good, bad), INVALID, f"{label} {kind}", names=name,
+                                       reason=reason)
                     self.assertLess(time.perf_counter() - started, 1.0, f"{label} {kind}: refused too slowly")
                     self.assert_healthy(self.running, f"after {label} {kind}")
 
@@ -318,7 +324,7 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
 
     def test_embedding_without_images_is_invalid_argument(self):
         self.assert_status(lambda: self.stub.Embedding(pb.PredictOptions(), timeout=TIMEOUT),
-                           INVALID, "Embedding()", names="Images[0]")
+                           INVALID, "Embedding()", names="Images[0]", reason="IMAGE_MISSING")
         self.assert_healthy(self.running)
 
     def test_a_faceless_photo_is_not_found_naming_the_image(self):
@@ -331,7 +337,7 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
                     self.assertEqual(len(call(self.good, blank).faces), 0)
                 else:
                     self.assert_status(lambda: call(self.good, blank), NOT_FOUND, label, names=name,
-                                       contains="no face")
+                                       contains="no face", reason="NO_FACE")
                 self.assert_healthy(self.running, label)
 
     def test_pixel_bomb_is_refused_at_once_without_allocating_its_pixels(self):
@@ -476,6 +482,9 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
                 self.assertEqual(code, INVALID, f"{code.name}: {error.details()!r}")
                 self.assert_clean_message(error.details(), "mutated image")
                 self.assertTrue(error.details().startswith("src: "), error.details())
+                info = client.error_info(error)
+                self.assertTrue(info.reason.startswith("IMAGE_"), info.reason)
+                self.assertEqual(info.metadata["field"], "src")
             answered[code.name] = answered.get(code.name, 0) + 1
         run()
         # Both kinds of answer were exercised: images that still decode and ones that do not.
@@ -539,6 +548,8 @@ class DecodeFuzzTest(unittest.TestCase):
                 image = imaging.decode_image(data, "img")
         except InvalidInputError as error:
             self.assertTrue(str(error).startswith("img: "), str(error))
+            self.assertEqual(error.field, "img")
+            self.assertTrue(error.reason.name.startswith("IMAGE_"), error.reason)
             self.assertIsNone(INTERNALS.search(str(error)), str(error))
             return
         self.assertIsInstance(image, np.ndarray)
@@ -618,7 +629,8 @@ class AuthTest(GrpcAssertions, unittest.TestCase):
         for name, call in self.calls():
             for kind, metadata in wrong.items():
                 with self.subTest(rpc=name, metadata=kind):
-                    self.assert_status(lambda: call(metadata), grpc.StatusCode.UNAUTHENTICATED, f"{name} {kind}")
+                    self.assert_status(lambda: call(metadata), grpc.StatusCode.UNAUTHENTICATED, f"{name} {kind}",
+                                       reason="BAD_TOKEN", field="authorization")
         # Nothing a refused call asked for happened: Free and LoadModel left the model in place.
         self.assertIsNotNone(self.running.service.loaded)
         self.assertEqual(self.running.service.loaded.name, DEFAULT_NAME)
@@ -682,7 +694,7 @@ class IdentityGuardTest(GrpcAssertions, unittest.TestCase):
         self.load(DEFAULT_NAME)
         for name, call in self.calls("someone-else"):
             with self.subTest(rpc=name, identity="mismatch"):
-                self.assert_status(call, NOT_FOUND, name,
+                self.assert_status(call, NOT_FOUND, name, reason="IDENTITY_MISMATCH", field="ModelIdentity",
                                    contains=f"model identity mismatch: loaded '{DEFAULT_NAME}', requested 'someone-else'")
         for identity in ("", DEFAULT_NAME):
             for name, call in self.calls(identity):
