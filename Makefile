@@ -2,11 +2,15 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 ADDR ?= 127.0.0.1:50051
-STUBS := backend_pb2.py backend_pb2_grpc.py
+STUBS := backend_pb2.py backend_pb2_grpc.py backend_pb2.pyi
 
-.PHONY: install models run test clean soak bench
+.PHONY: install install-dev models run test lint clean soak bench
 
+# The server's runtime (requirements.txt) and the generated stubs: all `make run` and run.sh need.
 install: $(VENV)/.installed $(STUBS)
+
+# Tests and linters on top: requirements-dev.txt (it includes the runtime and the operator tools).
+install-dev: install $(VENV)/.dev-installed
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -14,9 +18,13 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	touch $@
 
-# The stubs are generated from backend.proto, never edited by hand.
-$(STUBS): backend.proto $(VENV)/.installed
-	$(PYTHON) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. backend.proto
+$(VENV)/.dev-installed: requirements-dev.txt requirements-tools.txt $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# The stubs are generated from backend.proto, never edited by hand (the .pyi is for the type checker).
+$(STUBS) &: backend.proto $(VENV)/.installed
+	$(PYTHON) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. backend.proto
 
 # Installs the catalog's `test` group into models/ from MODELS_MIRROR (default ../shared/models)
 # or the canonical URLs, checking every sha256.
@@ -26,8 +34,15 @@ models: install
 run: install models
 	$(PYTHON) backend.py --addr $(ADDR) --preload-default models
 
-test: install models
+test: install-dev models
 	bash test.sh
+
+# The lint gate `.ci/run` runs before the tests: ruff (lint and format) and mypy, configured in
+# pyproject.toml.
+lint: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # 30 s of mixed traffic from 8 clients against the real server (bench/soak.py); fails on any
 # unexpected status or RSS growth beyond the stated bound; writes bench/results/soak.json.
