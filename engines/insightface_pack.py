@@ -27,13 +27,12 @@ from .detection import DEFAULT_DETECTION_SIZE, DEFAULT_SCORE_THRESHOLD, SCRFDDet
 from .errors import ModelFileError, ModelOptionError
 from .modular import ModularFaceEngine
 from .options import LoadRequest
-from .recognition import ArcFaceRecognizer, is_arcface_session, profile_for
+from .recognition import ROLE_RECOGNIZER, ArcFaceRecognizer, is_arcface_session, profile_for
 from .runtime import create_session
 
 PACKS = tuple(catalog.default().packs)
 
 ROLE_DETECTOR = "detector"
-ROLE_RECOGNIZER = "recognizer"
 ROLE_GENDERAGE = "genderage"
 ROLE_LANDMARKS = "landmarks"
 LOADED_ROLES = (ROLE_DETECTOR, ROLE_RECOGNIZER, ROLE_GENDERAGE)  # landmarks: nothing here uses them

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import catalog
+
 from .errors import ModelFileError, ModelOptionError
 from .runtime import usable_cpus
 
@@ -15,7 +17,7 @@ log = logging.getLogger(__name__)
 # Keys of the host's model gallery (../shared/docs/CONTRACT.md) plus the ones this backend adds.
 KNOWN_OPTIONS = {
     "engine": "insightface or onnx_direct",
-    "model_pack": "insightface pack name (buffalo_l, buffalo_m, buffalo_s, buffalo_sc, antelopev2)",
+    "model_pack": f"insightface pack name ({', '.join(catalog.default().packs)})",
     "root": "extra directory to look for insightface packs in",
     "det_size": "detector input, e.g. 640x640 or 640",
     "det_thresh": "detector score threshold in (0, 1)",
