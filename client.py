@@ -30,6 +30,7 @@ from google.protobuf.json_format import MessageToDict
 
 import backend_pb2
 import backend_pb2_grpc
+import catalog
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ADDR = "127.0.0.1:50051"
@@ -165,8 +166,7 @@ def connect(args) -> Connection:
 def load_request(args) -> backend_pb2.ModelOptions:
     options: list[str] = []
     if args.default:
-        from face_service import DEFAULT_MODEL_OPTIONS  # only here: it imports the engines
-        options.extend(DEFAULT_MODEL_OPTIONS)
+        options.extend(catalog.default().load_options("default"))
     for option in args.option or ():
         if ":" not in option:
             raise ClientError(EXIT_USAGE, f"-o needs key:value, got '{option}'")
@@ -520,7 +520,8 @@ def support_note(different: int, allowed: int, target: float) -> dict:
 # -- liveness ---------------------------------------------------------------------------------
 
 LIVENESS_LABELS = {"real", "spoof"}
-LIVENESS_DEFAULT_THRESHOLD = 0.5  # antispoof_threshold when the LoadModel options do not set it
+# antispoof_threshold when the LoadModel options do not set it
+LIVENESS_DEFAULT_THRESHOLD = catalog.default().shared_threshold("antispoof")
 
 
 def liveness_rates(real: np.ndarray, spoof: np.ndarray, threshold: float) -> dict:
@@ -694,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("load", parents=[shared], help="LoadModel")
     p.add_argument("--default", action="store_true",
-                   help="the permissive default set (face_service.DEFAULT_MODEL_OPTIONS); -o adds to it")
+                   help="the permissive default set (the catalog's default group); -o adds to it")
     p.add_argument("-o", "--option", action="append", metavar="KEY:VALUE", help="a LoadModel option (repeatable)")
     p.add_argument("--model", default="", help=f"ModelOptions.Model (default '{DEFAULT_MODEL_NAME}' with --default)")
     p.add_argument("--model-path", default=os.path.join(REPO, "models"),
