@@ -67,8 +67,7 @@ EMBEDDING_DIM = {ENGINE_INSIGHTFACE: 512, ENGINE_ONNX_DIRECT: 128}
 def engine_setup(kind: str) -> tuple[str, list[str]]:
     """(ModelOptions.Model, ModelOptions.Options) of one setup; its files must be installed."""
     if kind == ENGINE_INSIGHTFACE:
-        for member in catalog.default().packs["buffalo_sc"].members:
-            model_path(os.path.join("buffalo_sc", member.name))
+        pack_files("buffalo_sc")
         return "buffalo_sc", list(INSIGHTFACE_OPTIONS)
     if kind == ENGINE_ONNX_DIRECT:
         from face_service import DEFAULT_MODEL_OPTIONS
@@ -78,6 +77,11 @@ def engine_setup(kind: str) -> tuple[str, list[str]]:
                 model_path(value)
         return "face-default", list(DEFAULT_MODEL_OPTIONS)
     raise ValueError(f"unknown engine setup {kind!r}")
+
+
+def pack_files(pack: str) -> dict[str, str]:
+    """{member: installed path} of every member file the catalog lists for `pack`, each required."""
+    return {m.name: model_path(os.path.join(pack, m.name)) for m in catalog.default().packs[pack].members}
 
 
 def liveness_files() -> None:

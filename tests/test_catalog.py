@@ -390,7 +390,8 @@ class MirrorInstallTest(unittest.TestCase):
         self.assertEqual(len(outcomes), 10)
         self.assertTrue(all(o.action == installer.MIRROR for o in outcomes), log.lines)
         self.assertEqual(len(log.lines), 10)
-        expected = set(TEST_GROUP_SOURCES) | {"buffalo_sc", "buffalo_sc/det_500m.onnx", "buffalo_sc/w600k_mbf.onnx"}
+        members = [m.name for m in self.catalog.packs["buffalo_sc"].members]
+        expected = set(TEST_GROUP_SOURCES) | {"buffalo_sc"} | {f"buffalo_sc/{m}" for m in members}
         self.assertEqual(listing(self.dest), expected)  # no temp leftovers, pack flat
         for name, rel in TEST_GROUP_SOURCES.items():
             self.assertEqual(catalog.file_sha256(os.path.join(self.dest, name)),
@@ -408,7 +409,8 @@ class MirrorInstallTest(unittest.TestCase):
     def test_buffalo_sc_alone(self) -> None:
         self.scramble(["scrfd_500m_bnkps.onnx", "w600k_mbf.onnx"], copy_small=False)
         installer.install(["buffalo_sc"], dest=self.dest, mirror=self.mirror, catalog=self.catalog, log=Quiet())
-        self.assertEqual(sorted(os.listdir(os.path.join(self.dest, "buffalo_sc"))), ["det_500m.onnx", "w600k_mbf.onnx"])
+        self.assertEqual(sorted(os.listdir(os.path.join(self.dest, "buffalo_sc"))),
+                         sorted(m.name for m in self.catalog.packs["buffalo_sc"].members))
         self.assertEqual(os.listdir(self.dest), ["buffalo_sc"])
 
     def test_corrupted_mirror_file_rejected(self) -> None:
