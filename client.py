@@ -521,7 +521,7 @@ def support_note(different: int, allowed: int, target: float) -> dict:
 
 LIVENESS_LABELS = {"real", "spoof"}
 # antispoof_threshold when the LoadModel options do not set it
-LIVENESS_DEFAULT_THRESHOLD = catalog.default().shared_threshold("antispoof")
+LIVENESS_DEFAULT_THRESHOLD = catalog.default().shared_threshold(catalog.ROLE_ANTISPOOF)
 
 
 def liveness_rates(real: np.ndarray, spoof: np.ndarray, threshold: float) -> dict:

@@ -16,12 +16,10 @@ import cv2
 import numpy as np
 
 import catalog
-from catalog import CatalogError, ModelFile
+from catalog import ROLE_ANTISPOOF, CatalogError, ModelFile
 from engines.base import FaceDetection
 from engines.errors import ModelFileError
 from engines.runtime import check_batch_dimension, create_session, run_batched, side_by_side, usable_cpus
-
-ROLE_ANTISPOOF = "antispoof"  # the catalog's role of a liveness file
 
 # Upstream model files are named "<scale>_<h>x<w>_<arch>.pth": 2.7_80x80_MiniFASNetV2 and
 # 4_0_0_80x80_MiniFASNetV1SE. Both take an 80x80 crop of the face box enlarged by that scale, a

@@ -25,6 +25,10 @@ CHUNK = 1 << 20  # 1 MiB: large enough to hash at disk speed, small enough to ne
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
+# Roles that code looks files up by.
+ROLE_RECOGNIZER = "recognizer"
+ROLE_ANTISPOOF = "antispoof"  # a liveness model
+
 
 class CatalogError(ValueError):
     """catalog.json (or a dict given to `from_dict`) is malformed, or a name is unknown."""
@@ -309,7 +313,7 @@ def _use_fields(raw: Mapping[str, Any], role: str, where: str) -> dict[str, Any]
         raise CatalogError(f"{where}: a threshold needs its threshold_source, and only a threshold has one")
     preprocess = _preprocess(raw.get("preprocess"), where)
     # A recognizer entry is everything the engines need to run it: how to feed it, and its cut.
-    if role == "recognizer" and (threshold is None or preprocess is None
+    if role == ROLE_RECOGNIZER and (threshold is None or preprocess is None
                                  or (preprocess.mean is None) == (preprocess.runner is None)):
         raise CatalogError(f"{where}: a recognizer needs a threshold with its source and a preprocess"
                            " with either mean/std/flip or the runner that prepares its input")

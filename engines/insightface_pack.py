@@ -20,14 +20,14 @@ from typing import Mapping, Optional
 import onnxruntime as ort
 
 import catalog
-from catalog import ModelPack, file_sha256
+from catalog import ROLE_RECOGNIZER, ModelPack, file_sha256
 
 from .attributes import build_attribute_heads
 from .detection import DEFAULT_DETECTION_SIZE, DEFAULT_SCORE_THRESHOLD, SCRFDDetector
 from .errors import ModelFileError, ModelOptionError
 from .modular import ModularFaceEngine
 from .options import LoadRequest
-from .recognition import ROLE_RECOGNIZER, ArcFaceRecognizer, is_arcface_session, profile_for
+from .recognition import ArcFaceRecognizer, is_arcface_session, profile_for
 from .runtime import create_session
 
 PACKS = tuple(catalog.default().packs)

@@ -25,8 +25,8 @@ KNOWN_OPTIONS = {
     "detector_onnx": "onnx_direct detector file (YuNet or SCRFD)",
     "recognizer_onnx": "onnx_direct recognizer file (ArcFace-style 112x112 or SFace)",
     "recognizer_preprocess": "input normalisation of an unknown recognizer: arcface or imagenet",
-    "antispoof_v2_onnx": "MiniFASNetV2 liveness model file",
-    "antispoof_v1se_onnx": "MiniFASNetV1SE liveness model file",
+    **{f.load_key: f"{os.path.splitext(f.name)[0]} liveness model file"
+       for f in catalog.default().loadable(catalog.ROLE_ANTISPOOF)},
     "antispoof_threshold": "P(real) needed for is_real, in [0, 1]",
     "age_onnx": "age head file (Cydral age-v1.onnx)",
     "gender_onnx": "gender head file (Cydral gender-v1.onnx)",

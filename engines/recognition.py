@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 import catalog
-from catalog import ModelFile
+from catalog import ROLE_RECOGNIZER, ModelFile
 
 from .alignment import ARCFACE_SIZE, align_face
 from .base import FaceDetection
@@ -42,7 +42,6 @@ class RecognizerProfile:
     runner: Optional[str] = None
 
 
-ROLE_RECOGNIZER = "recognizer"  # the catalog's role of a recognizer file or pack member
 # catalog/catalog.json's `preprocess.runner` of a recognizer that OpenCV runs whole.
 SFACE_RUNNER = "cv2.FaceRecognizerSF"
 

@@ -60,7 +60,7 @@ ENGINE_ONNX_DIRECT = "onnx_direct"
 ENGINES = (ENGINE_INSIGHTFACE, ENGINE_ONNX_DIRECT)
 INSIGHTFACE_OPTIONS = ("engine:insightface", "model_pack:buffalo_sc")
 # `option:file` of every liveness file the catalog knows (MiniFASNetV2 and MiniFASNetV1SE).
-LIVENESS_OPTIONS = tuple(f.load_option for f in catalog.default().loadable("antispoof"))
+LIVENESS_OPTIONS = tuple(f.load_option for f in catalog.default().loadable(catalog.ROLE_ANTISPOOF))
 EMBEDDING_DIM = {ENGINE_INSIGHTFACE: 512, ENGINE_ONNX_DIRECT: 128}
 
 

@@ -30,7 +30,8 @@ if not os.path.exists(PYTHON):  # a checkout whose interpreter lives elsewhere
 CLIENT = os.path.join(REPO, "client.py")
 DEFAULT_FILES = tuple(f.name for f in catalog.default().expand(["default"]))
 # The default set's recognizer threshold, FaceVerify's when the request sets none.
-DEFAULT_THRESHOLD = next(f.threshold for f in catalog.default().expand(["default"]) if f.role == "recognizer")
+DEFAULT_THRESHOLD = next(f.threshold for f in catalog.default().expand(["default"])
+                         if f.role == catalog.ROLE_RECOGNIZER)
 SERVER_START_SECONDS = 60
 
 
