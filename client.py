@@ -32,6 +32,7 @@ from grpc_status import rpc_status
 
 import backend_pb2
 import backend_pb2_grpc
+import catalog
 import evaluation
 from evaluation import LabelledImage
 
@@ -189,8 +190,7 @@ def connect(args) -> Connection:
 def load_request(args) -> backend_pb2.ModelOptions:
     options: list[str] = []
     if args.default:
-        from face_service import DEFAULT_MODEL_OPTIONS  # only here: it imports the engines
-        options.extend(DEFAULT_MODEL_OPTIONS)
+        options.extend(catalog.default().load_options("default"))
     for option in args.option or ():
         if ":" not in option:
             raise ClientError(EXIT_USAGE, f"-o needs key:value, got '{option}'")
@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("load", parents=[shared], help="LoadModel")
     p.add_argument("--default", action="store_true",
-                   help="the permissive default set (face_service.DEFAULT_MODEL_OPTIONS); -o adds to it")
+                   help="the permissive default set (the catalog's default group); -o adds to it")
     p.add_argument("-o", "--option", action="append", metavar="KEY:VALUE", help="a LoadModel option (repeatable)")
     p.add_argument("--model", default="", help=f"ModelOptions.Model (default '{DEFAULT_MODEL_NAME}' with --default)")
     p.add_argument("--model-path", default=os.path.join(REPO, "models"),

@@ -16,11 +16,14 @@ from typing import Collection, Optional, Sequence
 
 import numpy as np
 
+import catalog
+
 # A cosine distance is at most 2; a threshold this high accepts every pair.
 MAX_DISTANCE = 2.0
 
 LIVENESS_LABELS = {"real", "spoof"}
-LIVENESS_DEFAULT_THRESHOLD = 0.5  # antispoof_threshold when the LoadModel options do not set it
+# antispoof_threshold when the LoadModel options do not set it
+LIVENESS_DEFAULT_THRESHOLD = catalog.default().shared_threshold(catalog.ROLE_ANTISPOOF)
 
 
 def rate(count: int, total: int) -> Optional[float]:
@@ -273,7 +276,7 @@ def recommend_liveness(real: np.ndarray, spoof: np.ndarray, apcer_target: Option
     # The default is a candidate too: when it is already optimal on this set it is kept, rather
     # than moved to another point of the same gap on the evidence of a few images.
     return (min(candidates + [LIVENESS_DEFAULT_THRESHOLD], key=key),
-            "minimal ACER (ties: lower APCER, then nearest 0.5)")
+            f"minimal ACER (ties: lower APCER, then nearest {LIVENESS_DEFAULT_THRESHOLD:g})")
 
 
 @dataclass(frozen=True)
@@ -305,8 +308,8 @@ def evaluate_liveness(scored: Sequence[ScoredImage], apcer_target: Optional[floa
     spoofs_accepted = sum(1 for s in scored if s.label == "spoof" and s.is_real)
     reals_rejected = sum(1 for s in scored if s.label == "real" and not s.is_real)
     apcer, bpcer = rate(spoofs_accepted, len(spoof)), rate(reals_rejected, len(real))
-    # The threshold is not on the wire: the LoadModel default 0.5 is reported when every verdict
-    # agrees with it (is_real exactly when score >= 0.5), otherwise it was set to something else.
+    # The threshold is not on the wire: the LoadModel default is reported when every verdict
+    # agrees with it (is_real exactly when score >= it), otherwise it was set to something else.
     consistent = all(s.is_real == (s.score >= LIVENESS_DEFAULT_THRESHOLD) for s in scored)
     server_threshold = LIVENESS_DEFAULT_THRESHOLD if consistent else None
     recommended, criterion = recommend_liveness(real, spoof, apcer_target)
@@ -333,8 +336,9 @@ def evaluate_liveness(scored: Sequence[ScoredImage], apcer_target: Optional[floa
                      "antispoof_score": rounded(s.score), "is_real": s.is_real} for s in scored],
     }
     if not consistent:
-        report["server_threshold_note"] = ("the is_real verdicts do not all match score >= 0.5: the model was "
-                                           "loaded with another antispoof_threshold")
+        report["server_threshold_note"] = (f"the is_real verdicts do not all match score >= "
+                                           f"{LIVENESS_DEFAULT_THRESHOLD:g}: the model was loaded with another "
+                                           "antispoof_threshold")
     if recommended < LIVENESS_DEFAULT_THRESHOLD:
         report["recommended_note"] = ("below 0.5 the server also requires 'real' to be the most likely of "
                                       "its 3 classes, so antispoof_threshold set to this value may reject a little more")

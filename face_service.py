@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import psutil
 
+import catalog
 from antispoof import DEFAULT_THRESHOLD as LIVENESS_DEFAULT_THRESHOLD
 from antispoof import LIVENESS_FILES, LIVENESS_OPTIONS, LivenessEnsemble, LivenessResult
 from engines import (HOST_ACTIONS, FaceAttributes, FaceDetection, FaceEngine, LoadRequest,
@@ -324,14 +325,7 @@ class FaceService:
         return model.engine.detect(image, threshold if threshold > 0 else None)
 
 
-# The permissive default set (MIT / Apache-2.0 / CC0 weights), loaded by `make run`.
-DEFAULT_MODEL_OPTIONS = (
-    "engine:onnx_direct",
-    "detector_onnx:face_detection_yunet_2023mar.onnx",
-    "recognizer_onnx:MobileFaceNet.onnx",
-    "antispoof_v2_onnx:MiniFASNetV2.onnx",
-    "antispoof_v1se_onnx:MiniFASNetV1SE.onnx",
-    "age_onnx:age-v1.onnx",
-    "gender_onnx:gender-v1.onnx",
-    "emotion_onnx:facial_expression_recognition_mobilefacenet_2022july_int8.onnx",
-)
+# The permissive default set (MIT / Apache-2.0 / CC0 weights), loaded by `make run`: the catalog's
+# `default` group, each file with the LoadModel option that loads it (the engine, onnx_direct,
+# follows from detector_onnx).
+DEFAULT_MODEL_OPTIONS = catalog.default().load_options("default")

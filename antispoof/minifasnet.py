@@ -15,31 +15,39 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
+import catalog
+from catalog import ROLE_ANTISPOOF, CatalogError, ModelFile
 from engines.base import FaceDetection
 from engines.errors import ModelFileError
 from engines.runtime import check_batch_dimension, create_session, run_batched, side_by_side, usable_cpus
 
 # Upstream model files are named "<scale>_<h>x<w>_<arch>.pth": 2.7_80x80_MiniFASNetV2 and
-# 4_0_0_80x80_MiniFASNetV1SE. Both take an 80x80 crop of the face box enlarged by that scale.
+# 4_0_0_80x80_MiniFASNetV1SE. Both take an 80x80 crop of the face box enlarged by that scale, a
+# fact of each file kept with it in catalog/catalog.json (preprocess.crop_scale).
 INPUT_SIZE = 80
-V2_CROP_SCALE = 2.7
-V1SE_CROP_SCALE = 4.0
 # The 3 output classes are: 0 = attack (print), 1 = real face, 2 = attack (screen replay).
 REAL_CLASS = 1
 NUM_CLASSES = 3
-# Upstream calls a face real when class 1 wins the argmax; with 3 classes that needs at least 1/3,
-# so 0.5 additionally demands a majority.
-DEFAULT_THRESHOLD = 0.5
 # onnxruntime threads per MiniFASNet Run when the host sets none. An 80x80 net's ops are too small
 # to split: waking a second thread for each of its ~100 ops costs what it saves (bench/
 # liveness_bench.py: 9.3-10.7 ms per face with 2 threads, 9.4-12.0 with 1, on 2 vCPUs). The two
 # models run side by side instead, one thread each (5.4-6.6 ms per face).
 INTRA_OP_THREADS = 1
 
-# LoadModel option names and installed file names, in the same order (V2, V1SE), for the service's
-# "how to install liveness" message.
-LIVENESS_OPTIONS = ("antispoof_v2_onnx", "antispoof_v1se_onnx")
-LIVENESS_FILES = ("MiniFASNetV2.onnx", "MiniFASNetV1SE.onnx")
+
+def _crop_scale(entry: ModelFile) -> float:
+    if entry.preprocess is None or entry.preprocess.crop_scale is None:
+        raise CatalogError(f"catalog entry {entry.name}: a MiniFASNet file needs its preprocess.crop_scale")
+    return entry.preprocess.crop_scale
+
+
+# The catalog's liveness files, V2 then V1SE: the LoadModel option that loads each, its installed
+# name and its crop scale; and the P(real) cut they share (the catalog says where it comes from).
+LIVENESS_ENTRIES = tuple(catalog.default().loadable(ROLE_ANTISPOOF))
+LIVENESS_OPTIONS = tuple(entry.load_key for entry in LIVENESS_ENTRIES)
+LIVENESS_FILES = tuple(entry.name for entry in LIVENESS_ENTRIES)
+V2_CROP_SCALE, V1SE_CROP_SCALE = (_crop_scale(entry) for entry in LIVENESS_ENTRIES)
+DEFAULT_THRESHOLD = catalog.default().shared_threshold(ROLE_ANTISPOOF)
 
 BoxXYWH = tuple[float, float, float, float]
 

@@ -60,7 +60,7 @@ import backend_pb2  # noqa: E402
 import backend_pb2_grpc  # noqa: E402
 from engines.alignment import align_face  # noqa: E402
 from engines.onnx_direct import YUNET_SCORE_THRESHOLD  # noqa: E402
-from engines.recognition import KNOWN_RECOGNIZERS, MOBILEFACENET_SHA256  # noqa: E402
+from engines.recognition import recognizer_profile  # noqa: E402
 from face_service import DEFAULT_MODEL_OPTIONS  # noqa: E402
 from tests.support import DATA, GROUP_PHOTO, IDENTITY_DIR, MODELS_DIR  # noqa: E402
 
@@ -253,7 +253,7 @@ class YuNetMobileFaceNetScript:
         self.session = ort.InferenceSession(os.path.join(models_dir, "MobileFaceNet.onnx"),
                                             sess_options=session_options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
-        profile = KNOWN_RECOGNIZERS[MOBILEFACENET_SHA256]
+        profile = recognizer_profile("MobileFaceNet.onnx")
         self.mean = np.asarray(profile.mean, np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(profile.std, np.float32).reshape(1, 3, 1, 1)
 
@@ -556,7 +556,7 @@ def flip_cost(inputs: Inputs, threads: int) -> dict:
     face = max(YuNetDetector(os.path.join(MODELS_DIR, "face_detection_yunet_2023mar.onnx"),
                              score_threshold=YUNET_SCORE_THRESHOLD).detect(image), key=lambda f: f.area)
     session = create_session(os.path.join(MODELS_DIR, "MobileFaceNet.onnx"), threads or None)
-    profile = KNOWN_RECOGNIZERS[MOBILEFACENET_SHA256]
+    profile = recognizer_profile("MobileFaceNet.onnx")
     with_flip = ArcFaceRecognizer(session, profile)
     without = ArcFaceRecognizer(session, replace(profile, flip=False))
     align = lambda: align_face(image, face.landmarks)  # noqa: E731

@@ -1,8 +1,12 @@
 """The project's model catalog: which weight files and packs exist, their hashes, licences and sources.
 
-`catalog.json` beside this file is the single source of truth. This module loads it into typed,
-immutable objects and is also the one place that hashes weight files: the installer and the
-engines both go through `file_sha256` / `verify_sha256`.
+`catalog.json` beside this file is the single source of truth for every fact about a model file:
+its hashes, licence, the LoadModel option that loads it, its preprocessing where that belongs to
+the file, its default threshold and where that comes from, pack membership and the default set.
+This module loads it into typed, immutable objects; the engines, the CLI, the tests and bench read
+those facts here and never write them again. It imports nothing heavy (no cv2, no onnxruntime), so
+the command line can use it too. It is also the one place that hashes weight files: the installer
+and the engines both go through `file_sha256` / `verify_sha256`.
 """
 from __future__ import annotations
 
@@ -20,6 +24,10 @@ CATALOG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "catalog
 CHUNK = 1 << 20  # 1 MiB: large enough to hash at disk speed, small enough to never hold a model in memory
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+# Roles that code looks files up by.
+ROLE_RECOGNIZER = "recognizer"
+ROLE_ANTISPOOF = "antispoof"  # a liveness model
 
 
 class CatalogError(ValueError):
@@ -83,8 +91,29 @@ class Source:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Preprocess:
+    """How a file's input is prepared, where that is a fact of the file rather than of its class.
+
+    Recognizers run by onnxruntime: `(x - mean) / std` per RGB channel of 0-255 pixels, and `flip`
+    (add the embedding of the mirrored crop); a recognizer whose `runner` names an OpenCV class is
+    prepared by that class instead. MiniFASNet liveness: `crop_scale`, the context cut around the box.
+    """
+
+    mean: Optional[tuple[float, float, float]] = None
+    std: Optional[tuple[float, float, float]] = None
+    flip: bool = False
+    crop_scale: Optional[float] = None
+    runner: Optional[str] = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelFile(Blob):
-    """A single weight file, installed flat as models/<name>."""
+    """A single weight file, installed flat as models/<name>.
+
+    `option` is the LoadModel key that loads it; `threshold` its default cut (recognizers: cosine
+    distance below which two faces are the same person; liveness: P(real) needed for is_real),
+    with `threshold_source` saying where that number comes from.
+    """
 
     sha256: str
     role: str
@@ -92,6 +121,22 @@ class ModelFile(Blob):
     commercial_ok: bool
     description: str = ""
     sources: tuple[Source, ...] = ()
+    option: Optional[str] = None
+    preprocess: Optional[Preprocess] = None
+    threshold: Optional[float] = None
+    threshold_source: str = ""
+
+    @property
+    def load_key(self) -> str:
+        """The LoadModel key that loads this file."""
+        if not self.option:
+            raise CatalogError(f"{self.name} has no LoadModel option in the catalog")
+        return self.option
+
+    @property
+    def load_option(self) -> str:
+        """`key:name`, the LoadModel option that loads this file from ModelPath."""
+        return f"{self.load_key}:{self.name}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,6 +202,33 @@ class Catalog:
             visit(name, ())
         return list(out.values())
 
+    def load_options(self, group: str) -> tuple[str, ...]:
+        """The LoadModel options that load every file of `group`, in the group's order."""
+        entries = self.expand([group])
+        packs = [e.name for e in entries if not isinstance(e, ModelFile)]
+        if packs:
+            raise CatalogError(f"group {group} holds packs ({', '.join(packs)}): no option list loads them")
+        options = [e.load_option for e in entries if isinstance(e, ModelFile)]
+        keys = [o.split(":", 1)[0] for o in options]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise CatalogError(f"group {group} has several files for {', '.join(twice)}")
+        return tuple(options)
+
+    def loadable(self, role: str) -> list[ModelFile]:
+        """The files of `role` that a LoadModel option loads, in catalog order."""
+        return [f for f in self.files.values() if f.role == role and f.option]
+
+    def shared_threshold(self, role: str) -> float:
+        """The default threshold every loadable file of `role` has: an ensemble (the liveness
+        models) applies one cut to the mean of its members, so they must agree on it."""
+        thresholds = {f.threshold for f in self.loadable(role)}
+        if len(thresholds) != 1 or None in thresholds:
+            raise CatalogError(f"the loadable {role} files need one shared threshold, have {thresholds}")
+        (threshold,) = thresholds
+        assert threshold is not None
+        return threshold
+
     def by_sha256(self, digest: str) -> list[tuple[str, Blob]]:
         """Every (owner, entry) whose accepted hashes include `digest`: owner is "" for a single file,
         else the pack's name (one set of bytes can be a single file and a pack member at once)."""
@@ -183,6 +255,69 @@ def _size(value: Any, where: str) -> Optional[int]:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise CatalogError(f"{where}: size must be a positive integer, got {value!r}")
     return value
+
+
+def _number(value: Any, where: str, high: float = float("inf"), zero_ok: bool = False) -> float:
+    """A number in (0, high], or [0, high] when `zero_ok`."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not (0 <= value if zero_ok else 0 < value) or value > high):
+        interval = f"{'[' if zero_ok else '('}0, {high:g}]"
+        raise CatalogError(f"{where} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def _channels(value: Any, where: str, zero_ok: bool) -> tuple[float, float, float]:
+    """Three per-channel (R, G, B) numbers on the 0-255 pixel scale."""
+    if not isinstance(value, list) or len(value) != 3:
+        raise CatalogError(f"{where} must be a list of 3 numbers (R, G, B), got {value!r}")
+    r, g, b = (_number(v, where, high=255.0, zero_ok=zero_ok) for v in value)
+    return r, g, b
+
+
+PREPROCESS_KEYS = {"mean", "std", "flip", "crop_scale", "runner"}
+
+
+def _preprocess(raw: Any, where: str) -> Optional[Preprocess]:
+    if raw is None:
+        return None
+    where = f"{where}: preprocess"
+    if not isinstance(raw, dict) or not raw or set(raw) - PREPROCESS_KEYS:
+        raise CatalogError(f"{where} must be an object with some of {sorted(PREPROCESS_KEYS)}, got {raw!r}")
+    if ("mean" in raw) != ("std" in raw):
+        raise CatalogError(f"{where}: mean and std go together")
+    if not isinstance(raw.get("flip", False), bool):
+        raise CatalogError(f"{where}: flip must be true or false")
+    if "runner" in raw and (not isinstance(raw["runner"], str) or not raw["runner"]):
+        raise CatalogError(f"{where}: runner must name the class that prepares the input")
+    return Preprocess(
+        mean=_channels(raw["mean"], f"{where} mean", zero_ok=True) if "mean" in raw else None,
+        std=_channels(raw["std"], f"{where} std", zero_ok=False) if "std" in raw else None,
+        flip=raw.get("flip", False),
+        crop_scale=_number(raw["crop_scale"], f"{where} crop_scale") if "crop_scale" in raw else None,
+        runner=raw.get("runner"))
+
+
+_OPTION = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _use_fields(raw: Mapping[str, Any], role: str, where: str) -> dict[str, Any]:
+    """The fields that say how code uses a file: option, preprocess, threshold and its source."""
+    option = raw.get("option")
+    if option is not None and (not isinstance(option, str) or not _OPTION.match(option)):
+        raise CatalogError(f"{where}: option must be a LoadModel key such as recognizer_onnx, got {option!r}")
+    threshold = raw.get("threshold")
+    if threshold is not None:
+        threshold = _number(threshold, f"{where}: threshold", high=2.0)
+    source = raw.get("threshold_source", "")
+    if (threshold is None) != (not source) or not isinstance(source, str):
+        raise CatalogError(f"{where}: a threshold needs its threshold_source, and only a threshold has one")
+    preprocess = _preprocess(raw.get("preprocess"), where)
+    # A recognizer entry is everything the engines need to run it: how to feed it, and its cut.
+    if role == ROLE_RECOGNIZER and (threshold is None or preprocess is None
+                                 or (preprocess.mean is None) == (preprocess.runner is None)):
+        raise CatalogError(f"{where}: a recognizer needs a threshold with its source and a preprocess"
+                           " with either mean/std/flip or the runner that prepares its input")
+    return dict(option=option, preprocess=preprocess, threshold=threshold, threshold_source=source)
 
 
 def _blob_fields(raw: Mapping[str, Any], where: str, hash_optional: bool) -> dict[str, Any]:
@@ -235,7 +370,8 @@ def _from_dict(data: Mapping[str, Any]) -> Catalog:
         files[raw["name"]] = ModelFile(
             **_blob_fields(raw, where, hash_optional=False),
             role=raw["role"], licence=raw["licence"], commercial_ok=bool(raw["commercial_ok"]),
-            description=raw.get("description", ""), sources=tuple(sources))
+            description=raw.get("description", ""), sources=tuple(sources),
+            **_use_fields(raw, raw["role"], where))
 
     packs: dict[str, ModelPack] = {}
     for raw in data.get("packs", ()):

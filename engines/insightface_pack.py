@@ -20,7 +20,7 @@ from typing import Mapping, Optional
 import onnxruntime as ort
 
 import catalog
-from catalog import ModelPack, file_sha256
+from catalog import ROLE_RECOGNIZER, ModelPack, file_sha256
 
 from .attributes import build_attribute_heads
 from .detection import DEFAULT_DETECTION_SIZE, DEFAULT_SCORE_THRESHOLD, SCRFDDetector
@@ -33,7 +33,6 @@ from .runtime import create_session
 PACKS = tuple(catalog.default().packs)
 
 ROLE_DETECTOR = "detector"
-ROLE_RECOGNIZER = "recognizer"
 ROLE_GENDERAGE = "genderage"
 ROLE_LANDMARKS = "landmarks"
 LOADED_ROLES = (ROLE_DETECTOR, ROLE_RECOGNIZER, ROLE_GENDERAGE)  # landmarks: nothing here uses them

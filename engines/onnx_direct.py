@@ -15,7 +15,8 @@ from .detection import DEFAULT_DETECTION_SIZE, SCRFDDetector, YuNetDetector
 from .errors import ModelFileError, ModelOptionError
 from .modular import ModularFaceEngine
 from .options import LoadRequest
-from .recognition import SFACE_SHA256, ArcFaceRecognizer, SFaceRecognizer, profile_for
+from .recognition import (KNOWN_RECOGNIZERS, SFACE_PROFILE, SFACE_RUNNER, ArcFaceRecognizer, SFaceRecognizer,
+                          profile_for)
 from .runtime import create_session
 
 # YuNet scores real faces 0.88-0.95 on ../shared/data and background blobs up to 0.7; OpenCV
@@ -46,8 +47,11 @@ def build_detector(path: str, request: LoadRequest):
 
 def build_recognizer(path: str, request: LoadRequest):
     sha256 = file_sha256(path)
-    if sha256 == SFACE_SHA256 or "sface" in os.path.basename(path).lower():
-        return SFaceRecognizer(path)
+    known = KNOWN_RECOGNIZERS.get(sha256)
+    if known is None and "sface" in os.path.basename(path).lower():
+        known = SFACE_PROFILE
+    if known is not None and known.runner == SFACE_RUNNER:
+        return SFaceRecognizer(path, known)
     session = create_session(path, request.threads or None)
     return ArcFaceRecognizer(session, profile_for(sha256, request.get("recognizer_preprocess")))
 

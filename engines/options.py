@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import catalog
+
 from .errors import ModelFileError, ModelOptionError
 from .runtime import usable_cpus
 
@@ -15,7 +17,7 @@ log = logging.getLogger(__name__)
 # Keys of the host's model gallery (../shared/docs/CONTRACT.md) plus the ones this backend adds.
 KNOWN_OPTIONS = {
     "engine": "insightface or onnx_direct",
-    "model_pack": "insightface pack name (buffalo_l, buffalo_m, buffalo_s, buffalo_sc, antelopev2)",
+    "model_pack": f"insightface pack name ({', '.join(catalog.default().packs)})",
     "root": "extra directory to look for insightface packs in",
     "det_size": "detector input, e.g. 640x640 or 640",
     "det_thresh": "detector score threshold in (0, 1)",
@@ -23,8 +25,8 @@ KNOWN_OPTIONS = {
     "detector_onnx": "onnx_direct detector file (YuNet or SCRFD)",
     "recognizer_onnx": "onnx_direct recognizer file (ArcFace-style 112x112 or SFace)",
     "recognizer_preprocess": "input normalisation of an unknown recognizer: arcface or imagenet",
-    "antispoof_v2_onnx": "MiniFASNetV2 liveness model file",
-    "antispoof_v1se_onnx": "MiniFASNetV1SE liveness model file",
+    **{f.load_key: f"{os.path.splitext(f.name)[0]} liveness model file"
+       for f in catalog.default().loadable(catalog.ROLE_ANTISPOOF)},
     "antispoof_threshold": "P(real) needed for is_real, in [0, 1]",
     "age_onnx": "age head file (Cydral age-v1.onnx)",
     "gender_onnx": "gender head file (Cydral gender-v1.onnx)",

@@ -2,17 +2,21 @@
 
 A recognizer turns one aligned face into an L2-normalised embedding. What differs between
 models is the input normalisation, whether the flipped crop is added, and the cosine-distance
-threshold at which two embeddings count as the same person; those live in RecognizerProfile,
-picked by the file's sha256 (the same bytes always get the same treatment, whatever the name).
+threshold at which two embeddings count as the same person: facts of each file, kept in
+catalog/catalog.json and read here into a RecognizerProfile, picked by the file's sha256.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import cv2
 import numpy as np
 import onnxruntime as ort
+
+import catalog
+from catalog import ROLE_RECOGNIZER, ModelFile
 
 from .alignment import ARCFACE_SIZE, align_face
 from .base import FaceDetection
@@ -34,52 +38,54 @@ class RecognizerProfile:
     # Cosine-distance cut-off: distance < threshold means the same person. See README.
     threshold: float
     threshold_source: str
+    # The OpenCV class that aligns and scales the crop itself (SFace), instead of mean/std here.
+    runner: Optional[str] = None
 
 
-# insightface ArcFaceONNX: (x - 127.5) / 127.5 on RGB, no flip at inference.
-ARCFACE_PROFILE_BASE = dict(mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5), flip=False)
+# catalog/catalog.json's `preprocess.runner` of a recognizer that OpenCV runs whole.
+SFACE_RUNNER = "cv2.FaceRecognizerSF"
 
-# insightface's published operating point for w600k_r50 on MR-ALL: similarity 0.4078 at FAR 1e-6
-# (../shared/docs/MODELS.md). It is the cut for every insightface ArcFace pack recognizer.
-INSIGHTFACE_FAR_1E6_DISTANCE = round(1 - 0.4078, 4)
-INSIGHTFACE_THRESHOLD_SOURCE = "insightface w600k_r50 MR-ALL operating point, similarity 0.4078 at FAR 1e-6"
 
-MOBILEFACENET_SHA256 = "b7120c095d60094f28a4a54ba6a8bf51b297a6273fb40ef6350dfec1f63d9507"
-W600K_MBF_SHA256 = "9cc6e4a75f0e2bf0b1aed94578f144d15175f357bdc05e815e5c4a02b319eb4f"
+def catalog_profile(entry: ModelFile, name: Optional[str] = None,
+                    threshold_source: Optional[str] = None) -> RecognizerProfile:
+    """The profile a catalog recognizer entry describes (the catalog checks it is complete)."""
+    preprocess, threshold = entry.preprocess, entry.threshold
+    if entry.role != ROLE_RECOGNIZER or preprocess is None or threshold is None:
+        raise ValueError(f"{entry.name} is not a recognizer entry of the catalog")
+    return RecognizerProfile(
+        name=name or os.path.splitext(entry.name)[0],
+        mean=preprocess.mean or (0.0, 0.0, 0.0), std=preprocess.std or (1.0, 1.0, 1.0),
+        flip=preprocess.flip, threshold=threshold,
+        threshold_source=threshold_source or entry.threshold_source, runner=preprocess.runner)
 
+
+def recognizer_profile(file_name: str) -> RecognizerProfile:
+    """The profile of the catalog's recognizer file `file_name`."""
+    return catalog_profile(catalog.default().files[file_name])
+
+
+# Every recognizer the catalog knows, by the sha256 of its bytes (pack members with the same
+# bytes included): the same bytes always get the same treatment, whatever the file is called.
 KNOWN_RECOGNIZERS: dict[str, RecognizerProfile] = {
-    # w600k_mbf (buffalo_s / buffalo_sc), ../shared/models/insightface-w600k-mbf/SOURCE.md
-    W600K_MBF_SHA256: RecognizerProfile(
-        name="w600k_mbf", **ARCFACE_PROFILE_BASE, threshold=INSIGHTFACE_FAR_1E6_DISTANCE,
-        threshold_source=INSIGHTFACE_THRESHOLD_SOURCE),
-    # foamliu MobileFaceNet, ../shared/models/mobilefacenet-foamliu/SOURCE.md: x/255 then the
-    # ImageNet mean/std, flipped crop added (upstream lfw_eval.py). No published operating point:
-    # the threshold is the midpoint of the gap between same- and different-person distances on
-    # the calibration photos, the lower of the YuNet and SCRFD runs (bench/calibrate_thresholds.py).
-    MOBILEFACENET_SHA256: RecognizerProfile(
-        name="MobileFaceNet", mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
-        flip=True, threshold=0.57,
-        threshold_source="calibrated on face-recognition-examples singles (bench/calibrate_thresholds.py)"),
-}
+    digest: catalog_profile(entry)
+    for entry in catalog.default().files.values() if entry.role == ROLE_RECOGNIZER
+    for digest in entry.accepted_sha256}
 
-UNKNOWN_ARCFACE_PROFILE = RecognizerProfile(
-    name="arcface", **ARCFACE_PROFILE_BASE, threshold=INSIGHTFACE_FAR_1E6_DISTANCE,
-    threshold_source=INSIGHTFACE_THRESHOLD_SOURCE)
+# Named preprocessing for files the catalog does not know (LoadModel option recognizer_preprocess):
+# each borrows the input normalisation and threshold of a catalog recognizer. "arcface" is
+# insightface's ArcFaceONNX, whose published cut holds for every insightface ArcFace recognizer.
+PRESET_SOURCES = {"arcface": "w600k_mbf.onnx", "imagenet": "MobileFaceNet.onnx"}
 
-SFACE_SHA256 = "0ba9fbfa01b5270c96627c4ef784da859931e02f04419c829e83484087c34e79"
-# OpenCV's FaceRecognizerSF rule: cosine similarity >= 0.363 is the same person.
-SFACE_PROFILE = RecognizerProfile(
-    name="SFace", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), flip=False,
-    threshold=round(1 - 0.363, 4), threshold_source="OpenCV SFace rule (similarity 0.363)")
 
-# Named preprocessing for files the table does not know (LoadModel option recognizer_preprocess).
-PREPROCESS_PRESETS = {
-    "arcface": UNKNOWN_ARCFACE_PROFILE,
-    "imagenet": RecognizerProfile(
-        name="imagenet", mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375), flip=True,
-        threshold=KNOWN_RECOGNIZERS[MOBILEFACENET_SHA256].threshold,
-        threshold_source="MobileFaceNet calibration"),
-}
+def _preset(name: str, file_name: str) -> RecognizerProfile:
+    entry = catalog.default().files[file_name]
+    return catalog_profile(entry, name=name, threshold_source=f"{entry.threshold_source} (that of {file_name})")
+
+
+PREPROCESS_PRESETS = {name: _preset(name, file_name) for name, file_name in PRESET_SOURCES.items()}
+UNKNOWN_ARCFACE_PROFILE = PREPROCESS_PRESETS["arcface"]
+# For a file that is not catalogued but named like SFace.
+SFACE_PROFILE = next(p for p in KNOWN_RECOGNIZERS.values() if p.runner == SFACE_RUNNER)
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
@@ -132,11 +138,11 @@ class SFaceRecognizer:
     cv2 DNN nets are not safe to share between threads, so threads borrow instances from a pool.
     """
 
-    profile = SFACE_PROFILE
     embedding_dim = 128
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, profile: RecognizerProfile):
         self.path = path
+        self.profile = profile
         self._pool = InstancePool(self._create, usable_cpus())
 
     def _create(self):

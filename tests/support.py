@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import unittest
 
+import catalog
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS_DIR = os.environ.get("FACE_MODELS_DIR", os.path.join(REPO, "models"))
 SHARED = os.environ.get("FACE_SHARED_DIR", os.path.join(os.path.dirname(REPO), "shared"))
@@ -57,15 +59,15 @@ ENGINE_INSIGHTFACE = "insightface"
 ENGINE_ONNX_DIRECT = "onnx_direct"
 ENGINES = (ENGINE_INSIGHTFACE, ENGINE_ONNX_DIRECT)
 INSIGHTFACE_OPTIONS = ("engine:insightface", "model_pack:buffalo_sc")
-LIVENESS_OPTIONS = ("antispoof_v2_onnx:MiniFASNetV2.onnx", "antispoof_v1se_onnx:MiniFASNetV1SE.onnx")
+# `option:file` of every liveness file the catalog knows (MiniFASNetV2 and MiniFASNetV1SE).
+LIVENESS_OPTIONS = tuple(f.load_option for f in catalog.default().loadable(catalog.ROLE_ANTISPOOF))
 EMBEDDING_DIM = {ENGINE_INSIGHTFACE: 512, ENGINE_ONNX_DIRECT: 128}
 
 
 def engine_setup(kind: str) -> tuple[str, list[str]]:
     """(ModelOptions.Model, ModelOptions.Options) of one setup; its files must be installed."""
     if kind == ENGINE_INSIGHTFACE:
-        for name in ("det_500m.onnx", "w600k_mbf.onnx"):
-            model_path(os.path.join("buffalo_sc", name))
+        pack_files("buffalo_sc")
         return "buffalo_sc", list(INSIGHTFACE_OPTIONS)
     if kind == ENGINE_ONNX_DIRECT:
         from face_service import DEFAULT_MODEL_OPTIONS
@@ -75,6 +77,11 @@ def engine_setup(kind: str) -> tuple[str, list[str]]:
                 model_path(value)
         return "face-default", list(DEFAULT_MODEL_OPTIONS)
     raise ValueError(f"unknown engine setup {kind!r}")
+
+
+def pack_files(pack: str) -> dict[str, str]:
+    """{member: installed path} of every member file the catalog lists for `pack`, each required."""
+    return {m.name: model_path(os.path.join(pack, m.name)) for m in catalog.default().packs[pack].members}
 
 
 def liveness_files() -> None:

@@ -512,9 +512,8 @@ class GrpcAttributesTest(unittest.TestCase):
         import backend
         import backend_pb2
         import backend_pb2_grpc
-        for name in ("face_detection_yunet_2023mar.onnx", "MobileFaceNet.onnx", "age-v1.onnx",
-                     "gender-v1.onnx", EMOTION_FILE, "buffalo_sc"):
-            support.model_path(name)
+        for kind in support.ENGINES:  # the default set and buffalo_sc, installed
+            support.engine_setup(kind)
         cls.grpc, cls.pb = grpc, backend_pb2
         support.require_files(support.GROUP_PHOTO)
         cls.group = encode(support.GROUP_PHOTO)

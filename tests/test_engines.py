@@ -345,8 +345,8 @@ class InsightfacePackTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         support.engine_setup(support.ENGINE_INSIGHTFACE)
-        cls.det = support.model_path(os.path.join("buffalo_sc", "det_500m.onnx"))
-        cls.rec = support.model_path(os.path.join("buffalo_sc", "w600k_mbf.onnx"))
+        cls.pack_files = support.pack_files("buffalo_sc")
+        cls.det, cls.rec = cls.pack_files["det_500m.onnx"], cls.pack_files["w600k_mbf.onnx"]
         cls.spoof = support.model_path("MiniFASNetV2.onnx")
         cls.extra = [support.model_path(n) for n in ("MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx")]
         cls.group = read_image(support.data_path("insightface-wheel-images", "t1.jpg"))
@@ -375,15 +375,14 @@ class InsightfacePackTest(unittest.TestCase):
 
     def test_flat_pack_with_an_unrelated_onnx_file(self):
         root = os.path.join(self.tmp.name, "flat")
-        self.make_pack(os.path.join(root, "buffalo_sc"), {
-            "det_500m.onnx": self.det, "w600k_mbf.onnx": self.rec, "MiniFASNetV2.onnx": self.spoof})
+        self.make_pack(os.path.join(root, "buffalo_sc"), {**self.pack_files, "MiniFASNetV2.onnx": self.spoof})
         engine = build("buffalo_sc", support.INSIGHTFACE_OPTIONS, model_path=root)
         self.assert_same_as_reference(engine)
 
     def test_nested_pack_layout(self):
         root = os.path.join(self.tmp.name, "nested")
-        self.make_pack(os.path.join(root, "buffalo_sc", "buffalo_sc"), {
-            "det_500m.onnx": self.det, "w600k_mbf.onnx": self.rec, "MiniFASNetV2.onnx": self.spoof})
+        self.make_pack(os.path.join(root, "buffalo_sc", "buffalo_sc"),
+                       {**self.pack_files, "MiniFASNetV2.onnx": self.spoof})
         with self.subTest("via ModelPath"):
             self.assert_same_as_reference(build("buffalo_sc", support.INSIGHTFACE_OPTIONS, model_path=root))
         with self.subTest("via root: option"):

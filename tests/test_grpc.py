@@ -24,14 +24,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import backend
 import backend_pb2
 import backend_pb2_grpc
-from engines.recognition import INSIGHTFACE_FAR_1E6_DISTANCE, KNOWN_RECOGNIZERS, MOBILEFACENET_SHA256
+from engines.recognition import recognizer_profile
 from face_service import FaceService
 from tests import support
 
 IMAGES = os.path.join("face-recognition-examples", "images")
 DEFAULT_THRESHOLD = {
-    support.ENGINE_INSIGHTFACE: INSIGHTFACE_FAR_1E6_DISTANCE,
-    support.ENGINE_ONNX_DIRECT: KNOWN_RECOGNIZERS[MOBILEFACENET_SHA256].threshold,
+    support.ENGINE_INSIGHTFACE: recognizer_profile("w600k_mbf.onnx").threshold,
+    support.ENGINE_ONNX_DIRECT: recognizer_profile("MobileFaceNet.onnx").threshold,
 }
 NOT_BASE64 = "this is *not* base64!"
 GARBAGE_BASE64 = base64.b64encode(b"certainly not an image" * 30).decode()

@@ -769,8 +769,7 @@ class OverloadTest(GrpcAssertions, unittest.TestCase):
 # -- reload under load ---------------------------------------------------------------------------
 class ReloadUnderLoadTest(unittest.TestCase):
     def test_requests_during_reloads_see_one_whole_engine(self):
-        for name in ("det_500m.onnx", "w600k_mbf.onnx"):
-            support.model_path(os.path.join("buffalo_sc", name))
+        support.pack_files("buffalo_sc")
         good = support.b64_file(support.data_path(*PHOTO))
         other = support.b64_file(support.data_path("face-recognition-examples", "images", "kit_harington_1.jpg"))
         loads = {

@@ -20,18 +20,15 @@ import numpy as np
 
 import backend_pb2
 import backend_pb2_grpc
+import catalog
 from tests import support
 from tests.test_grpc import CALL_TIMEOUT, GrpcAssertions, RunningServer
 
 IMAGES = os.path.join("face-recognition-examples", "images")
 SAME = ("obama_1.jpg", "obama_2.jpg")
 DIFFERENT = ("obama_1.jpg", "biden_1.jpg")
-PACK_FILES = {"det_500m.onnx": "buffalo_sc/det_500m.onnx", "w600k_mbf.onnx": "buffalo_sc/w600k_mbf.onnx"}
-# Other models' files the host keeps in the same directory.
-EMOTION_FILE = "facial_expression_recognition_mobilefacenet_2022july_int8.onnx"
-NEIGHBOURS = ("face_detection_yunet_2023mar.onnx", "MobileFaceNet.onnx", "MiniFASNetV2.onnx",
-              "MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx", EMOTION_FILE)
-LIVENESS = ("antispoof_v2_onnx:MiniFASNetV2.onnx", "antispoof_v1se_onnx:MiniFASNetV1SE.onnx")
+# Other models' files the host keeps in the same directory: the default set's.
+NEIGHBOURS = tuple(f.name for f in catalog.default().expand(["default"]))
 
 
 def _varint(value: int) -> bytes:
@@ -118,7 +115,7 @@ class HostConfigurationTest(GrpcAssertions, unittest.TestCase):
             extra = [f"root:{pack_dir}"]
         else:
             raise ValueError(pack_layout)
-        for member, source in PACK_FILES.items():
+        for member, source in support.pack_files("buffalo_sc").items():
             link(pack_dir, member, source)
         return models, extra
 
@@ -127,15 +124,13 @@ class HostConfigurationTest(GrpcAssertions, unittest.TestCase):
         for layout in ("flat", "nested", "root"):
             models, extra = self.models_dir(f"buffalo-sc-{layout}", layout)
             # The host appends `<artifact>:<path>` options of its own to the entry's.
-            options = ["engine:insightface", "model_pack:buffalo_sc", *LIVENESS, *extra,
+            options = ["engine:insightface", "model_pack:buffalo_sc", *support.LIVENESS_OPTIONS, *extra,
                        f"buffalo_sc.zip:{os.path.join(models, 'buffalo_sc.zip')}"]
             yield f"insightface-buffalo-sc ({layout})", "insightface-buffalo-sc", models, options, 512, ()
         models, _ = self.models_dir("opencv", "flat")
-        # The gallery's insightface-opencv entry with MobileFaceNet standing in for SFace (not
-        # obtainable here); the host's backend spells the engine `opencv`.
-        options = ["engine:OpenCV", "detector_onnx:face_detection_yunet_2023mar.onnx",
-                   "recognizer_onnx:MobileFaceNet.onnx", *LIVENESS, "age_onnx:age-v1.onnx",
-                   "gender_onnx:gender-v1.onnx", f"emotion_onnx:{EMOTION_FILE}", "backend_specific_option:true"]
+        # The gallery's insightface-opencv entry with the default set's files (MobileFaceNet standing
+        # in for SFace, not obtainable here); the host's backend spells the engine `opencv`.
+        options = ["engine:OpenCV", *catalog.default().load_options("default"), "backend_specific_option:true"]
         yield "insightface-opencv", "insightface-opencv", models, options, 128, ("age", "gender", "emotion")
 
     def test_every_gallery_configuration_answers_what_the_host_reads(self):

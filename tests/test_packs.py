@@ -18,7 +18,6 @@ from face_service import FaceService
 from tests import support
 
 PACK = "buffalo_sc"
-PACK_FILES = ("det_500m.onnx", "w600k_mbf.onnx")
 # Other models' files the host keeps in the same ModelPath. The recognizers and the second SCRFD
 # export are ones a role-by-tensors reading of the directory could pick instead of the pack's.
 NEIGHBOURS = ("face_detection_yunet_2023mar.onnx", "MobileFaceNet.onnx", "MiniFASNetV2.onnx",
@@ -37,7 +36,7 @@ class PackLayoutTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         support.engine_setup(support.ENGINE_INSIGHTFACE)
-        cls.pack_files = {n: support.model_path(os.path.join(PACK, n)) for n in PACK_FILES}
+        cls.pack_files = support.pack_files(PACK)
         cls.neighbours = {n: support.model_path(n) for n in NEIGHBOURS}
         cls.photos = [path for path, _ in support.single_face_photos()]
 
@@ -143,8 +142,9 @@ class PackLayoutTest(unittest.TestCase):
         self.assertIn("not a genderage", message)
 
     def test_member_name_with_other_bytes_is_refused(self):
-        cases = {"w600k_mbf.onnx": "MobileFaceNet.onnx", "det_500m.onnx": "face_detection_yunet_2023mar.onnx"}
-        for member, impostor in cases.items():
+        # Each member in turn replaced by another model's file of its role.
+        impostors = {"recognizer": "MobileFaceNet.onnx", "detector": "face_detection_yunet_2023mar.onnx"}
+        for member, impostor in ((m.name, impostors[m.role]) for m in catalog.default().packs[PACK].members):
             with self.subTest(member):
                 flat = self.place(f"wrong_{member}", files={**self.pack_files, member: self.neighbours[impostor]})
                 with self.assertRaises(ModelFileError) as caught:

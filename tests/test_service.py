@@ -21,16 +21,16 @@ import onnxruntime as ort
 from engines import parse_load_request
 from engines.errors import (CallEndedError, IdentityMismatchError, InvalidInputError, ModelFileError,
                             ModelOptionError, NoFaceError, PreconditionError)
-from engines.recognition import INSIGHTFACE_FAR_1E6_DISTANCE, KNOWN_RECOGNIZERS, MOBILEFACENET_SHA256
+from engines.recognition import recognizer_profile
 from engines.runtime import set_opencv_threads, usable_cpus
 from face_service import FaceService
 from tests import support
 
 IMAGES = os.path.join("face-recognition-examples", "images")
-# Default cosine-distance thresholds of the two recognizers (engines/recognition.py profiles).
+# Default cosine-distance thresholds of the two setups' recognizers (catalog/catalog.json).
 DEFAULT_THRESHOLD = {
-    support.ENGINE_INSIGHTFACE: INSIGHTFACE_FAR_1E6_DISTANCE,
-    support.ENGINE_ONNX_DIRECT: KNOWN_RECOGNIZERS[MOBILEFACENET_SHA256].threshold,
+    support.ENGINE_INSIGHTFACE: recognizer_profile("w600k_mbf.onnx").threshold,
+    support.ENGINE_ONNX_DIRECT: recognizer_profile("MobileFaceNet.onnx").threshold,
 }
 GARBAGE_BASE64 = base64.b64encode(b"this is not an image, just some bytes" * 20).decode()
 NOT_BASE64 = "this is *not* base64!"
