@@ -28,10 +28,10 @@ from grpc_status import rpc_status
 
 import backend_pb2
 import backend_pb2_grpc
+from core.concurrency import usable_cpus
+from core.errors import (CallEndedError, FaceServiceError, IdentityMismatchError, InvalidInputError,
+                         ModelFileError, ModelOptionError, NoFaceError, PreconditionError, Reason)
 from engines import parse_load_request
-from engines.errors import (CallEndedError, FaceServiceError, IdentityMismatchError, InvalidInputError,
-                            ModelFileError, ModelOptionError, NoFaceError, PreconditionError, Reason)
-from engines.runtime import usable_cpus
 from face_service import DEFAULT_MODEL_OPTIONS, AnalyzedFace, FaceService
 
 log = logging.getLogger("face-backend")
@@ -269,7 +269,7 @@ def worker_count() -> int:
     configured = os.environ.get("PYTHON_GRPC_MAX_WORKERS")
     if configured:
         return max(1, int(configured))
-    # Each onnxruntime call already spreads over the cores (engines.runtime), so one worker per
+    # Each onnxruntime call already spreads over the cores (engines/runtime.py), so one worker per
     # core keeps them busy; every extra worker thread costs its own allocator arena and buffers
     # (bench/bench.py: 2 x CPUs peaked ~90 MB higher under 4 clients for the same throughput).
     # Two at least, so Health/Status answer while a request runs.

@@ -19,15 +19,14 @@ import psutil
 
 from antispoof import DEFAULT_THRESHOLD as LIVENESS_DEFAULT_THRESHOLD
 from antispoof import LIVENESS_FILES, LIVENESS_OPTIONS, LivenessEnsemble, LivenessResult
-from engines import (HOST_ACTIONS, FaceAttributes, FaceDetection, FaceEngine, LoadRequest,
-                     build_engine)
-from engines.errors import (IdentityMismatchError, InvalidInputError, NoFaceError,
-                            PreconditionError)
-from engines.runtime import A, B, set_opencv_threads, side_by_side, usable_cpus
+from core.concurrency import A, B, run_side_by_side, usable_cpus
+from core.errors import IdentityMismatchError, InvalidInputError, NoFaceError, PreconditionError
+from engines import HOST_ACTIONS, FaceAttributes, FaceDetection, FaceEngine, LoadRequest, build_engine
+from engines.runtime import set_opencv_threads
 from imaging import decode_image
 
 # Called between the stages of a request with the name of the next stage; raises (e.g.
-# engines.errors.CallEndedError) to stop work whose caller has gone or whose deadline passed.
+# core.errors.CallEndedError) to stop work whose caller has gone or whose deadline passed.
 Checkpoint = Callable[[str], None]
 
 
@@ -52,7 +51,7 @@ class LoadedModel:
     liveness: Optional[LivenessEnsemble]
     # False when the host granted a single thread (ModelOptions.Threads = 1): a request then
     # never hands work to a helper thread.
-    side_by_side: bool = True
+    use_helpers: bool = True
     ignored_options: tuple[str, ...] = ()
 
     @property
@@ -166,7 +165,7 @@ class FaceService:
             engine = build_engine(request)
             liveness = build_liveness(request)
             model = LoadedModel(name=request.model_name, engine=engine, liveness=liveness,
-                                side_by_side=request.threads != 1,
+                                use_helpers=request.threads != 1,
                                 ignored_options=tuple(request.ignored))
             set_opencv_threads(request.threads)
             self._model = model  # a single reference assignment: requests see old or new, whole
@@ -221,7 +220,7 @@ class FaceService:
             raise InvalidInputError(f"threshold must be a cosine distance >= 0, got {threshold}",
                                     reason="BAD_THRESHOLD", field="threshold")
         threshold = threshold or model.engine.default_threshold
-        first, second = self._side_by_side(
+        first, second = self._run_halves(
             model, lambda stage: self._verify_image(model, liveness, img1, "img1", stage),
             lambda stage: self._verify_image(model, liveness, img2, "img2", stage), checkpoint)
         # float32 rounding can put identical faces a hair below 0; the contract's range is [0, 2].
@@ -235,10 +234,10 @@ class FaceService:
             img1_liveness=first.liveness, img2_liveness=second.liveness,
             processing_time_ms=(time.perf_counter() - started) * 1000.0)
 
-    def _side_by_side(self, model: LoadedModel, first: Callable[[Checkpoint], A],
-                      second: Callable[[Checkpoint], B], checkpoint: Checkpoint) -> tuple[A, B]:
+    def _run_halves(self, model: LoadedModel, first: Callable[[Checkpoint], A],
+                    second: Callable[[Checkpoint], B], checkpoint: Checkpoint) -> tuple[A, B]:
         """first(checkpoint) on this thread and second(checkpoint) on a helper when one is free
-        (engines.runtime.side_by_side); an error in first stops second at its next stage."""
+        (core.concurrency.run_side_by_side); an error in first stops second at its next stage."""
         abandoned = threading.Event()
 
         def second_checkpoint(stage: str) -> None:
@@ -246,9 +245,9 @@ class FaceService:
                 raise _Abandoned(stage)
             checkpoint(stage)
 
-        return side_by_side(self._helpers if model.side_by_side else None,
-                            lambda: first(checkpoint), lambda: second(second_checkpoint),
-                            on_first_error=abandoned.set)
+        return run_side_by_side(self._helpers if model.use_helpers else None,
+                                lambda: first(checkpoint), lambda: second(second_checkpoint),
+                                on_first_error=abandoned.set)
 
     def _verify_image(self, model: LoadedModel, liveness: Optional[LivenessEnsemble], encoded: str,
                       name: str, checkpoint: Checkpoint) -> VerifiedImage:
@@ -284,7 +283,7 @@ class FaceService:
         if liveness is None:
             attributes, verdicts = compute_attributes(checkpoint), [None] * len(faces)
         else:
-            attributes, verdicts = self._side_by_side(model, compute_attributes, score_liveness, checkpoint)
+            attributes, verdicts = self._run_halves(model, compute_attributes, score_liveness, checkpoint)
         return [AnalyzedFace(f, a, v) for f, a, v in zip(faces, attributes, verdicts)]
 
     @staticmethod

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from engines.errors import InvalidInputError
+from core.errors import InvalidInputError
 
 
 def _env_int(name: str, default: int) -> int:

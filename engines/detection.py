@@ -11,10 +11,11 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from core.concurrency import InstancePool, usable_cpus
+from core.errors import ModelFileError
+
 from .base import FaceDetection
-from .errors import ModelFileError
-from .instance_pool import InstancePool
-from .runtime import create_session, usable_cpus
+from .runtime import create_session
 
 DEFAULT_DETECTION_SIZE = (640, 640)  # insightface FaceAnalysis default det_size
 DEFAULT_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from .errors import ModelFileError, ModelOptionError
-from .runtime import usable_cpus
+from core.concurrency import usable_cpus
+from core.errors import ModelFileError, ModelOptionError
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,12 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from core.concurrency import InstancePool, usable_cpus
+from core.errors import ModelFileError, ModelOptionError
+
 from .alignment import ARCFACE_SIZE, align_face
 from .base import FaceDetection
-from .errors import ModelFileError, ModelOptionError
-from .instance_pool import InstancePool
-from .runtime import check_batch_dimension, create_session, run_batched, usable_cpus
+from .runtime import check_batch_dimension, create_session, run_batched
 
 
 @dataclass(frozen=True)

@@ -3,23 +3,14 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import Executor
-from typing import Callable, Optional, TypeVar
+from typing import Optional
 
 import cv2
 import numpy as np
 import onnxruntime as ort
 
-from .errors import ModelFileError
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which a container's cpuset narrows)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
+from core.concurrency import usable_cpus
+from core.errors import ModelFileError
 
 # Threads each session may use for one Run when ModelOptions.Threads is 0: every usable CPU, up
 # to 4, never spinning. Measured with bench/bench.py and A/B runs of the server on 2 vCPUs
@@ -44,33 +35,6 @@ def set_opencv_threads(threads: int) -> None:
     """Grant OpenCV's pool (YuNet, SFace) `threads` threads, or its default (one per CPU) for 0.
     The pool is process-wide, so this follows the loaded model's ModelOptions.Threads."""
     cv2.setNumThreads(threads if threads > 0 else -1)
-
-
-A = TypeVar("A")
-B = TypeVar("B")
-
-
-def side_by_side(helpers: Optional[Executor], first: Callable[[], A], second: Callable[[], B],
-                 on_first_error: Callable[[], None] = lambda: None) -> tuple[A, B]:
-    """first() on this thread while a helper runs second(). If no helper has started second by
-    the time first is done (all busy with other requests), this thread runs it: nobody waits in
-    a queue behind another request's work. first's error wins; on_first_error is told first, so
-    second can stop early. Without helpers, first() then second()."""
-    if helpers is None:
-        return first(), second()
-    try:
-        pending = helpers.submit(second)
-    except RuntimeError:  # the interpreter is shutting down: no new helper work
-        return first(), second()
-    try:
-        first_result = first()
-    except BaseException:
-        on_first_error()
-        pending.cancel()
-        raise
-    if pending.cancel():
-        return first_result, second()
-    return first_result, pending.result()
 
 
 def set_default_threads(threads: int) -> None:

@@ -45,8 +45,8 @@ import backend_pb2 as pb
 import backend_pb2_grpc
 import client
 import imaging
+from core.errors import InvalidInputError
 from engines import parse_load_request
-from engines.errors import InvalidInputError
 from face_service import DEFAULT_MODEL_OPTIONS, FaceService
 from tests import support
 

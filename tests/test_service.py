@@ -18,11 +18,12 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from core.concurrency import usable_cpus
+from core.errors import (CallEndedError, IdentityMismatchError, InvalidInputError, ModelFileError,
+                         ModelOptionError, NoFaceError, PreconditionError)
 from engines import parse_load_request
-from engines.errors import (CallEndedError, IdentityMismatchError, InvalidInputError, ModelFileError,
-                            ModelOptionError, NoFaceError, PreconditionError)
 from engines.recognition import INSIGHTFACE_FAR_1E6_DISTANCE, KNOWN_RECOGNIZERS, MOBILEFACENET_SHA256
-from engines.runtime import set_opencv_threads, usable_cpus
+from engines.runtime import set_opencv_threads
 from face_service import FaceService
 from tests import support
 
@@ -53,7 +54,7 @@ def loaded_service(kind: str, name: str = None) -> FaceService:
     return service
 
 
-def side_by_side(big: str, small: str) -> np.ndarray:
+def big_beside_small(big: str, small: str) -> np.ndarray:
     """One photo with `big`'s face about 2.5x as tall as `small`'s."""
     a = cv2.imread(support.data_path(IMAGES, big))
     b = cv2.imread(support.data_path(IMAGES, small))
@@ -174,7 +175,7 @@ class ServiceCases(ErrorAssertions):
                 ("obama_1.jpg", "biden_1.jpg", "obama_2.jpg", "biden_2.jpg"),
                 ("biden_1.jpg", "obama_1.jpg", "biden_2.jpg", "obama_2.jpg")):
             with self.subTest(big=big, small=small):
-                image = support.b64_image(side_by_side(big, small))
+                image = support.b64_image(big_beside_small(big, small))
                 faces = self.service.detect(image)
                 self.assertEqual(len(faces), 2)
                 largest = max(faces, key=lambda f: f.area)
