@@ -22,6 +22,7 @@ from antispoof import LIVENESS_FILES, LIVENESS_OPTIONS, LivenessEnsemble, Livene
 from core.concurrency import A, B, run_side_by_side, usable_cpus
 from core.errors import IdentityMismatchError, InvalidInputError, NoFaceError, PreconditionError
 from engines import HOST_ACTIONS, FaceAttributes, FaceDetection, FaceEngine, LoadRequest, build_engine
+from core.settings import ImageLimits
 from engines.runtime import set_opencv_threads
 from imaging import decode_image
 
@@ -144,9 +145,11 @@ def build_liveness(request: LoadRequest) -> Optional[LivenessEnsemble]:
 
 
 class FaceService:
-    def __init__(self, helpers: Optional[int] = None) -> None:
+    def __init__(self, helpers: Optional[int] = None, image_limits: ImageLimits = ImageLimits()) -> None:
         """`helpers`: threads that take the second half of a request (default: one fewer than
-        the usable CPUs; 0 does everything on the request's thread)."""
+        the usable CPUs; 0 does everything on the request's thread). `image_limits`: the largest
+        request image accepted (the server's Settings.image_limits)."""
+        self.image_limits = image_limits
         self._model: Optional[LoadedModel] = None
         self._load_lock = threading.Lock()  # one LoadModel at a time; requests never wait on it
         self.on_change: Callable[[bool], None] = lambda loaded: None  # told whether a model is loaded
@@ -251,7 +254,7 @@ class FaceService:
 
     def _verify_image(self, model: LoadedModel, liveness: Optional[LivenessEnsemble], encoded: str,
                       name: str, checkpoint: Checkpoint) -> VerifiedImage:
-        image = decode_image(encoded, name)
+        image = decode_image(encoded, name, self.image_limits)
         checkpoint("detection")
         face = best_face(self._faces(model.engine, image, name))
         verdict = None
@@ -266,7 +269,7 @@ class FaceService:
         model = self._model_for(identity)
         liveness = self._require_liveness(model) if anti_spoofing else None
         wanted = self._resolve_actions(model.engine, actions)
-        image = decode_image(img, "img")
+        image = decode_image(img, "img", self.image_limits)
         checkpoint("detection")
         faces = model.engine.detect(image)
         if not faces:  # the host's contract: a photo without a face is an answer, not an error
@@ -306,7 +309,7 @@ class FaceService:
         if not images:
             raise InvalidInputError("Images[0]: no image given (Embedding needs one image)",
                                     reason="IMAGE_MISSING", field="Images[0]")
-        image = decode_image(images[0], "Images[0]")
+        image = decode_image(images[0], "Images[0]", self.image_limits)
         checkpoint("detection")
         face = best_face(self._faces(model.engine, image, "Images[0]"))
         checkpoint("recognition")
@@ -318,7 +321,7 @@ class FaceService:
         if threshold < 0 or threshold > 1 or not math.isfinite(threshold):
             raise InvalidInputError(f"threshold must be a detector score in [0, 1], got {threshold}",
                                     reason="BAD_THRESHOLD", field="threshold")
-        image = decode_image(src, "src")
+        image = decode_image(src, "src", self.image_limits)
         checkpoint("detection")
         return model.engine.detect(image, threshold if threshold > 0 else None)
 

@@ -1,11 +1,15 @@
-"""core/: the concurrency helpers every request relies on (no models needed)."""
+"""core/: the concurrency helpers every request relies on and the settings read from the
+environment (no models needed)."""
 from __future__ import annotations
 
+import os
 import threading
 import unittest
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 from core.concurrency import run_side_by_side
+from core.settings import ImageLimits, Settings
 
 
 class RunSideBySideTest(unittest.TestCase):
@@ -60,3 +64,51 @@ class RunSideBySideTest(unittest.TestCase):
         self.helpers.shutdown()
         self.assertEqual(run_side_by_side(self.helpers, first, second), (here, here))
         self.assertEqual(order, ["first", "second"] * 2)
+
+
+class SettingsTest(unittest.TestCase):
+    """Settings.from_environ: every variable the server reads, with the defaults it had."""
+
+    def test_an_empty_environment_gives_the_defaults(self):
+        self.assertEqual(Settings.from_environ({}), Settings())
+        defaults = Settings()
+        self.assertEqual((defaults.auth_token, defaults.max_workers, defaults.max_concurrent_rpcs,
+                          defaults.shutdown_grace_seconds, defaults.parent_watch_interval),
+                         ("", None, None, 10.0, 2.0))
+        self.assertEqual(defaults.image_limits, ImageLimits(max_bytes=20 * 1024 * 1024, max_pixels=50_000_000))
+
+    def test_every_variable_is_read(self):
+        settings = Settings.from_environ({
+            "LOCALAI_GRPC_AUTH_TOKEN": "t0ken", "PYTHON_GRPC_MAX_WORKERS": "3",
+            "PYTHON_GRPC_MAX_CONCURRENT_RPCS": "5", "FACE_SHUTDOWN_GRACE_SECONDS": "1.5",
+            "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": "500ms", "FACE_MAX_IMAGE_BYTES": "1000",
+            "FACE_MAX_IMAGE_PIXELS": "2000"})
+        self.assertEqual(settings, Settings(auth_token="t0ken", max_workers=3, max_concurrent_rpcs=5,
+                                            shutdown_grace_seconds=1.5, parent_watch_interval=0.5,
+                                            image_limits=ImageLimits(max_bytes=1000, max_pixels=2000)))
+
+    def test_parent_watch_interval_as_the_host_writes_it(self):
+        cases = {("", ""): 2.0, ("", "2s"): 2.0, ("", "1m"): 60.0, ("", "250ms"): 0.25, ("", "3"): 3.0,
+                 ("", "1ms"): 0.05, ("", "soon"): 2.0, ("true", "1s"): 1.0,
+                 ("false", "1s"): None, ("0", ""): None, ("OFF", ""): None, (" no ", ""): None}
+        for (enabled, interval), expected in cases.items():
+            with self.subTest(enabled=enabled, interval=interval):
+                settings = Settings.from_environ({"LOCALAI_BACKEND_PARENT_WATCH": enabled,
+                                                  "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": interval})
+                self.assertEqual(settings.parent_watch_interval, expected)
+
+    def test_malformed_numbers(self):
+        for name in ("PYTHON_GRPC_MAX_WORKERS", "PYTHON_GRPC_MAX_CONCURRENT_RPCS", "FACE_SHUTDOWN_GRACE_SECONDS"):
+            with self.subTest(name), self.assertRaisesRegex(ValueError, name):
+                Settings.from_environ({name: "many"})
+        # The image limits keep their defaults, as they always have; numbers below 1 become 1.
+        settings = Settings.from_environ({"FACE_MAX_IMAGE_BYTES": "big", "FACE_MAX_IMAGE_PIXELS": "0",
+                                          "PYTHON_GRPC_MAX_WORKERS": "-4"})
+        self.assertEqual(settings.image_limits, ImageLimits(max_pixels=1))
+        self.assertEqual(settings.max_workers, 1)
+
+    def test_the_process_environment_is_read_when_asked_not_before(self):
+        with mock.patch.dict(os.environ, {"LOCALAI_GRPC_AUTH_TOKEN": "from-env"}):
+            self.assertEqual(Settings.from_environ().auth_token, "from-env")
+        with mock.patch.dict(os.environ, {"LOCALAI_GRPC_AUTH_TOKEN": ""}):
+            self.assertEqual(Settings.from_environ().auth_token, "")
