@@ -15,7 +15,6 @@ from core.concurrency import InstancePool, usable_cpus
 from core.errors import ModelFileError
 
 from .base import FaceDetection
-from .runtime import create_session
 
 DEFAULT_DETECTION_SIZE = (640, 640)  # insightface FaceAnalysis default det_size
 DEFAULT_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh
@@ -92,10 +91,6 @@ class SCRFDDetector:
         self.score_threshold = score_threshold
         self._anchor_cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._anchor_lock = threading.Lock()
-
-    @classmethod
-    def from_file(cls, path: str, **kwargs) -> "SCRFDDetector":
-        return cls(create_session(path), **kwargs)
 
     def _ordered_outputs(self) -> list[str]:
         # Exports with named outputs (score_8, bbox_16, ...) are ordered by kind and stride;

@@ -32,7 +32,6 @@ KNOWN_OPTIONS = {
 }
 ENGINE_INSIGHTFACE = "insightface"
 ENGINE_ONNX_DIRECT = "onnx_direct"
-ENGINES = (ENGINE_INSIGHTFACE, ENGINE_ONNX_DIRECT)
 # Engine names as the host's own face backend accepts them (any case): its gallery and users'
 # YAMLs carry these spellings.
 ENGINE_ALIASES = {

@@ -19,7 +19,7 @@ from core.errors import ModelFileError, ModelOptionError
 
 from .alignment import ARCFACE_SIZE, align_face
 from .base import FaceDetection
-from .runtime import check_batch_dimension, create_session, run_batched
+from .runtime import check_batch_dimension, run_batched
 
 
 @dataclass(frozen=True)
@@ -111,10 +111,6 @@ class ArcFaceRecognizer:
         self.embedding_dim = int(session.get_outputs()[0].shape[1])
         self._scale = (1.0 / np.asarray(profile.std, dtype=np.float32)).reshape(1, 3, 1, 1)
         self._mean = np.asarray(profile.mean, dtype=np.float32).reshape(1, 3, 1, 1)
-
-    @classmethod
-    def from_file(cls, path: str, profile: RecognizerProfile) -> "ArcFaceRecognizer":
-        return cls(create_session(path), profile)
 
     def _blob(self, crops_bgr: list[np.ndarray]) -> np.ndarray:
         rgb = np.stack(crops_bgr)[..., ::-1].astype(np.float32)

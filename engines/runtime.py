@@ -22,13 +22,12 @@ from core.errors import ModelFileError
 # The cap keeps small models (112x112 recognizers, 80x80 liveness nets) from spreading one Run
 # over many cores on big hosts, where the loop overhead outgrows the work (a judgement, not
 # measured: this machine has 2 CPUs). ModelOptions.Threads (the `threads` argument of
-# create_session) or set_default_threads() override it.
+# create_session) overrides it.
 #
 # OpenCV's own pool (YuNet, SFace) is left at its default, one thread per CPU: cv2.setNumThreads(1)
 # made a lone default-set FaceVerify slower (75 -> 93 ms) and did not raise 4-client throughput
 # (20.0 -> 19.0/s).
 MAX_DEFAULT_INTRA_OP_THREADS = 4
-_default_intra_op_threads = min(usable_cpus(), MAX_DEFAULT_INTRA_OP_THREADS)
 
 
 def set_opencv_threads(threads: int) -> None:
@@ -37,13 +36,9 @@ def set_opencv_threads(threads: int) -> None:
     cv2.setNumThreads(threads if threads > 0 else -1)
 
 
-def set_default_threads(threads: int) -> None:
-    global _default_intra_op_threads
-    _default_intra_op_threads = max(1, int(threads))
-
-
 def default_threads() -> int:
-    return _default_intra_op_threads
+    """onnxruntime threads per Run when the host grants none."""
+    return min(usable_cpus(), MAX_DEFAULT_INTRA_OP_THREADS)
 
 
 # Every session draws its working memory from one arena that grows by exactly what is asked
@@ -73,7 +68,7 @@ def create_session(path: str, threads: Optional[int] = None) -> ort.InferenceSes
     if not os.path.isfile(path):
         raise ModelFileError(f"model file not found: {path}")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or _default_intra_op_threads
+    options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
