@@ -54,7 +54,7 @@ class InstancePool(Generic[T]):
     """
 
     def __init__(self, factory: Callable[[], T], size: int):
-        self._factory = factory
+        self._factory: Optional[Callable[[], T]] = factory
         self._idle: "queue.LifoQueue[T]" = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(max(1, size))
         self._idle.put(factory())  # the first one now, so a bad model file fails in LoadModel
@@ -65,8 +65,27 @@ class InstancePool(Generic[T]):
             try:
                 instance = self._idle.get_nowait()
             except queue.Empty:
-                instance = self._factory()
+                factory = self._factory
+                if factory is None:
+                    raise RuntimeError("borrowing from a closed pool") from None
+                instance = factory()
             try:
                 yield instance
             finally:
-                self._idle.put(instance)
+                if self._factory is not None:
+                    self._idle.put(instance)
+
+    def close(self) -> None:
+        """Drops the idle instances now and the lent ones as they come back (the owner's factory
+        too: a bound method would keep its owner alive); borrowing fails afterwards."""
+        self._factory = None
+        while True:
+            try:
+                self._idle.get_nowait()
+            except queue.Empty:
+                return
+
+    @property
+    def idle(self) -> int:
+        """How many instances wait to be lent out."""
+        return self._idle.qsize()

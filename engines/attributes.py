@@ -96,6 +96,9 @@ class _OnnxHead:
         """Model output for a [N,3,H,W] blob: one session.run, or one per face if the batch is fixed."""
         return run_batched(self.session, blob)
 
+    def close(self) -> None:
+        self.session = None
+
 
 class _CydralHead(_OnnxHead):
     SIZE: int

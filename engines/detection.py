@@ -92,6 +92,9 @@ class SCRFDDetector:
         self._anchor_cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._anchor_lock = threading.Lock()
 
+    def close(self) -> None:
+        self.session = None
+
     def _ordered_outputs(self) -> list[str]:
         # Exports with named outputs (score_8, bbox_16, ...) are ordered by kind and stride;
         # numeric names keep the graph's own order, which insightface relies on.
@@ -167,6 +170,9 @@ class YuNetDetector:
         self.input_size = tuple(input_size)
         self.score_threshold = score_threshold
         self._pool = InstancePool(self._create, usable_cpus())
+
+    def close(self) -> None:
+        self._pool.close()
 
     def _create(self):
         try:

@@ -112,6 +112,9 @@ class ArcFaceRecognizer:
         self._scale = (1.0 / np.asarray(profile.std, dtype=np.float32)).reshape(1, 3, 1, 1)
         self._mean = np.asarray(profile.mean, dtype=np.float32).reshape(1, 3, 1, 1)
 
+    def close(self) -> None:
+        self.session = None
+
     def _blob(self, crops_bgr: list[np.ndarray]) -> np.ndarray:
         rgb = np.stack(crops_bgr)[..., ::-1].astype(np.float32)
         return (rgb.transpose(0, 3, 1, 2) - self._mean) * self._scale
@@ -135,6 +138,9 @@ class SFaceRecognizer:
     def __init__(self, path: str):
         self.path = path
         self._pool = InstancePool(self._create, usable_cpus())
+
+    def close(self) -> None:
+        self._pool.close()
 
     def _create(self):
         try:

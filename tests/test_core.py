@@ -8,7 +8,7 @@ import unittest
 from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
-from core.concurrency import run_side_by_side
+from core.concurrency import InstancePool, run_side_by_side
 from core.settings import ImageLimits, Settings
 
 
@@ -65,6 +65,41 @@ class RunSideBySideTest(unittest.TestCase):
         self.assertEqual(run_side_by_side(self.helpers, first, second), (here, here))
         self.assertEqual(order, ["first", "second"] * 2)
 
+
+
+class InstancePoolTest(unittest.TestCase):
+    """The pool OpenCV's model objects are lent from, and how closing it lets them go."""
+
+    def test_lends_one_instance_per_borrower_up_to_its_size(self):
+        made = []
+        pool = InstancePool(lambda: made.append(object()) or made[-1], size=2)
+        self.assertEqual((len(made), pool.idle), (1, 1))  # the first one at once
+        with pool.borrow() as a, pool.borrow() as b:
+            self.assertIsNot(a, b)
+            self.assertEqual((len(made), pool.idle), (2, 0))
+            served = threading.Event()
+
+            def third_borrower():
+                with pool.borrow():
+                    served.set()
+            waiter = threading.Thread(target=third_borrower)
+            waiter.start()
+            self.assertFalse(served.wait(0.2), "a third borrower got an instance from a pool of two")
+        waiter.join(5)
+        self.assertTrue(served.is_set())
+        self.assertEqual(len(made), 2)
+
+    def test_close_drops_idle_and_returned_instances(self):
+        pool = InstancePool(object, size=2)
+        with pool.borrow():
+            with pool.borrow():
+                pass
+            pool.close()
+            self.assertEqual(pool.idle, 0)
+        self.assertEqual(pool.idle, 0, "an instance lent before close came back into the pool")
+        with self.assertRaisesRegex(RuntimeError, "closed"):
+            with pool.borrow():
+                pass
 
 class SettingsTest(unittest.TestCase):
     """Settings.from_environ: every variable the server reads, with the defaults it had."""
