@@ -202,9 +202,8 @@ class FaceService:
         self.on_change: Callable[[bool], None] = lambda loaded: None  # told whether a model is loaded
         # FaceVerify's second image, and FaceAnalyze's liveness, run here while the request's
         # thread does the first image or the attributes: one image's models are too small to keep
-        # two cores busy (a lone default-set FaceVerify in process: 95-102 ms one image after the
-        # other, 73-82 ms side by side, 2 vCPUs). Under load the helpers are often busy; a request
-        # then does both parts itself.
+        # two cores busy (bench/FINDINGS.md, "request helpers"). Under load the helpers are often
+        # busy; a request then does both parts itself.
         helpers = usable_cpus() - 1 if helpers is None else helpers
         self._helpers = (ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="request-helper")
                          if helpers > 0 else None)

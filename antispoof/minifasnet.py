@@ -32,9 +32,8 @@ NUM_CLASSES = 3
 # so 0.5 additionally demands a majority.
 DEFAULT_THRESHOLD = 0.5
 # onnxruntime threads per MiniFASNet Run when the host sets none. An 80x80 net's ops are too small
-# to split: waking a second thread for each of its ~100 ops costs what it saves (bench/
-# liveness_bench.py: 9.3-10.7 ms per face with 2 threads, 9.4-12.0 with 1, on 2 vCPUs). The two
-# models run side by side instead, one thread each (5.4-6.6 ms per face).
+# to split: waking a second thread for each of its ~100 ops costs what it saves. The two models
+# run side by side instead, one thread each (bench/FINDINGS.md, "liveness threads").
 INTRA_OP_THREADS = 1
 
 # LoadModel option names and installed file names, in the same order (V2, V1SE), for the service's

@@ -49,7 +49,7 @@ class InstancePool(Generic[T]):
     """Lends out at most `size` instances made by `factory`, creating them on demand.
 
     For objects one thread at a time may use (OpenCV's model objects). One instance per gRPC
-    worker thread would keep every worker's buffers alive (YuNet holds ~38 MB per instance);
+    worker thread would keep every worker's buffers alive (bench/FINDINGS.md, "YuNet instances");
     more instances than CPUs buy no speed for compute-bound work.
     """
 
