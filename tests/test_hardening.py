@@ -15,7 +15,6 @@ Real weights: missing files skip locally and fail under CI=true (tests.support).
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import os
 import re
@@ -47,7 +46,7 @@ import client
 import imaging
 from core.process import watch_parent
 from core.errors import InvalidInputError
-from core.settings import ImageLimits
+from core.settings import ImageLimits, Settings
 from engines import parse_load_request
 from face_service import DEFAULT_MODEL_OPTIONS, FaceService
 from tests import support
@@ -127,32 +126,13 @@ def load_default(name: str = DEFAULT_NAME) -> FaceService:
     return service
 
 
-@contextlib.contextmanager
-def environment(**values):
-    """Set (str) or unset (None) environment variables for the block, then restore them."""
-    saved = {key: os.environ.get(key) for key in values}
-    try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 class RunningServer:
     """backend.create_server on 127.0.0.1:0 in this process, with a channel and both stubs."""
 
     def __init__(self, service: FaceService, **env):
+        """`env`: the server's environment variables, these alone (Settings.from_environ)."""
         self.service = service
-        with environment(**env):
-            self.server, self.port = backend.create_server(service, "127.0.0.1:0")
+        self.server, self.port = backend.create_server(service, "127.0.0.1:0", Settings.from_environ(env))
         self.server.start()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=CHANNEL_OPTIONS)
         self.stub = backend_pb2_grpc.BackendStub(self.channel)
