@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, TypeVar
 
 # Values of LOCALAI_BACKEND_PARENT_WATCH that turn the watch off, as the host's other backends read it.
 FALSEY = ("false", "0", "no", "off")
 DEFAULT_PARENT_WATCH_SECONDS = 2.0
 MIN_PARENT_WATCH_SECONDS = 0.05
 DURATION_UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0))
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,17 +50,18 @@ class Settings:
         except where the host's other backends fall back to the default (the parent watch
         interval) or this server always has (the image limits)."""
         env = os.environ if environ is None else environ
-        limits = ImageLimits()
+        defaults = cls()
+        grace = _number(env, "FACE_SHUTDOWN_GRACE_SECONDS", float, "a number of seconds")
         return cls(
             auth_token=env.get("LOCALAI_GRPC_AUTH_TOKEN", ""),
-            max_workers=_positive_int(env, "PYTHON_GRPC_MAX_WORKERS"),
-            max_concurrent_rpcs=_positive_int(env, "PYTHON_GRPC_MAX_CONCURRENT_RPCS"),
-            shutdown_grace_seconds=_seconds(env, "FACE_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
+            max_workers=_number(env, "PYTHON_GRPC_MAX_WORKERS", _at_least_one, "a whole number"),
+            max_concurrent_rpcs=_number(env, "PYTHON_GRPC_MAX_CONCURRENT_RPCS", _at_least_one, "a whole number"),
+            shutdown_grace_seconds=defaults.shutdown_grace_seconds if grace is None else grace,
             parent_watch_interval=parent_watch_interval(env.get("LOCALAI_BACKEND_PARENT_WATCH", ""),
                                                         env.get("LOCALAI_BACKEND_PARENT_WATCH_INTERVAL", "")),
             image_limits=ImageLimits(
-                max_bytes=_positive_int(env, "FACE_MAX_IMAGE_BYTES", lenient=True) or limits.max_bytes,
-                max_pixels=_positive_int(env, "FACE_MAX_IMAGE_PIXELS", lenient=True) or limits.max_pixels))
+                max_bytes=_number(env, "FACE_MAX_IMAGE_BYTES", _at_least_one) or defaults.image_limits.max_bytes,
+                max_pixels=_number(env, "FACE_MAX_IMAGE_PIXELS", _at_least_one) or defaults.image_limits.max_pixels))
 
 
 def parent_watch_interval(enabled: str, interval: str) -> Optional[float]:
@@ -80,25 +83,20 @@ def parent_watch_interval(enabled: str, interval: str) -> Optional[float]:
         return DEFAULT_PARENT_WATCH_SECONDS
 
 
-def _positive_int(env: Mapping[str, str], name: str, lenient: bool = False) -> Optional[int]:
-    """The variable as an int of at least 1, None when unset or empty. Malformed: ValueError, or
-    None when `lenient`."""
+def _at_least_one(raw: str) -> int:
+    return max(1, int(raw))
+
+
+def _number(env: Mapping[str, str], name: str, parse: Callable[[str], T],
+            expected: Optional[str] = None) -> Optional[T]:
+    """parse(the variable), None when it is unset or empty. A value parse refuses is a ValueError
+    saying it must be `expected`, or None when no `expected` is given (the default applies)."""
     raw = env.get(name, "")
     if not raw:
         return None
     try:
-        return max(1, int(raw))
+        return parse(raw)
     except ValueError:
-        if lenient:
+        if expected is None:
             return None
-        raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
-
-
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "")
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+        raise ValueError(f"{name} must be {expected}, got {raw!r}") from None

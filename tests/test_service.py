@@ -23,7 +23,7 @@ import onnxruntime as ort
 from core.concurrency import InstancePool, usable_cpus
 from core.errors import (CallEndedError, IdentityMismatchError, InvalidInputError, ModelFileError,
                          ModelOptionError, NoFaceError, PreconditionError)
-from engines import parse_load_request
+from engines import build_engine, parse_load_request
 from engines.recognition import INSIGHTFACE_FAR_1E6_DISTANCE, KNOWN_RECOGNIZERS, MOBILEFACENET_SHA256
 from engines.runtime import set_opencv_threads
 from face_service import FaceService
@@ -395,12 +395,15 @@ class NoModelTest(unittest.TestCase):
 
 
 class LoadModelTest(unittest.TestCase):
-    """A failed LoadModel leaves the previous model loaded and answering; Free unloads."""
+    """A failed LoadModel leaves the previous model loaded and answering; Free unloads. A model
+    LoadModel replaces or Free drops is closed once no request holds it: its sessions, instance
+    pools and helper threads are dropped so their memory returns."""
 
     @classmethod
     def setUpClass(cls):
         cls.setups = {kind: support.engine_setup(kind) for kind in support.ENGINES}
         cls.obama1, cls.obama2 = photo("obama_1.jpg"), photo("obama_2.jpg")
+        cls.faceless = support.b64_image(support.faceless_image())
 
     def failing_loads(self, kind: str):
         """(label, model name, options, error class, text the message must contain)."""
@@ -496,41 +499,6 @@ class LoadModelTest(unittest.TestCase):
         load(service, *self.setups[support.ENGINE_INSIGHTFACE])
         self.assertTrue(service.verify(self.obama1, self.obama2).verified)
 
-
-def sessions_in(root) -> list[ort.InferenceSession]:
-    """Every onnxruntime session reachable from `root`'s attributes, however the engine nests them."""
-    return instances_in(root, ort.InferenceSession)
-
-
-def instances_in(root, kind: type) -> list:
-    """Every `kind` reachable from `root`'s attributes."""
-    found, seen, pending = [], set(), [root]
-    while pending:
-        item = pending.pop()
-        if id(item) in seen or isinstance(item, (str, bytes, int, float, np.ndarray)):
-            continue
-        seen.add(id(item))
-        if isinstance(item, kind):
-            found.append(item)
-        elif isinstance(item, dict):
-            pending.extend(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            pending.extend(item)
-        elif hasattr(item, "__dict__"):
-            pending.extend(vars(item).values())
-    return found
-
-
-class ModelCloseTest(unittest.TestCase):
-    """A model LoadModel replaces or Free drops is closed once no request holds it: its sessions,
-    instance pools and helper threads are dropped so their memory returns."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.setups = {kind: support.engine_setup(kind) for kind in support.ENGINES}
-        cls.obama1, cls.obama2 = photo("obama_1.jpg"), photo("obama_2.jpg")
-        cls.faceless = support.b64_image(support.faceless_image())
-
     def assert_closed(self, model) -> None:
         self.assertTrue(model.closed)
         self.assertEqual(sessions_in(model), [], "a closed model still holds onnxruntime sessions")
@@ -609,10 +577,9 @@ class ModelCloseTest(unittest.TestCase):
         name, options = self.setups[support.ENGINE_ONNX_DIRECT]
         previous = load(service, name, options)
         built = []
-        original = FaceService.load.__globals__["build_engine"]
 
         def recording_build(request):
-            built.append(original(request))
+            built.append(build_engine(request))
             return built[-1]
         broken = [o for o in options if not o.startswith("antispoof_v1se_onnx")] + [
             "antispoof_v1se_onnx:no-such-liveness.onnx"]
@@ -622,6 +589,30 @@ class ModelCloseTest(unittest.TestCase):
         self.assertEqual(sessions_in(built[0]), [], "the engine of a failed load kept its sessions")
         self.assertIs(service.loaded, previous)
         self.assertFalse(previous.closed)
+
+
+def sessions_in(root) -> list[ort.InferenceSession]:
+    """Every onnxruntime session reachable from `root`'s attributes, however the engine nests them."""
+    return instances_in(root, ort.InferenceSession)
+
+
+def instances_in(root, kind: type) -> list:
+    """Every `kind` reachable from `root`'s attributes."""
+    found, seen, pending = [], set(), [root]
+    while pending:
+        item = pending.pop()
+        if id(item) in seen or isinstance(item, (str, bytes, int, float, np.ndarray)):
+            continue
+        seen.add(id(item))
+        if isinstance(item, kind):
+            found.append(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            pending.extend(item)
+        elif hasattr(item, "__dict__"):
+            pending.extend(vars(item).values())
+    return found
 
 
 class ThreadGrantTest(unittest.TestCase):
