@@ -77,5 +77,7 @@ class ModularFaceEngine(FaceEngine):
         return [FaceAttributes(**slot) for slot in merged]
 
     def close(self) -> None:
-        for part in (self.detector, self.recognizer, *self.attribute_heads):
-            part.close()
+        self.detector.close()
+        self.recognizer.close()
+        for head in self.attribute_heads:
+            head.close()
