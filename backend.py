@@ -3,21 +3,19 @@
 
 The servicer only translates between wire messages and face_service.FaceService; every domain
 error becomes a status code in ERROR_STATUS and nowhere else, with a google.rpc.ErrorInfo saying
-why (the error's reason) and which request field was at fault.
+why (the error's reason) and which request field was at fault. The environment is read once, in
+main (core.settings); the process's own concerns (malloc, signals, parent watch, worker sizing)
+are core.process.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import hmac
 import logging
-import os
-import signal
 import sys
-import threading
-import time
 from concurrent import futures
+from typing import Optional
 
 import cv2
 import grpc
@@ -28,17 +26,16 @@ from grpc_status import rpc_status
 
 import backend_pb2
 import backend_pb2_grpc
+from core import process
+from core.errors import (CallEndedError, FaceServiceError, IdentityMismatchError, InvalidInputError,
+                         ModelFileError, ModelOptionError, NoFaceError, PreconditionError, Reason)
+from core.settings import Settings
 from engines import parse_load_request
-from engines.errors import (CallEndedError, FaceServiceError, IdentityMismatchError, InvalidInputError,
-                            ModelFileError, ModelOptionError, NoFaceError, PreconditionError, Reason)
-from engines.runtime import usable_cpus
 from face_service import DEFAULT_MODEL_OPTIONS, AnalyzedFace, FaceService
 
 log = logging.getLogger("face-backend")
 
 MAX_MESSAGE_BYTES = 50 * 1024 * 1024
-M_ARENA_MAX = -8  # glibc <malloc.h>
-SHUTDOWN_GRACE_SECONDS = float(os.environ.get("FACE_SHUTDOWN_GRACE_SECONDS", "10"))
 ERROR_DOMAIN = "faceverify"  # ErrorInfo.domain: whose reasons these are
 
 ERROR_STATUS = {
@@ -140,7 +137,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             log.exception("LoadModel failed")
             return backend_pb2.Result(success=False, message=f"LoadModel failed: {type(error).__name__}")
         finally:
-            return_free_memory()
+            process.return_free_memory()
         return backend_pb2.Result(success=True, message=f"loaded {model.describe()}")
 
     def Status(self, request, context):
@@ -157,7 +154,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
 
     def Free(self, request, context):
         self.service.free()
-        return_free_memory()
+        process.return_free_memory()
         return backend_pb2.Result(success=True, message="model unloaded")
 
     @translate_errors
@@ -204,7 +201,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Every call must carry `authorization: Bearer <token>` when LOCALAI_GRPC_AUTH_TOKEN is set."""
+    """Every call must carry `authorization: Bearer <token>` (Settings.auth_token, when set)."""
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
@@ -222,111 +219,21 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return self._deny
 
 
-def parent_watch_interval() -> float | None:
-    """Seconds between parent checks, or None when LOCALAI_BACKEND_PARENT_WATCH disables it.
+def create_server(service: FaceService, address: str,
+                  settings: Optional[Settings] = None) -> tuple[grpc.Server, int]:
+    """The server for `service` on `address` (port 0 picks one), not yet started, and its port.
 
-    Same variables and defaults as the host's other backends: on by default, a falsey value
-    turns it off, the interval is a Go-style duration ("500ms", "2s", "1m") or bare seconds.
+    `settings` (default: read from the environment now) gives the bearer token and the worker
+    and queue sizes; their image limits are the service's own, given when it was built.
     """
-    if os.environ.get("LOCALAI_BACKEND_PARENT_WATCH", "").strip().lower() in ("false", "0", "no", "off"):
-        return None
-    raw = os.environ.get("LOCALAI_BACKEND_PARENT_WATCH_INTERVAL", "").strip().lower()
-    units = (("ms", 0.001), ("s", 1.0), ("m", 60.0))
-    try:
-        for suffix, factor in units:
-            if raw.endswith(suffix):
-                return max(0.05, float(raw[: -len(suffix)]) * factor)
-        return max(0.05, float(raw)) if raw else 2.0
-    except ValueError:
-        return 2.0
-
-
-def watch_parent(on_orphaned, interval: float) -> threading.Thread | None:
-    """Call on_orphaned once the process that started us is gone (we get reparented), so a
-    killed host does not leave this backend running and holding memory."""
-    parent = os.getppid()
-    if parent <= 1:
-        # Started by init itself, e.g. by a host that is PID 1 in its container: there is no
-        # parent to outlive, and "our parent is 1" is the normal state, not orphanhood. The
-        # host's other backends skip the watch in this case too.
-        log.info("parent watch off: started by pid %d", parent)
-        return None
-
-    def poll():
-        while True:
-            time.sleep(interval)
-            current = os.getppid()
-            if current != parent or current == 1:
-                log.warning("parent process %d is gone; shutting down", parent)
-                on_orphaned()
-                return
-    thread = threading.Thread(target=poll, name="parent-watch", daemon=True)
-    thread.start()
-    return thread
-
-
-def worker_count() -> int:
-    configured = os.environ.get("PYTHON_GRPC_MAX_WORKERS")
-    if configured:
-        return max(1, int(configured))
-    # Each onnxruntime call already spreads over the cores (engines.runtime), so one worker per
-    # core keeps them busy; every extra worker thread costs its own allocator arena and buffers
-    # (bench/bench.py: 2 x CPUs peaked ~90 MB higher under 4 clients for the same throughput).
-    # Two at least, so Health/Status answer while a request runs.
-    return max(2, usable_cpus())
-
-
-@functools.lru_cache(maxsize=1)
-def _glibc():
-    """glibc's handle for its malloc tuning calls, or None on another C library."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def limit_malloc_arenas(arenas: int = 1) -> None:
-    """Cap glibc's malloc arenas: by default every gRPC, onnxruntime and OpenCV thread may get
-    its own arena, each keeping its own high-water mark and its own free pages that the other
-    threads never reuse. Measured on the default set under 4 clients (2 vCPUs): no cap 443 MB
-    peak, 2 arenas 358-369 MB, 1 arena 334-337 MB at the same throughput (16.0-16.7 verify/s vs
-    14.7-15.7 with 2): the models' threads allocate once per Run, not in their inner loops, so
-    they do not queue on one arena's lock. Must run before the worker threads start."""
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(M_ARENA_MAX, arenas)
-
-
-def return_free_memory() -> None:
-    """Give the heap's free pages back to the system after a model (re)load or unload.
-
-    Parsing an ONNX file and optimising its graph frees several times the model's size again
-    (age-v1.onnx: 42 MB touched, 11 MB kept), and a replaced model frees all of its own; glibc
-    keeps such pages mapped, so the process would carry its load-time high-water mark for good
-    (default set, after 6 LoadModel calls: 240 MB at rest, 175 MB trimmed).
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def max_concurrent_rpcs(workers: int) -> int:
-    configured = os.environ.get("PYTHON_GRPC_MAX_CONCURRENT_RPCS")
-    # Up to eight calls queued per worker: with ~0.1 s of CPU per call a queued one waits under
-    # a second, and a burst from a handful of clients is absorbed instead of refused.
-    return max(1, int(configured)) if configured else 8 * workers
-
-
-def create_server(service: FaceService, address: str) -> tuple[grpc.Server, int]:
-    token = os.environ.get("LOCALAI_GRPC_AUTH_TOKEN", "")
-    workers = worker_count()
+    settings = Settings.from_environ() if settings is None else settings
+    workers = process.worker_count(settings.max_workers)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
         # Beyond this many calls in progress (running or queued) new ones get RESOURCE_EXHAUSTED
         # at once instead of waiting in an unbounded queue.
-        maximum_concurrent_rpcs=max_concurrent_rpcs(workers),
-        interceptors=[BearerTokenInterceptor(token)] if token else [],
+        maximum_concurrent_rpcs=process.max_concurrent_rpcs(workers, settings.max_concurrent_rpcs),
+        interceptors=[BearerTokenInterceptor(settings.auth_token)] if settings.auth_token else [],
         options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     backend_pb2_grpc.add_BackendServicer_to_server(BackendServicer(service), server)
@@ -350,26 +257,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # decoder warnings are expected on hostile input
-    limit_malloc_arenas()
+    settings = Settings.from_environ()
+    process.limit_malloc_arenas()
 
-    service = FaceService()
+    service = FaceService(image_limits=settings.image_limits)
     if args.preload_default:
         service.load(parse_load_request("default", args.preload_default, 0, DEFAULT_MODEL_OPTIONS))
         log.info("preloaded the default model set from %s", args.preload_default)
-    server, port = create_server(service, args.addr)
+    server, port = create_server(service, args.addr, settings)
     server.start()
     log.info("listening on %s", args.addr)
 
-    stopped = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopped.set())
-    interval = parent_watch_interval()
-    if interval is not None:
-        watch_parent(stopped.set, interval)
-    while not stopped.wait(0.5):  # a timed wait lets the signal handlers run promptly
-        pass
-    log.info("stopping: no new calls, %ss for the ones in flight", SHUTDOWN_GRACE_SECONDS)
-    server.stop(grace=SHUTDOWN_GRACE_SECONDS).wait()
+    process.wait_for_stop(settings.parent_watch_interval)
+    log.info("stopping: no new calls, %ss for the ones in flight", settings.shutdown_grace_seconds)
+    server.stop(grace=settings.shutdown_grace_seconds).wait()
     return 0
 
 

@@ -1,8 +1,9 @@
 """The face service: everything the gRPC servicer does, without gRPC.
 
-Requests take the loaded model once at their start and use it to the end, so a LoadModel or
+Requests take the loaded model once at their start and hold it to the end, so a LoadModel or
 Free during a request never changes the engine under it; LoadModel builds the new model
-completely before swapping it in, and a failed build leaves the previous one serving.
+completely before swapping it in, and a failed build leaves the previous one serving. A model
+replaced or freed is closed (its sessions dropped) once the last request holding it ends.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import psutil
@@ -20,15 +22,15 @@ import psutil
 import catalog
 from antispoof import DEFAULT_THRESHOLD as LIVENESS_DEFAULT_THRESHOLD
 from antispoof import LIVENESS_FILES, LIVENESS_OPTIONS, LivenessEnsemble, LivenessResult
-from engines import (HOST_ACTIONS, FaceAttributes, FaceDetection, FaceEngine, LoadRequest,
-                     build_engine)
-from engines.errors import (IdentityMismatchError, InvalidInputError, NoFaceError,
-                            PreconditionError)
-from engines.runtime import A, B, set_opencv_threads, side_by_side, usable_cpus
+from core.concurrency import A, B, run_side_by_side, usable_cpus
+from core.errors import IdentityMismatchError, InvalidInputError, NoFaceError, PreconditionError
+from engines import HOST_ACTIONS, FaceAttributes, FaceDetection, FaceEngine, LoadRequest, build_engine
+from core.settings import ImageLimits
+from engines.runtime import set_opencv_threads
 from imaging import decode_image
 
 # Called between the stages of a request with the name of the next stage; raises (e.g.
-# engines.errors.CallEndedError) to stop work whose caller has gone or whose deadline passed.
+# core.errors.CallEndedError) to stop work whose caller has gone or whose deadline passed.
 Checkpoint = Callable[[str], None]
 
 
@@ -46,15 +48,60 @@ LIVENESS_MISSING = (
     "(install the files into models/ with `make models`)")
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class LoadedModel:
+    """A loaded model and a count of the requests holding it.
+
+    FaceService retires it when LoadModel replaces it or Free drops it; whichever comes last, the
+    retirement or the release of the last holder, closes it: the engine's and the liveness
+    ensemble's sessions, instance pools and helper threads are dropped, so their memory returns.
+    """
+
     name: str  # ModelOptions.Model, for the identity guard
     engine: FaceEngine
     liveness: Optional[LivenessEnsemble]
     # False when the host granted a single thread (ModelOptions.Threads = 1): a request then
     # never hands work to a helper thread.
-    side_by_side: bool = True
+    use_helpers: bool = True
     ignored_options: tuple[str, ...] = ()
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _holders: int = field(default=0, init=False, repr=False)
+    _retired: bool = field(default=False, init=False, repr=False)
+    _closing: bool = field(default=False, init=False, repr=False)
+    _closed: bool = field(default=False, init=False, repr=False)
+
+    def hold(self) -> bool:
+        """Counts one more holder; False, counting nothing, once the model is closing."""
+        with self._lock:
+            if self._closing:
+                return False
+            self._holders += 1
+            return True
+
+    def release(self) -> None:
+        """Ends one hold; the last one closes a retired model."""
+        with self._lock:
+            self._holders -= 1
+            self._close_if_unused()
+
+    def retire(self) -> None:
+        """No new request will take this model: close it now if none holds it, else at the last release."""
+        with self._lock:
+            self._retired = True
+            self._close_if_unused()
+
+    @property
+    def closed(self) -> bool:
+        """True once the sessions are dropped."""
+        return self._closed
+
+    def _close_if_unused(self) -> None:
+        if self._retired and self._holders == 0 and not self._closing:
+            self._closing = True  # under the lock: no hold succeeds from here on
+            self.engine.close()
+            if self.liveness is not None:
+                self.liveness.close()
+            self._closed = True
 
     @property
     def display_name(self) -> str:
@@ -146,17 +193,18 @@ def build_liveness(request: LoadRequest) -> Optional[LivenessEnsemble]:
 
 
 class FaceService:
-    def __init__(self, helpers: Optional[int] = None) -> None:
+    def __init__(self, helpers: Optional[int] = None, image_limits: ImageLimits = ImageLimits()) -> None:
         """`helpers`: threads that take the second half of a request (default: one fewer than
-        the usable CPUs; 0 does everything on the request's thread)."""
+        the usable CPUs; 0 does everything on the request's thread). `image_limits`: the largest
+        request image accepted (the server's Settings.image_limits)."""
+        self.image_limits = image_limits
         self._model: Optional[LoadedModel] = None
         self._load_lock = threading.Lock()  # one LoadModel at a time; requests never wait on it
         self.on_change: Callable[[bool], None] = lambda loaded: None  # told whether a model is loaded
         # FaceVerify's second image, and FaceAnalyze's liveness, run here while the request's
         # thread does the first image or the attributes: one image's models are too small to keep
-        # two cores busy (a lone default-set FaceVerify in process: 95-102 ms one image after the
-        # other, 73-82 ms side by side, 2 vCPUs). Under load the helpers are often busy; a request
-        # then does both parts itself.
+        # two cores busy (bench/FINDINGS.md, "request helpers"). Under load the helpers are often
+        # busy; a request then does both parts itself.
         helpers = usable_cpus() - 1 if helpers is None else helpers
         self._helpers = (ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="request-helper")
                          if helpers > 0 else None)
@@ -165,18 +213,27 @@ class FaceService:
     def load(self, request: LoadRequest) -> LoadedModel:
         with self._load_lock:
             engine = build_engine(request)
-            liveness = build_liveness(request)
+            try:
+                liveness = build_liveness(request)
+            except BaseException:
+                engine.close()
+                raise
             model = LoadedModel(name=request.model_name, engine=engine, liveness=liveness,
-                                side_by_side=request.threads != 1,
+                                use_helpers=request.threads != 1,
                                 ignored_options=tuple(request.ignored))
             set_opencv_threads(request.threads)
-            self._model = model  # a single reference assignment: requests see old or new, whole
+            # A single reference assignment: requests see old or new, whole.
+            previous, self._model = self._model, model
+        if previous is not None:
+            previous.retire()
         self.on_change(True)
         return model
 
     def free(self) -> None:
         with self._load_lock:
-            self._model = None
+            previous, self._model = self._model, None
+        if previous is not None:
+            previous.retire()
         self.on_change(False)
 
     @property
@@ -188,15 +245,24 @@ class FaceService:
         info = psutil.Process().memory_info()
         return {"rss": int(info.rss), "vms": int(info.vms)}
 
-    def _model_for(self, identity: str) -> LoadedModel:
-        model = self._model
-        if model is None:
-            raise PreconditionError("no model is loaded: call LoadModel first", reason="NO_MODEL_LOADED")
-        if identity and model.name and identity != model.name:
-            raise IdentityMismatchError(
-                f"model identity mismatch: loaded '{model.name}', requested '{identity}'",
-                field="ModelIdentity")
-        return model
+    @contextmanager
+    def _holding(self, identity: str) -> Iterator[LoadedModel]:
+        """The loaded model, held until the block ends, once `identity` (when given) names it."""
+        while True:
+            model = self._model
+            if model is None:
+                raise PreconditionError("no model is loaded: call LoadModel first", reason="NO_MODEL_LOADED")
+            if model.hold():
+                break
+            # Replaced and closed between the read and the hold: read the new one.
+        try:
+            if identity and model.name and identity != model.name:
+                raise IdentityMismatchError(
+                    f"model identity mismatch: loaded '{model.name}', requested '{identity}'",
+                    field="ModelIdentity")
+            yield model
+        finally:
+            model.release()
 
     @staticmethod
     def _require_liveness(model: LoadedModel) -> LivenessEnsemble:
@@ -216,30 +282,33 @@ class FaceService:
     def verify(self, img1: str, img2: str, threshold: float = 0.0, anti_spoofing: bool = False,
                identity: str = "", checkpoint: Checkpoint = _always_continue) -> VerifyResult:
         started = time.perf_counter()
-        model = self._model_for(identity)
-        liveness = self._require_liveness(model) if anti_spoofing else None
-        if threshold < 0 or not math.isfinite(threshold):
-            raise InvalidInputError(f"threshold must be a cosine distance >= 0, got {threshold}",
-                                    reason="BAD_THRESHOLD", field="threshold")
-        threshold = threshold or model.engine.default_threshold
-        first, second = self._side_by_side(
-            model, lambda stage: self._verify_image(model, liveness, img1, "img1", stage),
-            lambda stage: self._verify_image(model, liveness, img2, "img2", stage), checkpoint)
-        # float32 rounding can put identical faces a hair below 0; the contract's range is [0, 2].
-        distance = min(2.0, max(0.0, float(1.0 - np.dot(first.embedding, second.embedding))))
-        verified = distance < threshold and all(v.liveness is None or v.liveness.is_real
-                                                for v in (first, second))
-        return VerifyResult(
-            verified=verified, distance=distance, threshold=threshold,
-            confidence=verification_confidence(distance, threshold), model=model.display_name,
-            img1_face=first.face, img2_face=second.face,
-            img1_liveness=first.liveness, img2_liveness=second.liveness,
-            processing_time_ms=(time.perf_counter() - started) * 1000.0)
+        with self._holding(identity) as model:
+            liveness = self._require_liveness(model) if anti_spoofing else None
+            if threshold < 0 or not math.isfinite(threshold):
+                raise InvalidInputError(f"threshold must be a cosine distance >= 0, got {threshold}",
+                                        reason="BAD_THRESHOLD", field="threshold")
+            threshold = threshold or model.engine.default_threshold
+            first, second = self._run_halves(
+                model, lambda stage: self._verify_image(model, liveness, img1, "img1", stage),
+                lambda stage: self._verify_image(model, liveness, img2, "img2", stage), checkpoint)
+            # float32 rounding can put identical faces a hair below 0; the contract's range is [0, 2].
+            distance = min(2.0, max(0.0, float(1.0 - np.dot(first.embedding, second.embedding))))
+            verified = distance < threshold and all(v.liveness is None or v.liveness.is_real
+                                                    for v in (first, second))
+            return VerifyResult(
+                verified=verified, distance=distance, threshold=threshold,
+                confidence=verification_confidence(distance, threshold), model=model.display_name,
+                img1_face=first.face, img2_face=second.face,
+                img1_liveness=first.liveness, img2_liveness=second.liveness,
+                processing_time_ms=(time.perf_counter() - started) * 1000.0)
 
-    def _side_by_side(self, model: LoadedModel, first: Callable[[Checkpoint], A],
-                      second: Callable[[Checkpoint], B], checkpoint: Checkpoint) -> tuple[A, B]:
+    def _run_halves(self, model: LoadedModel, first: Callable[[Checkpoint], A],
+                    second: Callable[[Checkpoint], B], checkpoint: Checkpoint) -> tuple[A, B]:
         """first(checkpoint) on this thread and second(checkpoint) on a helper when one is free
-        (engines.runtime.side_by_side); an error in first stops second at its next stage."""
+        (core.concurrency.run_side_by_side); an error in first stops second at its next stage.
+
+        An error in first ends the request while second may still run on its helper up to that
+        stage, so second holds the model too: it is not closed under it."""
         abandoned = threading.Event()
 
         def second_checkpoint(stage: str) -> None:
@@ -247,13 +316,21 @@ class FaceService:
                 raise _Abandoned(stage)
             checkpoint(stage)
 
-        return side_by_side(self._helpers if model.side_by_side else None,
-                            lambda: first(checkpoint), lambda: second(second_checkpoint),
-                            on_first_error=abandoned.set)
+        def second_holding_the_model() -> B:
+            if not model.hold():  # the request failed and the model was closed before this started
+                raise _Abandoned("start")
+            try:
+                return second(second_checkpoint)
+            finally:
+                model.release()
+
+        return run_side_by_side(self._helpers if model.use_helpers else None,
+                                lambda: first(checkpoint), second_holding_the_model,
+                                on_first_error=abandoned.set)
 
     def _verify_image(self, model: LoadedModel, liveness: Optional[LivenessEnsemble], encoded: str,
                       name: str, checkpoint: Checkpoint) -> VerifiedImage:
-        image = decode_image(encoded, name)
+        image = decode_image(encoded, name, self.image_limits)
         checkpoint("detection")
         face = best_face(self._faces(model.engine, image, name))
         verdict = None
@@ -265,28 +342,28 @@ class FaceService:
 
     def analyze(self, img: str, actions: Sequence[str] = (), anti_spoofing: bool = False,
                 identity: str = "", checkpoint: Checkpoint = _always_continue) -> list[AnalyzedFace]:
-        model = self._model_for(identity)
-        liveness = self._require_liveness(model) if anti_spoofing else None
-        wanted = self._resolve_actions(model.engine, actions)
-        image = decode_image(img, "img")
-        checkpoint("detection")
-        faces = model.engine.detect(image)
-        if not faces:  # the host's contract: a photo without a face is an answer, not an error
-            return []
+        with self._holding(identity) as model:
+            liveness = self._require_liveness(model) if anti_spoofing else None
+            wanted = self._resolve_actions(model.engine, actions)
+            image = decode_image(img, "img", self.image_limits)
+            checkpoint("detection")
+            faces = model.engine.detect(image)
+            if not faces:  # the host's contract: a photo without a face is an answer, not an error
+                return []
 
-        def compute_attributes(stage: Checkpoint) -> Sequence[FaceAttributes]:
-            stage("attributes")
-            return model.engine.analyze(image, faces, wanted) if wanted else [FaceAttributes()] * len(faces)
+            def compute_attributes(stage: Checkpoint) -> Sequence[FaceAttributes]:
+                stage("attributes")
+                return model.engine.analyze(image, faces, wanted) if wanted else [FaceAttributes()] * len(faces)
 
-        def score_liveness(stage: Checkpoint) -> Sequence[Optional[LivenessResult]]:
-            stage("liveness")
-            return liveness.score(image, faces)
+            def score_liveness(stage: Checkpoint) -> Sequence[Optional[LivenessResult]]:
+                stage("liveness")
+                return liveness.score(image, faces)
 
-        if liveness is None:
-            attributes, verdicts = compute_attributes(checkpoint), [None] * len(faces)
-        else:
-            attributes, verdicts = self._side_by_side(model, compute_attributes, score_liveness, checkpoint)
-        return [AnalyzedFace(f, a, v) for f, a, v in zip(faces, attributes, verdicts)]
+            if liveness is None:
+                attributes, verdicts = compute_attributes(checkpoint), [None] * len(faces)
+            else:
+                attributes, verdicts = self._run_halves(model, compute_attributes, score_liveness, checkpoint)
+            return [AnalyzedFace(f, a, v) for f, a, v in zip(faces, attributes, verdicts)]
 
     @staticmethod
     def _resolve_actions(engine: FaceEngine, actions: Sequence[str]) -> frozenset[str]:
@@ -304,25 +381,25 @@ class FaceService:
 
     def embed(self, images: Sequence[str], identity: str = "",
               checkpoint: Checkpoint = _always_continue) -> Embedding:
-        model = self._model_for(identity)
-        if not images:
-            raise InvalidInputError("Images[0]: no image given (Embedding needs one image)",
-                                    reason="IMAGE_MISSING", field="Images[0]")
-        image = decode_image(images[0], "Images[0]")
-        checkpoint("detection")
-        face = best_face(self._faces(model.engine, image, "Images[0]"))
-        checkpoint("recognition")
-        return Embedding(model.engine.embed(image, face), face)
+        with self._holding(identity) as model:
+            if not images:
+                raise InvalidInputError("Images[0]: no image given (Embedding needs one image)",
+                                        reason="IMAGE_MISSING", field="Images[0]")
+            image = decode_image(images[0], "Images[0]", self.image_limits)
+            checkpoint("detection")
+            face = best_face(self._faces(model.engine, image, "Images[0]"))
+            checkpoint("recognition")
+            return Embedding(model.engine.embed(image, face), face)
 
     def detect(self, src: str, threshold: float = 0.0, identity: str = "",
                checkpoint: Checkpoint = _always_continue) -> list[FaceDetection]:
-        model = self._model_for(identity)
-        if threshold < 0 or threshold > 1 or not math.isfinite(threshold):
-            raise InvalidInputError(f"threshold must be a detector score in [0, 1], got {threshold}",
-                                    reason="BAD_THRESHOLD", field="threshold")
-        image = decode_image(src, "src")
-        checkpoint("detection")
-        return model.engine.detect(image, threshold if threshold > 0 else None)
+        with self._holding(identity) as model:
+            if threshold < 0 or threshold > 1 or not math.isfinite(threshold):
+                raise InvalidInputError(f"threshold must be a detector score in [0, 1], got {threshold}",
+                                        reason="BAD_THRESHOLD", field="threshold")
+            image = decode_image(src, "src", self.image_limits)
+            checkpoint("detection")
+            return model.engine.detect(image, threshold if threshold > 0 else None)
 
 
 # The permissive default set (MIT / Apache-2.0 / CC0 weights), loaded by `make run`: the catalog's

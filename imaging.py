@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import os
 import re
 import warnings
 
@@ -17,20 +16,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from engines.errors import InvalidInputError
+from core.errors import InvalidInputError
+from core.settings import ImageLimits
 
-
-def _env_int(name: str, default: int) -> int:
-    try:
-        return max(1, int(os.environ.get(name, default)))
-    except ValueError:
-        return default
-
-
-# Encoded bytes of one image after base64 decoding (the gRPC message limit is 50 MiB in all).
-MAX_IMAGE_BYTES = _env_int("FACE_MAX_IMAGE_BYTES", 20 * 1024 * 1024)
-# Decoded pixels of one image: 50 MP covers 48 MP phone photos; 3 bytes a pixel is 150 MB.
-MAX_IMAGE_PIXELS = _env_int("FACE_MAX_IMAGE_PIXELS", 50_000_000)
+# The byte and pixel limits are settings (core.settings.ImageLimits); the side limits are not.
 # The smallest image a face detector can work with.
 MIN_IMAGE_SIDE = 16
 # The longest side OpenCV's decoders accept (CV_IO_MAX_IMAGE_WIDTH/HEIGHT): past it cv2.imdecode
@@ -43,7 +32,7 @@ SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 _WHITESPACE = re.compile(r"\s+")
 
 
-def decode_base64(data: str, name: str) -> bytes:
+def decode_base64(data: str, name: str, limits: ImageLimits = ImageLimits()) -> bytes:
     """Strict base64 (a `data:<mime>;base64,` prefix is accepted); garbage is an error."""
     if not data:
         raise InvalidInputError(f"{name}: no image data", reason="IMAGE_MISSING", field=name)
@@ -53,8 +42,8 @@ def decode_base64(data: str, name: str) -> bytes:
             raise InvalidInputError(f"{name}: data URI must be of the form data:<mime>;base64,<data>",
                                     reason="IMAGE_NOT_BASE64", field=name)
     # Allowed lengths are checked before the string is copied or decoded.
-    if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 1024:
-        raise InvalidInputError(f"{name}: image is larger than {MAX_IMAGE_BYTES} bytes",
+    if len(data) > limits.max_bytes * 4 // 3 + 1024:
+        raise InvalidInputError(f"{name}: image is larger than {limits.max_bytes} bytes",
                                 reason="IMAGE_TOO_LARGE", field=name)
     try:
         raw = base64.b64decode(data, validate=True)
@@ -71,7 +60,7 @@ def decode_base64(data: str, name: str) -> bytes:
     return raw
 
 
-def check_header(raw: bytes, name: str) -> tuple[str, int, int]:
+def check_header(raw: bytes, name: str, limits: ImageLimits = ImageLimits()) -> tuple[str, int, int]:
     """Format, width and height from the header alone; refuses unknown formats and pixel bombs."""
     try:
         with warnings.catch_warnings():
@@ -80,7 +69,7 @@ def check_header(raw: bytes, name: str) -> tuple[str, int, int]:
             with Image.open(io.BytesIO(raw)) as header:
                 fmt, (width, height) = header.format or "", header.size
     except Image.DecompressionBombError:
-        raise InvalidInputError(f"{name}: image has more than {MAX_IMAGE_PIXELS} pixels",
+        raise InvalidInputError(f"{name}: image has more than {limits.max_pixels} pixels",
                                 reason="IMAGE_TOO_LARGE", field=name) from None
     except Exception:
         # Pillow's format plugins raise many types on malformed headers (UnidentifiedImageError,
@@ -92,9 +81,9 @@ def check_header(raw: bytes, name: str) -> tuple[str, int, int]:
         raise InvalidInputError(f"{name}: unsupported image format {fmt or 'unknown'};"
                                 " send JPEG, PNG, WebP, BMP or TIFF",
                                 reason="IMAGE_FORMAT_UNSUPPORTED", field=name)
-    if width * height > MAX_IMAGE_PIXELS:
+    if width * height > limits.max_pixels:
         raise InvalidInputError(f"{name}: image is {width}x{height} pixels, more than the"
-                                f" {MAX_IMAGE_PIXELS} allowed", reason="IMAGE_TOO_LARGE", field=name)
+                                f" {limits.max_pixels} allowed", reason="IMAGE_TOO_LARGE", field=name)
     if max(width, height) > MAX_IMAGE_SIDE:
         raise InvalidInputError(f"{name}: image is {width}x{height} pixels, a side longer than the"
                                 f" {MAX_IMAGE_SIDE} allowed", reason="IMAGE_TOO_LARGE", field=name)
@@ -105,13 +94,13 @@ def check_header(raw: bytes, name: str) -> tuple[str, int, int]:
     return fmt, width, height
 
 
-def decode_image(data: str, name: str) -> np.ndarray:
+def decode_image(data: str, name: str, limits: ImageLimits = ImageLimits()) -> np.ndarray:
     """The image in `data` as an HxWx3 uint8 BGR array, EXIF orientation applied."""
-    raw = decode_base64(data, name)
-    if len(raw) > MAX_IMAGE_BYTES:
-        raise InvalidInputError(f"{name}: image is larger than {MAX_IMAGE_BYTES} bytes",
+    raw = decode_base64(data, name, limits)
+    if len(raw) > limits.max_bytes:
+        raise InvalidInputError(f"{name}: image is larger than {limits.max_bytes} bytes",
                                 reason="IMAGE_TOO_LARGE", field=name)
-    fmt, _, _ = check_header(raw, name)
+    fmt, _, _ = check_header(raw, name, limits)
     if fmt.upper() == "GIF":
         image = _decode_with_pillow(raw)  # OpenCV builds differ in GIF support
     else:

@@ -17,9 +17,10 @@ import numpy as np
 
 import catalog
 from catalog import ROLE_ANTISPOOF, CatalogError, ModelFile
+from core.concurrency import run_side_by_side, usable_cpus
+from core.errors import ModelFileError
 from engines.base import FaceDetection
-from engines.errors import ModelFileError
-from engines.runtime import check_batch_dimension, create_session, run_batched, side_by_side, usable_cpus
+from engines.runtime import check_batch_dimension, create_session, run_batched
 
 # Upstream model files are named "<scale>_<h>x<w>_<arch>.pth": 2.7_80x80_MiniFASNetV2 and
 # 4_0_0_80x80_MiniFASNetV1SE. Both take an 80x80 crop of the face box enlarged by that scale, a
@@ -29,9 +30,8 @@ INPUT_SIZE = 80
 REAL_CLASS = 1
 NUM_CLASSES = 3
 # onnxruntime threads per MiniFASNet Run when the host sets none. An 80x80 net's ops are too small
-# to split: waking a second thread for each of its ~100 ops costs what it saves (bench/
-# liveness_bench.py: 9.3-10.7 ms per face with 2 threads, 9.4-12.0 with 1, on 2 vCPUs). The two
-# models run side by side instead, one thread each (5.4-6.6 ms per face).
+# to split: waking a second thread for each of its ~100 ops costs what it saves. The two models
+# run side by side instead, one thread each (bench/FINDINGS.md, "liveness threads").
 INTRA_OP_THREADS = 1
 
 
@@ -158,7 +158,7 @@ class LivenessEnsemble:
             raise ValueError(f"liveness threshold must be within [0, 1], got {threshold}")
         self.threshold = threshold
         # A host that grants one thread (ModelOptions.Threads = 1) gets the models in turn.
-        side_by_side = threads != 1
+        use_helper = threads != 1
         threads = threads or INTRA_OP_THREADS
         models = []
         if v2_path:
@@ -167,9 +167,9 @@ class LivenessEnsemble:
             models.append(MiniFASNet(v1se_path, V1SE_CROP_SCALE, threads))
         self.models: tuple[MiniFASNet, ...] = tuple(models)
         # One helper is enough: it only runs the second model while the caller runs the first;
-        # when it is busy with another request, the caller runs both (runtime.side_by_side).
+        # when it is busy with another request, the caller runs both (core.concurrency).
         self._helper = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="liveness")
-                        if side_by_side and len(self.models) > 1 and usable_cpus() > 1 else None)
+                        if use_helper and len(self.models) > 1 and usable_cpus() > 1 else None)
 
     @property
     def runs_models_side_by_side(self) -> bool:
@@ -184,8 +184,8 @@ class LivenessEnsemble:
             per_model = [self.models[0].probabilities(image_bgr, boxes)]
         else:
             v2, v1se = self.models
-            per_model = side_by_side(self._helper, lambda: v2.probabilities(image_bgr, boxes),
-                                     lambda: v1se.probabilities(image_bgr, boxes))
+            per_model = run_side_by_side(self._helper, lambda: v2.probabilities(image_bgr, boxes),
+                                         lambda: v1se.probabilities(image_bgr, boxes))
         mean = sum(per_model) / len(per_model)
         return [self._verdict(row) for row in mean]
 

@@ -21,9 +21,10 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
+from core.errors import ModelFileError
+
 from .alignment import ARCFACE_SIZE, align_face, similarity_chip
 from .base import ACTION_AGE, ACTION_EMOTION, ACTION_GENDER, FaceAttributes, FaceDetection
-from .errors import ModelFileError
 from .options import LoadRequest
 from .runtime import check_batch_dimension, create_session, run_batched
 
@@ -94,6 +95,9 @@ class _OnnxHead:
     def run(self, blob: np.ndarray) -> np.ndarray:
         """Model output for a [N,3,H,W] blob: one session.run, or one per face if the batch is fixed."""
         return run_batched(self.session, blob)
+
+    def close(self) -> None:
+        self.session = None
 
 
 class _CydralHead(_OnnxHead):

@@ -96,5 +96,7 @@ class FaceEngine(abc.ABC):
         """Attributes for every face in one batched pass per head."""
         return [FaceAttributes() for _ in faces]
 
+    @abc.abstractmethod
     def close(self) -> None:
-        """Release model sessions. The engine is unusable afterwards."""
+        """Drop every model session and instance pool so their memory can return; the engine is
+        unusable afterwards. FaceService calls it once no request holds the engine."""

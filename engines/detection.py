@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from core.concurrency import InstancePool, usable_cpus
+from core.errors import ModelFileError
+
 from .base import FaceDetection
-from .errors import ModelFileError
-from .instance_pool import InstancePool
-from .runtime import create_session, usable_cpus
 
 DEFAULT_DETECTION_SIZE = (640, 640)  # insightface FaceAnalysis default det_size
 DEFAULT_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh
@@ -92,9 +92,8 @@ class SCRFDDetector:
         self._anchor_cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._anchor_lock = threading.Lock()
 
-    @classmethod
-    def from_file(cls, path: str, **kwargs) -> "SCRFDDetector":
-        return cls(create_session(path), **kwargs)
+    def close(self) -> None:
+        self.session = None
 
     def _ordered_outputs(self) -> list[str]:
         # Exports with named outputs (score_8, bbox_16, ...) are ordered by kind and stride;
@@ -171,6 +170,9 @@ class YuNetDetector:
         self.input_size = tuple(input_size)
         self.score_threshold = score_threshold
         self._pool = InstancePool(self._create, usable_cpus())
+
+    def close(self) -> None:
+        self._pool.close()
 
     def _create(self):
         try:

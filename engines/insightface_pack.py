@@ -21,10 +21,10 @@ import onnxruntime as ort
 
 import catalog
 from catalog import ROLE_RECOGNIZER, ModelPack, file_sha256
+from core.errors import ModelFileError, ModelOptionError
 
 from .attributes import build_attribute_heads
 from .detection import DEFAULT_DETECTION_SIZE, DEFAULT_SCORE_THRESHOLD, SCRFDDetector
-from .errors import ModelFileError, ModelOptionError
 from .modular import ModularFaceEngine
 from .options import LoadRequest
 from .recognition import ArcFaceRecognizer, is_arcface_session, profile_for

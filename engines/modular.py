@@ -16,12 +16,16 @@ from .recognition import RecognizerProfile
 class Detector(Protocol):
     def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]: ...
 
+    def close(self) -> None: ...
+
 
 class Recognizer(Protocol):
     profile: RecognizerProfile
     embedding_dim: int
 
     def embed(self, image: np.ndarray, face: FaceDetection) -> np.ndarray: ...
+
+    def close(self) -> None: ...
 
 
 class AttributeHead(Protocol):
@@ -30,6 +34,8 @@ class AttributeHead(Protocol):
 
     def predict(self, image: np.ndarray, faces: Sequence[FaceDetection],
                 actions: frozenset[str]) -> list[FaceAttributes]: ...
+
+    def close(self) -> None: ...
 
 
 class ModularFaceEngine(FaceEngine):
@@ -69,3 +75,9 @@ class ModularFaceEngine(FaceEngine):
                     if value is not None and slot[key] is None:
                         slot[key] = value
         return [FaceAttributes(**slot) for slot in merged]
+
+    def close(self) -> None:
+        self.detector.close()
+        self.recognizer.close()
+        for head in self.attribute_heads:
+            head.close()

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 
 from catalog import file_sha256
+from core.errors import ModelFileError, ModelOptionError
 
 from .attributes import build_attribute_heads
 from .detection import DEFAULT_DETECTION_SIZE, SCRFDDetector, YuNetDetector
-from .errors import ModelFileError, ModelOptionError
 from .modular import ModularFaceEngine
 from .options import LoadRequest
 from .recognition import (KNOWN_RECOGNIZERS, SFACE_PROFILE, SFACE_RUNNER, ArcFaceRecognizer, SFaceRecognizer,

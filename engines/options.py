@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import catalog
-
-from .errors import ModelFileError, ModelOptionError
-from .runtime import usable_cpus
+from core.concurrency import usable_cpus
+from core.errors import ModelFileError, ModelOptionError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,6 @@ KNOWN_OPTIONS = {
 }
 ENGINE_INSIGHTFACE = "insightface"
 ENGINE_ONNX_DIRECT = "onnx_direct"
-ENGINES = (ENGINE_INSIGHTFACE, ENGINE_ONNX_DIRECT)
 # Engine names as the host's own face backend accepts them (any case): its gallery and users'
 # YAMLs carry these spellings.
 ENGINE_ALIASES = {

@@ -17,12 +17,12 @@ import onnxruntime as ort
 
 import catalog
 from catalog import ROLE_RECOGNIZER, ModelFile
+from core.concurrency import InstancePool, usable_cpus
+from core.errors import ModelFileError, ModelOptionError
 
 from .alignment import ARCFACE_SIZE, align_face
 from .base import FaceDetection
-from .errors import ModelFileError, ModelOptionError
-from .instance_pool import InstancePool
-from .runtime import check_batch_dimension, create_session, run_batched, usable_cpus
+from .runtime import check_batch_dimension, run_batched
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,8 @@ class ArcFaceRecognizer:
         self._scale = (1.0 / np.asarray(profile.std, dtype=np.float32)).reshape(1, 3, 1, 1)
         self._mean = np.asarray(profile.mean, dtype=np.float32).reshape(1, 3, 1, 1)
 
-    @classmethod
-    def from_file(cls, path: str, profile: RecognizerProfile) -> "ArcFaceRecognizer":
-        return cls(create_session(path), profile)
+    def close(self) -> None:
+        self.session = None
 
     def _blob(self, crops_bgr: list[np.ndarray]) -> np.ndarray:
         rgb = np.stack(crops_bgr)[..., ::-1].astype(np.float32)
@@ -144,6 +143,9 @@ class SFaceRecognizer:
         self.path = path
         self.profile = profile
         self._pool = InstancePool(self._create, usable_cpus())
+
+    def close(self) -> None:
+        self._pool.close()
 
     def _create(self):
         try:

@@ -3,41 +3,26 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import Executor
-from typing import Callable, Optional, TypeVar
+from typing import Optional
 
 import cv2
 import numpy as np
 import onnxruntime as ort
 
-from .errors import ModelFileError
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which a container's cpuset narrows)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
+from core.concurrency import usable_cpus
+from core.errors import ModelFileError
 
 # Threads each session may use for one Run when ModelOptions.Threads is 0: every usable CPU, up
-# to 4, never spinning. Measured with bench/bench.py and A/B runs of the server on 2 vCPUs
-# (machine shared, so several runs): one thread per Run made a lone FaceVerify 1.1-1.4x slower
-# than two (buffalo_sc 105-136 ms vs 82-97 ms; default set 86 vs 80 ms, where YuNet runs in
-# OpenCV), while with 4 concurrent clients two threads per Run served within 5% as many
-# verifications per second as one (buffalo_sc 16.9 vs 17.5/s, default set 17.1 vs 18.0/s in the
-# quietest run): under load, requests side by side share the cores either way.
+# to 4, never spinning. More than one makes a lone request faster and costs nothing under load,
+# where requests side by side share the cores either way (bench/FINDINGS.md, "threads per Run").
 # The cap keeps small models (112x112 recognizers, 80x80 liveness nets) from spreading one Run
 # over many cores on big hosts, where the loop overhead outgrows the work (a judgement, not
 # measured: this machine has 2 CPUs). ModelOptions.Threads (the `threads` argument of
-# create_session) or set_default_threads() override it.
+# create_session) overrides it.
 #
-# OpenCV's own pool (YuNet, SFace) is left at its default, one thread per CPU: cv2.setNumThreads(1)
-# made a lone default-set FaceVerify slower (75 -> 93 ms) and did not raise 4-client throughput
-# (20.0 -> 19.0/s).
+# OpenCV's own pool (YuNet, SFace) is left at its default, one thread per CPU: one thread was
+# slower alone and no faster under load (bench/FINDINGS.md, "OpenCV threads").
 MAX_DEFAULT_INTRA_OP_THREADS = 4
-_default_intra_op_threads = min(usable_cpus(), MAX_DEFAULT_INTRA_OP_THREADS)
 
 
 def set_opencv_threads(threads: int) -> None:
@@ -46,47 +31,15 @@ def set_opencv_threads(threads: int) -> None:
     cv2.setNumThreads(threads if threads > 0 else -1)
 
 
-A = TypeVar("A")
-B = TypeVar("B")
-
-
-def side_by_side(helpers: Optional[Executor], first: Callable[[], A], second: Callable[[], B],
-                 on_first_error: Callable[[], None] = lambda: None) -> tuple[A, B]:
-    """first() on this thread while a helper runs second(). If no helper has started second by
-    the time first is done (all busy with other requests), this thread runs it: nobody waits in
-    a queue behind another request's work. first's error wins; on_first_error is told first, so
-    second can stop early. Without helpers, first() then second()."""
-    if helpers is None:
-        return first(), second()
-    try:
-        pending = helpers.submit(second)
-    except RuntimeError:  # the interpreter is shutting down: no new helper work
-        return first(), second()
-    try:
-        first_result = first()
-    except BaseException:
-        on_first_error()
-        pending.cancel()
-        raise
-    if pending.cancel():
-        return first_result, second()
-    return first_result, pending.result()
-
-
-def set_default_threads(threads: int) -> None:
-    global _default_intra_op_threads
-    _default_intra_op_threads = max(1, int(threads))
-
-
 def default_threads() -> int:
-    return _default_intra_op_threads
+    """onnxruntime threads per Run when the host grants none."""
+    return min(usable_cpus(), MAX_DEFAULT_INTRA_OP_THREADS)
 
 
 # Every session draws its working memory from one arena that grows by exactly what is asked
 # (kSameAsRequested) instead of one arena per session that grows in powers of two: models that
-# run at different moments reuse the same blocks. Measured on the default set (server, 15 s of
-# 4 clients after reloads and every RPC, two runs each): peak RSS 331-343 -> 310-313 MB, lone
-# FaceVerify 47-48 vs 46-47 ms, 22.8 vs 21.9-22.7 verify/s.
+# run at different moments reuse the same blocks, which lowers the peak at no cost in speed
+# (bench/FINDINGS.md, "shared onnxruntime arena").
 ARENA_EXTEND_SAME_AS_REQUESTED = 1
 _shared_arena_lock = threading.Lock()
 _shared_arena_registered = False
@@ -109,14 +62,13 @@ def create_session(path: str, threads: Optional[int] = None) -> ort.InferenceSes
     if not os.path.isfile(path):
         raise ModelFileError(f"model file not found: {path}")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or _default_intra_op_threads
+    options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Spinning threads burn a core waiting for work; with many requests in flight that core is
     # better spent on another request, and even with one, a session's workers spinning after its
-    # Run take the cores from the next model's Run (measured with 2 threads: buffalo_sc FaceVerify
-    # 139 ms and 10.5/s with spinning vs 94 ms and 14.9/s without).
+    # Run take the cores from the next model's Run (bench/FINDINGS.md, "spinning").
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     _register_shared_arena()
@@ -146,8 +98,7 @@ def check_batch_dimension(session: ort.InferenceSession, what: str) -> bool:
 
 # The most faces one Run takes. The shared arena keeps the blocks of the largest Run for good, so
 # an unbounded batch would let one crowd photo raise the resting memory of the process
-# (FaceAnalyze of 64 faces + liveness in one batch: +46 MB kept); beyond a few faces a bigger
-# batch buys no speed on a CPU.
+# (bench/FINDINGS.md, "batch size"); beyond a few faces a bigger batch buys no speed on a CPU.
 MAX_RUN_BATCH = 8
 
 

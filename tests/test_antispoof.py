@@ -19,8 +19,8 @@ from antispoof import (
     crop_for_liveness,
     crop_window,
 )
+from core.errors import ModelFileError
 from engines.base import FaceDetection
-from engines.errors import ModelFileError
 from tests import support
 
 V2_FILE, V1SE_FILE = LIVENESS_FILES

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 
+from core.errors import InvalidInputError, ModelFileError
 from engines import parse_load_request
 from engines.alignment import align_face
 from engines.attributes import (CYDRAL_AGE_WEIGHTS, GENDERAGE_SIZE, CydralAgeHead,
@@ -24,7 +25,6 @@ from engines.attributes import (CYDRAL_AGE_WEIGHTS, GENDERAGE_SIZE, CydralAgeHea
                                 build_attribute_heads, male_probability_from_pair)
 from engines.base import ACTION_AGE, ACTION_EMOTION, ACTION_GENDER, HOST_ACTIONS, FaceAttributes, FaceDetection
 from engines.detection import YuNetDetector
-from engines.errors import InvalidInputError, ModelFileError
 from engines.onnx_direct import YUNET_SCORE_THRESHOLD
 from face_service import DEFAULT_MODEL_OPTIONS, FaceService, best_face
 from tests import support

@@ -1,4 +1,4 @@
-"""The ErrorInfo reasons: the list in engines/errors.py is well formed and documented, a raise
+"""The ErrorInfo reasons: the list in core/errors.py is well formed and documented, a raise
 cannot name a reason that is not on it, and the paths no request can trigger on purpose (a bug,
 a call that ended between stages) reach the wire with their reason. The reasons of the ordinary
 errors are asserted where their status codes are (tests/test_grpc.py, tests/test_hardening.py)."""
@@ -12,8 +12,8 @@ from unittest import mock
 import grpc
 
 import backend_pb2
-from engines.errors import (CallEndedError, IdentityMismatchError, InvalidInputError, ModelFileError,
-                            ModelOptionError, NoFaceError, PreconditionError, Reason)
+from core.errors import (CallEndedError, IdentityMismatchError, InvalidInputError, ModelFileError,
+                         ModelOptionError, NoFaceError, PreconditionError, Reason)
 from tests import support
 from tests.test_grpc import RunningServer
 

@@ -6,7 +6,6 @@ starts it.
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import backend
 import backend_pb2
 import backend_pb2_grpc
+from core.settings import Settings
 from engines.recognition import recognizer_profile
 from face_service import FaceService
 from tests import support
@@ -51,30 +51,13 @@ def model_options(kind: str, name: str = None, extra=()) -> backend_pb2.ModelOpt
                                     ModelPath=support.MODELS_DIR, Options=list(options) + list(extra))
 
 
-@contextlib.contextmanager
-def auth_token(token):
-    """LOCALAI_GRPC_AUTH_TOKEN set (or unset) for the duration, then restored."""
-    saved = os.environ.get("LOCALAI_GRPC_AUTH_TOKEN")
-    if token is None:
-        os.environ.pop("LOCALAI_GRPC_AUTH_TOKEN", None)
-    else:
-        os.environ["LOCALAI_GRPC_AUTH_TOKEN"] = token
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("LOCALAI_GRPC_AUTH_TOKEN", None)
-        else:
-            os.environ["LOCALAI_GRPC_AUTH_TOKEN"] = saved
-
-
 class RunningServer:
-    """backend.create_server(FaceService(), "127.0.0.1:0") started in this process, with stubs."""
+    """backend.create_server(FaceService(), "127.0.0.1:0", settings) started in this process, with stubs."""
 
     def __init__(self, token: str = None):
         self.service = FaceService()
-        with auth_token(token):
-            self.server, self.port = backend.create_server(self.service, "127.0.0.1:0")
+        self.server, self.port = backend.create_server(self.service, "127.0.0.1:0",
+                                                       Settings(auth_token=token or ""))
         self.server.start()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = backend_pb2_grpc.BackendStub(self.channel)
@@ -500,15 +483,13 @@ class FailedLoadGrpcTest(GrpcAssertions, unittest.TestCase):
 
 
 class AuthGrpcTest(GrpcAssertions, unittest.TestCase):
-    """LOCALAI_GRPC_AUTH_TOKEN set when the server is created: every call needs the bearer token."""
+    """A bearer token in the server's settings (LOCALAI_GRPC_AUTH_TOKEN): every call needs it."""
 
     TOKEN = "s3cret-token-for-tests"
 
     @classmethod
     def setUpClass(cls):
-        before = os.environ.get("LOCALAI_GRPC_AUTH_TOKEN")
         cls.running = RunningServer(token=cls.TOKEN)
-        assert os.environ.get("LOCALAI_GRPC_AUTH_TOKEN") == before, "environment not restored"
         cls.stub, cls.health = cls.running.stub, cls.running.health
         cls.good = (("authorization", f"Bearer {cls.TOKEN}"),)
 

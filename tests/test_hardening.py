@@ -15,7 +15,6 @@ Real weights: missing files skip locally and fail under CI=true (tests.support).
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import os
 import re
@@ -45,8 +44,10 @@ import backend_pb2 as pb
 import backend_pb2_grpc
 import client
 import imaging
+from core.process import watch_parent
+from core.errors import InvalidInputError
+from core.settings import ImageLimits, Settings
 from engines import parse_load_request
-from engines.errors import InvalidInputError
 from face_service import DEFAULT_MODEL_OPTIONS, FaceService
 from tests import support
 
@@ -125,32 +126,13 @@ def load_default(name: str = DEFAULT_NAME) -> FaceService:
     return service
 
 
-@contextlib.contextmanager
-def environment(**values):
-    """Set (str) or unset (None) environment variables for the block, then restore them."""
-    saved = {key: os.environ.get(key) for key in values}
-    try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 class RunningServer:
     """backend.create_server on 127.0.0.1:0 in this process, with a channel and both stubs."""
 
     def __init__(self, service: FaceService, **env):
+        """`env`: the server's environment variables, these alone (Settings.from_environ)."""
         self.service = service
-        with environment(**env):
-            self.server, self.port = backend.create_server(service, "127.0.0.1:0")
+        self.server, self.port = backend.create_server(service, "127.0.0.1:0", Settings.from_environ(env))
         self.server.start()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=CHANNEL_OPTIONS)
         self.stub = backend_pb2_grpc.BackendStub(self.channel)
@@ -272,7 +254,7 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
         detections = cls.stub.Detect(pb.DetectOptions(src=cls.good), timeout=TIMEOUT).Detections
         cls.photo_box = xywh(max(detections, key=lambda d: d.width * d.height))
         # One byte over the limit: a JPEG with padding after its end, still under the gRPC limit.
-        cls.oversized = b64(cls.photo_bytes + bytes(imaging.MAX_IMAGE_BYTES + 1 - len(cls.photo_bytes)))
+        cls.oversized = b64(cls.photo_bytes + bytes(ImageLimits().max_bytes + 1 - len(cls.photo_bytes)))
 
     @classmethod
     def tearDownClass(cls):
@@ -557,7 +539,7 @@ class DecodeFuzzTest(unittest.TestCase):
         self.assertEqual(image.ndim, 3)
         self.assertEqual(image.shape[2], 3)
         self.assertGreaterEqual(min(image.shape[:2]), imaging.MIN_IMAGE_SIDE)
-        self.assertLessEqual(image.shape[0] * image.shape[1], imaging.MAX_IMAGE_PIXELS)
+        self.assertLessEqual(image.shape[0] * image.shape[1], ImageLimits().max_pixels)
 
     @settings(max_examples=3000, deadline=2000, database=None, derandomize=support.UNDER_CI,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -1002,7 +984,7 @@ class LifecycleTest(unittest.TestCase):
 
 
 class ParentWatchTest(unittest.TestCase):
-    """backend.watch_parent itself, with getppid() faked."""
+    """core.process.watch_parent itself, with getppid() faked."""
 
     def test_a_backend_started_by_pid_1_keeps_running(self):
         # A host that is PID 1 in its container starts backends whose parent is 1 from the start:
@@ -1010,7 +992,7 @@ class ParentWatchTest(unittest.TestCase):
         # Python backends skip the watch then too).
         orphaned = threading.Event()
         with mock.patch("os.getppid", return_value=1):
-            backend.watch_parent(orphaned.set, 0.02)
+            watch_parent(orphaned.set, 0.02)
             time.sleep(0.3)
         self.assertFalse(orphaned.is_set(), "a backend started by pid 1 shut itself down")
 
@@ -1018,7 +1000,7 @@ class ParentWatchTest(unittest.TestCase):
         orphaned = threading.Event()
         answers = iter([4242, 4242, 4242])
         with mock.patch("os.getppid", side_effect=lambda: next(answers, 1)):
-            backend.watch_parent(orphaned.set, 0.02)
+            watch_parent(orphaned.set, 0.02)
             self.assertTrue(orphaned.wait(5), "reparenting to pid 1 went unnoticed")
 
 

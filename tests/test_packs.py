@@ -11,9 +11,9 @@ import unittest
 from unittest import mock
 
 import catalog
+from core.errors import ModelFileError
 from engines import build_engine, parse_load_request
 from engines.detection import SCRFDDetector
-from engines.errors import ModelFileError
 from face_service import FaceService
 from tests import support
 

@@ -12,17 +12,20 @@ import re
 import threading
 import time
 import unittest
+import weakref
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import cv2
 import numpy as np
 import onnxruntime as ort
 
-from engines import parse_load_request
-from engines.errors import (CallEndedError, IdentityMismatchError, InvalidInputError, ModelFileError,
-                            ModelOptionError, NoFaceError, PreconditionError)
+from core.concurrency import InstancePool, usable_cpus
+from core.errors import (CallEndedError, IdentityMismatchError, InvalidInputError, ModelFileError,
+                         ModelOptionError, NoFaceError, PreconditionError)
+from engines import build_engine, parse_load_request
 from engines.recognition import recognizer_profile
-from engines.runtime import set_opencv_threads, usable_cpus
+from engines.runtime import set_opencv_threads
 from face_service import FaceService
 from tests import support
 
@@ -53,7 +56,7 @@ def loaded_service(kind: str, name: str = None) -> FaceService:
     return service
 
 
-def side_by_side(big: str, small: str) -> np.ndarray:
+def big_beside_small(big: str, small: str) -> np.ndarray:
     """One photo with `big`'s face about 2.5x as tall as `small`'s."""
     a = cv2.imread(support.data_path(IMAGES, big))
     b = cv2.imread(support.data_path(IMAGES, small))
@@ -174,7 +177,7 @@ class ServiceCases(ErrorAssertions):
                 ("obama_1.jpg", "biden_1.jpg", "obama_2.jpg", "biden_2.jpg"),
                 ("biden_1.jpg", "obama_1.jpg", "biden_2.jpg", "obama_2.jpg")):
             with self.subTest(big=big, small=small):
-                image = support.b64_image(side_by_side(big, small))
+                image = support.b64_image(big_beside_small(big, small))
                 faces = self.service.detect(image)
                 self.assertEqual(len(faces), 2)
                 largest = max(faces, key=lambda f: f.area)
@@ -392,12 +395,15 @@ class NoModelTest(unittest.TestCase):
 
 
 class LoadModelTest(unittest.TestCase):
-    """A failed LoadModel leaves the previous model loaded and answering; Free unloads."""
+    """A failed LoadModel leaves the previous model loaded and answering; Free unloads. A model
+    LoadModel replaces or Free drops is closed once no request holds it: its sessions, instance
+    pools and helper threads are dropped so their memory returns."""
 
     @classmethod
     def setUpClass(cls):
         cls.setups = {kind: support.engine_setup(kind) for kind in support.ENGINES}
         cls.obama1, cls.obama2 = photo("obama_1.jpg"), photo("obama_2.jpg")
+        cls.faceless = support.b64_image(support.faceless_image())
 
     def failing_loads(self, kind: str):
         """(label, model name, options, error class, text the message must contain)."""
@@ -493,16 +499,112 @@ class LoadModelTest(unittest.TestCase):
         load(service, *self.setups[support.ENGINE_INSIGHTFACE])
         self.assertTrue(service.verify(self.obama1, self.obama2).verified)
 
+    def assert_closed(self, model) -> None:
+        self.assertTrue(model.closed)
+        self.assertEqual(sessions_in(model), [], "a closed model still holds onnxruntime sessions")
+        pools = instances_in(model, InstancePool)
+        self.assertEqual([pool.idle for pool in pools], [0] * len(pools), "a closed model still holds OpenCV instances")
+
+    def test_a_replaced_model_no_request_holds_is_closed_and_its_sessions_freed(self):
+        service = FaceService()
+        first = load(service, *self.setups[support.ENGINE_ONNX_DIRECT])
+        sessions = [weakref.ref(session) for session in sessions_in(first)]
+        self.assertGreaterEqual(len(sessions), 5)  # recognizer, age, gender, emotion, liveness
+        self.assertEqual([pool.idle for pool in instances_in(first, InstancePool)], [1])  # YuNet's
+        self.assertFalse(first.closed)
+        second = load(service, *self.setups[support.ENGINE_INSIGHTFACE])
+        self.assert_closed(first)
+        self.assertEqual([ref() for ref in sessions], [None] * len(sessions), "sessions still alive")
+        self.assertFalse(second.closed)
+        self.assertTrue(service.verify(self.obama1, self.obama2).verified)
+        service.free()
+        self.assert_closed(second)
+
+    def test_a_request_in_flight_finishes_on_the_old_model_which_closes_right_after(self):
+        service = FaceService(helpers=0)
+        name, options = self.setups[support.ENGINE_ONNX_DIRECT]
+        old = load(service, name, options)
+        at_recognition, go_on = threading.Event(), threading.Event()
+        closed_while_held = []
+
+        def hold_at_recognition(stage: str) -> None:
+            if stage == "recognition" and not at_recognition.is_set():
+                at_recognition.set()
+                go_on.wait(30)
+                closed_while_held.append(old.closed)
+
+        with ThreadPoolExecutor(max_workers=1) as caller:
+            pending = caller.submit(service.verify, self.obama1, self.obama2, 0.0, True, "", hold_at_recognition)
+            self.assertTrue(at_recognition.wait(30), "the request never reached recognition")
+            new = load(service, "replacement", self.setups[support.ENGINE_INSIGHTFACE][1])
+            self.assertIs(service.loaded, new)
+            self.assertFalse(old.closed, "closed while a request held it")
+            go_on.set()
+            result = pending.result(timeout=60)
+        self.assertEqual(closed_while_held, [False])
+        self.assertEqual((result.model, result.verified), (name, True))
+        self.assertIsNotNone(result.img1_liveness)
+        self.assert_closed(old)
+        self.assertEqual(service.verify(self.obama1, self.obama2).model, "replacement")
+
+    def test_a_helper_still_running_after_its_request_failed_keeps_the_model_open(self):
+        service = FaceService(helpers=1)
+        old = load(service, *self.setups[support.ENGINE_ONNX_DIRECT])
+        caller = threading.current_thread()
+        helper_waiting, release_helper, helper_done = threading.Event(), threading.Event(), threading.Event()
+
+        def checkpoint(stage: str) -> None:
+            if threading.current_thread() is caller:
+                if stage == "detection" and not helper_waiting.wait(30):
+                    raise AssertionError("the helper never started img2")
+            elif stage == "detection":
+                helper_waiting.set()
+                release_helper.wait(30)
+                helper_done.set()
+        with self.assertRaises(NoFaceError):
+            service.verify(self.faceless, self.obama1, checkpoint=checkpoint)
+        service.free()
+        self.assertFalse(old.closed, "closed while img2 was still under way on the helper")
+        release_helper.set()
+        self.assertTrue(helper_done.wait(30))
+        deadline = time.monotonic() + 10
+        while not old.closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assert_closed(old)
+
+    def test_a_failed_load_closes_what_it_built(self):
+        service = FaceService()
+        name, options = self.setups[support.ENGINE_ONNX_DIRECT]
+        previous = load(service, name, options)
+        built = []
+
+        def recording_build(request):
+            built.append(build_engine(request))
+            return built[-1]
+        broken = [o for o in options if not o.startswith("antispoof_v1se_onnx")] + [
+            "antispoof_v1se_onnx:no-such-liveness.onnx"]
+        with mock.patch("face_service.build_engine", recording_build), self.assertRaises(ModelFileError):
+            load(service, "broken", broken)
+        self.assertEqual(len(built), 1)
+        self.assertEqual(sessions_in(built[0]), [], "the engine of a failed load kept its sessions")
+        self.assertIs(service.loaded, previous)
+        self.assertFalse(previous.closed)
+
 
 def sessions_in(root) -> list[ort.InferenceSession]:
     """Every onnxruntime session reachable from `root`'s attributes, however the engine nests them."""
+    return instances_in(root, ort.InferenceSession)
+
+
+def instances_in(root, kind: type) -> list:
+    """Every `kind` reachable from `root`'s attributes."""
     found, seen, pending = [], set(), [root]
     while pending:
         item = pending.pop()
         if id(item) in seen or isinstance(item, (str, bytes, int, float, np.ndarray)):
             continue
         seen.add(id(item))
-        if isinstance(item, ort.InferenceSession):
+        if isinstance(item, kind):
             found.append(item)
         elif isinstance(item, dict):
             pending.extend(item.values())

@@ -1,0 +1,91 @@
+"""Concurrency helpers: how many CPUs this process may use, two halves of a request run side by
+side, and a bounded pool of objects that must not be used by two threads at once."""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from concurrent.futures import Executor
+from contextlib import contextmanager
+from typing import Callable, Generic, Iterator, Optional, TypeVar
+
+A = TypeVar("A")
+B = TypeVar("B")
+T = TypeVar("T")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which a container's cpuset narrows)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def run_side_by_side(helpers: Optional[Executor], first: Callable[[], A], second: Callable[[], B],
+                     on_first_error: Callable[[], None] = lambda: None) -> tuple[A, B]:
+    """first() on this thread while a helper runs second(). If no helper has started second by
+    the time first is done (all busy with other requests), this thread runs it: nobody waits in
+    a queue behind another request's work. first's error wins; on_first_error is told first, so
+    second can stop early. Without helpers, first() then second()."""
+    if helpers is None:
+        return first(), second()
+    try:
+        pending = helpers.submit(second)
+    except RuntimeError:  # the interpreter is shutting down: no new helper work
+        return first(), second()
+    try:
+        first_result = first()
+    except BaseException:
+        on_first_error()
+        pending.cancel()
+        raise
+    if pending.cancel():
+        return first_result, second()
+    return first_result, pending.result()
+
+
+class InstancePool(Generic[T]):
+    """Lends out at most `size` instances made by `factory`, creating them on demand.
+
+    For objects one thread at a time may use (OpenCV's model objects). One instance per gRPC
+    worker thread would keep every worker's buffers alive (bench/FINDINGS.md, "YuNet instances");
+    more instances than CPUs buy no speed for compute-bound work.
+    """
+
+    def __init__(self, factory: Callable[[], T], size: int):
+        self._factory: Optional[Callable[[], T]] = factory
+        self._idle: "queue.LifoQueue[T]" = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(max(1, size))
+        self._idle.put(factory())  # the first one now, so a bad model file fails in LoadModel
+
+    @contextmanager
+    def borrow(self) -> Iterator[T]:
+        with self._slots:
+            try:
+                instance = self._idle.get_nowait()
+            except queue.Empty:
+                factory = self._factory
+                if factory is None:
+                    raise RuntimeError("borrowing from a closed pool") from None
+                instance = factory()
+            try:
+                yield instance
+            finally:
+                if self._factory is not None:
+                    self._idle.put(instance)
+
+    def close(self) -> None:
+        """Drops the idle instances now and the lent ones as they come back (the owner's factory
+        too: a bound method would keep its owner alive); borrowing fails afterwards."""
+        self._factory = None
+        while True:
+            try:
+                self._idle.get_nowait()
+            except queue.Empty:
+                return
+
+    @property
+    def idle(self) -> int:
+        """How many instances wait to be lent out."""
+        return self._idle.qsize()

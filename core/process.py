@@ -1,0 +1,106 @@
+"""The server process's own concerns: glibc malloc tuning, how many gRPC workers, stopping on
+a signal or when the parent process is gone. Nothing here knows about faces or gRPC messages."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Callable, Optional
+
+from .concurrency import usable_cpus
+
+log = logging.getLogger("face-backend")
+
+M_ARENA_MAX = -8  # glibc <malloc.h>
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    """glibc's handle for its malloc tuning calls, or None on another C library."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def limit_malloc_arenas(arenas: int = 1) -> None:
+    """Cap glibc's malloc arenas: by default every gRPC, onnxruntime and OpenCV thread may get
+    its own arena, each keeping its own high-water mark and its own free pages that the other
+    threads never reuse. One arena peaks lowest at the same throughput (bench/FINDINGS.md,
+    "malloc arenas"): the models' threads allocate once per Run, not in their inner loops, so
+    they do not queue on one arena's lock. Must run before the worker threads start."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_ARENA_MAX, arenas)
+
+
+def return_free_memory() -> None:
+    """Give the heap's free pages back to the system after a model (re)load or unload.
+
+    Parsing an ONNX file and optimising its graph frees several times the model's size again,
+    and a replaced model frees all of its own; glibc keeps such pages mapped, so the process
+    would carry its load-time high-water mark for good (bench/FINDINGS.md, "malloc_trim").
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def worker_count(configured: Optional[int]) -> int:
+    """gRPC worker threads: `configured` (PYTHON_GRPC_MAX_WORKERS), else one per usable CPU.
+
+    Each onnxruntime call already spreads over the cores (engines/runtime.py), so one worker per
+    core keeps them busy; every extra worker thread costs its own allocator arena and buffers
+    (bench/FINDINGS.md, "gRPC workers"). Two at least, so Health/Status answer while a request runs.
+    """
+    if configured:
+        return max(1, configured)
+    return max(2, usable_cpus())
+
+
+def max_concurrent_rpcs(workers: int, configured: Optional[int]) -> int:
+    """Calls in progress before new ones are refused: `configured`, else eight per worker. With
+    ~0.1 s of CPU per call a queued one waits under a second, and a burst from a handful of
+    clients is absorbed instead of refused."""
+    return max(1, configured) if configured else 8 * workers
+
+
+def watch_parent(on_orphaned: Callable[[], None], interval: float) -> Optional[threading.Thread]:
+    """Call on_orphaned once the process that started us is gone (we get reparented), so a
+    killed host does not leave this backend running and holding memory."""
+    parent = os.getppid()
+    if parent <= 1:
+        # Started by init itself, e.g. by a host that is PID 1 in its container: there is no
+        # parent to outlive, and "our parent is 1" is the normal state, not orphanhood. The
+        # host's other backends skip the watch in this case too.
+        log.info("parent watch off: started by pid %d", parent)
+        return None
+
+    def poll():
+        while True:
+            time.sleep(interval)
+            current = os.getppid()
+            if current != parent or current == 1:
+                log.warning("parent process %d is gone; shutting down", parent)
+                on_orphaned()
+                return
+    thread = threading.Thread(target=poll, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_for_stop(parent_watch_interval: Optional[float]) -> None:
+    """Returns on SIGTERM or SIGINT, or once the parent process is gone when `parent_watch_interval`
+    (seconds) is set. Call from the main thread: only it may install signal handlers."""
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    if parent_watch_interval is not None:
+        watch_parent(stopped.set, parent_watch_interval)
+    while not stopped.wait(0.5):  # a timed wait lets the signal handlers run promptly
+        pass

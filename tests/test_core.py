@@ -1,0 +1,149 @@
+"""core/: the concurrency helpers every request relies on and the settings read from the
+environment (no models needed)."""
+from __future__ import annotations
+
+import os
+import threading
+import unittest
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
+
+from core.concurrency import InstancePool, run_side_by_side
+from core.settings import ImageLimits, Settings
+
+
+class RunSideBySideTest(unittest.TestCase):
+    """run_side_by_side, which FaceVerify, FaceAnalyze and the liveness ensemble use."""
+
+    def setUp(self):
+        self.helpers = ThreadPoolExecutor(max_workers=1)
+        self.addCleanup(self.helpers.shutdown)
+
+    def test_second_runs_on_a_free_helper_while_first_runs_here(self):
+        second_started = threading.Event()
+
+        def second():
+            second_started.set()
+            return threading.current_thread()
+        # first returns only once second is running elsewhere: both ran at the same time.
+        first = lambda: (second_started.wait(10), threading.current_thread())
+        (waited, first_thread), second_thread = run_side_by_side(self.helpers, first, second)
+        self.assertTrue(waited)
+        self.assertIs(first_thread, threading.current_thread())
+        self.assertIsNot(second_thread, threading.current_thread())
+
+    def test_second_runs_here_when_the_helper_is_busy(self):
+        # No waiting in the helper's queue behind another request's work.
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.helpers.submit(gate.wait, 10)
+        here = threading.current_thread()
+        self.assertEqual(run_side_by_side(self.helpers, threading.current_thread, threading.current_thread),
+                         (here, here))
+
+    def test_first_error_wins_and_is_told_first(self):
+        told = threading.Event()
+
+        def second():
+            raise ValueError("second")
+
+        def first():
+            raise KeyError("first")
+        with self.assertRaises(KeyError):
+            run_side_by_side(self.helpers, first, second, on_first_error=told.set)
+        self.assertTrue(told.is_set())
+        with self.assertRaises(ValueError):
+            run_side_by_side(self.helpers, lambda: 1, second)
+
+    def test_without_helpers_or_after_shutdown_both_run_here_in_order(self):
+        order = []
+        first = lambda: order.append("first") or threading.current_thread()
+        second = lambda: order.append("second") or threading.current_thread()
+        here = threading.current_thread()
+        self.assertEqual(run_side_by_side(None, first, second), (here, here))
+        self.helpers.shutdown()
+        self.assertEqual(run_side_by_side(self.helpers, first, second), (here, here))
+        self.assertEqual(order, ["first", "second"] * 2)
+
+
+
+class InstancePoolTest(unittest.TestCase):
+    """The pool OpenCV's model objects are lent from, and how closing it lets them go."""
+
+    def test_lends_one_instance_per_borrower_up_to_its_size(self):
+        made = []
+        pool = InstancePool(lambda: made.append(object()) or made[-1], size=2)
+        self.assertEqual((len(made), pool.idle), (1, 1))  # the first one at once
+        with pool.borrow() as a, pool.borrow() as b:
+            self.assertIsNot(a, b)
+            self.assertEqual((len(made), pool.idle), (2, 0))
+            served = threading.Event()
+
+            def third_borrower():
+                with pool.borrow():
+                    served.set()
+            waiter = threading.Thread(target=third_borrower)
+            waiter.start()
+            self.assertFalse(served.wait(0.2), "a third borrower got an instance from a pool of two")
+        waiter.join(5)
+        self.assertTrue(served.is_set())
+        self.assertEqual(len(made), 2)
+
+    def test_close_drops_idle_and_returned_instances(self):
+        pool = InstancePool(object, size=2)
+        with pool.borrow():
+            with pool.borrow():
+                pass
+            pool.close()
+            self.assertEqual(pool.idle, 0)
+        self.assertEqual(pool.idle, 0, "an instance lent before close came back into the pool")
+        with self.assertRaisesRegex(RuntimeError, "closed"):
+            with pool.borrow():
+                pass
+
+class SettingsTest(unittest.TestCase):
+    """Settings.from_environ: every variable the server reads, with the defaults it had."""
+
+    def test_an_empty_environment_gives_the_defaults(self):
+        self.assertEqual(Settings.from_environ({}), Settings())
+        defaults = Settings()
+        self.assertEqual((defaults.auth_token, defaults.max_workers, defaults.max_concurrent_rpcs,
+                          defaults.shutdown_grace_seconds, defaults.parent_watch_interval),
+                         ("", None, None, 10.0, 2.0))
+        self.assertEqual(defaults.image_limits, ImageLimits(max_bytes=20 * 1024 * 1024, max_pixels=50_000_000))
+
+    def test_every_variable_is_read(self):
+        settings = Settings.from_environ({
+            "LOCALAI_GRPC_AUTH_TOKEN": "t0ken", "PYTHON_GRPC_MAX_WORKERS": "3",
+            "PYTHON_GRPC_MAX_CONCURRENT_RPCS": "5", "FACE_SHUTDOWN_GRACE_SECONDS": "1.5",
+            "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": "500ms", "FACE_MAX_IMAGE_BYTES": "1000",
+            "FACE_MAX_IMAGE_PIXELS": "2000"})
+        self.assertEqual(settings, Settings(auth_token="t0ken", max_workers=3, max_concurrent_rpcs=5,
+                                            shutdown_grace_seconds=1.5, parent_watch_interval=0.5,
+                                            image_limits=ImageLimits(max_bytes=1000, max_pixels=2000)))
+
+    def test_parent_watch_interval_as_the_host_writes_it(self):
+        cases = {("", ""): 2.0, ("", "2s"): 2.0, ("", "1m"): 60.0, ("", "250ms"): 0.25, ("", "3"): 3.0,
+                 ("", "1ms"): 0.05, ("", "soon"): 2.0, ("true", "1s"): 1.0,
+                 ("false", "1s"): None, ("0", ""): None, ("OFF", ""): None, (" no ", ""): None}
+        for (enabled, interval), expected in cases.items():
+            with self.subTest(enabled=enabled, interval=interval):
+                settings = Settings.from_environ({"LOCALAI_BACKEND_PARENT_WATCH": enabled,
+                                                  "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": interval})
+                self.assertEqual(settings.parent_watch_interval, expected)
+
+    def test_malformed_numbers(self):
+        for name in ("PYTHON_GRPC_MAX_WORKERS", "PYTHON_GRPC_MAX_CONCURRENT_RPCS", "FACE_SHUTDOWN_GRACE_SECONDS"):
+            with self.subTest(name), self.assertRaisesRegex(ValueError, name):
+                Settings.from_environ({name: "many"})
+        # The image limits keep their defaults, as they always have; numbers below 1 become 1.
+        settings = Settings.from_environ({"FACE_MAX_IMAGE_BYTES": "big", "FACE_MAX_IMAGE_PIXELS": "0",
+                                          "PYTHON_GRPC_MAX_WORKERS": "-4"})
+        self.assertEqual(settings.image_limits, ImageLimits(max_pixels=1))
+        self.assertEqual(settings.max_workers, 1)
+
+    def test_the_process_environment_is_read_when_asked_not_before(self):
+        with mock.patch.dict(os.environ, {"LOCALAI_GRPC_AUTH_TOKEN": "from-env"}):
+            self.assertEqual(Settings.from_environ().auth_token, "from-env")
+        with mock.patch.dict(os.environ, {"LOCALAI_GRPC_AUTH_TOKEN": ""}):
+            self.assertEqual(Settings.from_environ().auth_token, "")
