@@ -6,7 +6,6 @@ import base64
 import struct
 import zlib
 
-import cv2
 import numpy as np
 
 
@@ -26,6 +25,7 @@ def b64_file(path: str) -> str:
 
 def b64_image(image: np.ndarray, ext: str = ".jpg") -> str:
     """Base64 of a BGR array encoded with OpenCV."""
+    import cv2  # on use: the paths and byte helpers stay free of OpenCV for light callers
     ok, encoded = cv2.imencode(ext, image)
     if not ok:
         raise ValueError(f"cv2.imencode({ext!r}) failed")

@@ -13,20 +13,21 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-import backend
 import backend_pb2
 import backend_pb2_grpc
-from face_service import FaceService
 from harness.paths import BACKEND, PYTHON, REPO
 
+if TYPE_CHECKING:
+    from face_service import FaceService
+
+# backend and face_service (onnxruntime, OpenCV) are imported where a server is built or a
+# channel sized, so that free_port and the paths cost tests/support.py no model runtime import.
 TOKEN_ENV = "LOCALAI_GRPC_AUTH_TOKEN"
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", backend.MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", backend.MAX_MESSAGE_BYTES)]
 # Loading the default set at start takes a few seconds; a machine shared by parallel runs, more.
 START_SECONDS = 120.0
 
@@ -38,8 +39,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def open_channel(address: str) -> grpc.Channel:
+    """A channel to `address` whose messages may be as large as the server accepts."""
+    from backend import MAX_MESSAGE_BYTES
+    return grpc.insecure_channel(address, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -72,7 +76,7 @@ class _Connected:
     address: str
 
     def _connect(self) -> None:
-        self.channel = channel(self.address)
+        self.channel = open_channel(self.address)
         self.stub = backend_pb2_grpc.BackendStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -92,6 +96,8 @@ class InProcessServer(_Connected):
     create_server reads (PYTHON_GRPC_MAX_WORKERS, ...), set only while it runs."""
 
     def __init__(self, service: Optional[FaceService] = None, token: str = "", **env: Optional[str]):
+        import backend
+        from face_service import FaceService
         self.service = FaceService() if service is None else service
         with environment(**{TOKEN_ENV: token or None}, **env):
             self.server, self.port = backend.create_server(self.service, "127.0.0.1:0")

@@ -1,4 +1,5 @@
-"""Shared test fixtures: where the real weights and labelled photos are, and how a missing one is handled.
+"""What only the tests need on top of harness/: the model setups they run against, and the rule
+for a missing weight or photo.
 
 On a user's machine a test whose weights are missing skips with a reason; under CI (CI=true) the
 same absence is a failure, because a skipped test proves nothing.
@@ -9,14 +10,10 @@ import os
 import unittest
 
 import catalog
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS_DIR = os.environ.get("FACE_MODELS_DIR", os.path.join(REPO, "models"))
-SHARED = os.environ.get("FACE_SHARED_DIR", os.path.join(os.path.dirname(REPO), "shared"))
-DATA = os.path.join(SHARED, "data")
-IDENTITY_DIR = os.path.join(DATA, "face-recognition-examples")
-SPOOF_DIR = os.path.join(DATA, "silent-face-samples")
-GROUP_PHOTO = os.path.join(DATA, "insightface-wheel-images", "t1.jpg")
+# Shared with bench/ (which must not import tests/): paths and image helpers live in harness/.
+from harness.images import b64_file, b64_image, faceless_image, read_bytes  # noqa: F401
+from harness.paths import DATA, GROUP_PHOTO, IDENTITY_DIR, MODELS_DIR, REPO, SHARED, SPOOF_DIR  # noqa: F401
+from harness.servers import free_port  # noqa: F401
 
 UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -43,11 +40,6 @@ def data_path(*parts: str) -> str:
     path = os.path.join(DATA, *parts)
     require_files(path)
     return path
-
-
-def read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 # -- helpers for the engine, service and gRPC tests ---------------------------------------------
@@ -89,31 +81,6 @@ def liveness_files() -> None:
         model_path(option.split(":", 1)[1])
 
 
-def b64_file(path: str) -> str:
-    """Base64 of a file's bytes, as the host sends images."""
-    import base64
-    return base64.b64encode(read_bytes(path)).decode("ascii")
-
-
-def b64_image(image, ext: str = ".jpg") -> str:
-    """Base64 of a BGR array encoded with OpenCV."""
-    import base64
-    import cv2
-    ok, encoded = cv2.imencode(ext, image)
-    assert ok, "cv2.imencode failed"
-    return base64.b64encode(encoded.tobytes()).decode("ascii")
-
-
-def faceless_image(width: int = 640, height: int = 480):
-    """A smooth colour gradient: a valid photo in which no detector finds a face."""
-    import numpy as np
-    image = np.zeros((height, width, 3), np.uint8)
-    image[..., 0] = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
-    image[..., 1] = 128
-    image[..., 2] = np.linspace(255, 0, height, dtype=np.uint8)[:, None]
-    return image
-
-
 def single_face_photos() -> list[tuple[str, str]]:
     """(path, identity) of the 13 single-face photos of face-recognition-examples/labels.csv."""
     from evaluation import read_labels
@@ -131,53 +98,3 @@ def assert_error_info(test: unittest.TestCase, error, reason: str, field: str | 
     test.assertEqual((info.domain, info.reason), (ERROR_DOMAIN, reason), error.details())
     if field is not None:
         test.assertEqual(info.metadata.get("field", ""), field, error.details())
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-SERVER_START_SECONDS = 120.0
-
-
-def wait_for_health(process, port: int, token: str = "") -> None:
-    """Return once the backend `process` started on `port` answers Health; fail with its stderr
-    if it exits first or does not answer within SERVER_START_SECONDS."""
-    import time
-
-    import grpc
-
-    import backend_pb2
-    import backend_pb2_grpc
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    deadline = time.monotonic() + SERVER_START_SECONDS
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = backend_pb2_grpc.BackendStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
-                raise AssertionError(f"backend exited with {process.returncode}: {stderr[-2000:]}")
-            try:
-                stub.Health(backend_pb2.HealthMessage(), timeout=1, metadata=metadata)
-                return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise AssertionError(f"backend on port {port} not healthy within {SERVER_START_SECONDS} s")
-
-
-def stop_process(process) -> None:
-    """SIGTERM, then SIGKILL after 15 s; closes the pipes the test opened."""
-    import subprocess
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    for pipe in (process.stdout, process.stderr):
-        if pipe is not None:
-            pipe.close()

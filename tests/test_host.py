@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import unittest
 
@@ -19,10 +18,10 @@ import grpc
 import numpy as np
 
 import backend_pb2
-import backend_pb2_grpc
 import catalog
+from harness.servers import BackendProcess, InProcessServer
 from tests import support
-from tests.test_grpc import CALL_TIMEOUT, GrpcAssertions, RunningServer
+from tests.test_grpc import CALL_TIMEOUT, GrpcAssertions
 
 IMAGES = os.path.join("face-recognition-examples", "images")
 SAME = ("obama_1.jpg", "obama_2.jpg")
@@ -66,13 +65,13 @@ HOST_ONLY_FIELDS = (
 )
 
 
-def host_load_model(stub, model: str, model_path: str, options: list[str], threads: int = 2):
+def host_load_model(channel, model: str, model_path: str, options: list[str], threads: int = 2):
     """LoadModel as the host sends it: declared fields plus the host-only ones, as raw bytes."""
     declared = backend_pb2.ModelOptions(
         Model=model, ModelPath=model_path, ModelFile=os.path.join(model_path, model),
         Threads=threads, Options=options).SerializeToString()
     raw = declared + b"".join(_field(n, v) for n, v in HOST_ONLY_FIELDS)
-    load = stub._channel.unary_unary(  # the generated stub would re-serialise the message
+    load = channel.unary_unary(  # the generated stub would re-serialise the message
         "/backend.Backend/LoadModel", request_serializer=lambda b: b,
         response_deserializer=backend_pb2.Result.FromString)
     return load(raw, timeout=CALL_TIMEOUT)
@@ -88,9 +87,8 @@ class HostConfigurationTest(GrpcAssertions, unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.server = RunningServer()
+        cls.server = InProcessServer()
         cls.stub, cls.health = cls.server.stub, cls.server.health
-        cls.stub._channel = cls.server.channel
         cls.tmp = tempfile.mkdtemp(prefix="host-models-")
 
     @classmethod
@@ -139,7 +137,7 @@ class HostConfigurationTest(GrpcAssertions, unittest.TestCase):
                 self.run_configuration(model, models, options, dim, attributes)
 
     def run_configuration(self, model, models, options, dim, attributes):
-        result = host_load_model(self.stub, model, models, options)
+        result = host_load_model(self.server.channel, model, models, options)
         self.assertTrue(result.success, result.message)
         self.assert_healthy()
         status = self.stub.Status(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT)
@@ -192,7 +190,7 @@ class HostConfigurationTest(GrpcAssertions, unittest.TestCase):
         distances = {}
         for layout in ("flat", "nested"):
             models, _ = self.models_dir(f"distances-{layout}", layout)
-            result = host_load_model(self.stub, "insightface-buffalo-sc", models,
+            result = host_load_model(self.server.channel, "insightface-buffalo-sc", models,
                                      ["engine:insightface", "model_pack:buffalo_sc"])
             self.assertTrue(result.success, result.message)
             self.assertIn("det_500m.onnx", result.message)
@@ -205,21 +203,12 @@ class HostConfigurationTest(GrpcAssertions, unittest.TestCase):
 
 class RunScriptTest(unittest.TestCase):
     def test_run_sh_starts_the_server_from_another_directory(self):
-        port = support.free_port()
-        with tempfile.TemporaryDirectory() as elsewhere:
-            process = subprocess.Popen([os.path.join(support.REPO, "run.sh"), "--addr", f"127.0.0.1:{port}"],
-                                       cwd=elsewhere, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.PIPE)
-            try:
-                support.wait_for_health(process, port)
-                with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                    stub = backend_pb2_grpc.BackendStub(channel)
-                    result = stub.LoadModel(backend_pb2.ModelOptions(
-                        Model="m", ModelPath=support.MODELS_DIR,
-                        Options=["engine:insightface", "model_pack:buffalo_sc"]), timeout=CALL_TIMEOUT)
-                    self.assertTrue(result.success, result.message)
-            finally:
-                support.stop_process(process)
+        with tempfile.TemporaryDirectory() as elsewhere, \
+                BackendProcess(command=[os.path.join(support.REPO, "run.sh")], cwd=elsewhere) as server:
+            result = server.stub.LoadModel(backend_pb2.ModelOptions(
+                Model="m", ModelPath=support.MODELS_DIR,
+                Options=["engine:insightface", "model_pack:buffalo_sc"]), timeout=CALL_TIMEOUT)
+            self.assertTrue(result.success, result.message)
 
 
 def photo(name: str) -> str:
