@@ -6,7 +6,6 @@ with a duck-typed fake session; the Cydral and expression heads run on the real 
 and photos (../shared/data)."""
 from __future__ import annotations
 
-import base64
 import contextlib
 import csv
 import os
@@ -57,10 +56,6 @@ SMILING_PHOTOS = [("face-recognition-examples", "images", f"{name}.jpg") for nam
     "alex_lacamoire_1", "alex_lacamoire_2", "obama_1", "obama_3", "rose_leslie_1", "rose_leslie_2")]
 SMILING = SMILING_PHOTOS + [("insightface-wheel-images", "Tom_Hanks_54745.png")]
 STRAIGHT = [("face-recognition-examples", "images", "biden_1.jpg"), ("silent-face-samples", "image_T1.jpg")]
-
-
-def encode(path: str) -> str:
-    return base64.b64encode(support.read_bytes(path)).decode()
 
 
 def gender_of(male_probability: float) -> str:
@@ -376,7 +371,7 @@ class ServiceAttributesTest(unittest.TestCase):
         cls.services = {name: load_service(options) for name, options in ENGINES.items()}
         cls.bare = load_service(INSIGHTFACE_BARE)
         support.require_files(support.GROUP_PHOTO)
-        cls.group = encode(support.GROUP_PHOTO)
+        cls.group = support.b64_file(support.GROUP_PHOTO)
 
     @staticmethod
     def heads(service):
@@ -398,7 +393,7 @@ class ServiceAttributesTest(unittest.TestCase):
         for name, service in self.services.items():
             for row in rows:
                 with self.subTest(engine=name, file=row["file"]):
-                    img = encode(support.data_path("face-recognition-examples", "images", row["file"]))
+                    img = support.b64_file(support.data_path("face-recognition-examples", "images", row["file"]))
                     analyzed = service.analyze(img, [])
                     item = max(analyzed, key=lambda a: (a.face.area, a.face.score))
                     self.assertIs(item.face, best_face([a.face for a in analyzed]))
@@ -479,7 +474,7 @@ class ServiceAttributesTest(unittest.TestCase):
         for name, service in self.services.items():
             for parts in SMILING_PHOTOS:
                 with self.subTest(engine=name, photo=parts[-1]):
-                    (item,) = service.analyze(encode(support.data_path(*parts)), [])
+                    (item,) = service.analyze(support.b64_file(support.data_path(*parts)), [])
                     self.assertEqual(dominant(item.attributes.emotion), "happy", item.attributes.emotion)
 
     def test_unknown_action_is_invalid_input_listing_the_four(self):
@@ -509,23 +504,19 @@ class GrpcAttributesTest(unittest.TestCase):
     def setUpClass(cls):
         import grpc
 
-        import backend
         import backend_pb2
-        import backend_pb2_grpc
+        from harness.servers import InProcessServer
         for kind in support.ENGINES:  # the default set and buffalo_sc, installed
             support.engine_setup(kind)
         cls.grpc, cls.pb = grpc, backend_pb2
         support.require_files(support.GROUP_PHOTO)
-        cls.group = encode(support.GROUP_PHOTO)
-        cls.server, port = backend.create_server(FaceService(), "127.0.0.1:0")
-        cls.server.start()
-        cls.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        cls.stub = backend_pb2_grpc.BackendStub(cls.channel)
+        cls.group = support.b64_file(support.GROUP_PHOTO)
+        cls.server = InProcessServer()
+        cls.stub = cls.server.stub
 
     @classmethod
     def tearDownClass(cls):
-        cls.channel.close()
-        cls.server.stop(grace=None).wait()
+        cls.server.close()
 
     def load(self, options):
         result = self.stub.LoadModel(self.pb.ModelOptions(
@@ -563,7 +554,7 @@ class GrpcAttributesTest(unittest.TestCase):
 
     def test_default_set_fills_the_emotion_map(self):
         self.load(DEFAULT_MODEL_OPTIONS)
-        (smiling,) = self.analyze([], encode(support.data_path(*SMILING[0]))).faces
+        (smiling,) = self.analyze([], support.b64_file(support.data_path(*SMILING[0]))).faces
         self.assertEqual(smiling.dominant_emotion, "happy")
         for f in [smiling, *self.analyze([]).faces]:
             self.assertEqual(set(f.emotion), DEEPFACE_EMOTIONS)

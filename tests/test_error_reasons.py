@@ -14,8 +14,8 @@ import grpc
 import backend_pb2
 from core.errors import (CallEndedError, IdentityMismatchError, InvalidInputError, ModelFileError,
                          ModelOptionError, NoFaceError, PreconditionError, Reason)
+from harness.servers import InProcessServer
 from tests import support
-from tests.test_grpc import RunningServer
 
 # google/rpc/error_details.proto: "[A-Z][A-Z0-9_]+[A-Z0-9]", at most 63 characters.
 REASON_FORMAT = re.compile(r"[A-Z][A-Z0-9_]{0,61}[A-Z0-9]")
@@ -56,7 +56,7 @@ class UnplannedErrorsOverGrpcTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.running = RunningServer()
+        cls.running = InProcessServer()
 
     @classmethod
     def tearDownClass(cls):

@@ -8,11 +8,7 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 import unittest
 from concurrent import futures
 
@@ -20,12 +16,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import backend
 import backend_pb2
 import backend_pb2_grpc
-from core.settings import Settings
 from engines.recognition import recognizer_profile
-from face_service import FaceService
+from harness.servers import BackendProcess, InProcessServer
 from tests import support
 
 IMAGES = os.path.join("face-recognition-examples", "images")
@@ -49,23 +43,6 @@ def model_options(kind: str, name: str = None, extra=()) -> backend_pb2.ModelOpt
     model_name, options = support.engine_setup(kind)
     return backend_pb2.ModelOptions(Model=model_name if name is None else name,
                                     ModelPath=support.MODELS_DIR, Options=list(options) + list(extra))
-
-
-class RunningServer:
-    """backend.create_server(FaceService(), "127.0.0.1:0", settings) started in this process, with stubs."""
-
-    def __init__(self, token: str = None):
-        self.service = FaceService()
-        self.server, self.port = backend.create_server(self.service, "127.0.0.1:0",
-                                                       Settings(auth_token=token or ""))
-        self.server.start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.stub = backend_pb2_grpc.BackendStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.stop(None).wait()
 
 
 class GrpcAssertions:
@@ -111,7 +88,7 @@ class EngineCases(GrpcAssertions):
         cls.obama1, cls.obama2, cls.biden1 = photo("obama_1.jpg"), photo("obama_2.jpg"), photo("biden_1.jpg")
         cls.group = support.b64_file(support.data_path("insightface-wheel-images", "t1.jpg"))
         cls.faceless = support.b64_image(support.faceless_image())
-        cls.running = RunningServer()
+        cls.running = InProcessServer()
         cls.stub, cls.health = cls.running.stub, cls.running.health
         cls.load_result = cls.stub.LoadModel(options, timeout=CALL_TIMEOUT)
 
@@ -353,7 +330,7 @@ class OnnxDirectGrpcTest(EngineCases, unittest.TestCase):
 class NoModelGrpcTest(GrpcAssertions, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.running = RunningServer()
+        cls.running = InProcessServer()
         cls.stub, cls.health = cls.running.stub, cls.running.health
         cls.image = support.b64_image(support.faceless_image())
 
@@ -385,7 +362,7 @@ class LifecycleGrpcTest(GrpcAssertions, unittest.TestCase):
     """LoadModel -> READY / SERVING, Free -> UNINITIALIZED / NOT_SERVING, for both setups."""
 
     def setUp(self):
-        self.running = RunningServer()
+        self.running = InProcessServer()
         self.stub, self.health = self.running.stub, self.running.health
         self.obama1, self.obama2 = photo("obama_1.jpg"), photo("obama_2.jpg")
 
@@ -423,7 +400,7 @@ class FailedLoadGrpcTest(GrpcAssertions, unittest.TestCase):
         cls.obama1, cls.obama2 = photo("obama_1.jpg"), photo("obama_2.jpg")
 
     def setUp(self):
-        self.running = RunningServer()
+        self.running = InProcessServer()
         self.stub, self.health = self.running.stub, self.running.health
 
     def tearDown(self):
@@ -489,7 +466,7 @@ class AuthGrpcTest(GrpcAssertions, unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.running = RunningServer(token=cls.TOKEN)
+        cls.running = InProcessServer(token=cls.TOKEN)
         cls.stub, cls.health = cls.running.stub, cls.running.health
         cls.good = (("authorization", f"Bearer {cls.TOKEN}"),)
 
@@ -544,39 +521,15 @@ class BackendProcessTest(unittest.TestCase):
     def test_start_serve_and_stop_on_sigterm(self):
         options = model_options(support.ENGINE_ONNX_DIRECT)
         img1, img2 = photo("obama_1.jpg"), photo("obama_2.jpg")
-        port = support.free_port()
-        env = dict(os.environ)
-        env.pop("LOCALAI_GRPC_AUTH_TOKEN", None)
-        with tempfile.TemporaryFile() as log:
-            process = subprocess.Popen(
-                [sys.executable, os.path.join(support.REPO, "backend.py"), "--addr", f"127.0.0.1:{port}"],
-                cwd=support.REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-                stub = backend_pb2_grpc.BackendStub(channel)
-                deadline = time.monotonic() + 60
-                while True:
-                    try:
-                        self.assertEqual(stub.Health(backend_pb2.HealthMessage(), timeout=2).message, b"OK")
-                        break
-                    except grpc.RpcError:
-                        if process.poll() is not None or time.monotonic() > deadline:
-                            raise
-                        time.sleep(0.2)
-                result = stub.LoadModel(options, timeout=CALL_TIMEOUT)
-                self.assertTrue(result.success, result.message)
-                response = stub.FaceVerify(backend_pb2.FaceVerifyRequest(img1=img1, img2=img2), timeout=CALL_TIMEOUT)
-                self.assertTrue(response.verified)
-                channel.close()
-                process.send_signal(signal.SIGTERM)
-                code = process.wait(timeout=30)
-            finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-                log.seek(0)
-                output = log.read().decode(errors="replace")
-            self.assertEqual(code, 0, output[-2000:])
+        with BackendProcess() as server:
+            self.assertEqual(server.stub.Health(backend_pb2.HealthMessage(), timeout=2).message, b"OK")
+            result = server.stub.LoadModel(options, timeout=CALL_TIMEOUT)
+            self.assertTrue(result.success, result.message)
+            response = server.stub.FaceVerify(backend_pb2.FaceVerifyRequest(img1=img1, img2=img2),
+                                              timeout=CALL_TIMEOUT)
+            self.assertTrue(response.verified)
+            code = server.stop(signal.SIGTERM, timeout=30)
+            self.assertEqual(code, 0, server.output()[-2000:])
 
 
 if __name__ == "__main__":
