@@ -26,7 +26,6 @@ import threading
 import time
 import unittest
 import warnings
-import zlib
 from concurrent import futures
 from unittest import mock
 
@@ -46,17 +45,19 @@ import client
 import imaging
 from core.process import watch_parent
 from core.errors import InvalidInputError
-from core.settings import ImageLimits, Settings
+from core.settings import ImageLimits
 from engines import parse_load_request
 from face_service import DEFAULT_MODEL_OPTIONS, FaceService
+from harness.images import b64, png_pixel_bomb
+from harness.procfs import reset_peak_rss, status_field
+from harness.servers import (BackendProcess, InProcessServer, backend_command, backend_env, free_port, open_channel,
+                             read_log, wait_for_health)
 from tests import support
 
 PHOTO = ("face-recognition-examples", "images", "kit_harington_2.jpg")  # 630x374, one face
 LARGE_SOURCE = ("face-recognition-examples", "images", "rose_leslie_1.jpg")  # 1280x799, one face
 DEFAULT_NAME = "face-default"
 BUFFALO_SC_OPTIONS = ("engine:insightface", "model_pack:buffalo_sc")
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", backend.MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", backend.MAX_MESSAGE_BYTES)]
 TIMEOUT = 60.0  # per call: no test may hang on a stuck server
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -67,25 +68,10 @@ INTERNALS = re.compile(r"Traceback|cv2|OpenCV|Exception|[A-Za-z]Error\b|(^|\W)er
 
 
 # -- fixtures ------------------------------------------------------------------------------------
-def b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
-
-
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **kwargs)
     return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_pixel_bomb(width: int = 40000, height: int = 40000) -> bytes:
-    """A valid few-KB RGB PNG whose header claims width x height pixels (4.8 GB decoded)."""
-    rows = zlib.compress(b"\x00" * (1 + 3 * width) * 16, 9)  # 16 rows of black, filter 0
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b""))
 
 
 def jpeg_pixel_bomb(jpeg: bytes, width: int = 40000, height: int = 40000) -> bytes:
@@ -124,41 +110,6 @@ def load_default(name: str = DEFAULT_NAME) -> FaceService:
     service = FaceService()
     service.load(parse_load_request(name, support.MODELS_DIR, 0, list(DEFAULT_MODEL_OPTIONS)))
     return service
-
-
-class RunningServer:
-    """backend.create_server on 127.0.0.1:0 in this process, with a channel and both stubs."""
-
-    def __init__(self, service: FaceService, **env):
-        """`env`: the server's environment variables, these alone (Settings.from_environ)."""
-        self.service = service
-        self.server, self.port = backend.create_server(service, "127.0.0.1:0", Settings.from_environ(env))
-        self.server.start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=CHANNEL_OPTIONS)
-        self.stub = backend_pb2_grpc.BackendStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.stop(None).wait()
-
-
-def proc_status_kb(field: str, pid: str = "self") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> bool:
-    """Resets this process's VmHWM to its current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def box_close(test: unittest.TestCase, got, expected, tolerance: float, label: str) -> None:
@@ -200,7 +151,7 @@ class GrpcAssertions:
             support.assert_error_info(self, error, reason, names if field is None else field)
         return message
 
-    def assert_healthy(self, running: RunningServer, label: str = "") -> None:
+    def assert_healthy(self, running: InProcessServer, label: str = "") -> None:
         self.assertEqual(running.stub.Health(pb.HealthMessage(), timeout=TIMEOUT).message, b"OK", label)
         status = running.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT).status
         self.assertEqual(status, health_pb2.HealthCheckResponse.SERVING, label)
@@ -238,18 +189,18 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
 
     @classmethod
     def note_peak(cls) -> None:
-        cls.peak_kb = max(cls.peak_kb, proc_status_kb("VmHWM"))
+        cls.peak_kb = max(cls.peak_kb, status_field("VmHWM"))
 
     @classmethod
     def setUpClass(cls):
         reset_peak_rss()
-        cls.rss_at_start_kb = proc_status_kb("VmRSS")
+        cls.rss_at_start_kb = status_field("VmRSS")
         cls.photo_path = support.data_path(*PHOTO)
         cls.photo_bytes = support.read_bytes(cls.photo_path)
         cls.photo = Image.open(cls.photo_path).convert("RGB")
         cls.photo_bgr = cv2.imread(cls.photo_path, cv2.IMREAD_COLOR)
         cls.good = b64(cls.photo_bytes)
-        cls.running = RunningServer(load_default())
+        cls.running = InProcessServer(load_default())
         cls.stub = cls.running.stub
         detections = cls.stub.Detect(pb.DetectOptions(src=cls.good), timeout=TIMEOUT).Detections
         cls.photo_box = xywh(max(detections, key=lambda d: d.width * d.height))
@@ -262,7 +213,7 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
         cls.note_peak()
         print(f"\n[hardening] battery: peak RSS of the test process (server in process) {cls.peak_kb / 1024:.0f} MB,"
               f" {(cls.peak_kb - cls.rss_at_start_kb) / 1024:+.0f} MB over its RSS before the model load;"
-              f" RSS now {proc_status_kb('VmRSS') / 1024:.0f} MB")
+              f" RSS now {status_field('VmRSS') / 1024:.0f} MB")
 
     def bad_inputs(self) -> dict[str, tuple[str, str]]:
         """{kind: (image string, the ErrorInfo reason it must get)}"""
@@ -329,12 +280,12 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
         self.stub.Health(pb.HealthMessage(), timeout=TIMEOUT)
         self.note_peak()
         resettable = reset_peak_rss()
-        rss_before = proc_status_kb("VmRSS")
+        rss_before = status_field("VmRSS")
         started = time.perf_counter()
         self.assert_status(lambda: self.stub.FaceVerify(request, timeout=TIMEOUT), INVALID, "pixel bomb",
                            names="img1", contains="pixels")
         elapsed = time.perf_counter() - started
-        grown_mb = ((proc_status_kb("VmHWM") if resettable else proc_status_kb("VmRSS")) - rss_before) / 1024
+        grown_mb = ((status_field("VmHWM") if resettable else status_field("VmRSS")) - rss_before) / 1024
         self.assertLess(elapsed, 1.0, f"pixel bomb took {elapsed:.2f} s to refuse")
         self.assertLess(grown_mb, 64, f"RSS rose by {grown_mb:.0f} MB while refusing a pixel bomb")
         self.assert_healthy(self.running)
@@ -566,7 +517,7 @@ class AuthTest(GrpcAssertions, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.good = support.b64_file(support.data_path(*PHOTO))
-        cls.running = RunningServer(load_default(), LOCALAI_GRPC_AUTH_TOKEN=TOKEN)
+        cls.running = InProcessServer(load_default(), token=TOKEN)
 
     @classmethod
     def tearDownClass(cls):
@@ -649,7 +600,7 @@ class IdentityGuardTest(GrpcAssertions, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.good = support.b64_file(support.data_path(*PHOTO))
-        cls.running = RunningServer(load_default(DEFAULT_NAME))
+        cls.running = InProcessServer(load_default(DEFAULT_NAME))
 
     @classmethod
     def tearDownClass(cls):
@@ -696,7 +647,7 @@ class OverloadTest(GrpcAssertions, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.good = support.b64_file(support.data_path(*PHOTO))
-        cls.running = RunningServer(load_default(), PYTHON_GRPC_MAX_WORKERS="1",
+        cls.running = InProcessServer(load_default(), PYTHON_GRPC_MAX_WORKERS="1",
                                     PYTHON_GRPC_MAX_CONCURRENT_RPCS="2")
 
     @classmethod
@@ -775,7 +726,7 @@ class ReloadUnderLoadTest(unittest.TestCase):
             embeddings[kind] = service.embed([good]).vector
         self.assertEqual(len(expected), 2, expected)
 
-        running = RunningServer(load_default())
+        running = InProcessServer(load_default())
         stub = running.stub
         stop = threading.Event()
         problems: list[str] = []
@@ -849,55 +800,27 @@ class ReloadUnderLoadTest(unittest.TestCase):
 class LifecycleTest(unittest.TestCase):
     """`python backend.py --addr ... --preload-default models` as the host starts it."""
 
+    ARGS = ("--preload-default", support.MODELS_DIR)
+    ENV = {"FACE_SHUTDOWN_GRACE_SECONDS": "10"}
+
     @classmethod
     def setUpClass(cls):
         support.model_path("face_detection_yunet_2023mar.onnx")
-        cls.python = os.path.join(support.REPO, ".venv", "bin", "python")
-        if not os.path.exists(cls.python):
-            import sys
-            cls.python = sys.executable
         cls.tmp = tempfile.TemporaryDirectory()
 
     @classmethod
     def tearDownClass(cls):
         cls.tmp.cleanup()
 
-    def env(self, **extra) -> dict[str, str]:
-        env = dict(os.environ)
-        env.pop("LOCALAI_GRPC_AUTH_TOKEN", None)
-        env.update({"FACE_SHUTDOWN_GRACE_SECONDS": "10", "PYTHONUNBUFFERED": "1"}, **extra)
-        return env
+    def assert_serving(self, health: health_pb2_grpc.HealthStub) -> None:
+        self.assertEqual(health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status,
+                         health_pb2.HealthCheckResponse.SERVING)
 
-    def command(self, port: int) -> list[str]:
-        return [self.python, os.path.join(support.REPO, "backend.py"), "--addr", f"127.0.0.1:{port}",
-                "--preload-default", support.MODELS_DIR]
-
-    def wait_serving(self, port: int, alive, log_path: str) -> grpc.Channel:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if not alive():
-                self.fail("backend exited during start-up:\n" + read_log(log_path))
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                self.assertEqual(status, health_pb2.HealthCheckResponse.SERVING)
-                return channel
-            except grpc.RpcError:
-                time.sleep(0.1)
-        self.fail("backend did not become SERVING in 60 s:\n" + read_log(log_path))
-
-    def start(self):
-        port = support.free_port()
-        log_path = os.path.join(self.tmp.name, f"backend-{port}.log")
-        log = open(log_path, "w")
-        process = subprocess.Popen(self.command(port), env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, cwd=support.REPO)
-        log.close()
-        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
-        channel = self.wait_serving(port, lambda: process.poll() is None, log_path)
-        self.addCleanup(channel.close)
-        return process, channel, log_path
+    def start(self) -> BackendProcess:
+        server = BackendProcess(*self.ARGS, env=self.ENV)
+        self.addCleanup(server.close)
+        self.assert_serving(server.health)
+        return server
 
     def slow_request(self):
         """A FaceVerify of two 6000x4500 photos with liveness: about a second of work."""
@@ -907,20 +830,19 @@ class LifecycleTest(unittest.TestCase):
 
     def check_signal_with_request_in_flight(self, sig: int) -> None:
         request = self.slow_request()
-        process, channel, log_path = self.start()
-        stub = backend_pb2_grpc.BackendStub(channel)
+        server = self.start()
         started = time.monotonic()
-        call = stub.FaceVerify.future(request, timeout=TIMEOUT)
+        call = server.stub.FaceVerify.future(request, timeout=TIMEOUT)
         time.sleep(0.15)  # the request (two ~2 MB images over loopback) reaches the server in ms
         self.assertFalse(call.done(), "the request finished before the signal; make it slower")
         signalled = time.monotonic()
-        process.send_signal(sig)
+        server.process.send_signal(sig)
         reply = call.result()  # raises if the stop cut the request off
         finished = time.monotonic()
         self.assertTrue(reply.verified)
         self.assertGreater(finished, signalled, "the request was not in flight when the signal came")
-        self.assertEqual(process.wait(timeout=30), 0, read_log(log_path))
-        self.assertIn("stopping", read_log(log_path))
+        self.assertEqual(server.process.wait(timeout=30), 0, server.output())
+        self.assertIn("stopping", server.output())
         print(f"\n[hardening] {signal.Signals(sig).name}: request in flight finished"
               f" {finished - signalled:.2f} s after the signal ({finished - started:.2f} s in all); exit 0")
 
@@ -932,11 +854,12 @@ class LifecycleTest(unittest.TestCase):
 
     def start_through_a_parent(self, **extra):
         """The backend started by an intermediate shell, as a host would; returns (shell, pid, log)."""
-        port = support.free_port()
+        port = free_port()
+        address = f"127.0.0.1:{port}"
         log_path = os.path.join(self.tmp.name, f"backend-{port}.log")
         script = '"$@" >"$BACKEND_LOG" 2>&1 & echo $!; wait'
-        shell = subprocess.Popen(["sh", "-c", script, "sh", *self.command(port)],
-                                 env=self.env(BACKEND_LOG=log_path, **extra), stdout=subprocess.PIPE,
+        shell = subprocess.Popen(["sh", "-c", script, "sh", *backend_command("--addr", address, *self.ARGS)],
+                                 env=backend_env(BACKEND_LOG=log_path, **self.ENV, **extra), stdout=subprocess.PIPE,
                                  stdin=subprocess.DEVNULL, cwd=support.REPO)
         pid = int(shell.stdout.readline())
         backend_process = psutil.Process(pid)
@@ -944,9 +867,11 @@ class LifecycleTest(unittest.TestCase):
         self.addCleanup(lambda: shell.stdout.close())
         self.addCleanup(self.kill_if_running, backend_process)
         self.assertEqual(backend_process.ppid(), shell.pid)
-        channel = self.wait_serving(port, lambda: running(backend_process), log_path)
-        self.addCleanup(channel.close)
-        return shell, backend_process, channel, log_path
+        wait_for_health(address, lambda: running(backend_process), log_path)
+        backend_channel = open_channel(address)
+        self.addCleanup(backend_channel.close)
+        self.assert_serving(health_pb2_grpc.HealthStub(backend_channel))
+        return shell, backend_process, backend_channel, log_path
 
     @staticmethod
     def kill_if_running(process: psutil.Process) -> None:
@@ -1002,14 +927,6 @@ class ParentWatchTest(unittest.TestCase):
         with mock.patch("os.getppid", side_effect=lambda: next(answers, 1)):
             watch_parent(orphaned.set, 0.02)
             self.assertTrue(orphaned.wait(5), "reparenting to pid 1 went unnoticed")
-
-
-def read_log(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def running(process: psutil.Process) -> bool:
