@@ -33,13 +33,9 @@ exits 1 if a target fails.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -51,7 +47,6 @@ import cv2
 import grpc
 import numpy as np
 import onnxruntime as ort
-import psutil
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -62,10 +57,12 @@ from engines.alignment import align_face  # noqa: E402
 from engines.onnx_direct import YUNET_SCORE_THRESHOLD  # noqa: E402
 from engines.recognition import recognizer_profile  # noqa: E402
 from face_service import DEFAULT_MODEL_OPTIONS  # noqa: E402
-from tests.support import DATA, GROUP_PHOTO, IDENTITY_DIR, MODELS_DIR  # noqa: E402
+from harness.images import b64, read_bytes  # noqa: E402
+from harness.paths import DATA, GROUP_PHOTO, IDENTITY_DIR, MODELS_DIR  # noqa: E402
+from harness.procfs import RssSampler, reset_peak_rss, status_field  # noqa: E402
+from harness.servers import BackendProcess, backend_command, open_channel  # noqa: E402
 
 RESULTS = os.path.join(REPO, "bench", "results")
-MAX_MESSAGE = 50 * 1024 * 1024
 
 # Targets of issue 6.
 TARGET_VERIFY_RATIO = 1.25  # gRPC FaceVerify median <= 1.25 x the in-process script's median
@@ -130,75 +127,25 @@ def alternate(sides: dict[str, Callable[[int], object]], blocks: int, per_block:
 
 
 # -- the server -----------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_server(log_path: str, env: dict[str, str], script: str) -> BackendProcess:
+    """`script` (backend.py or a variant) as a subprocess; it stops within 1 s of SIGTERM unless
+    FACE_SHUTDOWN_GRACE_SECONDS says otherwise."""
+    grace = {"FACE_SHUTDOWN_GRACE_SECONDS": os.environ.get("FACE_SHUTDOWN_GRACE_SECONDS", "1")}
+    return BackendProcess(command=backend_command(script=script), env={**grace, **env}, log_path=log_path)
 
 
-class Server:
-    """backend.py as a subprocess on a free local port, and a stub to talk to it."""
+def new_stub(server: BackendProcess) -> backend_pb2_grpc.BackendStub:
+    """A stub on a channel (a connection) of its own."""
+    return backend_pb2_grpc.BackendStub(open_channel(server.address))
 
-    def __init__(self, log_path: str, env: dict[str, str], script: str):
-        self.address = f"127.0.0.1:{free_port()}"
-        self.log = open(log_path, "w")
-        full_env = dict(os.environ)
-        full_env.setdefault("FACE_SHUTDOWN_GRACE_SECONDS", "1")
-        full_env.update(env)
-        self.process = subprocess.Popen([sys.executable, script, "--addr", self.address],
-                                        cwd=REPO, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.stub = self.new_stub()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.stub.Health(backend_pb2.HealthMessage(), timeout=2)
-                break
-            except grpc.RpcError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"backend did not start; see {log_path}")
-                time.sleep(0.1)
 
-    def new_stub(self) -> backend_pb2_grpc.BackendStub:
-        channel = grpc.insecure_channel(self.address, options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)])
-        return backend_pb2_grpc.BackendStub(channel)
-
-    def load(self, model: str, options, threads: int) -> float:
-        request = backend_pb2.ModelOptions(Model=model, ModelPath=MODELS_DIR, Options=list(options), Threads=threads)
-        seconds, result = timed(lambda: self.stub.LoadModel(request, timeout=120))
-        if not result.success:
-            raise RuntimeError(f"LoadModel {model}: {result.message}")
-        return seconds
-
-    def status_field(self, key: str) -> Optional[int]:
-        """A kB field of /proc/<pid>/status (VmHWM, VmRSS) or a count (Threads)."""
-        try:
-            with open(f"/proc/{self.process.pid}/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1])
-        except OSError:
-            return None
-        return None
-
-    def reset_peak_rss(self) -> bool:
-        """Reset VmHWM to the current RSS (Linux: `echo 5 > /proc/<pid>/clear_refs`)."""
-        try:
-            with open(f"/proc/{self.process.pid}/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+def load_model(server: BackendProcess, model: str, options, threads: int) -> float:
+    """Seconds LoadModel took."""
+    request = backend_pb2.ModelOptions(Model=model, ModelPath=MODELS_DIR, Options=list(options), Threads=threads)
+    seconds, result = timed(lambda: server.stub.LoadModel(request, timeout=120))
+    if not result.success:
+        raise RuntimeError(f"LoadModel {model}: {result.message}")
+    return seconds
 
 
 # -- the in-process scripts -----------------------------------------------------------------
@@ -290,20 +237,13 @@ class Inputs:
 
     @staticmethod
     def read() -> "Inputs":
-        def read(path):
-            with open(path, "rb") as f:
-                return f.read()
         images = os.path.join(IDENTITY_DIR, "images")
-        pairs = [(read(os.path.join(images, a)), read(os.path.join(images, b))) for a, b in VERIFY_PAIRS]
-        return Inputs(pairs=pairs, one_face=read(os.path.join(images, ONE_FACE)), group=read(GROUP_PHOTO))
+        pairs = [(read_bytes(os.path.join(images, a)), read_bytes(os.path.join(images, b))) for a, b in VERIFY_PAIRS]
+        return Inputs(pairs=pairs, one_face=read_bytes(os.path.join(images, ONE_FACE)), group=read_bytes(GROUP_PHOTO))
 
 
 def inputs_names() -> list[str]:
     return [f"{a} | {b}" for a, b in VERIFY_PAIRS]
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 @dataclass
@@ -317,11 +257,11 @@ class SetReport:
 def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetReport:
     spec = SETS[name]
     os.makedirs(RESULTS, exist_ok=True)
-    server = Server(os.path.join(RESULTS, f"server-{name}.log"), server_env, args.backend)
+    server = start_server(os.path.join(RESULTS, f"server-{name}.log"), server_env, args.backend)
     try:
         report = SetReport(name, "")
         # LoadModel: the first call (pays lazy imports), then the median of several more.
-        loads = [server.load(spec["model"], spec["options"], args.threads)
+        loads = [load_model(server, spec["model"], spec["options"], args.threads)
                  for _ in range(1 + (args.load_repeats if name == "default" else 0))]
         report.values["load_first_s"] = round(loads[0], 3)
         if len(loads) > 1:
@@ -468,17 +408,17 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
         for key, label in (("cores_worth", "FaceVerify (in-process, between load windows)"),
                            ("cores_worth_vs_no_spinning", "FaceVerify (in-process, no spinning, between)")):
             report.values[key] = round(report.values["verify_per_s"] * report.timings[label]["median_ms"] / 1000, 3)
-        report.values["server_threads"] = server.status_field("Threads")
+        report.values["server_threads"] = status_field("Threads", server.pid)
 
         if name == "default":
             report.values.update(flip_cost(inputs, args.threads))
             report.values.update(head_costs(inputs, args.threads))
         return report
     finally:
-        server.stop()
+        server.close()
 
 
-def concurrent_load(server: Server, requests, clients: int, seconds: float, windows: int,
+def concurrent_load(server: BackendProcess, requests, clients: int, seconds: float, windows: int,
                     script_block: Callable[[], dict[str, list[float]]]) -> dict:
     """`clients` threads calling FaceVerify back to back, in `windows` windows of seconds/windows
     each, with a block of the in-process script between windows (so drift hits both alike).
@@ -487,11 +427,11 @@ def concurrent_load(server: Server, requests, clients: int, seconds: float, wind
     finished (the drain at the end of a window runs below full concurrency, so this is slightly
     conservative). Peak RSS: VmHWM reset before the first window, plus VmRSS polled every 50 ms.
     """
-    stubs = [server.new_stub() for _ in range(clients)]
-    reset = server.reset_peak_rss()
-    rss_base_kb = server.status_field("VmRSS") or 0
-    peak_polled_kb = rss_base_kb
-    process = psutil.Process(server.process.pid)
+    stubs = [new_stub(server) for _ in range(clients)]
+    reset = reset_peak_rss(server.pid)
+    rss_base_kb = status_field("VmRSS", server.pid)
+    sampler = RssSampler(server.pid, 0.05)
+    sampler.start()
     latencies: list[float] = []
     script_times: dict[str, list[float]] = {}
     errors: list[str] = []
@@ -519,19 +459,16 @@ def concurrent_load(server: Server, requests, clients: int, seconds: float, wind
         threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
         for t in threads:
             t.start()
-        while any(t.is_alive() for t in threads):
-            try:
-                peak_polled_kb = max(peak_polled_kb, process.memory_info().rss // 1024)
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
+        for t in threads:
+            t.join()
         busy_seconds += time.perf_counter() - start
         completed += len(window_latencies)
         latencies += window_latencies
         for which, values in script_block().items():
             script_times.setdefault(which, []).extend(values)
-    hwm_kb = server.status_field("VmHWM") or 0
-    peak_kb = max(hwm_kb if reset else 0, peak_polled_kb)
+    sampler.finish()
+    hwm_kb = status_field("VmHWM", server.pid)
+    peak_kb = max(hwm_kb if reset else 0, rss_base_kb, sampler.peak_kb())
     return {
         "clients": clients, "load_seconds": round(busy_seconds, 2), "verifies": completed,
         "errors": errors[:5], "error_count": len(errors),

@@ -14,10 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engines import build_engine, parse_load_request  # noqa: E402
 from face_eval import calibration_faces, heldout_faces, pair_stats  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = os.path.join(REPO, "models")
-DATA = os.environ.get("FACE_SHARED_DIR", os.path.join(os.path.dirname(REPO), "shared")) + "/data"
+from harness.paths import DATA, MODELS_DIR  # noqa: E402
 
 SETUPS = {
     "w600k_mbf via SCRFD-500M (buffalo_sc)": ["engine:insightface", "model_pack:buffalo_sc"],
@@ -31,7 +28,7 @@ SETUPS = {
 def main() -> None:
     report = {}
     for label, options in SETUPS.items():
-        engine = build_engine(parse_load_request("calibration", MODELS, 0, options))
+        engine = build_engine(parse_load_request("calibration", MODELS_DIR, 0, options))
         calibration = calibration_faces(engine, DATA)
         heldout = heldout_faces(engine, DATA)
         threshold = engine.default_threshold

@@ -25,7 +25,7 @@ sys.path.insert(0, REPO)
 from antispoof import LIVENESS_FILES, LivenessEnsemble, crop_for_liveness  # noqa: E402
 from engines.base import FaceDetection  # noqa: E402
 from engines.runtime import create_session  # noqa: E402
-from tests.support import MODELS_DIR, SPOOF_DIR  # noqa: E402
+from harness.paths import MODELS_DIR, SPOOF_DIR  # noqa: E402
 
 # Upstream detector boxes (x, y, w, h) from shared/data/silent-face-samples/SOURCE.md.
 SAMPLE_BOXES = {

@@ -26,62 +26,34 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
-import io
 import json
 import os
 import random
-import signal
-import statistics
-import struct
-import subprocess
 import sys
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
+from grpc_health.v1 import health_pb2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import backend_pb2 as pb  # noqa: E402
 import backend_pb2_grpc  # noqa: E402
-from tests.support import DATA, MODELS_DIR, free_port  # noqa: E402
+from harness.images import b64, b64_file, b64_image, faceless_image, png_pixel_bomb  # noqa: E402
+from harness.paths import DATA, MODELS_DIR  # noqa: E402
+from harness.procfs import RssSampler, status_field  # noqa: E402
+from harness.servers import BackendProcess  # noqa: E402
 
 RESULTS = os.path.join(REPO, "bench", "results", "soak.json")
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 CALL_TIMEOUT = 30.0
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", 50 * 1024 * 1024),
-                   ("grpc.max_receive_message_length", 50 * 1024 * 1024)]
-
-
-def b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
-
-
-def png_pixel_bomb(width: int = 40000, height: int = 40000) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    rows = zlib.compress(b"\x00" * (1 + 3 * width) * 16, 9)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
-
-
-def faceless_jpeg() -> bytes:
-    image = np.zeros((480, 640, 3), np.uint8)
-    image[..., 0] = np.linspace(0, 255, 640, dtype=np.uint8)[None, :]
-    image[..., 1] = 128
-    image[..., 2] = np.linspace(255, 0, 480, dtype=np.uint8)[:, None]
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "JPEG")
-    return buffer.getvalue()
 
 
 def labelled_photos() -> list[tuple[str, str]]:
@@ -89,11 +61,7 @@ def labelled_photos() -> list[tuple[str, str]]:
     folder = os.path.join(DATA, "face-recognition-examples")
     with open(os.path.join(folder, "labels.csv"), newline="") as f:
         rows = [r for r in csv.DictReader(f) if ";" not in r["identity"]]
-    photos = []
-    for row in rows:
-        with open(os.path.join(folder, "images", row["file"]), "rb") as f:
-            photos.append((b64(f.read()), row["identity"]))
-    return photos
+    return [(b64_file(os.path.join(folder, "images", row["file"])), row["identity"]) for row in rows]
 
 
 # -- the traffic ---------------------------------------------------------------------------------
@@ -114,7 +82,7 @@ def operations(photos: list[tuple[str, str]]) -> list[Operation]:
     jpeg = base64.b64decode(photos[0][0])
     truncated = b64(jpeg[: len(jpeg) // 2])
     bomb = b64(png_pixel_bomb())
-    faceless = b64(faceless_jpeg())
+    faceless = b64_image(faceless_image())
 
     def pair(rng: random.Random) -> tuple[str, str, bool]:
         if rng.random() < 0.5:
@@ -225,60 +193,6 @@ class Client(threading.Thread):
                         self.errors.append(f"{op.name}: {problem}")
 
 
-# -- the server and its memory -------------------------------------------------------------------
-def proc_status_kb(pid: int, field_name: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise KeyError(field_name)
-
-
-class MemorySampler(threading.Thread):
-    def __init__(self, pid: int, interval: float = 0.25):
-        super().__init__(name="memory-sampler", daemon=True)
-        self.pid, self.interval = pid, interval
-        self.samples: list[tuple[float, float]] = []  # (monotonic time, RSS MB)
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self.samples.append((time.monotonic(), proc_status_kb(self.pid, "VmRSS") / 1024))
-            except (OSError, KeyError):
-                return
-            self.stop.wait(self.interval)
-
-    def median_between(self, start: float, end: float) -> float:
-        values = [rss for t, rss in self.samples if start <= t <= end]
-        return statistics.median(values) if values else float("nan")
-
-
-def start_backend(python: str, models: str, port: int, log_path: str) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.pop("LOCALAI_GRPC_AUTH_TOKEN", None)
-    with open(log_path, "w") as log:
-        return subprocess.Popen([python, os.path.join(REPO, "backend.py"), "--addr", f"127.0.0.1:{port}",
-                                 "--preload-default", models], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_serving(channel: grpc.Channel, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"backend exited during start-up with code {process.returncode}")
-        try:
-            if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                    health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"backend not SERVING after {timeout:.0f} s")
-
-
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -297,16 +211,18 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     photos = labelled_photos()
     ops = operations(photos)
-    port = free_port()
     log_path = os.path.join(os.path.dirname(args.out), "soak-backend.log")
-    python = os.path.join(REPO, ".venv", "bin", "python")
-    process = start_backend(python if os.path.exists(python) else sys.executable, args.models, port, log_path)
-    sampler = MemorySampler(process.pid)
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
-        wait_serving(channel, process)
-        stub = backend_pb2_grpc.BackendStub(channel)
-        rss_start = proc_status_kb(process.pid, "VmRSS") / 1024
+        server = BackendProcess("--preload-default", args.models, log_path=log_path)
+    except RuntimeError as error:
+        raise SystemExit(str(error))
+    sampler = RssSampler(server.pid, 0.25)
+    try:
+        if server.health.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT).status != \
+                health_pb2.HealthCheckResponse.SERVING:
+            raise SystemExit("backend answers Health but is not SERVING after --preload-default")
+        stub = server.stub
+        rss_start = status_field("VmRSS", server.pid) / 1024
         sampler.start()
 
         tallies = {op.name: Tally() for op in ops}
@@ -316,8 +232,8 @@ def main(argv=None) -> int:
         stop_at = started + args.duration
         clients = [Client(i, stub, ops, stop_at, args.max_requests, tallies, errors, lock)
                    for i in range(args.threads)]
-        print(f"soak: {args.threads} clients for {args.duration:.0f} s against backend pid {process.pid}"
-              f" on 127.0.0.1:{port}", flush=True)
+        print(f"soak: {args.threads} clients for {args.duration:.0f} s against backend pid {server.pid}"
+              f" on {server.address}", flush=True)
         for client in clients:
             client.start()
         for client in clients:
@@ -332,24 +248,17 @@ def main(argv=None) -> int:
         except grpc.RpcError as error:
             healthy = False
             errors.append(f"Health after the soak: {error.code().name}")
-        sampler.stop.set()
-        sampler.join()
-        peak_rss = proc_status_kb(process.pid, "VmHWM") / 1024
-        rss_end = proc_status_kb(process.pid, "VmRSS") / 1024
+        sampler.finish()
+        peak_rss = status_field("VmHWM", server.pid) / 1024
+        rss_end = status_field("VmRSS", server.pid) / 1024
         middle = started + (ended - started) / 2
-        rss_middle = sampler.median_between(middle - 1.5, middle + 1.5)
-        rss_last = sampler.median_between(ended - 3.0, ended)
+        rss_middle = sampler.median_kb_between(middle - 1.5, middle + 1.5) / 1024
+        rss_last = sampler.median_kb_between(ended - 3.0, ended) / 1024
         growth = rss_last - rss_middle
-        channel.close()
     finally:
         sampler.stop.set()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            exit_code = process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            exit_code = process.wait()
+        server.channel.close()
+        exit_code = server.stop(timeout=30)
 
     elapsed = ended - started
     served = sum(t.count for t in tallies.values())
@@ -373,7 +282,7 @@ def main(argv=None) -> int:
         "rss_middle_mb": round(rss_middle, 1), "rss_last_mb": round(rss_last, 1),
         "rss_growth_second_half_mb": round(growth, 1), "max_growth_mb": args.max_growth_mb,
         "healthy_after": healthy, "exit_code_on_sigterm": exit_code, "per_operation": per_op,
-        "rss_samples_mb": [(round(t - started, 2), round(rss, 1)) for t, rss in sampler.samples],
+        "rss_samples_mb": [(round(t - started, 2), round(kb / 1024, 1)) for t, kb in sampler.samples],
         "passed": not failures, "failures": failures,
     }
     with open(args.out, "w") as f:
