@@ -202,6 +202,9 @@ class HostConfigurationTest(GrpcAssertions, unittest.TestCase):
 
 
 class RunScriptTest(unittest.TestCase):
+    """run.sh, the host's entry point, started without a model: LoadModel and FaceVerify over the
+    wire (SIGTERM with a request in flight is test_hardening's LifecycleTest)."""
+
     def test_run_sh_starts_the_server_from_another_directory(self):
         with tempfile.TemporaryDirectory() as elsewhere, \
                 BackendProcess(command=[os.path.join(support.REPO, "run.sh")], cwd=elsewhere) as server:
@@ -209,6 +212,9 @@ class RunScriptTest(unittest.TestCase):
                 Model="m", ModelPath=support.MODELS_DIR,
                 Options=["engine:insightface", "model_pack:buffalo_sc"]), timeout=CALL_TIMEOUT)
             self.assertTrue(result.success, result.message)
+            response = server.stub.FaceVerify(backend_pb2.FaceVerifyRequest(
+                img1=photo(SAME[0]), img2=photo(SAME[1])), timeout=CALL_TIMEOUT)
+            self.assertTrue(response.verified)
 
 
 def photo(name: str) -> str:
