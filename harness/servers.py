@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, MutableMapping, Optional, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -51,23 +51,23 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def _set_or_remove(env: MutableMapping[str, str], values: Mapping[str, Optional[str]]) -> None:
+    for key, value in values.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+
+
 @contextlib.contextmanager
 def environment(**values: Optional[str]) -> Iterator[None]:
     """Set (str) or unset (None) environment variables for the block, then restore them."""
     saved = {key: os.environ.get(key) for key in values}
     try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _set_or_remove(os.environ, values)
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _set_or_remove(os.environ, saved)
 
 
 class _Connected:
@@ -122,11 +122,7 @@ def backend_env(token: str = "", **extra: Optional[str]) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     if token:
         env[TOKEN_ENV] = token
-    for key, value in extra.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
+    _set_or_remove(env, extra)
     return env
 
 
