@@ -13,7 +13,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, MutableMapping, Optional, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -51,7 +52,7 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def _set_or_remove(env: MutableMapping[str, str], values: Mapping[str, Optional[str]]) -> None:
+def _set_or_remove(env: MutableMapping[str, str], values: Mapping[str, str | None]) -> None:
     for key, value in values.items():
         if value is None:
             env.pop(key, None)
@@ -60,7 +61,7 @@ def _set_or_remove(env: MutableMapping[str, str], values: Mapping[str, Optional[
 
 
 @contextlib.contextmanager
-def environment(**values: Optional[str]) -> Iterator[None]:
+def environment(**values: str | None) -> Iterator[None]:
     """Set (str) or unset (None) environment variables for the block, then restore them."""
     saved = {key: os.environ.get(key) for key in values}
     try:
@@ -95,7 +96,7 @@ class InProcessServer(_Connected):
     both stubs. `token` becomes the server's bearer token; `env` holds other environment variables
     create_server reads (PYTHON_GRPC_MAX_WORKERS, ...), set only while it runs."""
 
-    def __init__(self, service: Optional[FaceService] = None, token: str = "", **env: Optional[str]):
+    def __init__(self, service: FaceService | None = None, token: str = "", **env: str | None):
         import backend
         from face_service import FaceService
         self.service = FaceService() if service is None else service
@@ -115,7 +116,7 @@ def backend_command(*args: str, script: str = BACKEND) -> list[str]:
     return [PYTHON, script, *args]
 
 
-def backend_env(token: str = "", **extra: Optional[str]) -> dict[str, str]:
+def backend_env(token: str = "", **extra: str | None) -> dict[str, str]:
     """This process's environment for a backend subprocess: its own token only (none by default),
     unbuffered output so its log is complete when read, `extra` set (str) or removed (None)."""
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
@@ -134,7 +135,7 @@ def read_log(path: str) -> str:
         return ""
 
 
-def wait_for_health(address: str, alive: Callable[[], bool], log_path: Optional[str] = None,
+def wait_for_health(address: str, alive: Callable[[], bool], log_path: str | None = None,
                     token: str = "", timeout: float = START_SECONDS) -> None:
     """Return once the backend at `address` answers Health; RuntimeError with the end of its log
     if `alive()` turns false first or `timeout` seconds pass."""
@@ -163,13 +164,13 @@ class BackendProcess(_Connected):
 
     `command` replaces `python backend.py` (run.sh, a variant script); `env` is added to (None
     removes from) backend_env(token). stdout and stderr go to `log_path`, else to a temporary file
-    removed by close(); output() reads it. stop() sends SIGTERM (or `sig`) and kills after
-    `timeout` s; close() stops, closes the channel and returns the exit code.
+    removed by close(); output() reads it. stop() sends SIGTERM (or `sig`), kills after `timeout`
+    s and returns the exit code; close() closes the channel and stops.
     """
 
-    def __init__(self, *args: str, command: Optional[Sequence[str]] = None,
-                 env: Optional[dict[str, Optional[str]]] = None, cwd: str = REPO, token: str = "",
-                 log_path: Optional[str] = None, timeout: float = START_SECONDS):
+    def __init__(self, *args: str, command: Sequence[str] | None = None,
+                 env: dict[str, str | None] | None = None, cwd: str = REPO, token: str = "",
+                 log_path: str | None = None, timeout: float = START_SECONDS):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.command = [*(command or backend_command()), "--addr", self.address, *args]
@@ -207,11 +208,10 @@ class BackendProcess(_Connected):
                 self.process.wait()
         return self.process.returncode
 
-    def close(self) -> int:
+    def close(self) -> None:
         super().close()
-        code = self.stop()
+        self.stop()
         self._remove_log()
-        return code
 
     def _remove_log(self) -> None:
         if self._temporary_log:
