@@ -1,8 +1,8 @@
 """The backend for tests and benchmarks: in this process, or as the host runs it, a subprocess.
 
 Both give a channel sized like the server's message limit and the two stubs the wire contract
-has (backend.Backend and grpc.health.v1.Health); neither inherits LOCALAI_GRPC_AUTH_TOKEN from
-the calling environment: a token is always passed explicitly.
+has (backend.Backend and grpc.health.v1.Health); neither takes LOCALAI_GRPC_AUTH_TOKEN from the
+calling environment: a token is always passed explicitly.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -52,25 +52,6 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def _set_or_remove(env: MutableMapping[str, str], values: Mapping[str, str | None]) -> None:
-    for key, value in values.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-
-
-@contextlib.contextmanager
-def environment(**values: str | None) -> Iterator[None]:
-    """Set (str) or unset (None) environment variables for the block, then restore them."""
-    saved = {key: os.environ.get(key) for key in values}
-    try:
-        _set_or_remove(os.environ, values)
-        yield
-    finally:
-        _set_or_remove(os.environ, saved)
-
-
 class _Connected:
     """A channel to `address` with both stubs; closed by close()."""
 
@@ -92,16 +73,18 @@ class _Connected:
 
 
 class InProcessServer(_Connected):
-    """backend.create_server(service, "127.0.0.1:0") started in this process, with a channel and
-    both stubs. `token` becomes the server's bearer token; `env` holds other environment variables
-    create_server reads (PYTHON_GRPC_MAX_WORKERS, ...), set only while it runs."""
+    """backend.create_server(service, "127.0.0.1:0", settings) started in this process, with a
+    channel and both stubs. The settings are those of an environment holding `token` as the
+    bearer token and `env` (PYTHON_GRPC_MAX_WORKERS="1", ...) and nothing else: this process's
+    own environment plays no part."""
 
-    def __init__(self, service: FaceService | None = None, token: str = "", **env: str | None):
+    def __init__(self, service: FaceService | None = None, token: str = "", **env: str):
         import backend
+        from core.settings import Settings
         from face_service import FaceService
         self.service = FaceService() if service is None else service
-        with environment(**{TOKEN_ENV: token or None}, **env):
-            self.server, self.port = backend.create_server(self.service, "127.0.0.1:0")
+        settings = Settings.from_environ({TOKEN_ENV: token, **env})
+        self.server, self.port = backend.create_server(self.service, "127.0.0.1:0", settings)
         self.server.start()
         self.address = f"127.0.0.1:{self.port}"
         self._connect()
@@ -123,7 +106,11 @@ def backend_env(token: str = "", **extra: str | None) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     if token:
         env[TOKEN_ENV] = token
-    _set_or_remove(env, extra)
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return env
 
 
