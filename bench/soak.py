@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import csv
 import json
 import os
 import random
@@ -44,8 +43,9 @@ sys.path.insert(0, REPO)
 
 import backend_pb2 as pb  # noqa: E402
 import backend_pb2_grpc  # noqa: E402
+from evaluation import read_labels  # noqa: E402
 from harness.images import b64, b64_file, b64_image, faceless_image, png_pixel_bomb  # noqa: E402
-from harness.paths import DATA, MODELS_DIR  # noqa: E402
+from harness.paths import IDENTITY_DIR, MODELS_DIR  # noqa: E402
 from harness.procfs import RssSampler, status_field  # noqa: E402
 from harness.servers import BackendProcess  # noqa: E402
 
@@ -58,10 +58,8 @@ CALL_TIMEOUT = 30.0
 
 def labelled_photos() -> list[tuple[str, str]]:
     """(base64, identity) of the single-face photos of face-recognition-examples."""
-    folder = os.path.join(DATA, "face-recognition-examples")
-    with open(os.path.join(folder, "labels.csv"), newline="") as f:
-        rows = [r for r in csv.DictReader(f) if ";" not in r["identity"]]
-    return [(b64_file(os.path.join(folder, "images", row["file"])), row["identity"]) for row in rows]
+    images, _ = read_labels(os.path.join(IDENTITY_DIR, "labels.csv"), "identity")
+    return [(b64_file(image.path), image.label) for image in images]
 
 
 # -- the traffic ---------------------------------------------------------------------------------
