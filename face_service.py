@@ -20,8 +20,7 @@ import numpy as np
 import psutil
 
 import catalog
-from antispoof import DEFAULT_THRESHOLD as LIVENESS_DEFAULT_THRESHOLD
-from antispoof import LIVENESS_FILES, LIVENESS_OPTIONS, LivenessEnsemble, LivenessResult
+from antispoof import LIVENESS_MISSING, LivenessEnsemble, LivenessResult, build_liveness
 from core.concurrency import A, B, run_side_by_side, usable_cpus
 from core.errors import IdentityMismatchError, InvalidInputError, NoFaceError, PreconditionError
 from engines import HOST_ACTIONS, FaceAttributes, FaceDetection, FaceEngine, LoadRequest, build_engine
@@ -42,10 +41,6 @@ def _always_continue(stage: str) -> None:
 # 0.25 below it and about 5 at 0.25 above it.
 CONFIDENCE_SLOPE = 12.0
 
-LIVENESS_MISSING = (
-    "anti_spoofing was requested but the loaded model has no liveness weights: load it with "
-    f"{LIVENESS_OPTIONS[0]}:{LIVENESS_FILES[0]} and/or {LIVENESS_OPTIONS[1]}:{LIVENESS_FILES[1]} "
-    "(install the files into models/ with `make models`)")
 
 
 @dataclass(eq=False)
@@ -180,16 +175,6 @@ def verification_confidence(distance: float, threshold: float) -> float:
 def best_face(faces: Sequence[FaceDetection]) -> FaceDetection:
     """The face a verification is about: the largest, ties broken by detector score."""
     return max(faces, key=lambda f: (f.area, f.score))
-
-
-def build_liveness(request: LoadRequest) -> Optional[LivenessEnsemble]:
-    v2_path = request.file(LIVENESS_OPTIONS[0])
-    v1se_path = request.file(LIVENESS_OPTIONS[1])
-    threshold = request.float_in_range("antispoof_threshold", 0.0, 1.0, LIVENESS_DEFAULT_THRESHOLD)
-    if not v2_path and not v1se_path:
-        return None
-    return LivenessEnsemble(v2_path=v2_path, v1se_path=v1se_path, threshold=threshold,
-                            threads=request.threads or None)
 
 
 class FaceService:

@@ -3,6 +3,7 @@ from .minifasnet import (
     DEFAULT_THRESHOLD,
     INPUT_SIZE,
     LIVENESS_FILES,
+    LIVENESS_MISSING,
     LIVENESS_OPTIONS,
     REAL_CLASS,
     V1SE_CROP_SCALE,
@@ -10,6 +11,7 @@ from .minifasnet import (
     LivenessEnsemble,
     LivenessResult,
     MiniFASNet,
+    build_liveness,
     crop_for_liveness,
     crop_window,
 )
@@ -18,6 +20,7 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "INPUT_SIZE",
     "LIVENESS_FILES",
+    "LIVENESS_MISSING",
     "LIVENESS_OPTIONS",
     "REAL_CLASS",
     "V1SE_CROP_SCALE",
@@ -25,6 +28,7 @@ __all__ = [
     "LivenessEnsemble",
     "LivenessResult",
     "MiniFASNet",
+    "build_liveness",
     "crop_for_liveness",
     "crop_window",
 ]

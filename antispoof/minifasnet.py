@@ -20,6 +20,7 @@ from catalog import ROLE_ANTISPOOF, CatalogError, ModelFile
 from core.concurrency import run_side_by_side, usable_cpus
 from core.errors import ModelFileError
 from engines.base import FaceDetection
+from engines.options import LoadRequest
 from engines.runtime import check_batch_dimension, create_session, run_batched
 
 # Upstream model files are named "<scale>_<h>x<w>_<arch>.pth": 2.7_80x80_MiniFASNetV2 and
@@ -48,6 +49,12 @@ LIVENESS_OPTIONS = tuple(entry.load_key for entry in LIVENESS_ENTRIES)
 LIVENESS_FILES = tuple(entry.name for entry in LIVENESS_ENTRIES)
 V2_CROP_SCALE, V1SE_CROP_SCALE = (_crop_scale(entry) for entry in LIVENESS_ENTRIES)
 DEFAULT_THRESHOLD = catalog.default().shared_threshold(ROLE_ANTISPOOF)
+
+# FAILED_PRECONDITION's message when anti_spoofing is asked of a model loaded without these.
+LIVENESS_MISSING = (
+    "anti_spoofing was requested but the loaded model has no liveness weights: load it with "
+    + " and/or ".join(f"{option}:{name}" for option, name in zip(LIVENESS_OPTIONS, LIVENESS_FILES))
+    + " (install the files into models/ with `make models`)")
 
 BoxXYWH = tuple[float, float, float, float]
 
@@ -200,3 +207,14 @@ class LivenessEnsemble:
             self._helper.shutdown(wait=True)
         for model in self.models:
             model.close()
+
+
+def build_liveness(request: LoadRequest) -> Optional[LivenessEnsemble]:
+    """The liveness models a LoadModel request names, or None when it names none: the one place
+    that turns liveness options into models, so a new liveness engine changes this package only."""
+    v2_path, v1se_path = (request.file(option) for option in LIVENESS_OPTIONS)
+    threshold = request.float_in_range("antispoof_threshold", 0.0, 1.0, DEFAULT_THRESHOLD)
+    if not v2_path and not v1se_path:
+        return None
+    return LivenessEnsemble(v2_path=v2_path, v1se_path=v1se_path, threshold=threshold,
+                            threads=request.threads or None)

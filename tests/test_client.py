@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import unittest
@@ -20,63 +19,21 @@ import numpy as np
 
 import catalog
 import client
+from harness.paths import PYTHON
+from harness.servers import BackendProcess, backend_env
 from tests import support
 
 REPO = support.REPO
-PYTHON = os.path.join(REPO, ".venv", "bin", "python")
-if not os.path.exists(PYTHON):  # a checkout whose interpreter lives elsewhere
-    PYTHON = sys.executable
 CLIENT = os.path.join(REPO, "client.py")
 DEFAULT_FILES = tuple(f.name for f in catalog.default().expand(["default"]))
 # The default set's recognizer threshold, FaceVerify's when the request sets none.
 DEFAULT_THRESHOLD = next(f.threshold for f in catalog.default().expand(["default"])
                          if f.role == catalog.ROLE_RECOGNIZER)
-SERVER_START_SECONDS = 60
 
 
 def clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != client.TOKEN_ENV}
-    env.update(extra)
-    return env
-
-
-def start_server(port: int, env: dict, preload: bool) -> subprocess.Popen:
-    command = [PYTHON, os.path.join(REPO, "backend.py"), "--addr", f"127.0.0.1:{port}"]
-    if preload:
-        command += ["--preload-default", support.MODELS_DIR]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def wait_for_health(server: subprocess.Popen, port: int, token: str = "") -> None:
-    import grpc
-    import backend_pb2
-    import backend_pb2_grpc
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    deadline = time.monotonic() + SERVER_START_SECONDS
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = backend_pb2_grpc.BackendStub(channel)
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise AssertionError(f"backend.py exited with {server.returncode}: "
-                                     f"{server.stderr.read().decode(errors='replace')[-2000:]}")
-            try:
-                stub.Health(backend_pb2.HealthMessage(), timeout=1, metadata=metadata)
-                return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise AssertionError(f"backend.py on port {port} not healthy within {SERVER_START_SECONDS} s")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    if server.poll() is None:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    server.stderr.close()
+    """The client's environment: no token unless one is given (as for the server)."""
+    return backend_env(**extra)
 
 
 def png_size(path: str) -> tuple[int, int]:
@@ -103,19 +60,16 @@ class ClientAgainstServerTest(unittest.TestCase):
         cls.spoof_f2 = support.data_path("silent-face-samples", "image_F2.jpg")
         cls.group = support.data_path("insightface-wheel-images", "t1.jpg")
         cls.tmp = tempfile.mkdtemp(prefix="test_client_")
-        cls.port = support.free_port()
-        cls.addr = f"127.0.0.1:{cls.port}"
-        cls.server = start_server(cls.port, clean_env(), preload=True)
         try:
-            wait_for_health(cls.server, cls.port)
+            cls.server = BackendProcess("--preload-default", support.MODELS_DIR)
         except BaseException:
-            stop_server(cls.server)
             shutil.rmtree(cls.tmp, ignore_errors=True)
             raise
+        cls.addr = cls.server.address
 
     @classmethod
     def tearDownClass(cls):
-        stop_server(cls.server)
+        cls.server.close()
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -360,11 +314,9 @@ class ClientAgainstServerTest(unittest.TestCase):
         self.assertEqual(line, "error: FaceVerify: NOT_FOUND: no face found in img2")
 
     def test_wrong_token_is_unauthenticated(self):
-        port = support.free_port()
-        server = start_server(port, clean_env(**{client.TOKEN_ENV: "s3cret"}), preload=False)
+        server = BackendProcess(token="s3cret")
         try:
-            wait_for_health(server, port, token="s3cret")
-            addr = f"127.0.0.1:{port}"
+            addr = server.address
             line = self.fails(client.EXIT_REFUSED, "--token", "wrong", "status", addr=addr)
             self.assertIn("UNAUTHENTICATED", line)
             self.assertIn("UNAUTHENTICATED", self.fails(client.EXIT_REFUSED, "status", addr=addr))
@@ -373,7 +325,7 @@ class ClientAgainstServerTest(unittest.TestCase):
             self.assertEqual(status["state"], "UNINITIALIZED")
             self.assertEqual(self.ok("--token", "s3cret", "status", addr=addr)["state"], "UNINITIALIZED")
         finally:
-            stop_server(server)
+            server.close()
 
 
 class ClientOfflineTest(unittest.TestCase):
