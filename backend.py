@@ -7,6 +7,7 @@ why (the error's reason) and which request field was at fault. The environment i
 main (core.settings); the process's own concerns (malloc, signals, parent watch, worker sizing)
 are core.process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,6 @@ import hmac
 import logging
 import sys
 from concurrent import futures
-from typing import Optional
 
 import cv2
 import grpc
@@ -27,8 +27,17 @@ from grpc_status import rpc_status
 import backend_pb2
 import backend_pb2_grpc
 from core import process
-from core.errors import (CallEndedError, FaceServiceError, IdentityMismatchError, InvalidInputError,
-                         ModelFileError, ModelOptionError, NoFaceError, PreconditionError, Reason)
+from core.errors import (
+    CallEndedError,
+    FaceServiceError,
+    IdentityMismatchError,
+    InvalidInputError,
+    ModelFileError,
+    ModelOptionError,
+    NoFaceError,
+    PreconditionError,
+    Reason,
+)
 from core.settings import Settings
 from engines import parse_load_request
 from face_service import DEFAULT_MODEL_OPTIONS, AnalyzedFace, FaceService
@@ -57,20 +66,22 @@ def status_for(error: FaceServiceError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str, reason: Reason,
-          field: str = "") -> None:
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str, reason: Reason, field: str = "") -> None:
     """Ends the call with `code` and `message`, and a google.rpc.ErrorInfo carrying `reason` and,
     as metadata `field`, the request field at fault (grpc_status.rpc_status.from_call reads it)."""
-    info = error_details_pb2.ErrorInfo(reason=Reason(reason).value, domain=ERROR_DOMAIN,
-                                       metadata={"field": field} if field else {})
+    info = error_details_pb2.ErrorInfo(
+        reason=Reason(reason).value, domain=ERROR_DOMAIN, metadata={"field": field} if field else {}
+    )
     detail = any_pb2.Any()
     detail.Pack(info)
-    context.abort_with_status(rpc_status.to_status(
-        status_pb2.Status(code=code.value[0], message=message, details=[detail])))
+    context.abort_with_status(
+        rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
+    )
 
 
 def translate_errors(method):
     """Domain errors become their status code; anything else is INTERNAL with no internals shown."""
+
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
@@ -80,17 +91,20 @@ def translate_errors(method):
         except Exception:  # a bug: log it, keep serving, never leak a traceback or answer UNKNOWN
             log.exception("%s failed", method.__name__)
             abort(context, grpc.StatusCode.INTERNAL, f"{method.__name__}: internal error", Reason.INTERNAL)
+
     return wrapper
 
 
 def checkpoint_for(context: grpc.ServicerContext):
     """Stops a request between stages once its caller has gone or its deadline has passed."""
+
     def check(stage: str) -> None:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise CallEndedError(f"deadline exceeded before {stage}", deadline_exceeded=True)
         if not context.is_active():
             raise CallEndedError(f"call cancelled before {stage}", deadline_exceeded=False)
+
     return check
 
 
@@ -128,8 +142,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
 
     def LoadModel(self, request, context):
         try:
-            load_request = parse_load_request(request.Model, request.ModelPath, request.Threads,
-                                              list(request.Options))
+            load_request = parse_load_request(request.Model, request.ModelPath, request.Threads, list(request.Options))
             model = self.service.load(load_request)
         except FaceServiceError as error:
             return backend_pb2.Result(success=False, message=f"LoadModel failed: {error}")
@@ -145,7 +158,8 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         model = self.service.loaded
         response = backend_pb2.StatusResponse(
             state=backend_pb2.StatusResponse.READY if model else backend_pb2.StatusResponse.UNINITIALIZED,
-            memory=backend_pb2.MemoryUsageData(total=memory["rss"], breakdown=memory))
+            memory=backend_pb2.MemoryUsageData(total=memory["rss"], breakdown=memory),
+        )
         if model is not None:
             response.model = model.name
             response.model_description = model.describe()
@@ -159,14 +173,24 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
 
     @translate_errors
     def FaceVerify(self, request, context):
-        result = self.service.verify(request.img1, request.img2, request.threshold,
-                                     request.anti_spoofing, request.ModelIdentity,
-                                     checkpoint_for(context))
+        result = self.service.verify(
+            request.img1,
+            request.img2,
+            request.threshold,
+            request.anti_spoofing,
+            request.ModelIdentity,
+            checkpoint_for(context),
+        )
         response = backend_pb2.FaceVerifyResponse(
-            verified=result.verified, distance=result.distance, threshold=result.threshold,
-            confidence=result.confidence, model=result.model,
-            img1_area=facial_area(result.img1_face), img2_area=facial_area(result.img2_face),
-            processing_time_ms=result.processing_time_ms)
+            verified=result.verified,
+            distance=result.distance,
+            threshold=result.threshold,
+            confidence=result.confidence,
+            model=result.model,
+            img1_area=facial_area(result.img1_face),
+            img2_area=facial_area(result.img2_face),
+            processing_time_ms=result.processing_time_ms,
+        )
         if result.img1_liveness is not None:
             response.img1_is_real = result.img1_liveness.is_real
             response.img1_antispoof_score = result.img1_liveness.score
@@ -177,26 +201,30 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
 
     @translate_errors
     def FaceAnalyze(self, request, context):
-        faces = self.service.analyze(request.img, list(request.actions), request.anti_spoofing,
-                                     request.ModelIdentity, checkpoint_for(context))
+        faces = self.service.analyze(
+            request.img, list(request.actions), request.anti_spoofing, request.ModelIdentity, checkpoint_for(context)
+        )
         return backend_pb2.FaceAnalyzeResponse(faces=[face_analysis(f) for f in faces])
 
     @translate_errors
     def Embedding(self, request, context):
         result = self.service.embed(list(request.Images), request.ModelIdentity, checkpoint_for(context))
         return backend_pb2.EmbeddingResult(
-            embeddings=result.vector.tolist(), tokens=1, dim=int(result.vector.shape[0]),
-            layout=backend_pb2.EMBEDDING_LAYOUT_FINAL)
+            embeddings=result.vector.tolist(),
+            tokens=1,
+            dim=int(result.vector.shape[0]),
+            layout=backend_pb2.EMBEDDING_LAYOUT_FINAL,
+        )
 
     @translate_errors
     def Detect(self, request, context):
-        faces = self.service.detect(request.src, request.threshold, request.ModelIdentity,
-                                    checkpoint_for(context))
+        faces = self.service.detect(request.src, request.threshold, request.ModelIdentity, checkpoint_for(context))
         detections = []
         for face in faces:
             x, y, w, h = face.xywh()
-            detections.append(backend_pb2.Detection(x=x, y=y, width=w, height=h,
-                                                    confidence=face.score, class_name="face"))
+            detections.append(
+                backend_pb2.Detection(x=x, y=y, width=w, height=h, confidence=face.score, class_name="face")
+            )
         return backend_pb2.DetectResponse(Detections=detections)
 
 
@@ -207,8 +235,14 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
 
         def deny(request, context):
-            abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token",
-                  Reason.BAD_TOKEN, "authorization")
+            abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or invalid bearer token",
+                Reason.BAD_TOKEN,
+                "authorization",
+            )
+
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
 
     def intercept_service(self, continuation, handler_call_details):
@@ -219,8 +253,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return self._deny
 
 
-def create_server(service: FaceService, address: str,
-                  settings: Optional[Settings] = None) -> tuple[grpc.Server, int]:
+def create_server(service: FaceService, address: str, settings: Settings | None = None) -> tuple[grpc.Server, int]:
     """The server for `service` on `address` (port 0 picks one), not yet started, and its port.
 
     `settings` (default: read from the environment now) gives the bearer token and the worker
@@ -234,13 +267,17 @@ def create_server(service: FaceService, address: str,
         # at once instead of waiting in an unbounded queue.
         maximum_concurrent_rpcs=process.max_concurrent_rpcs(workers, settings.max_concurrent_rpcs),
         interceptors=[BearerTokenInterceptor(settings.auth_token)] if settings.auth_token else [],
-        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
     backend_pb2_grpc.add_BackendServicer_to_server(BackendServicer(service), server)
     # The standard health service reports SERVING only while a model is loaded.
     health_servicer = health.HealthServicer()
     service.on_change = lambda loaded: health_servicer.set(
-        "", health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING)
+        "", health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     service.on_change(service.loaded is not None)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(address)
@@ -252,8 +289,11 @@ def create_server(service: FaceService, address: str,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--addr", default="localhost:50051", help="HOST:PORT to listen on")
-    parser.add_argument("--preload-default", metavar="MODEL_PATH",
-                        help="load the permissive default model set from this directory at start")
+    parser.add_argument(
+        "--preload-default",
+        metavar="MODEL_PATH",
+        help="load the permissive default model set from this directory at start",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # decoder warnings are expected on hostile input

@@ -12,6 +12,7 @@ server reads), sent as `authorization: Bearer <token>`.
 
 The arithmetic of the evaluations is evaluation.py, their figures plotting.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Sequence
 
 import grpc
 import numpy as np
@@ -49,8 +50,9 @@ EXIT_REFUSED = 4
 class ClientError(Exception):
     """A failure reported as one stderr line and an exit code."""
 
-    def __init__(self, code: int, message: str, status: Optional[grpc.StatusCode] = None,
-                 reason: str = "", field: str = ""):
+    def __init__(
+        self, code: int, message: str, status: grpc.StatusCode | None = None, reason: str = "", field: str = ""
+    ):
         super().__init__(message)
         self.code = code
         self.status = status  # the gRPC status, when the server answered with one
@@ -66,6 +68,7 @@ def one_line(text: str) -> str:
 
 # -- talking to the server --------------------------------------------------------------------
 
+
 class Connection:
     """A channel that is known to be connected, and calls that turn failures into ClientError."""
 
@@ -74,9 +77,13 @@ class Connection:
         self.timeout = timeout
         self.identity = identity
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.channel = grpc.insecure_channel(addr, options=[
-            ("grpc.max_send_message_length", 50 * 1024 * 1024),
-            ("grpc.max_receive_message_length", 50 * 1024 * 1024)])
+        self.channel = grpc.insecure_channel(
+            addr,
+            options=[
+                ("grpc.max_send_message_length", 50 * 1024 * 1024),
+                ("grpc.max_receive_message_length", 50 * 1024 * 1024),
+            ],
+        )
         self._wait_connected(connect_timeout)
         self.stub = backend_pb2_grpc.BackendStub(self.channel)
 
@@ -87,8 +94,11 @@ class Connection:
 
         def watch(state: grpc.ChannelConnectivity) -> None:
             last.append(state)
-            if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-                         grpc.ChannelConnectivity.SHUTDOWN):
+            if state in (
+                grpc.ChannelConnectivity.READY,
+                grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                grpc.ChannelConnectivity.SHUTDOWN,
+            ):
                 settled.set()
 
         self.channel.subscribe(watch, try_to_connect=True)
@@ -102,13 +112,13 @@ class Connection:
         self.channel.close()
         if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
             raise ClientError(EXIT_UNREACHABLE, f"cannot reach the server at {self.addr}: connection failed")
-        raise ClientError(EXIT_UNREACHABLE,
-                          f"cannot reach the server at {self.addr}: no connection within {timeout:g} s")
+        raise ClientError(
+            EXIT_UNREACHABLE, f"cannot reach the server at {self.addr}: no connection within {timeout:g} s"
+        )
 
     def call(self, name: str, request):
         try:
-            return getattr(self.stub, name)(request, timeout=self.timeout, metadata=self.metadata,
-                                            wait_for_ready=False)
+            return getattr(self.stub, name)(request, timeout=self.timeout, metadata=self.metadata, wait_for_ready=False)
         except grpc.RpcError as error:
             raise rpc_error(name, error) from None
 
@@ -125,7 +135,7 @@ def rpc_error(name: str, error: grpc.RpcError) -> ClientError:
     return ClientError(exit_code, f"{name}: {code.name}: {one_line(details or '')}", code, reason, field)
 
 
-def error_info(error: grpc.RpcError) -> Optional[error_details_pb2.ErrorInfo]:
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     """The google.rpc.ErrorInfo a failed call carries: the server's reason (NO_FACE, ...) and, as
     metadata `field`, the request field at fault. None for a status gRPC made itself
     (UNAVAILABLE, RESOURCE_EXHAUSTED, a deadline the client saw pass)."""
@@ -144,8 +154,9 @@ def error_info(error: grpc.RpcError) -> Optional[error_details_pb2.ErrorInfo]:
 def message_dict(message) -> dict:
     """The message as JSON: proto field names, every plain field (false and 0 included), and the
     `optional` fields only when set, so 'liveness not checked' stays distinguishable."""
-    return in_field_order(message, MessageToDict(message, preserving_proto_field_name=True,
-                                                 always_print_fields_with_no_presence=True))
+    return in_field_order(
+        message, MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    )
 
 
 def in_field_order(message, value: dict) -> dict:
@@ -187,6 +198,7 @@ def connect(args) -> Connection:
 
 # -- one command per RPC ----------------------------------------------------------------------
 
+
 def load_request(args) -> backend_pb2.ModelOptions:
     options: list[str] = []
     if args.default:
@@ -198,8 +210,9 @@ def load_request(args) -> backend_pb2.ModelOptions:
     if not options and not args.model:
         raise ClientError(EXIT_USAGE, "load needs --default, -o key:value or --model NAME")
     model = args.model or (DEFAULT_MODEL_NAME if args.default else "")
-    return backend_pb2.ModelOptions(Model=model, ModelPath=os.path.abspath(args.model_path),
-                                    Threads=args.threads, Options=options)
+    return backend_pb2.ModelOptions(
+        Model=model, ModelPath=os.path.abspath(args.model_path), Threads=args.threads, Options=options
+    )
 
 
 def cmd_load(args) -> int:
@@ -218,26 +231,32 @@ def cmd_status(args) -> int:
 
 def cmd_verify(args) -> int:
     img1, img2 = read_image_b64(args.img1), read_image_b64(args.img2)
-    request = backend_pb2.FaceVerifyRequest(img1=img1, img2=img2, threshold=args.threshold,
-                                            anti_spoofing=args.anti_spoofing, ModelIdentity=args.identity)
+    request = backend_pb2.FaceVerifyRequest(
+        img1=img1, img2=img2, threshold=args.threshold, anti_spoofing=args.anti_spoofing, ModelIdentity=args.identity
+    )
     print_json(message_dict(connect(args).call("FaceVerify", request)))
     return 0
 
 
-def split_actions(values: Optional[Sequence[str]]) -> list[str]:
+def split_actions(values: Sequence[str] | None) -> list[str]:
     return [a.strip() for value in values or () for a in value.split(",") if a.strip()]
 
 
 def cmd_analyze(args) -> int:
-    request = backend_pb2.FaceAnalyzeRequest(img=read_image_b64(args.img), actions=split_actions(args.actions),
-                                             anti_spoofing=args.anti_spoofing, ModelIdentity=args.identity)
+    request = backend_pb2.FaceAnalyzeRequest(
+        img=read_image_b64(args.img),
+        actions=split_actions(args.actions),
+        anti_spoofing=args.anti_spoofing,
+        ModelIdentity=args.identity,
+    )
     print_json(message_dict(connect(args).call("FaceAnalyze", request)))
     return 0
 
 
 def cmd_detect(args) -> int:
-    request = backend_pb2.DetectOptions(src=read_image_b64(args.img), threshold=args.threshold,
-                                        ModelIdentity=args.identity)
+    request = backend_pb2.DetectOptions(
+        src=read_image_b64(args.img), threshold=args.threshold, ModelIdentity=args.identity
+    )
     print_json(message_dict(connect(args).call("Detect", request)))
     return 0
 
@@ -250,8 +269,10 @@ def cmd_embed(args) -> int:
 
 # -- labelled sets ----------------------------------------------------------------------------
 
-def read_labels(csv_path: str, label_column: str,
-                allowed: Optional[set[str]] = None) -> tuple[list[LabelledImage], list[str]]:
+
+def read_labels(
+    csv_path: str, label_column: str, allowed: set[str] | None = None
+) -> tuple[list[LabelledImage], list[str]]:
     try:
         return evaluation.read_labels(csv_path, label_column, allowed)
     except evaluation.LabelsError as error:
@@ -265,16 +286,27 @@ def note(text: str) -> None:
 def run_all(items: Sequence[LabelledImage], work: Callable[[LabelledImage], object], jobs: int, what: str) -> list:
     """work(item) for every item, `jobs` at a time, in order, with a progress bar on stderr."""
     from tqdm import tqdm
+
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         # disable=None: a bar on a terminal, nothing in logs and pipes
-        return list(tqdm(pool.map(work, items), total=len(items), desc=what, unit="img",
-                         file=sys.stderr, disable=None, leave=False))
+        return list(
+            tqdm(
+                pool.map(work, items),
+                total=len(items),
+                desc=what,
+                unit="img",
+                file=sys.stderr,
+                disable=None,
+                leave=False,
+            )
+        )
 
 
 def per_image_or_skip(conn: Connection, name: str, image_field: str, request_of: Callable[[LabelledImage], object]):
     """Runs one RPC per image. An error the server pins on the image itself (its ErrorInfo field
     is `image_field`: no face in it, not decodable, too large, ...) skips that image, reported
     with its reason; any other failure (no model, identity mismatch, ...) stops the evaluation."""
+
     def work(item: LabelledImage):
         request = request_of(item)
         try:
@@ -283,6 +315,7 @@ def per_image_or_skip(conn: Connection, name: str, image_field: str, request_of:
             if error.field == image_field:
                 return item, None, error
             raise
+
     return work
 
 
@@ -295,6 +328,7 @@ def skipped(item: LabelledImage, error: ClientError, **extra) -> dict:
 def plotting_to(path: str):
     """The plotting module (matplotlib is imported only now); a file it cannot write is a usage error."""
     import plotting
+
     try:
         yield plotting
     except OSError as error:
@@ -312,8 +346,12 @@ def cmd_evaluate(args) -> int:
     if len(images) < 2:
         raise ClientError(EXIT_USAGE, f"{args.labels}: needs at least 2 single-identity images, has {len(images)}")
     conn = connect(args)
-    work = per_image_or_skip(conn, "Embedding", "Images[0]", lambda item: backend_pb2.PredictOptions(
-        Images=[read_image_b64(item.path)], ModelIdentity=args.identity))
+    work = per_image_or_skip(
+        conn,
+        "Embedding",
+        "Images[0]",
+        lambda item: backend_pb2.PredictOptions(Images=[read_image_b64(item.path)], ModelIdentity=args.identity),
+    )
     embedded, no_face = [], []
     for item, result, error in run_all(images, work, args.jobs, "embedding"):
         if result is None:
@@ -330,22 +368,34 @@ def cmd_evaluate(args) -> int:
     # The service has no RPC that reports its threshold, but FaceVerify with threshold 0 decides at
     # the model's default and echoes the threshold it used: one such call on an image that has a face.
     probe_image = read_image_b64(embedded[0][0].path)
-    probe = conn.call("FaceVerify", backend_pb2.FaceVerifyRequest(
-        img1=probe_image, img2=probe_image, threshold=0.0, ModelIdentity=args.identity))
+    probe = conn.call(
+        "FaceVerify",
+        backend_pb2.FaceVerifyRequest(img1=probe_image, img2=probe_image, threshold=0.0, ModelIdentity=args.identity),
+    )
     default_threshold = float(probe.threshold)
     result = evaluation.evaluate_identity(
-        [item.file for item, _ in embedded], [item.label for item, _ in embedded],
-        np.stack([vector for _, vector in embedded]), default_threshold=default_threshold,
-        threshold=args.threshold or default_threshold, far_target=args.far,
-        skipped_multi_identity=multi, skipped_no_face=no_face)
+        [item.file for item, _ in embedded],
+        [item.label for item, _ in embedded],
+        np.stack([vector for _, vector in embedded]),
+        default_threshold=default_threshold,
+        threshold=args.threshold or default_threshold,
+        far_target=args.far,
+        skipped_multi_identity=multi,
+        skipped_no_face=no_face,
+    )
     report = {"labels": args.labels, "model": probe.model, **result.report}
     if args.plot:
         with plotting_to(args.plot) as plotting:
             plotting.plot_identity(
-                args.plot, result.pairs.same, result.pairs.different, result.threshold, result.recommended,
+                args.plot,
+                result.pairs.same,
+                result.pairs.different,
+                result.threshold,
+                result.recommended,
                 f"{os.path.basename(args.labels)}: {probe.model}, {report['images']} images, "
                 f"{report['same']} same / {report['different']} different pairs",
-                "default threshold" if result.threshold == default_threshold else "--threshold")
+                "default threshold" if result.threshold == default_threshold else "--threshold",
+            )
         report["plot"] = args.plot
     print_json(report)
     return 0
@@ -358,13 +408,21 @@ def cmd_evaluate_liveness(args) -> int:
     if not images:
         raise ClientError(EXIT_USAGE, f"{args.labels}: no labelled images")
     conn = connect(args)
-    work = per_image_or_skip(conn, "FaceAnalyze", "img", lambda item: backend_pb2.FaceAnalyzeRequest(
-        img=read_image_b64(item.path), anti_spoofing=True, ModelIdentity=args.identity))
+    work = per_image_or_skip(
+        conn,
+        "FaceAnalyze",
+        "img",
+        lambda item: backend_pb2.FaceAnalyzeRequest(
+            img=read_image_b64(item.path), anti_spoofing=True, ModelIdentity=args.identity
+        ),
+    )
     scored, no_face = [], []
     for item, result, error in run_all(images, work, args.jobs, "liveness"):
         if result is not None and not result.faces:  # FaceAnalyze answers a faceless photo with []
-            result, error = None, ClientError(EXIT_REFUSED, "FaceAnalyze: no face found in img",
-                                              reason="NO_FACE", field="img")
+            result, error = (
+                None,
+                ClientError(EXIT_REFUSED, "FaceAnalyze: no face found in img", reason="NO_FACE", field="img"),
+            )
         if result is None:
             no_face.append(skipped(item, error, label=item.label))
             continue
@@ -372,23 +430,30 @@ def cmd_evaluate_liveness(args) -> int:
         face = max(result.faces, key=lambda f: (f.region.w * f.region.h, f.face_confidence))
         if not face.HasField("antispoof_score"):
             raise ClientError(EXIT_REFUSED, "FaceAnalyze: the server returned no antispoof_score")
-        scored.append(evaluation.ScoredImage(item.file, item.label, len(result.faces),
-                                             float(face.antispoof_score), face.is_real))
+        scored.append(
+            evaluation.ScoredImage(item.file, item.label, len(result.faces), float(face.antispoof_score), face.is_real)
+        )
     if not scored:
         raise ClientError(EXIT_REFUSED, "no image could be analysed")
     result = evaluation.evaluate_liveness(scored, args.apcer, skipped_no_face=no_face)
     report = {"labels": args.labels, **result.report}
     if args.plot:
         with plotting_to(args.plot) as plotting:
-            plotting.plot_liveness(args.plot, result.real, result.spoof, result.server_threshold, result.recommended,
-                                   f"{os.path.basename(args.labels)}: {len(result.real)} real, "
-                                   f"{len(result.spoof)} spoof")
+            plotting.plot_liveness(
+                args.plot,
+                result.real,
+                result.spoof,
+                result.server_threshold,
+                result.recommended,
+                f"{os.path.basename(args.labels)}: {len(result.real)} real, {len(result.spoof)} spoof",
+            )
         report["plot"] = args.plot
     print_json(report)
     return 0
 
 
 # -- command line -----------------------------------------------------------------------------
+
 
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one stderr line too (`--help` still prints the full usage)."""
@@ -403,14 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
     def connection_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
         d = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
         parser.add_argument("--addr", default=d(DEFAULT_ADDR), help=f"server HOST:PORT (default {DEFAULT_ADDR})")
-        parser.add_argument("--token", default=d(None),
-                            help=f"bearer token (default: ${TOKEN_ENV} when set, else none)")
-        parser.add_argument("--timeout", type=float, default=d(120.0),
-                            help="deadline of each call in seconds (default 120)")
-        parser.add_argument("--connect-timeout", type=float, default=d(5.0),
-                            help="seconds to wait for a connection (default 5)")
-        parser.add_argument("--identity", default=d(""),
-                            help="ModelIdentity to send: the server refuses (NOT_FOUND) when another model is loaded")
+        parser.add_argument(
+            "--token", default=d(None), help=f"bearer token (default: ${TOKEN_ENV} when set, else none)"
+        )
+        parser.add_argument(
+            "--timeout", type=float, default=d(120.0), help="deadline of each call in seconds (default 120)"
+        )
+        parser.add_argument(
+            "--connect-timeout", type=float, default=d(5.0), help="seconds to wait for a connection (default 5)"
+        )
+        parser.add_argument(
+            "--identity",
+            default=d(""),
+            help="ModelIdentity to send: the server refuses (NOT_FOUND) when another model is loaded",
+        )
 
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     connection_flags(parser, defaults=True)
@@ -419,12 +490,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("load", parents=[shared], help="LoadModel")
-    p.add_argument("--default", action="store_true",
-                   help="the permissive default set (the catalog's default group); -o adds to it")
+    p.add_argument(
+        "--default", action="store_true", help="the permissive default set (the catalog's default group); -o adds to it"
+    )
     p.add_argument("-o", "--option", action="append", metavar="KEY:VALUE", help="a LoadModel option (repeatable)")
     p.add_argument("--model", default="", help=f"ModelOptions.Model (default '{DEFAULT_MODEL_NAME}' with --default)")
-    p.add_argument("--model-path", default=os.path.join(REPO, "models"),
-                   help="ModelOptions.ModelPath, a directory on the server's machine (default: this repo's models/)")
+    p.add_argument(
+        "--model-path",
+        default=os.path.join(REPO, "models"),
+        help="ModelOptions.ModelPath, a directory on the server's machine (default: this repo's models/)",
+    )
     p.add_argument("--threads", type=int, default=0, help="ModelOptions.Threads (default 0: the server's choice)")
     p.set_defaults(run=cmd_load)
 
@@ -440,8 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("analyze", parents=[shared], help="FaceAnalyze: every face with its attributes")
     p.add_argument("img", metavar="IMG")
-    p.add_argument("--actions", action="append", metavar="A[,B]",
-                   help="age, gender (comma separated or repeated; default: all the model has)")
+    p.add_argument(
+        "--actions",
+        action="append",
+        metavar="A[,B]",
+        help="age, gender (comma separated or repeated; default: all the model has)",
+    )
     p.add_argument("--anti-spoofing", action="store_true", help="also score each face for liveness")
     p.set_defaults(run=cmd_analyze)
 
@@ -454,29 +533,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("img", metavar="IMG")
     p.set_defaults(run=cmd_embed)
 
-    p = commands.add_parser("evaluate", parents=[shared],
-                            help="TAR/FAR, ROC AUC and a recommended threshold on a labelled set (file,identity)")
+    p = commands.add_parser(
+        "evaluate",
+        parents=[shared],
+        help="TAR/FAR, ROC AUC and a recommended threshold on a labelled set (file,identity)",
+    )
     p.add_argument("labels", metavar="LABELS.csv")
-    p.add_argument("--far", type=float, default=0.001,
-                   help="target false-accept rate for the recommended threshold (default 0.001)")
-    p.add_argument("--threshold", type=float, default=0.0,
-                   help="evaluate at this threshold instead of the server's default")
+    p.add_argument(
+        "--far",
+        type=float,
+        default=0.001,
+        help="target false-accept rate for the recommended threshold (default 0.001)",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=0.0, help="evaluate at this threshold instead of the server's default"
+    )
     p.add_argument("--plot", metavar="FILE.png", help="distance histograms and ROC curve")
     p.add_argument("--jobs", type=int, default=2, help="calls in flight at once (default 2)")
     p.set_defaults(run=cmd_evaluate)
 
-    p = commands.add_parser("evaluate-liveness", parents=[shared],
-                            help="APCER/BPCER/ACER and a recommended liveness threshold on a labelled set (file,label)")
+    p = commands.add_parser(
+        "evaluate-liveness",
+        parents=[shared],
+        help="APCER/BPCER/ACER and a recommended liveness threshold on a labelled set (file,label)",
+    )
     p.add_argument("labels", metavar="LABELS.csv")
-    p.add_argument("--apcer", type=float, default=None,
-                   help="recommend the lowest threshold with APCER <= this (default: minimise ACER)")
+    p.add_argument(
+        "--apcer",
+        type=float,
+        default=None,
+        help="recommend the lowest threshold with APCER <= this (default: minimise ACER)",
+    )
     p.add_argument("--plot", metavar="FILE.png", help="score histograms and DET curve")
     p.add_argument("--jobs", type=int, default=2, help="calls in flight at once (default 2)")
     p.set_defaults(run=cmd_evaluate_liveness)
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

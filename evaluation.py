@@ -6,13 +6,14 @@ Identity: every pair of embeddings with its cosine distance, TAR/FAR at a thresh
 FAR. Liveness: APCER/BPCER/ACER at a threshold (real is `score >= threshold`), AUC and a
 recommended threshold.
 """
+
 from __future__ import annotations
 
 import csv
 import math
 import os
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Collection, Optional, Sequence
 
 import numpy as np
 
@@ -26,15 +27,15 @@ LIVENESS_LABELS = {"real", "spoof"}
 LIVENESS_DEFAULT_THRESHOLD = catalog.default().shared_threshold(catalog.ROLE_ANTISPOOF)
 
 
-def rate(count: int, total: int) -> Optional[float]:
+def rate(count: int, total: int) -> float | None:
     return count / total if total else None
 
 
-def rounded(value: Optional[float], digits: int = 4) -> Optional[float]:
+def rounded(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
-def rank_auc(positive: np.ndarray, negative: np.ndarray) -> Optional[float]:
+def rank_auc(positive: np.ndarray, negative: np.ndarray) -> float | None:
     """ROC AUC of scores where positives should score higher: the Mann-Whitney U statistic from
     average ranks, so a tie counts one half."""
     if len(positive) == 0 or len(negative) == 0:
@@ -48,7 +49,7 @@ def rank_auc(positive: np.ndarray, negative: np.ndarray) -> Optional[float]:
         j = i
         while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
         i = j + 1
     n_pos, n_neg = len(positive), len(negative)
     u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2.0
@@ -56,6 +57,7 @@ def rank_auc(positive: np.ndarray, negative: np.ndarray) -> Optional[float]:
 
 
 # -- labelled sets ----------------------------------------------------------------------------
+
 
 class LabelsError(ValueError):
     """A labels CSV that cannot be used; the message names the file (and line)."""
@@ -68,7 +70,7 @@ class LabelledImage:
     label: str
 
 
-def resolve_image(csv_dir: str, name: str) -> Optional[str]:
+def resolve_image(csv_dir: str, name: str) -> str | None:
     """`<csv dir>/<file>`, else `<csv dir>/images/<file>` (the shared sets keep photos there)."""
     for candidate in (os.path.join(csv_dir, name), os.path.join(csv_dir, "images", name)):
         if os.path.isfile(candidate):
@@ -76,8 +78,9 @@ def resolve_image(csv_dir: str, name: str) -> Optional[str]:
     return None
 
 
-def read_labels(csv_path: str, label_column: str,
-                allowed: Optional[set[str]] = None) -> tuple[list[LabelledImage], list[str]]:
+def read_labels(
+    csv_path: str, label_column: str, allowed: set[str] | None = None
+) -> tuple[list[LabelledImage], list[str]]:
     """Rows of a labels CSV with columns `file` and `label_column`; (images, skipped file names).
 
     A row whose label holds several identities (`a;b`, a photo of several people) is skipped:
@@ -88,8 +91,7 @@ def read_labels(csv_path: str, label_column: str,
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
             if "file" not in columns or label_column not in columns:
-                raise LabelsError(f"{csv_path}: needs columns file,{label_column}"
-                                  f" (has {','.join(columns) or 'none'})")
+                raise LabelsError(f"{csv_path}: needs columns file,{label_column} (has {','.join(columns) or 'none'})")
             rows = list(reader)
     except FileNotFoundError:
         raise LabelsError(f"no such file: {csv_path}") from None
@@ -107,17 +109,20 @@ def read_labels(csv_path: str, label_column: str,
         if not label:
             raise LabelsError(f"{csv_path}:{number}: empty {label_column} for {name}")
         if allowed is not None and label.lower() not in allowed:
-            raise LabelsError(f"{csv_path}:{number}: {label_column} must be one of "
-                              f"{', '.join(sorted(allowed))}, got '{label}'")
+            raise LabelsError(
+                f"{csv_path}:{number}: {label_column} must be one of {', '.join(sorted(allowed))}, got '{label}'"
+            )
         path = resolve_image(csv_dir, name)
         if path is None:
-            raise LabelsError(f"{csv_path}:{number}: no such file: {name} (looked in"
-                              f" {csv_dir} and {os.path.join(csv_dir, 'images')})")
+            raise LabelsError(
+                f"{csv_path}:{number}: no such file: {name} (looked in {csv_dir} and {os.path.join(csv_dir, 'images')})"
+            )
         images.append(LabelledImage(name, path, label.lower() if allowed is not None else label))
     return images, skipped
 
 
 # -- identity ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Pairs:
@@ -134,8 +139,7 @@ class Pairs:
         return int(np.sum(self.same < threshold)), int(np.sum(self.different < threshold))
 
 
-def labelled_pairs(labels: Sequence[str], embeddings: np.ndarray,
-                   involving: Optional[Collection[int]] = None) -> Pairs:
+def labelled_pairs(labels: Sequence[str], embeddings: np.ndarray, involving: Collection[int] | None = None) -> Pairs:
     """Every pair of the unit-length `embeddings` (one row per label), in row-major (i, j) order;
     with `involving`, only the pairs with at least one index in it."""
     vectors = np.asarray(embeddings, dtype=np.float64)
@@ -165,11 +169,15 @@ def far_threshold(different: np.ndarray, target: float) -> tuple[float, int]:
 def support_note(different: int, allowed: int, target: float) -> dict:
     """How much the recommended threshold can be trusted: with n impostor pairs and k allowed
     false accepts, the 'rule of three' bounds the true FAR at about 3/n (95%) when k = 0."""
-    text = (f"{different} different-person pairs back this estimate; a target FAR of {target:g} allows "
-            f"{allowed} false accept(s) among them")
+    text = (
+        f"{different} different-person pairs back this estimate; a target FAR of {target:g} allows "
+        f"{allowed} false accept(s) among them"
+    )
     if different and allowed == 0:
-        text += (f", so the recommended threshold is the closest different-person distance and the true FAR "
-                 f"there is only known to be below about {3.0 / different:.3g} (95%, rule of three)")
+        text += (
+            f", so the recommended threshold is the closest different-person distance and the true FAR "
+            f"there is only known to be below about {3.0 / different:.3g} (95%, rule of three)"
+        )
     if different and different * target < 10:
         text += f"; about {math.ceil(10 / target)} different-person pairs are needed to measure a FAR of {target:g}"
     return {"different_pairs": different, "allowed_false_accepts": allowed, "note": text}
@@ -183,10 +191,17 @@ class IdentityEvaluation:
     recommended: float
 
 
-def evaluate_identity(files: Sequence[str], labels: Sequence[str], embeddings: np.ndarray, *,
-                      default_threshold: float, threshold: float, far_target: float,
-                      skipped_multi_identity: Sequence[str] = (),
-                      skipped_no_face: Sequence[dict] = ()) -> IdentityEvaluation:
+def evaluate_identity(
+    files: Sequence[str],
+    labels: Sequence[str],
+    embeddings: np.ndarray,
+    *,
+    default_threshold: float,
+    threshold: float,
+    far_target: float,
+    skipped_multi_identity: Sequence[str] = (),
+    skipped_no_face: Sequence[dict] = (),
+) -> IdentityEvaluation:
     """TAR/FAR at `threshold` (the server's `default_threshold` unless the caller chose one),
     ROC AUC, the hardest pairs, and the threshold recommended for `far_target`."""
     pairs = labelled_pairs(labels, embeddings)
@@ -198,7 +213,7 @@ def evaluate_identity(files: Sequence[str], labels: Sequence[str], embeddings: n
     else:
         recommended, allowed = threshold, 0
 
-    def accepts(t: float) -> tuple[Optional[float], Optional[float]]:
+    def accepts(t: float) -> tuple[float | None, float | None]:
         true_accepts, false_accepts = pairs.accepted(t)
         return rounded(rate(true_accepts, len(same))), rounded(rate(false_accepts, len(different)))
 
@@ -238,6 +253,7 @@ def evaluate_identity(files: Sequence[str], labels: Sequence[str], embeddings: n
 
 # -- liveness ---------------------------------------------------------------------------------
 
+
 def liveness_rates(real: np.ndarray, spoof: np.ndarray, threshold: float) -> dict:
     """APCER, BPCER and ACER when a face counts as real at `score >= threshold`."""
     apcer = rate(int(np.sum(spoof >= threshold)), len(spoof))
@@ -245,7 +261,7 @@ def liveness_rates(real: np.ndarray, spoof: np.ndarray, threshold: float) -> dic
     return {"apcer": rounded(apcer), "bpcer": rounded(bpcer), "acer": acer_of(apcer, bpcer)}
 
 
-def acer_of(apcer: Optional[float], bpcer: Optional[float]) -> Optional[float]:
+def acer_of(apcer: float | None, bpcer: float | None) -> float | None:
     if apcer is None or bpcer is None:
         return None
     return rounded((apcer + bpcer) / 2.0)
@@ -258,7 +274,7 @@ def liveness_candidates(scores: np.ndarray) -> list[float]:
     return [float(unique[0] / 2.0)] + [float(m) for m in middles] + [float((unique[-1] + 1.0) / 2.0)]
 
 
-def recommend_liveness(real: np.ndarray, spoof: np.ndarray, apcer_target: Optional[float]) -> tuple[float, str]:
+def recommend_liveness(real: np.ndarray, spoof: np.ndarray, apcer_target: float | None) -> tuple[float, str]:
     candidates = liveness_candidates(np.concatenate([real, spoof]))
     if apcer_target is not None:
         # The lowest threshold (fewest real faces rejected) that keeps APCER within the target.
@@ -271,12 +287,14 @@ def recommend_liveness(real: np.ndarray, spoof: np.ndarray, apcer_target: Option
     def key(t: float):
         r = liveness_rates(real, spoof, t)
         # minimal ACER; among equals, fewer spoofs accepted, then the threshold nearest the default
-        return (r["acer"] if r["acer"] is not None else 0.0, r["apcer"] or 0.0,
-                abs(t - LIVENESS_DEFAULT_THRESHOLD))
+        return (r["acer"] if r["acer"] is not None else 0.0, r["apcer"] or 0.0, abs(t - LIVENESS_DEFAULT_THRESHOLD))
+
     # The default is a candidate too: when it is already optimal on this set it is kept, rather
     # than moved to another point of the same gap on the evidence of a few images.
-    return (min(candidates + [LIVENESS_DEFAULT_THRESHOLD], key=key),
-            f"minimal ACER (ties: lower APCER, then nearest {LIVENESS_DEFAULT_THRESHOLD:g})")
+    return (
+        min(candidates + [LIVENESS_DEFAULT_THRESHOLD], key=key),
+        f"minimal ACER (ties: lower APCER, then nearest {LIVENESS_DEFAULT_THRESHOLD:g})",
+    )
 
 
 @dataclass(frozen=True)
@@ -295,12 +313,13 @@ class LivenessEvaluation:
     report: dict  # the JSON `client.py evaluate-liveness` prints, after its labels
     real: np.ndarray  # scores of the real images
     spoof: np.ndarray
-    server_threshold: Optional[float]
+    server_threshold: float | None
     recommended: float
 
 
-def evaluate_liveness(scored: Sequence[ScoredImage], apcer_target: Optional[float],
-                      skipped_no_face: Sequence[dict] = ()) -> LivenessEvaluation:
+def evaluate_liveness(
+    scored: Sequence[ScoredImage], apcer_target: float | None, skipped_no_face: Sequence[dict] = ()
+) -> LivenessEvaluation:
     """APCER/BPCER/ACER of the server's verdicts, AUC, and a recommended threshold (the lowest
     meeting `apcer_target`, else the one of minimal ACER) with the rates it would give."""
     real = np.asarray([s.score for s in scored if s.label == "real"], dtype=np.float64)
@@ -332,14 +351,26 @@ def evaluate_liveness(scored: Sequence[ScoredImage], apcer_target: Optional[floa
         "apcer_at_recommended": at_recommended["apcer"],
         "bpcer_at_recommended": at_recommended["bpcer"],
         "acer_at_recommended": at_recommended["acer"],
-        "results": [{"file": s.file, "label": s.label, "faces": s.faces,
-                     "antispoof_score": rounded(s.score), "is_real": s.is_real} for s in scored],
+        "results": [
+            {
+                "file": s.file,
+                "label": s.label,
+                "faces": s.faces,
+                "antispoof_score": rounded(s.score),
+                "is_real": s.is_real,
+            }
+            for s in scored
+        ],
     }
     if not consistent:
-        report["server_threshold_note"] = (f"the is_real verdicts do not all match score >= "
-                                           f"{LIVENESS_DEFAULT_THRESHOLD:g}: the model was loaded with another "
-                                           "antispoof_threshold")
+        report["server_threshold_note"] = (
+            f"the is_real verdicts do not all match score >= "
+            f"{LIVENESS_DEFAULT_THRESHOLD:g}: the model was loaded with another "
+            "antispoof_threshold"
+        )
     if recommended < LIVENESS_DEFAULT_THRESHOLD:
-        report["recommended_note"] = ("below 0.5 the server also requires 'real' to be the most likely of "
-                                      "its 3 classes, so antispoof_threshold set to this value may reject a little more")
+        report["recommended_note"] = (
+            "below 0.5 the server also requires 'real' to be the most likely of "
+            "its 3 classes, so antispoof_threshold set to this value may reject a little more"
+        )
     return LivenessEvaluation(report, real, spoof, server_threshold, recommended)

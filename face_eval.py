@@ -5,6 +5,7 @@ Two sets of real photos from ../shared/data:
 - held out: faces annotated in tests/data/heldout_faces.csv (the multi-face photos, Tom Hanks)
   and the six different people of the group photo t1.jpg. Thresholds were never fitted on these.
 """
+
 from __future__ import annotations
 
 import csv
@@ -67,8 +68,10 @@ def heldout_faces(engine: FaceEngine, data_dir: str) -> list[LabelledFace]:
             detected = engine.detect(image)
             if not detected:  # SCRFD misses the tightly cropped 112x112 Tom Hanks photo
                 continue
-            face = min(detected, key=lambda d: np.linalg.norm(
-                np.array([(d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2]) - centre))
+            face = min(
+                detected,
+                key=lambda d: np.linalg.norm(np.array([(d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2]) - centre),
+            )
             faces.append(LabelledFace(row["identity"], row["file"], engine.embed(image, face)))
     group = os.path.join(data_dir, "insightface-wheel-images", "t1.jpg")
     image = cv2.imread(group)
@@ -77,8 +80,7 @@ def heldout_faces(engine: FaceEngine, data_dir: str) -> list[LabelledFace]:
     return faces
 
 
-def pair_stats(faces: list[LabelledFace], threshold: float,
-               only_with: list[LabelledFace] | None = None) -> PairStats:
+def pair_stats(faces: list[LabelledFace], threshold: float, only_with: list[LabelledFace] | None = None) -> PairStats:
     """Accept counts over all pairs (or only pairs with at least one face of `only_with`)."""
     involving = None
     if only_with is not None:
@@ -86,5 +88,11 @@ def pair_stats(faces: list[LabelledFace], threshold: float,
         involving = [i for i, face in enumerate(faces) if id(face) in required]
     pairs = labelled_pairs([f.identity for f in faces], np.stack([f.embedding for f in faces]), involving)
     true_accepts, false_accepts = pairs.accepted(threshold)
-    return PairStats(len(pairs.same), len(pairs.different), true_accepts, false_accepts,
-                     float(pairs.same.max(initial=0.0)), float(pairs.different.min(initial=MAX_DISTANCE)))
+    return PairStats(
+        len(pairs.same),
+        len(pairs.different),
+        true_accepts,
+        false_accepts,
+        float(pairs.same.max(initial=0.0)),
+        float(pairs.different.min(initial=MAX_DISTANCE)),
+    )

@@ -5,16 +5,17 @@ Free during a request never changes the engine under it; LoadModel builds the ne
 completely before swapping it in, and a failed build leaves the previous one serving. A model
 replaced or freed is closed (its sessions dropped) once the last request holding it ends.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import psutil
@@ -23,8 +24,8 @@ import catalog
 from antispoof import LIVENESS_MISSING, LivenessEnsemble, LivenessResult, build_liveness
 from core.concurrency import A, B, run_side_by_side, usable_cpus
 from core.errors import IdentityMismatchError, InvalidInputError, NoFaceError, PreconditionError
+from core.settings import DEFAULT_IMAGE_LIMITS, ImageLimits
 from engines import HOST_ACTIONS, FaceAttributes, FaceDetection, FaceEngine, LoadRequest, build_engine
-from core.settings import ImageLimits
 from engines.runtime import set_opencv_threads
 from imaging import decode_image
 
@@ -42,7 +43,6 @@ def _always_continue(stage: str) -> None:
 CONFIDENCE_SLOPE = 12.0
 
 
-
 @dataclass(eq=False)
 class LoadedModel:
     """A loaded model and a count of the requests holding it.
@@ -54,7 +54,7 @@ class LoadedModel:
 
     name: str  # ModelOptions.Model, for the identity guard
     engine: FaceEngine
-    liveness: Optional[LivenessEnsemble]
+    liveness: LivenessEnsemble | None
     # False when the host granted a single thread (ModelOptions.Threads = 1): a request then
     # never hands work to a helper thread.
     use_helpers: bool = True
@@ -115,8 +115,11 @@ class LoadedModel:
         parts = [f"{role} {os.path.basename(path)}" for role, path in engine.files.items()]
         parts.append(f"verify threshold {engine.default_threshold:g}")
         missing = [a for a in HOST_ACTIONS if a not in self.attributes]
-        parts.append("attributes: " + (", ".join(self.attributes) or "none")
-                     + (f" (not computed: {', '.join(missing)})" if missing else ""))
+        parts.append(
+            "attributes: "
+            + (", ".join(self.attributes) or "none")
+            + (f" (not computed: {', '.join(missing)})" if missing else "")
+        )
         if self.liveness is None:
             parts.append("without liveness")
         else:
@@ -136,8 +139,8 @@ class VerifyResult:
     model: str
     img1_face: FaceDetection
     img2_face: FaceDetection
-    img1_liveness: Optional[LivenessResult]
-    img2_liveness: Optional[LivenessResult]
+    img1_liveness: LivenessResult | None
+    img2_liveness: LivenessResult | None
     processing_time_ms: float
 
 
@@ -147,7 +150,7 @@ class VerifiedImage:
 
     face: FaceDetection
     embedding: np.ndarray
-    liveness: Optional[LivenessResult]
+    liveness: LivenessResult | None
 
 
 class _Abandoned(Exception):
@@ -158,7 +161,7 @@ class _Abandoned(Exception):
 class AnalyzedFace:
     face: FaceDetection
     attributes: FaceAttributes
-    liveness: Optional[LivenessResult]
+    liveness: LivenessResult | None
 
 
 @dataclass(frozen=True)
@@ -178,12 +181,12 @@ def best_face(faces: Sequence[FaceDetection]) -> FaceDetection:
 
 
 class FaceService:
-    def __init__(self, helpers: Optional[int] = None, image_limits: ImageLimits = ImageLimits()) -> None:
+    def __init__(self, helpers: int | None = None, image_limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> None:
         """`helpers`: threads that take the second half of a request (default: one fewer than
         the usable CPUs; 0 does everything on the request's thread). `image_limits`: the largest
         request image accepted (the server's Settings.image_limits)."""
         self.image_limits = image_limits
-        self._model: Optional[LoadedModel] = None
+        self._model: LoadedModel | None = None
         self._load_lock = threading.Lock()  # one LoadModel at a time; requests never wait on it
         self.on_change: Callable[[bool], None] = lambda loaded: None  # told whether a model is loaded
         # FaceVerify's second image, and FaceAnalyze's liveness, run here while the request's
@@ -191,8 +194,9 @@ class FaceService:
         # two cores busy (bench/FINDINGS.md, "request helpers"). Under load the helpers are often
         # busy; a request then does both parts itself.
         helpers = usable_cpus() - 1 if helpers is None else helpers
-        self._helpers = (ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="request-helper")
-                         if helpers > 0 else None)
+        self._helpers = (
+            ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="request-helper") if helpers > 0 else None
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self, request: LoadRequest) -> LoadedModel:
@@ -203,9 +207,13 @@ class FaceService:
             except BaseException:
                 engine.close()
                 raise
-            model = LoadedModel(name=request.model_name, engine=engine, liveness=liveness,
-                                use_helpers=request.threads != 1,
-                                ignored_options=tuple(request.ignored))
+            model = LoadedModel(
+                name=request.model_name,
+                engine=engine,
+                liveness=liveness,
+                use_helpers=request.threads != 1,
+                ignored_options=tuple(request.ignored),
+            )
             set_opencv_threads(request.threads)
             # A single reference assignment: requests see old or new, whole.
             previous, self._model = self._model, model
@@ -222,7 +230,7 @@ class FaceService:
         self.on_change(False)
 
     @property
-    def loaded(self) -> Optional[LoadedModel]:
+    def loaded(self) -> LoadedModel | None:
         return self._model
 
     @staticmethod
@@ -243,8 +251,8 @@ class FaceService:
         try:
             if identity and model.name and identity != model.name:
                 raise IdentityMismatchError(
-                    f"model identity mismatch: loaded '{model.name}', requested '{identity}'",
-                    field="ModelIdentity")
+                    f"model identity mismatch: loaded '{model.name}', requested '{identity}'", field="ModelIdentity"
+                )
             yield model
         finally:
             model.release()
@@ -256,39 +264,61 @@ class FaceService:
         return model.liveness
 
     @staticmethod
-    def _faces(engine: FaceEngine, image: np.ndarray, name: str,
-               threshold: Optional[float] = None) -> list[FaceDetection]:
+    def _faces(engine: FaceEngine, image: np.ndarray, name: str, threshold: float | None = None) -> list[FaceDetection]:
         faces = engine.detect(image, threshold)
         if not faces:
             raise NoFaceError(f"no face found in {name}", field=name)
         return faces
 
     # -- requests ----------------------------------------------------------------------------
-    def verify(self, img1: str, img2: str, threshold: float = 0.0, anti_spoofing: bool = False,
-               identity: str = "", checkpoint: Checkpoint = _always_continue) -> VerifyResult:
+    def verify(
+        self,
+        img1: str,
+        img2: str,
+        threshold: float = 0.0,
+        anti_spoofing: bool = False,
+        identity: str = "",
+        checkpoint: Checkpoint = _always_continue,
+    ) -> VerifyResult:
         started = time.perf_counter()
         with self._holding(identity) as model:
             liveness = self._require_liveness(model) if anti_spoofing else None
             if threshold < 0 or not math.isfinite(threshold):
-                raise InvalidInputError(f"threshold must be a cosine distance >= 0, got {threshold}",
-                                        reason="BAD_THRESHOLD", field="threshold")
+                raise InvalidInputError(
+                    f"threshold must be a cosine distance >= 0, got {threshold}",
+                    reason="BAD_THRESHOLD",
+                    field="threshold",
+                )
             threshold = threshold or model.engine.default_threshold
             first, second = self._run_halves(
-                model, lambda stage: self._verify_image(model, liveness, img1, "img1", stage),
-                lambda stage: self._verify_image(model, liveness, img2, "img2", stage), checkpoint)
+                model,
+                lambda stage: self._verify_image(model, liveness, img1, "img1", stage),
+                lambda stage: self._verify_image(model, liveness, img2, "img2", stage),
+                checkpoint,
+            )
             # float32 rounding can put identical faces a hair below 0; the contract's range is [0, 2].
             distance = min(2.0, max(0.0, float(1.0 - np.dot(first.embedding, second.embedding))))
-            verified = distance < threshold and all(v.liveness is None or v.liveness.is_real
-                                                    for v in (first, second))
+            verified = distance < threshold and all(v.liveness is None or v.liveness.is_real for v in (first, second))
             return VerifyResult(
-                verified=verified, distance=distance, threshold=threshold,
-                confidence=verification_confidence(distance, threshold), model=model.display_name,
-                img1_face=first.face, img2_face=second.face,
-                img1_liveness=first.liveness, img2_liveness=second.liveness,
-                processing_time_ms=(time.perf_counter() - started) * 1000.0)
+                verified=verified,
+                distance=distance,
+                threshold=threshold,
+                confidence=verification_confidence(distance, threshold),
+                model=model.display_name,
+                img1_face=first.face,
+                img2_face=second.face,
+                img1_liveness=first.liveness,
+                img2_liveness=second.liveness,
+                processing_time_ms=(time.perf_counter() - started) * 1000.0,
+            )
 
-    def _run_halves(self, model: LoadedModel, first: Callable[[Checkpoint], A],
-                    second: Callable[[Checkpoint], B], checkpoint: Checkpoint) -> tuple[A, B]:
+    def _run_halves(
+        self,
+        model: LoadedModel,
+        first: Callable[[Checkpoint], A],
+        second: Callable[[Checkpoint], B],
+        checkpoint: Checkpoint,
+    ) -> tuple[A, B]:
         """first(checkpoint) on this thread and second(checkpoint) on a helper when one is free
         (core.concurrency.run_side_by_side); an error in first stops second at its next stage.
 
@@ -309,12 +339,16 @@ class FaceService:
             finally:
                 model.release()
 
-        return run_side_by_side(self._helpers if model.use_helpers else None,
-                                lambda: first(checkpoint), second_holding_the_model,
-                                on_first_error=abandoned.set)
+        return run_side_by_side(
+            self._helpers if model.use_helpers else None,
+            lambda: first(checkpoint),
+            second_holding_the_model,
+            on_first_error=abandoned.set,
+        )
 
-    def _verify_image(self, model: LoadedModel, liveness: Optional[LivenessEnsemble], encoded: str,
-                      name: str, checkpoint: Checkpoint) -> VerifiedImage:
+    def _verify_image(
+        self, model: LoadedModel, liveness: LivenessEnsemble | None, encoded: str, name: str, checkpoint: Checkpoint
+    ) -> VerifiedImage:
         image = decode_image(encoded, name, self.image_limits)
         checkpoint("detection")
         face = best_face(self._faces(model.engine, image, name))
@@ -325,8 +359,14 @@ class FaceService:
         checkpoint("recognition")
         return VerifiedImage(face, model.engine.embed(image, face), verdict)
 
-    def analyze(self, img: str, actions: Sequence[str] = (), anti_spoofing: bool = False,
-                identity: str = "", checkpoint: Checkpoint = _always_continue) -> list[AnalyzedFace]:
+    def analyze(
+        self,
+        img: str,
+        actions: Sequence[str] = (),
+        anti_spoofing: bool = False,
+        identity: str = "",
+        checkpoint: Checkpoint = _always_continue,
+    ) -> list[AnalyzedFace]:
         with self._holding(identity) as model:
             liveness = self._require_liveness(model) if anti_spoofing else None
             wanted = self._resolve_actions(model.engine, actions)
@@ -340,7 +380,7 @@ class FaceService:
                 stage("attributes")
                 return model.engine.analyze(image, faces, wanted) if wanted else [FaceAttributes()] * len(faces)
 
-            def score_liveness(stage: Checkpoint) -> Sequence[Optional[LivenessResult]]:
+            def score_liveness(stage: Checkpoint) -> Sequence[LivenessResult | None]:
                 stage("liveness")
                 return liveness.score(image, faces)
 
@@ -357,31 +397,38 @@ class FaceService:
         requested = {a.strip().lower() for a in actions if a.strip()}
         unknown = requested - set(HOST_ACTIONS)
         if unknown:
-            raise InvalidInputError(f"actions: unsupported action(s) {', '.join(sorted(unknown))};"
-                                    f" actions are a subset of {', '.join(HOST_ACTIONS)}",
-                                    reason="BAD_ACTION", field="actions")
+            raise InvalidInputError(
+                f"actions: unsupported action(s) {', '.join(sorted(unknown))};"
+                f" actions are a subset of {', '.join(HOST_ACTIONS)}",
+                reason="BAD_ACTION",
+                field="actions",
+            )
         if not requested:
             return engine.supported_actions
         return frozenset(requested) & engine.supported_actions
 
-    def embed(self, images: Sequence[str], identity: str = "",
-              checkpoint: Checkpoint = _always_continue) -> Embedding:
+    def embed(self, images: Sequence[str], identity: str = "", checkpoint: Checkpoint = _always_continue) -> Embedding:
         with self._holding(identity) as model:
             if not images:
-                raise InvalidInputError("Images[0]: no image given (Embedding needs one image)",
-                                        reason="IMAGE_MISSING", field="Images[0]")
+                raise InvalidInputError(
+                    "Images[0]: no image given (Embedding needs one image)", reason="IMAGE_MISSING", field="Images[0]"
+                )
             image = decode_image(images[0], "Images[0]", self.image_limits)
             checkpoint("detection")
             face = best_face(self._faces(model.engine, image, "Images[0]"))
             checkpoint("recognition")
             return Embedding(model.engine.embed(image, face), face)
 
-    def detect(self, src: str, threshold: float = 0.0, identity: str = "",
-               checkpoint: Checkpoint = _always_continue) -> list[FaceDetection]:
+    def detect(
+        self, src: str, threshold: float = 0.0, identity: str = "", checkpoint: Checkpoint = _always_continue
+    ) -> list[FaceDetection]:
         with self._holding(identity) as model:
             if threshold < 0 or threshold > 1 or not math.isfinite(threshold):
-                raise InvalidInputError(f"threshold must be a detector score in [0, 1], got {threshold}",
-                                        reason="BAD_THRESHOLD", field="threshold")
+                raise InvalidInputError(
+                    f"threshold must be a detector score in [0, 1], got {threshold}",
+                    reason="BAD_THRESHOLD",
+                    field="threshold",
+                )
             image = decode_image(src, "src", self.image_limits)
             checkpoint("detection")
             return model.engine.detect(image, threshold if threshold > 0 else None)

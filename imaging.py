@@ -4,6 +4,7 @@ Every byte of a request image is attacker controlled, so sizes are checked from 
 before any pixel is decoded: a few-KB PNG that claims 40000x40000 pixels is refused without
 allocating them.
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from core.errors import InvalidInputError
-from core.settings import ImageLimits
+from core.settings import DEFAULT_IMAGE_LIMITS, ImageLimits
 
 # The byte and pixel limits are settings (core.settings.ImageLimits); the side limits are not.
 # The smallest image a face detector can work with.
@@ -32,19 +33,21 @@ SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 _WHITESPACE = re.compile(r"\s+")
 
 
-def decode_base64(data: str, name: str, limits: ImageLimits = ImageLimits()) -> bytes:
+def decode_base64(data: str, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> bytes:
     """Strict base64 (a `data:<mime>;base64,` prefix is accepted); garbage is an error."""
     if not data:
         raise InvalidInputError(f"{name}: no image data", reason="IMAGE_MISSING", field=name)
     if data.startswith("data:"):
         header, sep, data = data.partition(",")
         if not sep or not header.endswith(";base64"):
-            raise InvalidInputError(f"{name}: data URI must be of the form data:<mime>;base64,<data>",
-                                    reason="IMAGE_NOT_BASE64", field=name)
+            raise InvalidInputError(
+                f"{name}: data URI must be of the form data:<mime>;base64,<data>", reason="IMAGE_NOT_BASE64", field=name
+            )
     # Allowed lengths are checked before the string is copied or decoded.
     if len(data) > limits.max_bytes * 4 // 3 + 1024:
-        raise InvalidInputError(f"{name}: image is larger than {limits.max_bytes} bytes",
-                                reason="IMAGE_TOO_LARGE", field=name)
+        raise InvalidInputError(
+            f"{name}: image is larger than {limits.max_bytes} bytes", reason="IMAGE_TOO_LARGE", field=name
+        )
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
@@ -53,14 +56,13 @@ def decode_base64(data: str, name: str, limits: ImageLimits = ImageLimits()) -> 
         try:
             raw = base64.b64decode(_WHITESPACE.sub("", data), validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidInputError(f"{name}: not valid base64", reason="IMAGE_NOT_BASE64",
-                                    field=name) from None
+            raise InvalidInputError(f"{name}: not valid base64", reason="IMAGE_NOT_BASE64", field=name) from None
     if not raw:
         raise InvalidInputError(f"{name}: no image data", reason="IMAGE_MISSING", field=name)
     return raw
 
 
-def check_header(raw: bytes, name: str, limits: ImageLimits = ImageLimits()) -> tuple[str, int, int]:
+def check_header(raw: bytes, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> tuple[str, int, int]:
     """Format, width and height from the header alone; refuses unknown formats and pixel bombs."""
     try:
         with warnings.catch_warnings():
@@ -69,37 +71,51 @@ def check_header(raw: bytes, name: str, limits: ImageLimits = ImageLimits()) -> 
             with Image.open(io.BytesIO(raw)) as header:
                 fmt, (width, height) = header.format or "", header.size
     except Image.DecompressionBombError:
-        raise InvalidInputError(f"{name}: image has more than {limits.max_pixels} pixels",
-                                reason="IMAGE_TOO_LARGE", field=name) from None
+        raise InvalidInputError(
+            f"{name}: image has more than {limits.max_pixels} pixels", reason="IMAGE_TOO_LARGE", field=name
+        ) from None
     except Exception:
         # Pillow's format plugins raise many types on malformed headers (UnidentifiedImageError,
         # OSError, SyntaxError, but also NotImplementedError, EOFError, struct.error, ...): whatever
         # the bytes, a header Pillow cannot read is the caller's error, never an internal one.
-        raise InvalidInputError(f"{name}: not a decodable image (JPEG, PNG, WebP, BMP, TIFF)",
-                                reason="IMAGE_UNDECODABLE", field=name) from None
+        raise InvalidInputError(
+            f"{name}: not a decodable image (JPEG, PNG, WebP, BMP, TIFF)", reason="IMAGE_UNDECODABLE", field=name
+        ) from None
     if fmt.upper() not in SUPPORTED_FORMATS:
-        raise InvalidInputError(f"{name}: unsupported image format {fmt or 'unknown'};"
-                                " send JPEG, PNG, WebP, BMP or TIFF",
-                                reason="IMAGE_FORMAT_UNSUPPORTED", field=name)
+        raise InvalidInputError(
+            f"{name}: unsupported image format {fmt or 'unknown'}; send JPEG, PNG, WebP, BMP or TIFF",
+            reason="IMAGE_FORMAT_UNSUPPORTED",
+            field=name,
+        )
     if width * height > limits.max_pixels:
-        raise InvalidInputError(f"{name}: image is {width}x{height} pixels, more than the"
-                                f" {limits.max_pixels} allowed", reason="IMAGE_TOO_LARGE", field=name)
+        raise InvalidInputError(
+            f"{name}: image is {width}x{height} pixels, more than the {limits.max_pixels} allowed",
+            reason="IMAGE_TOO_LARGE",
+            field=name,
+        )
     if max(width, height) > MAX_IMAGE_SIDE:
-        raise InvalidInputError(f"{name}: image is {width}x{height} pixels, a side longer than the"
-                                f" {MAX_IMAGE_SIDE} allowed", reason="IMAGE_TOO_LARGE", field=name)
+        raise InvalidInputError(
+            f"{name}: image is {width}x{height} pixels, a side longer than the {MAX_IMAGE_SIDE} allowed",
+            reason="IMAGE_TOO_LARGE",
+            field=name,
+        )
     if min(width, height) < MIN_IMAGE_SIDE:
-        raise InvalidInputError(f"{name}: image is {width}x{height} pixels, too small to hold a face"
-                                f" (at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})",
-                                reason="IMAGE_TOO_SMALL", field=name)
+        raise InvalidInputError(
+            f"{name}: image is {width}x{height} pixels, too small to hold a face"
+            f" (at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})",
+            reason="IMAGE_TOO_SMALL",
+            field=name,
+        )
     return fmt, width, height
 
 
-def decode_image(data: str, name: str, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+def decode_image(data: str, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> np.ndarray:
     """The image in `data` as an HxWx3 uint8 BGR array, EXIF orientation applied."""
     raw = decode_base64(data, name, limits)
     if len(raw) > limits.max_bytes:
-        raise InvalidInputError(f"{name}: image is larger than {limits.max_bytes} bytes",
-                                reason="IMAGE_TOO_LARGE", field=name)
+        raise InvalidInputError(
+            f"{name}: image is larger than {limits.max_bytes} bytes", reason="IMAGE_TOO_LARGE", field=name
+        )
     fmt, _, _ = check_header(raw, name, limits)
     if fmt.upper() == "GIF":
         image = _decode_with_pillow(raw)  # OpenCV builds differ in GIF support
@@ -111,8 +127,7 @@ def decode_image(data: str, name: str, limits: ImageLimits = ImageLimits()) -> n
         except cv2.error:  # some malformed headers fail an OpenCV assertion instead of returning None
             image = None
     if image is None or image.size == 0:
-        raise InvalidInputError(f"{name}: image data is corrupt or truncated",
-                                reason="IMAGE_UNDECODABLE", field=name)
+        raise InvalidInputError(f"{name}: image data is corrupt or truncated", reason="IMAGE_UNDECODABLE", field=name)
     return image
 
 

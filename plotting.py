@@ -1,17 +1,16 @@
 """The figures of `client.py evaluate --plot` and `evaluate-liveness --plot` (matplotlib, Agg:
 files only, never a window). Imported only when a plot is asked for; the numbers come from
 evaluation.py. A file that cannot be written raises OSError."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from evaluation import MAX_DISTANCE, liveness_candidates, rate  # noqa: E402
+from evaluation import MAX_DISTANCE, liveness_candidates, rate
 
 
 def plotted_rate(mask: np.ndarray) -> float:
@@ -47,8 +46,15 @@ def finish_figure(figure, title: str, path: str) -> None:
         plt.close(figure)
 
 
-def plot_identity(path: str, same: np.ndarray, different: np.ndarray, threshold: float,
-                  recommended: float, title: str, threshold_name: str = "default threshold") -> None:
+def plot_identity(
+    path: str,
+    same: np.ndarray,
+    different: np.ndarray,
+    threshold: float,
+    recommended: float,
+    title: str,
+    threshold_name: str = "default threshold",
+) -> None:
     """Distance histograms of same- and different-person pairs, and the ROC curve, with the
     evaluated and the recommended threshold marked."""
     figure, (hist, roc) = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -68,8 +74,9 @@ def plot_identity(path: str, same: np.ndarray, different: np.ndarray, threshold:
     finish_figure(figure, title, path)
 
 
-def plot_liveness(path: str, real: np.ndarray, spoof: np.ndarray, server_threshold: Optional[float],
-                  recommended: float, title: str) -> None:
+def plot_liveness(
+    path: str, real: np.ndarray, spoof: np.ndarray, server_threshold: float | None, recommended: float, title: str
+) -> None:
     """Score histograms of real and spoof images, and the DET curve, with the server's and the
     recommended threshold marked."""
     figure, (hist, det) = plt.subplots(1, 2, figsize=(12, 4.8))

@@ -4,6 +4,7 @@
 Under CI=true a skipped test is a failure: tests skip only when weights are missing, and CI
 must prove the real models, not the absence of them.
 """
+
 import os
 import sys
 import unittest
@@ -21,8 +22,10 @@ def main() -> int:
     result = unittest.TextTestRunner(verbosity=2).run(suite)
     under_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
     # Counted per test method: a method with failing subtests is one failure, however many.
-    failed_tests = {id(getattr(t, "test_case", t))  # a _SubTest points at its method
-                    for t in [t for t, _ in result.failures + result.errors] + result.unexpectedSuccesses}
+    failed_tests = {
+        id(getattr(t, "test_case", t))  # a _SubTest points at its method
+        for t in [t for t, _ in result.failures + result.errors] + result.unexpectedSuccesses
+    }
     failed = len(failed_tests)
     skipped = len(result.skipped)
     passed = max(0, result.testsRun - failed - skipped)

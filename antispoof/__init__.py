@@ -1,4 +1,5 @@
 """Passive (single-image) face liveness, independent of the face engine that found the faces."""
+
 from .minifasnet import (
     DEFAULT_THRESHOLD,
     INPUT_SIZE,

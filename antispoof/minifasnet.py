@@ -6,11 +6,12 @@ weights are the ONNX exports described in shared/models/minifasnet/SOURCE.md. Ea
 differently sized context window around the face (the border of a photo or a screen is the cue),
 so each crops the image itself.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -54,13 +55,13 @@ DEFAULT_THRESHOLD = catalog.default().shared_threshold(ROLE_ANTISPOOF)
 LIVENESS_MISSING = (
     "anti_spoofing was requested but the loaded model has no liveness weights: load it with "
     + " and/or ".join(f"{option}:{name}" for option, name in zip(LIVENESS_OPTIONS, LIVENESS_FILES))
-    + " (install the files into models/ with `make models`)")
+    + " (install the files into models/ with `make models`)"
+)
 
 BoxXYWH = tuple[float, float, float, float]
 
 
-def crop_window(image_w: int, image_h: int, box_xywh: BoxXYWH,
-                scale: float) -> tuple[int, int, int, int]:
+def crop_window(image_w: int, image_h: int, box_xywh: BoxXYWH, scale: float) -> tuple[int, int, int, int]:
     """Inclusive pixel window (x1, y1, x2, y2) that upstream's CropImage cuts for this box.
 
     The box is enlarged by `scale` around its centre; when that cannot fit, the scale shrinks until
@@ -91,15 +92,14 @@ def _shift_inside(start: float, end: float, last: int) -> tuple[float, float]:
     return start, end
 
 
-def crop_for_liveness(image_bgr: np.ndarray, box_xywh: BoxXYWH, scale: float,
-                      size: int = INPUT_SIZE) -> np.ndarray:
+def crop_for_liveness(image_bgr: np.ndarray, box_xywh: BoxXYWH, scale: float, size: int = INPUT_SIZE) -> np.ndarray:
     """The size x size BGR uint8 patch a MiniFASNet expects for the face at `box_xywh`."""
     if image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 BGR image, got shape {image_bgr.shape}")
     image_h, image_w = image_bgr.shape[:2]
     x1, y1, x2, y2 = crop_window(image_w, image_h, box_xywh, scale)
     # Upstream slices [y1 : y2 + 1]: the end pixel is part of the window.
-    patch = image_bgr[y1:y2 + 1, x1:x2 + 1]
+    patch = image_bgr[y1 : y2 + 1, x1 : x2 + 1]
     return cv2.resize(patch, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
@@ -112,7 +112,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 class MiniFASNet:
     """One MiniFASNet ONNX model and the crop scale it was trained with."""
 
-    def __init__(self, path: str, scale: float, threads: Optional[int] = None) -> None:
+    def __init__(self, path: str, scale: float, threads: int | None = None) -> None:
         self.path = path
         self.scale = scale
         self._session = create_session(path, threads)
@@ -122,7 +122,8 @@ class MiniFASNet:
         if chw != [3, INPUT_SIZE, INPUT_SIZE] or output_shape[-1] != NUM_CLASSES:
             raise ModelFileError(
                 f"{path} is not a MiniFASNet liveness model: input {model_input.shape}, output "
-                f"{output_shape}; expected [N, 3, {INPUT_SIZE}, {INPUT_SIZE}] -> [N, {NUM_CLASSES}]")
+                f"{output_shape}; expected [N, 3, {INPUT_SIZE}, {INPUT_SIZE}] -> [N, {NUM_CLASSES}]"
+            )
         self.input_shape: list = model_input.shape
         # The shipped exports are fixed at 1 and reject anything else: one face per Run.
         self.dynamic_batch = check_batch_dimension(self._session, path)
@@ -157,8 +158,13 @@ class LivenessEnsemble:
     Safe to call from many threads at once (onnxruntime sessions are).
     """
 
-    def __init__(self, v2_path: Optional[str] = None, v1se_path: Optional[str] = None,
-                 threshold: float = DEFAULT_THRESHOLD, threads: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        v2_path: str | None = None,
+        v1se_path: str | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
+        threads: int | None = None,
+    ) -> None:
         if not v2_path and not v1se_path:
             raise ValueError("liveness needs at least one model: give v2_path and/or v1se_path")
         if not 0.0 <= threshold <= 1.0:
@@ -175,8 +181,11 @@ class LivenessEnsemble:
         self.models: tuple[MiniFASNet, ...] = tuple(models)
         # One helper is enough: it only runs the second model while the caller runs the first;
         # when it is busy with another request, the caller runs both (core.concurrency).
-        self._helper = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="liveness")
-                        if use_helper and len(self.models) > 1 and usable_cpus() > 1 else None)
+        self._helper = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="liveness")
+            if use_helper and len(self.models) > 1 and usable_cpus() > 1
+            else None
+        )
 
     @property
     def runs_models_side_by_side(self) -> bool:
@@ -191,16 +200,16 @@ class LivenessEnsemble:
             per_model = [self.models[0].probabilities(image_bgr, boxes)]
         else:
             v2, v1se = self.models
-            per_model = run_side_by_side(self._helper, lambda: v2.probabilities(image_bgr, boxes),
-                                         lambda: v1se.probabilities(image_bgr, boxes))
+            per_model = run_side_by_side(
+                self._helper, lambda: v2.probabilities(image_bgr, boxes), lambda: v1se.probabilities(image_bgr, boxes)
+            )
         mean = sum(per_model) / len(per_model)
         return [self._verdict(row) for row in mean]
 
     def _verdict(self, probabilities: np.ndarray) -> LivenessResult:
         p_real = float(probabilities[REAL_CLASS])
         is_real = int(np.argmax(probabilities)) == REAL_CLASS and p_real >= self.threshold
-        return LivenessResult(is_real=is_real, score=p_real,
-                              probabilities=tuple(float(p) for p in probabilities))
+        return LivenessResult(is_real=is_real, score=p_real, probabilities=tuple(float(p) for p in probabilities))
 
     def close(self) -> None:
         if self._helper is not None:
@@ -209,12 +218,11 @@ class LivenessEnsemble:
             model.close()
 
 
-def build_liveness(request: LoadRequest) -> Optional[LivenessEnsemble]:
+def build_liveness(request: LoadRequest) -> LivenessEnsemble | None:
     """The liveness models a LoadModel request names, or None when it names none: the one place
     that turns liveness options into models, so a new liveness engine changes this package only."""
     v2_path, v1se_path = (request.file(option) for option in LIVENESS_OPTIONS)
     threshold = request.float_in_range("antispoof_threshold", 0.0, 1.0, DEFAULT_THRESHOLD)
     if not v2_path and not v1se_path:
         return None
-    return LivenessEnsemble(v2_path=v2_path, v1se_path=v1se_path, threshold=threshold,
-                            threads=request.threads or None)
+    return LivenessEnsemble(v2_path=v2_path, v1se_path=v1se_path, threshold=threshold, threads=request.threads or None)

@@ -30,6 +30,7 @@ difference per face; and in this process the cost of MobileFaceNet's flipped cro
 attribute head per face. Prints a table and PASS/FAIL per target, writes bench/results/bench.json,
 exits 1 if a target fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,8 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import cv2
 import grpc
@@ -90,8 +91,12 @@ SETS = {
 # -- statistics -----------------------------------------------------------------------------
 def stats_ms(seconds: list[float]) -> dict:
     ms = np.asarray(seconds) * 1000.0
-    return {"n": int(ms.size), "median_ms": round(float(np.median(ms)), 2),
-            "p90_ms": round(float(np.percentile(ms, 90)), 2), "mean_ms": round(float(ms.mean()), 2)}
+    return {
+        "n": int(ms.size),
+        "median_ms": round(float(np.median(ms)), 2),
+        "p90_ms": round(float(np.percentile(ms, 90)), 2),
+        "mean_ms": round(float(ms.mean()), 2),
+    }
 
 
 def timed(call: Callable[[], object]) -> tuple[float, object]:
@@ -105,8 +110,9 @@ def timed(call: Callable[[], object]) -> tuple[float, object]:
 SETTLE_SECONDS = 0.2
 
 
-def alternate(sides: dict[str, Callable[[int], object]], blocks: int, per_block: int,
-              count: int) -> dict[str, list[float]]:
+def alternate(
+    sides: dict[str, Callable[[int], object]], blocks: int, per_block: int, count: int
+) -> dict[str, list[float]]:
     """Blocks of `per_block` calls per side, interleaved, the side that goes first alternating.
 
     Call i of a side gets argument i % count (which pair / image), so both sides see the same
@@ -167,8 +173,9 @@ class InsightFaceScript:
 
     label = "insightface model_zoo (SCRFD + ArcFaceONNX)"
 
-    def __init__(self, pack_dir: str, session_options: Optional[ort.SessionOptions] = None):
+    def __init__(self, pack_dir: str, session_options: ort.SessionOptions | None = None):
         from insightface.model_zoo import get_model
+
         kwargs = {"sess_options": session_options} if session_options is not None else {}
         self.detector = get_model(os.path.join(pack_dir, "det_500m.onnx"), **kwargs)
         # FaceAnalysis.prepare(det_size=(640, 640)) hands the detector input_size=(640, 640); in
@@ -189,16 +196,22 @@ class InsightFaceScript:
 class YuNetMobileFaceNetScript:
     """The default set without the backend: cv2.FaceDetectorYN + MobileFaceNet on onnxruntime."""
 
-    label = ("cv2.FaceDetectorYN + MobileFaceNet on onnxruntime (insightface's model_zoo has no YuNet);"
-             " insightface norm_crop, ImageNet mean/std, flipped crop added")
+    label = (
+        "cv2.FaceDetectorYN + MobileFaceNet on onnxruntime (insightface's model_zoo has no YuNet);"
+        " insightface norm_crop, ImageNet mean/std, flipped crop added"
+    )
 
-    def __init__(self, models_dir: str, session_options: Optional[ort.SessionOptions] = None):
+    def __init__(self, models_dir: str, session_options: ort.SessionOptions | None = None):
         from insightface.utils import face_align
+
         self.norm_crop = face_align.norm_crop
         self.yunet_path = os.path.join(models_dir, "face_detection_yunet_2023mar.onnx")
         self.detector = cv2.FaceDetectorYN.create(self.yunet_path, "", (640, 640), YUNET_SCORE_THRESHOLD, 0.3, 5000)
-        self.session = ort.InferenceSession(os.path.join(models_dir, "MobileFaceNet.onnx"),
-                                            sess_options=session_options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            os.path.join(models_dir, "MobileFaceNet.onnx"),
+            sess_options=session_options,
+            providers=["CPUExecutionProvider"],
+        )
         self.input_name = self.session.get_inputs()[0].name
         profile = recognizer_profile("MobileFaceNet.onnx")
         self.mean = np.asarray(profile.mean, np.float32).reshape(1, 3, 1, 1)
@@ -207,9 +220,15 @@ class YuNetMobileFaceNetScript:
     def embed(self, image: np.ndarray) -> np.ndarray:
         # YuNet on the image fitted into 640x640 (never enlarged), as the backend runs it.
         scale = min(1.0, 640 / image.shape[1], 640 / image.shape[0])
-        small = image if scale == 1.0 else cv2.resize(
-            image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
-            interpolation=cv2.INTER_AREA)
+        small = (
+            image
+            if scale == 1.0
+            else cv2.resize(
+                image,
+                (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
+                interpolation=cv2.INTER_AREA,
+            )
+        )
         self.detector.setInputSize((small.shape[1], small.shape[0]))
         _, rows = self.detector.detect(small)
         if rows is None:
@@ -217,8 +236,10 @@ class YuNetMobileFaceNetScript:
         # Largest box (areas compare the same at any scale), ties to the higher score.
         row = rows[largest(np.array([[r[0], r[1], r[0] + r[2], r[1] + r[3], r[14]] for r in rows]))]
         crop = self.norm_crop(image, landmark=row[4:14].reshape(5, 2) / scale)
-        blob = (np.stack([crop, crop[:, ::-1]])[..., ::-1].astype(np.float32).transpose(0, 3, 1, 2) - self.mean) / self.std
-        raw = sum(self.session.run(None, {self.input_name: blob[i:i + 1]})[0][0] for i in range(2))
+        blob = (
+            np.stack([crop, crop[:, ::-1]])[..., ::-1].astype(np.float32).transpose(0, 3, 1, 2) - self.mean
+        ) / self.std
+        raw = sum(self.session.run(None, {self.input_name: blob[i : i + 1]})[0][0] for i in range(2))
         return raw / np.linalg.norm(raw)
 
 
@@ -236,7 +257,7 @@ class Inputs:
     group: bytes
 
     @staticmethod
-    def read() -> "Inputs":
+    def read() -> Inputs:
         images = os.path.join(IDENTITY_DIR, "images")
         pairs = [(read_bytes(os.path.join(images, a)), read_bytes(os.path.join(images, b))) for a, b in VERIFY_PAIRS]
         return Inputs(pairs=pairs, one_face=read_bytes(os.path.join(images, ONE_FACE)), group=read_bytes(GROUP_PHOTO))
@@ -261,8 +282,10 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
     try:
         report = SetReport(name, "")
         # LoadModel: the first call (pays lazy imports), then the median of several more.
-        loads = [load_model(server, spec["model"], spec["options"], args.threads)
-                 for _ in range(1 + (args.load_repeats if name == "default" else 0))]
+        loads = [
+            load_model(server, spec["model"], spec["options"], args.threads)
+            for _ in range(1 + (args.load_repeats if name == "default" else 0))
+        ]
         report.values["load_first_s"] = round(loads[0], 3)
         if len(loads) > 1:
             report.values["load_median_s"] = round(float(np.median(loads[1:])), 3)
@@ -270,14 +293,18 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
 
         # The script as issue 6 defines it (onnxruntime defaults: all cores, spinning workers), and
         # the same with spinning off.
-        make = ((lambda o: InsightFaceScript(os.path.join(MODELS_DIR, "buffalo_sc"), o)) if name == "buffalo_sc"
-                else (lambda o: YuNetMobileFaceNetScript(MODELS_DIR, o)))
+        make = (
+            (lambda o: InsightFaceScript(os.path.join(MODELS_DIR, "buffalo_sc"), o))
+            if name == "buffalo_sc"
+            else (lambda o: YuNetMobileFaceNetScript(MODELS_DIR, o))
+        )
         scripts = {"script": make(None), "script_nospin": make(no_spinning_options())}
         report.script_label = scripts["script"].label
         stub = server.stub
         verify_requests = [backend_pb2.FaceVerifyRequest(img1=b64(a), img2=b64(b)) for a, b in inputs.pairs]
-        live_requests = [backend_pb2.FaceVerifyRequest(img1=b64(a), img2=b64(b), anti_spoofing=True)
-                         for a, b in inputs.pairs]
+        live_requests = [
+            backend_pb2.FaceVerifyRequest(img1=b64(a), img2=b64(b), anti_spoofing=True) for a, b in inputs.pairs
+        ]
 
         def grpc_verify(i: int):
             return stub.FaceVerify(verify_requests[i], timeout=60)
@@ -314,13 +341,17 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
         report.timings["FaceVerify (in-process script)"] = stats_ms(times["script"])
         report.timings["FaceVerify (in-process script, no spinning)"] = stats_ms(times["script_nospin"])
         grpc_ms = report.timings["FaceVerify (gRPC)"]["median_ms"]
-        report.values["verify_ratio"] = round(grpc_ms / report.timings["FaceVerify (in-process script)"]["median_ms"], 3)
+        report.values["verify_ratio"] = round(
+            grpc_ms / report.timings["FaceVerify (in-process script)"]["median_ms"], 3
+        )
         report.values["verify_ratio_vs_no_spinning"] = round(
-            grpc_ms / report.timings["FaceVerify (in-process script, no spinning)"]["median_ms"], 3)
+            grpc_ms / report.timings["FaceVerify (in-process script, no spinning)"]["median_ms"], 3
+        )
 
         # What gRPC itself costs: the same payloads, refused (threshold < 0) before any decoding.
-        transport_requests = [backend_pb2.FaceVerifyRequest(img1=r.img1, img2=r.img2, threshold=-1.0)
-                              for r in verify_requests]
+        transport_requests = [
+            backend_pb2.FaceVerifyRequest(img1=r.img1, img2=r.img2, threshold=-1.0) for r in verify_requests
+        ]
 
         def transport_only(i: int):
             try:
@@ -328,8 +359,10 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
                     raise
+
         report.timings["FaceVerify transport only (gRPC)"] = stats_ms(
-            [timed(lambda: transport_only(i % count))[0] for i in range(args.per_block * 4)])
+            [timed(lambda: transport_only(i % count))[0] for i in range(args.per_block * 4)]
+        )
 
         liveness = name == "default"
         if liveness:
@@ -344,7 +377,7 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
                 i = k % count
                 order = (("without", grpc_verify), ("with", grpc_verify_live))
                 seconds = {}
-                for key, call in (order if k % 2 == 0 else order[::-1]):
+                for key, call in order if k % 2 == 0 else order[::-1]:
                     seconds[key] = timed(lambda: call(i))[0]
                     live[key].append(seconds[key])
                 differences.append(seconds["with"] - seconds["without"])
@@ -366,7 +399,8 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
         narrowed = {"FaceAnalyze, 1 face": (one, 1), "FaceAnalyze, 6 faces (t1.jpg)": (group, 6)}
         if liveness:
             others["FaceAnalyze, 6 faces, liveness"] = lambda _: stub.FaceAnalyze(
-                backend_pb2.FaceAnalyzeRequest(img=group, anti_spoofing=True), timeout=60)
+                backend_pb2.FaceAnalyzeRequest(img=group, anti_spoofing=True), timeout=60
+            )
             for key, (img, _) in narrowed.items():
                 request = backend_pb2.FaceAnalyzeRequest(img=img, actions=["age", "gender"])
                 others[key + ", age+gender"] = lambda _, r=request: stub.FaceAnalyze(r, timeout=60)
@@ -382,31 +416,38 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
             report.timings[key + " (gRPC)"] = stats_ms(values)
         for key, (_, faces) in narrowed.items():
             if key + ", age+gender" in other_times:
-                extra_ms = (report.timings[key + " (gRPC)"]["median_ms"]
-                            - report.timings[key + ", age+gender (gRPC)"]["median_ms"])
-                report.values[f"heads_beyond_age_gender_ms_per_face ({faces} face{'s' * (faces > 1)})"] = \
-                    round(extra_ms / faces, 2)
+                extra_ms = (
+                    report.timings[key + " (gRPC)"]["median_ms"]
+                    - report.timings[key + ", age+gender (gRPC)"]["median_ms"]
+                )
+                report.values[f"heads_beyond_age_gender_ms_per_face ({faces} face{'s' * (faces > 1)})"] = round(
+                    extra_ms / faces, 2
+                )
 
         # Concurrent clients: throughput and the server's peak RSS, load windows alternating with
         # blocks of the in-process script, whose median (single caller) is the per-verify cost.
-        position = iter(range(10 ** 9))
+        position = iter(range(10**9))
 
         def script_block() -> dict[str, list[float]]:
             times = {}
             for which in scripts:
                 time.sleep(SETTLE_SECONDS)
-                times[which] = [timed(lambda: script_verify(next(position) % count, which))[0]
-                                for _ in range(args.per_block)]
+                times[which] = [
+                    timed(lambda: script_verify(next(position) % count, which))[0] for _ in range(args.per_block)
+                ]
             return times
 
-        report.values.update(concurrent_load(server, verify_requests, args.clients, args.load_seconds,
-                                             args.load_windows, script_block))
+        report.values.update(
+            concurrent_load(server, verify_requests, args.clients, args.load_seconds, args.load_windows, script_block)
+        )
         report.timings[f"FaceVerify under {args.clients} clients (gRPC)"] = report.values.pop("latencies")
         between = report.values.pop("script_times")
         report.timings["FaceVerify (in-process, between load windows)"] = stats_ms(between["script"])
         report.timings["FaceVerify (in-process, no spinning, between)"] = stats_ms(between["script_nospin"])
-        for key, label in (("cores_worth", "FaceVerify (in-process, between load windows)"),
-                           ("cores_worth_vs_no_spinning", "FaceVerify (in-process, no spinning, between)")):
+        for key, label in (
+            ("cores_worth", "FaceVerify (in-process, between load windows)"),
+            ("cores_worth_vs_no_spinning", "FaceVerify (in-process, no spinning, between)"),
+        ):
             report.values[key] = round(report.values["verify_per_s"] * report.timings[label]["median_ms"] / 1000, 3)
         report.values["server_threads"] = status_field("Threads", server.pid)
 
@@ -418,8 +459,14 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
         server.close()
 
 
-def concurrent_load(server: BackendProcess, requests, clients: int, seconds: float, windows: int,
-                    script_block: Callable[[], dict[str, list[float]]]) -> dict:
+def concurrent_load(
+    server: BackendProcess,
+    requests,
+    clients: int,
+    seconds: float,
+    windows: int,
+    script_block: Callable[[], dict[str, list[float]]],
+) -> dict:
     """`clients` threads calling FaceVerify back to back, in `windows` windows of seconds/windows
     each, with a block of the in-process script between windows (so drift hits both alike).
 
@@ -470,13 +517,17 @@ def concurrent_load(server: BackendProcess, requests, clients: int, seconds: flo
     hwm_kb = status_field("VmHWM", server.pid)
     peak_kb = max(hwm_kb if reset else 0, rss_base_kb, sampler.peak_kb())
     return {
-        "clients": clients, "load_seconds": round(busy_seconds, 2), "verifies": completed,
-        "errors": errors[:5], "error_count": len(errors),
+        "clients": clients,
+        "load_seconds": round(busy_seconds, 2),
+        "verifies": completed,
+        "errors": errors[:5],
+        "error_count": len(errors),
         "verify_per_s": round(completed / busy_seconds, 3),
         "rss_before_load_mb": round(rss_base_kb / 1024, 1),
         "peak_rss_mb": round(peak_kb / 1024, 1),
-        "peak_rss_source": "VmHWM reset before the load (clear_refs) and polled VmRSS" if reset
-                           else "polled VmRSS every 50 ms (VmHWM could not be reset)",
+        "peak_rss_source": "VmHWM reset before the load (clear_refs) and polled VmRSS"
+        if reset
+        else "polled VmRSS every 50 ms (VmHWM could not be reset)",
         "latencies": stats_ms(latencies) if latencies else {},
         "script_times": script_times,
     }
@@ -485,22 +536,30 @@ def concurrent_load(server: BackendProcess, requests, clients: int, seconds: flo
 def flip_cost(inputs: Inputs, threads: int) -> dict:
     """What MobileFaceNet's flipped crop costs: the backend's recognizer with and without it, in
     this process, with the threads the server's sessions get."""
+    from dataclasses import replace
+
     from engines.detection import YuNetDetector
     from engines.recognition import ArcFaceRecognizer
     from engines.runtime import create_session, default_threads
-    from dataclasses import replace
+
     image = cv2.imdecode(np.frombuffer(inputs.one_face, np.uint8), cv2.IMREAD_COLOR)
-    face = max(YuNetDetector(os.path.join(MODELS_DIR, "face_detection_yunet_2023mar.onnx"),
-                             score_threshold=YUNET_SCORE_THRESHOLD).detect(image), key=lambda f: f.area)
+    face = max(
+        YuNetDetector(
+            os.path.join(MODELS_DIR, "face_detection_yunet_2023mar.onnx"), score_threshold=YUNET_SCORE_THRESHOLD
+        ).detect(image),
+        key=lambda f: f.area,
+    )
     session = create_session(os.path.join(MODELS_DIR, "MobileFaceNet.onnx"), threads or None)
     profile = recognizer_profile("MobileFaceNet.onnx")
     with_flip = ArcFaceRecognizer(session, profile)
     without = ArcFaceRecognizer(session, replace(profile, flip=False))
     align = lambda: align_face(image, face.landmarks)  # noqa: E731
     result = {}
-    for key, call in (("embed_with_flip_ms", lambda: with_flip.embed(image, face)),
-                      ("embed_without_flip_ms", lambda: without.embed(image, face)),
-                      ("align_ms", align)):
+    for key, call in (
+        ("embed_with_flip_ms", lambda: with_flip.embed(image, face)),
+        ("embed_without_flip_ms", lambda: without.embed(image, face)),
+        ("align_ms", align),
+    ):
         for _ in range(5):
             call()
         result[key] = round(float(np.median([timed(call)[0] for _ in range(40)])) * 1000, 2)
@@ -516,8 +575,10 @@ def head_costs(inputs: Inputs, threads: int) -> dict:
     from engines.attributes import build_attribute_heads
     from engines.base import HOST_ACTIONS
     from engines.detection import YuNetDetector
-    detector = YuNetDetector(os.path.join(MODELS_DIR, "face_detection_yunet_2023mar.onnx"),
-                             score_threshold=YUNET_SCORE_THRESHOLD)
+
+    detector = YuNetDetector(
+        os.path.join(MODELS_DIR, "face_detection_yunet_2023mar.onnx"), score_threshold=YUNET_SCORE_THRESHOLD
+    )
     heads = build_attribute_heads(parse_load_request("default", MODELS_DIR, threads, list(DEFAULT_MODEL_OPTIONS)))
     actions = frozenset(HOST_ACTIONS)
     result = {}
@@ -539,31 +600,63 @@ def targets(reports: dict[str, SetReport]) -> list[dict]:
     rows = []
 
     def add(name, set_name, value, limit, passed, unit):
-        rows.append({"target": name, "set": set_name, "value": value, "limit": limit, "unit": unit,
-                     "pass": bool(passed)})
+        rows.append(
+            {"target": name, "set": set_name, "value": value, "limit": limit, "unit": unit, "pass": bool(passed)}
+        )
 
     for name, r in reports.items():
         v = r.values
-        add("FaceVerify gRPC median / in-process median", name, v["verify_ratio"], f"<= {TARGET_VERIFY_RATIO}",
-            v["verify_ratio"] <= TARGET_VERIFY_RATIO, "x")
-        add(f"throughput with {v['clients']} clients x in-process s/verify", name, v["cores_worth"],
-            f">= {TARGET_CORES_WORTH}", v["cores_worth"] >= TARGET_CORES_WORTH and v["error_count"] == 0,
-            "cores")
-        add(f"peak server RSS under {v['clients']} clients", name, v["peak_rss_mb"], f"< {TARGET_RSS_MB:.0f}",
-            v["peak_rss_mb"] < TARGET_RSS_MB, "MB")
+        add(
+            "FaceVerify gRPC median / in-process median",
+            name,
+            v["verify_ratio"],
+            f"<= {TARGET_VERIFY_RATIO}",
+            v["verify_ratio"] <= TARGET_VERIFY_RATIO,
+            "x",
+        )
+        add(
+            f"throughput with {v['clients']} clients x in-process s/verify",
+            name,
+            v["cores_worth"],
+            f">= {TARGET_CORES_WORTH}",
+            v["cores_worth"] >= TARGET_CORES_WORTH and v["error_count"] == 0,
+            "cores",
+        )
+        add(
+            f"peak server RSS under {v['clients']} clients",
+            name,
+            v["peak_rss_mb"],
+            f"< {TARGET_RSS_MB:.0f}",
+            v["peak_rss_mb"] < TARGET_RSS_MB,
+            "MB",
+        )
         if "liveness_ms_per_image" in v:
-            add("liveness added per image", name, v["liveness_ms_per_image"], f"<= {TARGET_LIVENESS_MS:.0f}",
-                v["liveness_ms_per_image"] <= TARGET_LIVENESS_MS, "ms")
+            add(
+                "liveness added per image",
+                name,
+                v["liveness_ms_per_image"],
+                f"<= {TARGET_LIVENESS_MS:.0f}",
+                v["liveness_ms_per_image"] <= TARGET_LIVENESS_MS,
+                "ms",
+            )
         if "load_median_s" in v:
-            add("LoadModel of the default set (median)", name, v["load_median_s"], f"< {TARGET_LOAD_S:.0f}",
-                v["load_median_s"] < TARGET_LOAD_S, "s")
+            add(
+                "LoadModel of the default set (median)",
+                name,
+                v["load_median_s"],
+                f"< {TARGET_LOAD_S:.0f}",
+                v["load_median_s"] < TARGET_LOAD_S,
+                "s",
+            )
     return rows
 
 
 def print_report(reports: dict[str, SetReport], rows: list[dict], meta: dict) -> None:
-    print(f"\nmachine: {meta['cpu_count']} CPUs, load average before {meta['load_before']}, after "
-          f"{meta['load_after']}; onnxruntime {meta['onnxruntime']}, OpenCV {meta['opencv']}, "
-          f"insightface {meta['insightface']}")
+    print(
+        f"\nmachine: {meta['cpu_count']} CPUs, load average before {meta['load_before']}, after "
+        f"{meta['load_after']}; onnxruntime {meta['onnxruntime']}, OpenCV {meta['opencv']}, "
+        f"insightface {meta['insightface']}"
+    )
     print(f"server: {meta['server_settings']}")
     for name, r in reports.items():
         print(f"\n== {name} ==  (script side: {r.script_label})")
@@ -575,20 +668,25 @@ def print_report(reports: dict[str, SetReport], rows: list[dict], meta: dict) ->
             print(f"  {key:48s} {value}")
     print("\ntargets:")
     for row in rows:
-        print(f"  {'PASS' if row['pass'] else 'FAIL'}  {row['set']:10s} {row['target']:52s} "
-              f"{row['value']} {row['unit']} ({row['limit']})")
+        print(
+            f"  {'PASS' if row['pass'] else 'FAIL'}  {row['set']:10s} {row['target']:52s} "
+            f"{row['value']} {row['unit']} ({row['limit']})"
+        )
 
 
 def check_headless_opencv() -> str:
     """Only opencv-python-headless may provide cv2 (insightface's metadata asks for the GUI build)."""
     from importlib import metadata
+
     for dist in ("opencv-python", "opencv-contrib-python"):
         try:
             metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
-        raise SystemExit(f"{dist} is installed next to opencv-python-headless; uninstall it"
-                         " (insightface must be installed with --no-deps)")
+        raise SystemExit(
+            f"{dist} is installed next to opencv-python-headless; uninstall it"
+            " (insightface must be installed with --no-deps)"
+        )
     return cv2.__file__
 
 
@@ -600,14 +698,28 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds over all pairs per side")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients for the throughput run")
     parser.add_argument("--load-seconds", type=float, default=25.0, help="length of the throughput run")
-    parser.add_argument("--load-windows", type=int, default=5,
-                        help="the throughput run is cut into this many windows, with in-process blocks between")
+    parser.add_argument(
+        "--load-windows",
+        type=int,
+        default=5,
+        help="the throughput run is cut into this many windows, with in-process blocks between",
+    )
     parser.add_argument("--load-repeats", type=int, default=5, help="LoadModel calls of the default set timed")
-    parser.add_argument("--threads", type=int, default=0, help="ModelOptions.Threads sent with LoadModel (0: the backend's default)")
-    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra environment for the backend process (repeatable)")
-    parser.add_argument("--backend", default=os.path.join(REPO, "backend.py"),
-                        help="server script to start (a variant of backend.py to compare)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="ModelOptions.Threads sent with LoadModel (0: the backend's default)"
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the backend process (repeatable)",
+    )
+    parser.add_argument(
+        "--backend",
+        default=os.path.join(REPO, "backend.py"),
+        help="server script to start (a variant of backend.py to compare)",
+    )
     parser.add_argument("--quick", action="store_true", help="a short smoke run (numbers are not meaningful)")
     parser.add_argument("--json", default=os.path.join(RESULTS, "bench.json"))
     args = parser.parse_args()
@@ -617,16 +729,26 @@ def main() -> int:
 
     cv2_path = check_headless_opencv()
     import insightface
+
     server_env = dict(item.split("=", 1) for item in args.server_env)
     meta = {
-        "cpu_count": os.cpu_count(), "load_before": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(), "onnxruntime": ort.__version__, "opencv": cv2.__version__,
-        "opencv_module": cv2_path, "insightface": insightface.__version__,
-        "server_settings": {"script": os.path.relpath(args.backend, REPO), "ModelOptions.Threads": args.threads,
-                            "env": server_env},
-        "data": DATA, "verify_pairs": inputs_names(),
-        "grpc_workers": server_env.get("PYTHON_GRPC_MAX_WORKERS") or os.environ.get("PYTHON_GRPC_MAX_WORKERS")
-                        or "backend default",
+        "cpu_count": os.cpu_count(),
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "opencv": cv2.__version__,
+        "opencv_module": cv2_path,
+        "insightface": insightface.__version__,
+        "server_settings": {
+            "script": os.path.relpath(args.backend, REPO),
+            "ModelOptions.Threads": args.threads,
+            "env": server_env,
+        },
+        "data": DATA,
+        "verify_pairs": inputs_names(),
+        "grpc_workers": server_env.get("PYTHON_GRPC_MAX_WORKERS")
+        or os.environ.get("PYTHON_GRPC_MAX_WORKERS")
+        or "backend default",
     }
     inputs = Inputs.read()
     reports = {}
@@ -640,10 +762,18 @@ def main() -> int:
     print_report(reports, rows, meta)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"meta": meta, "args": vars(args),
-                   "sets": {n: {"script": r.script_label, "timings": r.timings, "values": r.values}
-                            for n, r in reports.items()},
-                   "targets": rows}, f, indent=2)
+        json.dump(
+            {
+                "meta": meta,
+                "args": vars(args),
+                "sets": {
+                    n: {"script": r.script_label, "timings": r.timings, "values": r.values} for n, r in reports.items()
+                },
+                "targets": rows,
+            },
+            f,
+            indent=2,
+        )
     print(f"\nwrote {os.path.relpath(args.json, REPO)}")
     failed = [r for r in rows if not r["pass"]]
     if failed:

@@ -4,6 +4,7 @@ On the calibration photos it prints the widest same-person and the closest diffe
 distance, and the midpoint of the gap between them; then the accept/reject rates at the shipped
 threshold on calibration and held-out pairs (see face_eval.py for the two sets).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,15 +13,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engines import build_engine, parse_load_request  # noqa: E402
-from face_eval import calibration_faces, heldout_faces, pair_stats  # noqa: E402
-from harness.paths import DATA, MODELS_DIR  # noqa: E402
+from engines import build_engine, parse_load_request
+from face_eval import calibration_faces, heldout_faces, pair_stats
+from harness.paths import DATA, MODELS_DIR
 
 SETUPS = {
     "w600k_mbf via SCRFD-500M (buffalo_sc)": ["engine:insightface", "model_pack:buffalo_sc"],
     "w600k_mbf via YuNet": ["detector_onnx:face_detection_yunet_2023mar.onnx", "recognizer_onnx:w600k_mbf.onnx"],
-    "MobileFaceNet via YuNet (default set)": ["detector_onnx:face_detection_yunet_2023mar.onnx",
-                                              "recognizer_onnx:MobileFaceNet.onnx"],
+    "MobileFaceNet via YuNet (default set)": [
+        "detector_onnx:face_detection_yunet_2023mar.onnx",
+        "recognizer_onnx:MobileFaceNet.onnx",
+    ],
     "MobileFaceNet via SCRFD-500M": ["detector_onnx:scrfd_500m_bnkps.onnx", "recognizer_onnx:MobileFaceNet.onnx"],
 }
 
@@ -36,15 +39,23 @@ def main() -> None:
         held = pair_stats(calibration + heldout, threshold, only_with=heldout)
         report[label] = {
             "shipped_threshold": threshold,
-            "calibration": {"pairs_same": cal.same, "pairs_different": cal.different,
-                            "max_same_distance": round(cal.max_same_distance, 4),
-                            "min_different_distance": round(cal.min_different_distance, 4),
-                            "gap_midpoint": round((cal.max_same_distance + cal.min_different_distance) / 2, 4),
-                            "tar": cal.tar, "true_reject_rate": cal.true_reject_rate},
-            "heldout": {"pairs_same": held.same, "pairs_different": held.different,
-                        "max_same_distance": round(held.max_same_distance, 4),
-                        "min_different_distance": round(held.min_different_distance, 4),
-                        "tar": held.tar, "true_reject_rate": held.true_reject_rate},
+            "calibration": {
+                "pairs_same": cal.same,
+                "pairs_different": cal.different,
+                "max_same_distance": round(cal.max_same_distance, 4),
+                "min_different_distance": round(cal.min_different_distance, 4),
+                "gap_midpoint": round((cal.max_same_distance + cal.min_different_distance) / 2, 4),
+                "tar": cal.tar,
+                "true_reject_rate": cal.true_reject_rate,
+            },
+            "heldout": {
+                "pairs_same": held.same,
+                "pairs_different": held.different,
+                "max_same_distance": round(held.max_same_distance, 4),
+                "min_different_distance": round(held.min_different_distance, 4),
+                "tar": held.tar,
+                "true_reject_rate": held.true_reject_rate,
+            },
         }
     print(json.dumps(report, indent=2))
 

@@ -8,6 +8,7 @@ limited to one thread and the process pinned to one CPU, after a warm-up. Also s
 into cropping and inference and says whether the installed ONNX accept a batch > 1.
 Target: at most 10 ms per face.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,7 @@ def time_ms(call, runs: int, warmup: int) -> np.ndarray:
 
 
 def summary(times: np.ndarray, faces: int = 1) -> str:
-    return (f"median {np.median(times) / faces:6.2f} ms  p90 {np.percentile(times, 90) / faces:6.2f} ms"
-            " per face")
+    return f"median {np.median(times) / faces:6.2f} ms  p90 {np.percentile(times, 90) / faces:6.2f} ms per face"
 
 
 def batch_support(ensemble: LivenessEnsemble) -> str:
@@ -90,8 +90,10 @@ def main() -> None:
         face = face_at(*SAMPLE_BOXES["image_T1.jpg"])
         times = time_ms(lambda: service_like.score(t1, [face]), args.runs, args.warmup)
         verdict = "meets" if np.median(times) <= TARGET_MS else "MISSES"
-        print(f"as served, {len(os.sched_getaffinity(0))} CPUs, models side by side (T1): {summary(times)}"
-              f"  -> {verdict} the {TARGET_MS:.0f} ms target")
+        print(
+            f"as served, {len(os.sched_getaffinity(0))} CPUs, models side by side (T1): {summary(times)}"
+            f"  -> {verdict} the {TARGET_MS:.0f} ms target"
+        )
         service_like.close()
 
     # One core: one onnxruntime thread per session, one OpenCV thread, one CPU for the process.
@@ -100,8 +102,10 @@ def main() -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     ensemble = LivenessEnsemble(v2_path=v2_file, v1se_path=v1se_file, threads=1)
 
-    print(f"liveness ensemble (MiniFASNetV2 + MiniFASNetV1SE), 1 thread, {args.runs} runs "
-          f"after {args.warmup} warm-up, onnxruntime intra-op threads 1")
+    print(
+        f"liveness ensemble (MiniFASNetV2 + MiniFASNetV1SE), 1 thread, {args.runs} runs "
+        f"after {args.warmup} warm-up, onnxruntime intra-op threads 1"
+    )
     all_times = []
     for name, (x, y, w, h) in SAMPLE_BOXES.items():
         image = cv2.imread(os.path.join(args.samples, name))
@@ -111,16 +115,20 @@ def main() -> None:
         face = face_at(x, y, w, h)
         result = ensemble.score(image, [face])[0]
         times = time_ms(lambda: ensemble.score(image, [face]), args.runs, args.warmup)
-        crop_times = time_ms(lambda: [crop_for_liveness(image, face.xywh(), m.scale) for m in ensemble.models],
-                             args.runs, args.warmup)
+        crop_times = time_ms(
+            lambda: [crop_for_liveness(image, face.xywh(), m.scale) for m in ensemble.models], args.runs, args.warmup
+        )
         all_times.append(times)
-        print(f"{name:13s} {image.shape[1]}x{image.shape[0]}  {summary(times)}  "
-              f"(crops alone {np.median(crop_times):.2f} ms)  real={result.is_real} P(real)={result.score:.3f}")
+        print(
+            f"{name:13s} {image.shape[1]}x{image.shape[0]}  {summary(times)}  "
+            f"(crops alone {np.median(crop_times):.2f} ms)  real={result.is_real} P(real)={result.score:.3f}"
+        )
 
     image = cv2.imread(os.path.join(args.samples, "image_T1.jpg"))
     if image is not None:
         faces = [face_at(x, y, 150, 150) for x, y in ((0, 0), (300, 0), (0, 400), (300, 400))]
-        print(f"4 faces in one call (T1): {summary(time_ms(lambda: ensemble.score(image, faces), args.runs, args.warmup), 4)}")
+        four = time_ms(lambda: ensemble.score(image, faces), args.runs, args.warmup)
+        print(f"4 faces in one call (T1): {summary(four, 4)}")
 
     if all_times:
         overall = np.concatenate(all_times)

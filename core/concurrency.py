@@ -1,13 +1,15 @@
 """Concurrency helpers: how many CPUs this process may use, two halves of a request run side by
 side, and a bounded pool of objects that must not be used by two threads at once."""
+
 from __future__ import annotations
 
 import os
 import queue
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
-from typing import Callable, Generic, Iterator, Optional, TypeVar
+from typing import Generic, TypeVar
 
 A = TypeVar("A")
 B = TypeVar("B")
@@ -22,8 +24,12 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def run_side_by_side(helpers: Optional[Executor], first: Callable[[], A], second: Callable[[], B],
-                     on_first_error: Callable[[], None] = lambda: None) -> tuple[A, B]:
+def run_side_by_side(
+    helpers: Executor | None,
+    first: Callable[[], A],
+    second: Callable[[], B],
+    on_first_error: Callable[[], None] = lambda: None,
+) -> tuple[A, B]:
     """first() on this thread while a helper runs second(). If no helper has started second by
     the time first is done (all busy with other requests), this thread runs it: nobody waits in
     a queue behind another request's work. first's error wins; on_first_error is told first, so
@@ -54,8 +60,8 @@ class InstancePool(Generic[T]):
     """
 
     def __init__(self, factory: Callable[[], T], size: int):
-        self._factory: Optional[Callable[[], T]] = factory
-        self._idle: "queue.LifoQueue[T]" = queue.LifoQueue()
+        self._factory: Callable[[], T] | None = factory
+        self._idle: queue.LifoQueue[T] = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(max(1, size))
         self._idle.put(factory())  # the first one now, so a bad model file fails in LoadModel
 

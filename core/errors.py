@@ -1,12 +1,12 @@
 """Domain errors. The gRPC layer maps each class to one status code, in one place (backend.py),
 and sends each error's `reason` and `field` with it as a google.rpc.ErrorInfo."""
+
 from __future__ import annotations
 
 import enum
-from typing import Union
 
 
-class Reason(str, enum.Enum):
+class Reason(enum.StrEnum):
     """Why a call failed, for programs to branch on (the message is for people, and stays as it
     is). The value is the wire name: ErrorInfo.reason, UPPER_SNAKE_CASE."""
 
@@ -41,7 +41,7 @@ class FaceServiceError(Exception):
 
     reason: Reason
 
-    def __init__(self, message: str, *, reason: Union[Reason, str, None] = None, field: str = ""):
+    def __init__(self, message: str, *, reason: Reason | str | None = None, field: str = ""):
         super().__init__(message)
         if reason is not None:
             self.reason = Reason(reason)  # a misspelt reason fails here, not on the wire

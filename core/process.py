@@ -1,5 +1,6 @@
 """The server process's own concerns: glibc malloc tuning, how many gRPC workers, stopping on
 a signal or when the parent process is gone. Nothing here knows about faces or gRPC messages."""
+
 from __future__ import annotations
 
 import ctypes
@@ -9,7 +10,7 @@ import os
 import signal
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from .concurrency import usable_cpus
 
@@ -51,7 +52,7 @@ def return_free_memory() -> None:
         libc.malloc_trim(0)
 
 
-def worker_count(configured: Optional[int]) -> int:
+def worker_count(configured: int | None) -> int:
     """gRPC worker threads: `configured` (PYTHON_GRPC_MAX_WORKERS), else one per usable CPU.
 
     Each onnxruntime call already spreads over the cores (engines/runtime.py), so one worker per
@@ -63,14 +64,14 @@ def worker_count(configured: Optional[int]) -> int:
     return max(2, usable_cpus())
 
 
-def max_concurrent_rpcs(workers: int, configured: Optional[int]) -> int:
+def max_concurrent_rpcs(workers: int, configured: int | None) -> int:
     """Calls in progress before new ones are refused: `configured`, else eight per worker. With
     ~0.1 s of CPU per call a queued one waits under a second, and a burst from a handful of
     clients is absorbed instead of refused."""
     return max(1, configured) if configured else 8 * workers
 
 
-def watch_parent(on_orphaned: Callable[[], None], interval: float) -> Optional[threading.Thread]:
+def watch_parent(on_orphaned: Callable[[], None], interval: float) -> threading.Thread | None:
     """Call on_orphaned once the process that started us is gone (we get reparented), so a
     killed host does not leave this backend running and holding memory."""
     parent = os.getppid()
@@ -89,12 +90,13 @@ def watch_parent(on_orphaned: Callable[[], None], interval: float) -> Optional[t
                 log.warning("parent process %d is gone; shutting down", parent)
                 on_orphaned()
                 return
+
     thread = threading.Thread(target=poll, name="parent-watch", daemon=True)
     thread.start()
     return thread
 
 
-def wait_for_stop(parent_watch_interval: Optional[float]) -> None:
+def wait_for_stop(parent_watch_interval: float | None) -> None:
     """Returns on SIGTERM or SIGINT, or once the parent process is gone when `parent_watch_interval`
     (seconds) is set. Call from the main thread: only it may install signal handlers."""
     stopped = threading.Event()

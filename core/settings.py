@@ -3,11 +3,13 @@
 Nothing reads the environment at import time; backend.main reads it with Settings.from_environ()
 and hands the result to the code that needs it.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, TypeVar
+from typing import TypeVar
 
 # Values of LOCALAI_BACKEND_PARENT_WATCH that turn the watch off, as the host's other backends read it.
 FALSEY = ("false", "0", "no", "off")
@@ -28,23 +30,26 @@ class ImageLimits:
     max_pixels: int = 50_000_000  # FACE_MAX_IMAGE_PIXELS
 
 
+DEFAULT_IMAGE_LIMITS = ImageLimits()
+
+
 @dataclass(frozen=True)
 class Settings:
     # Every call must carry `authorization: Bearer <token>` when set.
     auth_token: str = ""  # LOCALAI_GRPC_AUTH_TOKEN
     # gRPC worker threads; None sizes them from the CPUs (core.process.worker_count).
-    max_workers: Optional[int] = None  # PYTHON_GRPC_MAX_WORKERS
+    max_workers: int | None = None  # PYTHON_GRPC_MAX_WORKERS
     # Calls in progress (running or queued) beyond which new ones get RESOURCE_EXHAUSTED; None:
     # eight per worker (core.process.max_concurrent_rpcs).
-    max_concurrent_rpcs: Optional[int] = None  # PYTHON_GRPC_MAX_CONCURRENT_RPCS
+    max_concurrent_rpcs: int | None = None  # PYTHON_GRPC_MAX_CONCURRENT_RPCS
     # How long calls in flight may finish after SIGTERM/SIGINT.
     shutdown_grace_seconds: float = 10.0  # FACE_SHUTDOWN_GRACE_SECONDS
     # Seconds between checks that the parent process still lives; None turns the watch off.
-    parent_watch_interval: Optional[float] = DEFAULT_PARENT_WATCH_SECONDS  # LOCALAI_BACKEND_PARENT_WATCH[_INTERVAL]
+    parent_watch_interval: float | None = DEFAULT_PARENT_WATCH_SECONDS  # LOCALAI_BACKEND_PARENT_WATCH[_INTERVAL]
     image_limits: ImageLimits = field(default_factory=ImageLimits)
 
     @classmethod
-    def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> "Settings":
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """The settings `environ` (default: this process's environment) asks for; unset or empty
         variables keep the defaults. A malformed number is a ValueError naming its variable,
         except where the host's other backends fall back to the default (the parent watch
@@ -57,14 +62,17 @@ class Settings:
             max_workers=_number(env, "PYTHON_GRPC_MAX_WORKERS", _at_least_one, "a whole number"),
             max_concurrent_rpcs=_number(env, "PYTHON_GRPC_MAX_CONCURRENT_RPCS", _at_least_one, "a whole number"),
             shutdown_grace_seconds=defaults.shutdown_grace_seconds if grace is None else grace,
-            parent_watch_interval=parent_watch_interval(env.get("LOCALAI_BACKEND_PARENT_WATCH", ""),
-                                                        env.get("LOCALAI_BACKEND_PARENT_WATCH_INTERVAL", "")),
+            parent_watch_interval=parent_watch_interval(
+                env.get("LOCALAI_BACKEND_PARENT_WATCH", ""), env.get("LOCALAI_BACKEND_PARENT_WATCH_INTERVAL", "")
+            ),
             image_limits=ImageLimits(
                 max_bytes=_number(env, "FACE_MAX_IMAGE_BYTES", _at_least_one) or defaults.image_limits.max_bytes,
-                max_pixels=_number(env, "FACE_MAX_IMAGE_PIXELS", _at_least_one) or defaults.image_limits.max_pixels))
+                max_pixels=_number(env, "FACE_MAX_IMAGE_PIXELS", _at_least_one) or defaults.image_limits.max_pixels,
+            ),
+        )
 
 
-def parent_watch_interval(enabled: str, interval: str) -> Optional[float]:
+def parent_watch_interval(enabled: str, interval: str) -> float | None:
     """Seconds between parent checks, or None when `enabled` is falsey.
 
     Same variables and defaults as the host's other backends: on by default, a falsey value
@@ -87,8 +95,7 @@ def _at_least_one(raw: str) -> int:
     return max(1, int(raw))
 
 
-def _number(env: Mapping[str, str], name: str, parse: Callable[[str], T],
-            expected: Optional[str] = None) -> Optional[T]:
+def _number(env: Mapping[str, str], name: str, parse: Callable[[str], T], expected: str | None = None) -> T | None:
     """parse(the variable), None when it is unset or empty. A value parse refuses is a ValueError
     saying it must be `expected`, or None when no `expected` is given (the default applies)."""
     raw = env.get(name, "")

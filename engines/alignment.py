@@ -1,4 +1,5 @@
 """5-point face alignment to the ArcFace 112x112 template (insightface `face_align.norm_crop`)."""
+
 from __future__ import annotations
 
 import cv2
@@ -7,8 +8,9 @@ import numpy as np
 # insightface/utils/face_align.py `arcface_dst`: where the two eyes, the nose tip and the two
 # mouth corners sit in a 112x112 crop. Every recognizer here was trained on crops made with it.
 ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-     [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
 ARCFACE_SIZE = 112
 
 
@@ -28,7 +30,7 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     if np.linalg.det(cov) < 0:
         d[1] = -1.0
     rotation = u @ np.diag(d) @ vt
-    src_var = (src_c ** 2).sum() / len(src)
+    src_var = (src_c**2).sum() / len(src)
     scale = (s * d).sum() / src_var if src_var > 0 else 1.0
     matrix = np.zeros((2, 3), dtype=np.float64)
     matrix[:, :2] = scale * rotation
@@ -36,8 +38,9 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return matrix
 
 
-def similarity_chip(image: np.ndarray, landmarks: np.ndarray, template: np.ndarray, size: int,
-                    oversample: int = 1) -> np.ndarray:
+def similarity_chip(
+    image: np.ndarray, landmarks: np.ndarray, template: np.ndarray, size: int, oversample: int = 1
+) -> np.ndarray:
     """The size x size BGR crop with the 5 landmarks moved onto `template` (units of the side).
 
     With oversample > 1 the warp is made at oversample * size (bilinear) and shrunk with INTER_AREA.

@@ -14,9 +14,10 @@ Every head runs all faces of an image through its model in ONE batched session.r
 whose batch dimension is fixed is run face by face instead), and computes nothing for an action
 it was not asked for.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -35,8 +36,8 @@ from .runtime import check_batch_dimension, create_session, run_batched
 # chip side. Source: ../shared/models/age-gender-cydral/yunet_chip_template.json (derived there from
 # 29 faces of ../shared/data mapped through dlib's own chip transform; not upstream).
 CYDRAL_CHIP_TEMPLATE = np.array(
-    [[0.2933, 0.2788], [0.6792, 0.2763], [0.4736, 0.5129], [0.3247, 0.6905], [0.6621, 0.6893]],
-    dtype=np.float64)
+    [[0.2933, 0.2788], [0.6792, 0.2763], [0.4736, 0.5129], [0.3247, 0.6905], [0.6621, 0.6893]], dtype=np.float64
+)
 # dlib downsamples chips with a pyramid; warping straight to 32 px with bilinear aliases. So warp
 # at 4x the size, then INTER_AREA down (SOURCE.md, "dlib-free alternative").
 CYDRAL_OVERSAMPLE = 4
@@ -74,15 +75,14 @@ def box_chip(image: np.ndarray, box: Sequence[float], size: int, box_scale: floa
     x1, y1, x2, y2 = (float(v) for v in box)
     scale = size / (max(x2 - x1, y2 - y1) * box_scale)
     cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
-    matrix = np.array([[scale, 0.0, size / 2.0 - cx * scale],
-                       [0.0, scale, size / 2.0 - cy * scale]], dtype=np.float64)
+    matrix = np.array([[scale, 0.0, size / 2.0 - cx * scale], [0.0, scale, size / 2.0 - cy * scale]], dtype=np.float64)
     return cv2.warpAffine(image, matrix, (size, size), borderValue=0.0)
 
 
 class _OnnxHead:
     """A session with one image input, and the one batched run every head shares."""
 
-    def __init__(self, session, what: str, size: Optional[int] = None):
+    def __init__(self, session, what: str, size: int | None = None):
         self.session = session
         model_input = session.get_inputs()[0]
         shape = list(model_input.shape)
@@ -104,18 +104,20 @@ class _CydralHead(_OnnxHead):
     SIZE: int
     OPTION: str
 
-    def __init__(self, path: str, threads: Optional[int] = None):
+    def __init__(self, path: str, threads: int | None = None):
         super().__init__(create_session(path, threads), f"{self.OPTION} {path}", self.SIZE)
         self.path = path
 
     def blob(self, image: np.ndarray, faces: Sequence[FaceDetection]) -> np.ndarray:
-        chips = np.stack([similarity_chip(image, f.landmarks, CYDRAL_CHIP_TEMPLATE, self.SIZE,
-                                          CYDRAL_OVERSAMPLE) for f in faces])
+        chips = np.stack(
+            [similarity_chip(image, f.landmarks, CYDRAL_CHIP_TEMPLATE, self.SIZE, CYDRAL_OVERSAMPLE) for f in faces]
+        )
         rgb = chips[..., ::-1].astype(np.float32)
         return np.ascontiguousarray(((rgb - CYDRAL_RGB_MEAN) * CYDRAL_SCALE).transpose(0, 3, 1, 2))
 
-    def predict(self, image: np.ndarray, faces: Sequence[FaceDetection],
-                actions: frozenset[str]) -> list[FaceAttributes]:
+    def predict(
+        self, image: np.ndarray, faces: Sequence[FaceDetection], actions: frozenset[str]
+    ) -> list[FaceAttributes]:
         if not (self.actions & actions) or not faces:
             return [FaceAttributes() for _ in faces]
         return [self.attributes_of(row) for row in self.run(self.blob(image, faces))]
@@ -171,9 +173,14 @@ class InsightFaceGenderAge(_OnnxHead):
     """insightface genderage.onnx (96x96 box crop). `actions` may be narrowed to leave some to
     another head (e.g. the explicit age_onnx/gender_onnx options)."""
 
-    def __init__(self, session, actions: frozenset[str] = frozenset({ACTION_AGE, ACTION_GENDER}),
-                 input_mean: float = GENDERAGE_INPUT_MEAN, input_std: float = GENDERAGE_INPUT_STD,
-                 path: str = "genderage.onnx"):
+    def __init__(
+        self,
+        session,
+        actions: frozenset[str] = frozenset({ACTION_AGE, ACTION_GENDER}),
+        input_mean: float = GENDERAGE_INPUT_MEAN,
+        input_std: float = GENDERAGE_INPUT_STD,
+        path: str = "genderage.onnx",
+    ):
         super().__init__(session, "genderage")
         self.path = path
         shape = session.get_inputs()[0].shape
@@ -185,19 +192,22 @@ class InsightFaceGenderAge(_OnnxHead):
     def blob(self, image: np.ndarray, faces: Sequence[FaceDetection]) -> np.ndarray:
         chips = [box_chip(image, f.box, self.size, GENDERAGE_BOX_SCALE) for f in faces]
         mean = (self.input_mean,) * 3
-        return cv2.dnn.blobFromImages(chips, 1.0 / self.input_std, (self.size, self.size), mean,
-                                      swapRB=True)
+        return cv2.dnn.blobFromImages(chips, 1.0 / self.input_std, (self.size, self.size), mean, swapRB=True)
 
-    def predict(self, image: np.ndarray, faces: Sequence[FaceDetection],
-                actions: frozenset[str]) -> list[FaceAttributes]:
+    def predict(
+        self, image: np.ndarray, faces: Sequence[FaceDetection], actions: frozenset[str]
+    ) -> list[FaceAttributes]:
         wanted = actions & self.actions
         if not wanted or not faces:
             return [FaceAttributes() for _ in faces]
         outputs = self.run(self.blob(image, faces)).reshape(len(faces), -1)
-        return [FaceAttributes(
-            age=float(out[2]) * 100.0 if ACTION_AGE in wanted else None,
-            male_probability=male_probability_from_pair(out[:2]) if ACTION_GENDER in wanted else None)
-            for out in outputs]
+        return [
+            FaceAttributes(
+                age=float(out[2]) * 100.0 if ACTION_AGE in wanted else None,
+                male_probability=male_probability_from_pair(out[:2]) if ACTION_GENDER in wanted else None,
+            )
+            for out in outputs
+        ]
 
 
 class ExpressionHead(_OnnxHead):
@@ -207,13 +217,12 @@ class ExpressionHead(_OnnxHead):
     OPTION = "emotion_onnx"
     actions = frozenset({ACTION_EMOTION})
 
-    def __init__(self, path: str, threads: Optional[int] = None):
+    def __init__(self, path: str, threads: int | None = None):
         what = f"{self.OPTION} {path}"
         super().__init__(create_session(path, threads), what, ARCFACE_SIZE)
         classes = self.session.get_outputs()[0].shape[-1]
         if classes != len(FER_EMOTIONS):
-            raise ModelFileError(f"{what}: expected {len(FER_EMOTIONS)} expression scores,"
-                                 f" the model gives {classes}")
+            raise ModelFileError(f"{what}: expected {len(FER_EMOTIONS)} expression scores, the model gives {classes}")
         self.path = path
 
     def blob(self, image: np.ndarray, faces: Sequence[FaceDetection]) -> np.ndarray:
@@ -221,16 +230,16 @@ class ExpressionHead(_OnnxHead):
         normalised = (rgb / 255.0 - FER_INPUT_MEAN) / FER_INPUT_STD
         return np.ascontiguousarray(normalised.transpose(0, 3, 1, 2))
 
-    def predict(self, image: np.ndarray, faces: Sequence[FaceDetection],
-                actions: frozenset[str]) -> list[FaceAttributes]:
+    def predict(
+        self, image: np.ndarray, faces: Sequence[FaceDetection], actions: frozenset[str]
+    ) -> list[FaceAttributes]:
         if not (self.actions & actions) or not faces:
             return [FaceAttributes() for _ in faces]
         scores = self.run(self.blob(image, faces)).reshape(len(faces), len(FER_EMOTIONS))
         return [FaceAttributes(emotion=dict(zip(FER_EMOTIONS, row.tolist()))) for row in softmax(scores)]
 
 
-def build_attribute_heads(request: LoadRequest, genderage_session=None,
-                          genderage_path: str = "genderage.onnx") -> list:
+def build_attribute_heads(request: LoadRequest, genderage_session=None, genderage_path: str = "genderage.onnx") -> list:
     """The heads a LoadModel request asks for: age_onnx / gender_onnx / emotion_onnx (any engine)
     first, then a pack's genderage.onnx (read from `genderage_path`) for whatever age/gender those
     options do not cover."""

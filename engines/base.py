@@ -3,11 +3,12 @@
 Engines know nothing of gRPC. They take decoded 8-bit BGR images (numpy HxWx3) and return
 dataclasses; the service layer turns those into wire messages.
 """
+
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -55,12 +56,12 @@ class FaceDetection:
 class FaceAttributes:
     """Per-face attributes; a field is None when it was not asked for or the model lacks it."""
 
-    age: Optional[float] = None
+    age: float | None = None
     # P(man). The head's own probability where it gives one; 1.0/0.0 for a hard label.
-    male_probability: Optional[float] = None
+    male_probability: float | None = None
     # P(expression) keyed by deepface's names (angry disgust fear happy sad surprise neutral),
     # the shape the host's face API follows.
-    emotion: Optional[Mapping[str, float]] = None
+    emotion: Mapping[str, float] | None = None
 
 
 class FaceEngine(abc.ABC):
@@ -79,7 +80,7 @@ class FaceEngine(abc.ABC):
     files: Mapping[str, str] = {}
 
     @abc.abstractmethod
-    def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]:
+    def detect(self, image: np.ndarray, threshold: float | None = None) -> list[FaceDetection]:
         """All faces in `image`, best score first. `threshold` overrides the detector's score cut."""
 
     @abc.abstractmethod
@@ -91,8 +92,9 @@ class FaceEngine(abc.ABC):
         """Which FaceAnalyze actions this engine can compute."""
         return frozenset()
 
-    def analyze(self, image: np.ndarray, faces: Sequence[FaceDetection],
-                actions: frozenset[str]) -> list[FaceAttributes]:
+    def analyze(
+        self, image: np.ndarray, faces: Sequence[FaceDetection], actions: frozenset[str]
+    ) -> list[FaceAttributes]:
         """Attributes for every face in one batched pass per head."""
         return [FaceAttributes() for _ in faces]
 

@@ -2,10 +2,11 @@
 
 Both return FaceDetection in original-image pixels with the 5 landmarks in SCRFD order.
 """
+
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -71,8 +72,12 @@ class SCRFDDetector:
     INPUT_MEAN = 127.5
     INPUT_STD = 128.0
 
-    def __init__(self, session: ort.InferenceSession, input_size=DEFAULT_DETECTION_SIZE,
-                 score_threshold: float = DEFAULT_SCORE_THRESHOLD):
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        input_size=DEFAULT_DETECTION_SIZE,
+        score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+    ):
         self.session = session
         self.input_name = session.get_inputs()[0].name
         self.output_names = [o.name for o in session.get_outputs()]
@@ -116,14 +121,13 @@ class SCRFDDetector:
                 self._anchor_cache[key] = centres
         return centres
 
-    def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]:
+    def detect(self, image: np.ndarray, threshold: float | None = None) -> list[FaceDetection]:
         threshold = self.score_threshold if threshold is None else threshold
         scale = letterbox_scale(image.shape, self.input_size)
         new_w, new_h = (max(1, int(round(image.shape[1] * scale))), max(1, int(round(image.shape[0] * scale))))
         canvas = np.zeros((self.input_size[1], self.input_size[0], 3), dtype=np.uint8)
         canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
-        blob = cv2.dnn.blobFromImage(canvas, 1.0 / self.INPUT_STD, self.input_size,
-                                     (self.INPUT_MEAN,) * 3, swapRB=True)
+        blob = cv2.dnn.blobFromImage(canvas, 1.0 / self.INPUT_STD, self.input_size, (self.INPUT_MEAN,) * 3, swapRB=True)
         outputs = self.session.run(self.output_names, {self.input_name: blob})
         fm = self.feature_maps
         boxes_all, scores_all, kps_all = [], [], []
@@ -137,8 +141,9 @@ class SCRFDDetector:
                 continue
             c = centres[keep]
             d = distances[keep]
-            boxes_all.append(np.stack([c[:, 0] - d[:, 0], c[:, 1] - d[:, 1],
-                                       c[:, 0] + d[:, 2], c[:, 1] + d[:, 3]], axis=-1))
+            boxes_all.append(
+                np.stack([c[:, 0] - d[:, 0], c[:, 1] - d[:, 1], c[:, 0] + d[:, 2], c[:, 1] + d[:, 3]], axis=-1)
+            )
             k = keypoints[keep].reshape(-1, 5, 2) + c[:, None, :]
             kps_all.append(k)
             scores_all.append(scores[keep])
@@ -148,8 +153,13 @@ class SCRFDDetector:
         keypoints = np.concatenate(kps_all) / scale
         scores = np.concatenate(scores_all)
         keep = non_max_suppression(boxes, scores, NMS_IOU_THRESHOLD)
-        return plausible_faces([FaceDetection(tuple(float(v) for v in boxes[i]), float(scores[i]),
-                                              keypoints[i].astype(np.float32)) for i in keep], image.shape)
+        return plausible_faces(
+            [
+                FaceDetection(tuple(float(v) for v in boxes[i]), float(scores[i]), keypoints[i].astype(np.float32))
+                for i in keep
+            ],
+            image.shape,
+        )
 
 
 class YuNetDetector:
@@ -164,8 +174,7 @@ class YuNetDetector:
     TOP_K = 5000
     MIN_INPUT_SIDE = 32  # YuNet's largest stride
 
-    def __init__(self, path: str, input_size=DEFAULT_DETECTION_SIZE,
-                 score_threshold: float = DEFAULT_SCORE_THRESHOLD):
+    def __init__(self, path: str, input_size=DEFAULT_DETECTION_SIZE, score_threshold: float = DEFAULT_SCORE_THRESHOLD):
         self.path = path
         self.input_size = tuple(input_size)
         self.score_threshold = score_threshold
@@ -176,19 +185,22 @@ class YuNetDetector:
 
     def _create(self):
         try:
-            return cv2.FaceDetectorYN.create(self.path, "", self.input_size, self.score_threshold,
-                                             self.NMS_IOU_THRESHOLD, self.TOP_K)
+            return cv2.FaceDetectorYN.create(
+                self.path, "", self.input_size, self.score_threshold, self.NMS_IOU_THRESHOLD, self.TOP_K
+            )
         except cv2.error as exc:
             raise ModelFileError(f"cannot load YuNet model {self.path}: OpenCV could not read it") from exc
 
-    def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]:
+    def detect(self, image: np.ndarray, threshold: float | None = None) -> list[FaceDetection]:
         threshold = self.score_threshold if threshold is None else threshold
         original_shape = image.shape
         scale = min(1.0, letterbox_scale(image.shape, self.input_size))
         if scale < 1.0:
-            image = cv2.resize(image, (max(1, int(round(image.shape[1] * scale))),
-                                       max(1, int(round(image.shape[0] * scale)))),
-                               interpolation=cv2.INTER_AREA)
+            image = cv2.resize(
+                image,
+                (max(1, int(round(image.shape[1] * scale))), max(1, int(round(image.shape[0] * scale)))),
+                interpolation=cv2.INTER_AREA,
+            )
         if min(image.shape[:2]) < self.MIN_INPUT_SIDE:
             # A strip this thin holds no face YuNet can find, and FaceDetectorYN answers such
             # inputs with rows of uninitialised memory scored up to 1.0 (seen on 640x1 and 1x640,

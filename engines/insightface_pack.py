@@ -10,12 +10,13 @@ A pack is found in one of two layouts (see `find_pack`):
   there the names are all that ties a file to the pack, so the pack's own member files, as
   catalog/catalog.json lists them, are loaded and nothing else.
 """
+
 from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
 
 import onnxruntime as ort
 
@@ -38,7 +39,7 @@ ROLE_LANDMARKS = "landmarks"
 LOADED_ROLES = (ROLE_DETECTOR, ROLE_RECOGNIZER, ROLE_GENDERAGE)  # landmarks: nothing here uses them
 
 
-def model_role(session: ort.InferenceSession) -> Optional[str]:
+def model_role(session: ort.InferenceSession) -> str | None:
     """What an ONNX file in a pack is, by its tensors (insightface model_zoo ModelRouter rules)."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1:
@@ -80,12 +81,11 @@ def search_places(request: LoadRequest) -> list[str]:
 
 def describe_bytes(digest: str) -> str:
     """What the catalog knows a file with this sha256 to be, for messages."""
-    owners = [f"{owner}'s {blob.name}" if owner else blob.name
-              for owner, blob in catalog.default().by_sha256(digest)]
+    owners = [f"{owner}'s {blob.name}" if owner else blob.name for owner, blob in catalog.default().by_sha256(digest)]
     return f" (those are the bytes of {' / '.join(owners)})" if owners else ""
 
 
-def match_flat(pack: ModelPack, place: str) -> tuple[Optional[FoundPack], str]:
+def match_flat(pack: ModelPack, place: str) -> tuple[FoundPack | None, str]:
     """The pack when `place` holds every member file the catalog lists, each with its known bytes
     where a hash is known. Otherwise (None, why not), the reason empty when no member is there.
 
@@ -97,20 +97,24 @@ def match_flat(pack: ModelPack, place: str) -> tuple[Optional[FoundPack], str]:
         return None, ""
     if len(present) < len(names):
         missing = [n for n in names if n not in present]
-        complete = [other.name for other in catalog.default().packs.values() if other.name != pack.name
-                    and all(os.path.isfile(os.path.join(place, m.name)) for m in other.members)]
+        complete = [
+            other.name
+            for other in catalog.default().packs.values()
+            if other.name != pack.name and all(os.path.isfile(os.path.join(place, m.name)) for m in other.members)
+        ]
         note = f" (they make a complete {' and '.join(complete)})" if complete else ""
         return None, f"{place} has {', '.join(present)} but not {', '.join(missing)}{note}"
     wrong = []
     for member in pack.members:
         path = os.path.join(place, member.name)
         if member.accepted_sha256 and (digest := file_sha256(path)) not in member.accepted_sha256:
-            wrong.append(f"{path} is not {pack.name}'s {member.name}: its sha256 is {digest}, expected "
-                         f"{' or '.join(sorted(member.accepted_sha256))}{describe_bytes(digest)}")
+            wrong.append(
+                f"{path} is not {pack.name}'s {member.name}: its sha256 is {digest}, expected "
+                f"{' or '.join(sorted(member.accepted_sha256))}{describe_bytes(digest)}"
+            )
     if wrong:
         return None, "; ".join(wrong)
-    return FoundPack(place, {m.role: os.path.join(place, m.name) for m in pack.members
-                             if m.role in LOADED_ROLES}), ""
+    return FoundPack(place, {m.role: os.path.join(place, m.name) for m in pack.members if m.role in LOADED_ROLES}), ""
 
 
 def find_pack(pack: str, places: list[str]) -> FoundPack:
@@ -133,11 +137,13 @@ def find_pack(pack: str, places: list[str]) -> FoundPack:
     else:
         wanted += f", or all of its files side by side: {', '.join(m.name for m in known.members)}"
     reasons = "".join(f" {n}." for n in notes if n)
-    raise ModelFileError(f"model pack '{pack}' not found. Looked in {', '.join(places)} for {wanted}."
-                         f"{reasons} Install it into models/{pack}/ or pass root:<dir>.")
+    raise ModelFileError(
+        f"model pack '{pack}' not found. Looked in {', '.join(places)} for {wanted}."
+        f"{reasons} Install it into models/{pack}/ or pass root:<dir>."
+    )
 
 
-def load_roles(found: FoundPack, pack: str, threads: Optional[int]) -> dict[str, tuple[str, ort.InferenceSession]]:
+def load_roles(found: FoundPack, pack: str, threads: int | None) -> dict[str, tuple[str, ort.InferenceSession]]:
     """(file, session) by role: the named members of a flat pack, each checked to be what its name
     says; in a pack directory the first file (by name) of each role."""
     roles: dict[str, tuple[str, ort.InferenceSession]] = {}
@@ -169,15 +175,23 @@ def build_insightface_engine(request: LoadRequest) -> ModularFaceEngine:
             raise ModelFileError(f"model pack '{pack}' in {found.directory} has no {needed} ONNX file")
 
     detector_path, detector_session = roles[ROLE_DETECTOR]
-    detector = SCRFDDetector(detector_session,
-                             input_size=request.det_size() or DEFAULT_DETECTION_SIZE,
-                             score_threshold=request.float_in_range("det_thresh", 0.0, 1.0, DEFAULT_SCORE_THRESHOLD))
+    detector = SCRFDDetector(
+        detector_session,
+        input_size=request.det_size() or DEFAULT_DETECTION_SIZE,
+        score_threshold=request.float_in_range("det_thresh", 0.0, 1.0, DEFAULT_SCORE_THRESHOLD),
+    )
     recognizer_path, recognizer_session = roles[ROLE_RECOGNIZER]
     recognizer = ArcFaceRecognizer(
-        recognizer_session, profile_for(file_sha256(recognizer_path), request.get("recognizer_preprocess")))
+        recognizer_session, profile_for(file_sha256(recognizer_path), request.get("recognizer_preprocess"))
+    )
     # age_onnx / gender_onnx first; the pack's genderage.onnx for the actions they leave.
     genderage_path, genderage_session = roles.get(ROLE_GENDERAGE, (None, None))
     heads = build_attribute_heads(request, genderage_session, genderage_path)
-    return ModularFaceEngine(pack, detector, recognizer, heads,
-                             verify_threshold=request.float_in_range("verify_threshold", 0.0, 2.0),
-                             files={ROLE_DETECTOR: detector_path, ROLE_RECOGNIZER: recognizer_path})
+    return ModularFaceEngine(
+        pack,
+        detector,
+        recognizer,
+        heads,
+        verify_threshold=request.float_in_range("verify_threshold", 0.0, 2.0),
+        files={ROLE_DETECTOR: detector_path, ROLE_RECOGNIZER: recognizer_path},
+    )

@@ -3,9 +3,11 @@
 The insightface and onnx_direct engines differ only in how they find and build these parts
 (engines/insightface_pack.py, engines/onnx_direct.py); running them is the same code.
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Optional, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -14,7 +16,7 @@ from .recognition import RecognizerProfile
 
 
 class Detector(Protocol):
-    def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]: ...
+    def detect(self, image: np.ndarray, threshold: float | None = None) -> list[FaceDetection]: ...
 
     def close(self) -> None: ...
 
@@ -32,27 +34,33 @@ class AttributeHead(Protocol):
     actions: frozenset[str]
     path: str  # the model file the head runs, for LoadModel's message and Status
 
-    def predict(self, image: np.ndarray, faces: Sequence[FaceDetection],
-                actions: frozenset[str]) -> list[FaceAttributes]: ...
+    def predict(
+        self, image: np.ndarray, faces: Sequence[FaceDetection], actions: frozenset[str]
+    ) -> list[FaceAttributes]: ...
 
     def close(self) -> None: ...
 
 
 class ModularFaceEngine(FaceEngine):
-    def __init__(self, name: str, detector: Detector, recognizer: Recognizer,
-                 attribute_heads: Sequence[AttributeHead] = (),
-                 verify_threshold: Optional[float] = None, files: Mapping[str, str] = {}):
+    def __init__(
+        self,
+        name: str,
+        detector: Detector,
+        recognizer: Recognizer,
+        attribute_heads: Sequence[AttributeHead] = (),
+        verify_threshold: float | None = None,
+        files: Mapping[str, str] = {},
+    ):
         """`files`: the detector's and recognizer's model files by role; the heads add their own."""
         self.name = name
         self.detector = detector
         self.recognizer = recognizer
         self.attribute_heads = tuple(attribute_heads)
         self.embedding_dim = recognizer.embedding_dim
-        self.default_threshold = (recognizer.profile.threshold if verify_threshold is None
-                                  else verify_threshold)
+        self.default_threshold = recognizer.profile.threshold if verify_threshold is None else verify_threshold
         self.files = {**files, **{"+".join(sorted(h.actions)): h.path for h in self.attribute_heads}}
 
-    def detect(self, image: np.ndarray, threshold: Optional[float] = None) -> list[FaceDetection]:
+    def detect(self, image: np.ndarray, threshold: float | None = None) -> list[FaceDetection]:
         return self.detector.detect(image, threshold)
 
     def embed(self, image: np.ndarray, face: FaceDetection) -> np.ndarray:
@@ -62,8 +70,9 @@ class ModularFaceEngine(FaceEngine):
     def supported_actions(self) -> frozenset[str]:
         return frozenset().union(*(h.actions for h in self.attribute_heads))
 
-    def analyze(self, image: np.ndarray, faces: Sequence[FaceDetection],
-                actions: frozenset[str]) -> list[FaceAttributes]:
+    def analyze(
+        self, image: np.ndarray, faces: Sequence[FaceDetection], actions: frozenset[str]
+    ) -> list[FaceAttributes]:
         merged = [dict(age=None, male_probability=None, emotion=None) for _ in faces]
         for head in self.attribute_heads:
             wanted = actions & head.actions

@@ -4,6 +4,7 @@ The detector is YuNet (run by OpenCV's FaceDetectorYN) or SCRFD (run by onnxrunt
 recognizer is SFace (run by OpenCV's FaceRecognizerSF) or any ArcFace-style 112x112 model.
 Which is which is read from the file itself.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,7 @@ from .attributes import build_attribute_heads
 from .detection import DEFAULT_DETECTION_SIZE, SCRFDDetector, YuNetDetector
 from .modular import ModularFaceEngine
 from .options import LoadRequest
-from .recognition import (KNOWN_RECOGNIZERS, SFACE_PROFILE, SFACE_RUNNER, ArcFaceRecognizer, SFaceRecognizer,
-                          profile_for)
+from .recognition import KNOWN_RECOGNIZERS, SFACE_PROFILE, SFACE_RUNNER, ArcFaceRecognizer, SFaceRecognizer, profile_for
 from .runtime import create_session
 
 # YuNet scores real faces 0.88-0.95 on ../shared/data and background blobs up to 0.7; OpenCV
@@ -36,13 +36,18 @@ def build_detector(path: str, request: LoadRequest):
     size = request.det_size() or DEFAULT_DETECTION_SIZE
     if is_yunet(output_names):
         del session  # OpenCV runs YuNet itself
-        return YuNetDetector(path, input_size=size, score_threshold=request.float_in_range(
-            "det_thresh", 0.0, 1.0, YUNET_SCORE_THRESHOLD))
+        return YuNetDetector(
+            path, input_size=size, score_threshold=request.float_in_range("det_thresh", 0.0, 1.0, YUNET_SCORE_THRESHOLD)
+        )
     if len(output_names) in (9, 15):
-        return SCRFDDetector(session, input_size=size, score_threshold=request.float_in_range(
-            "det_thresh", 0.0, 1.0, SCRFD_SCORE_THRESHOLD))
-    raise ModelFileError(f"detector_onnx {path} is neither YuNet nor an SCRFD model with landmarks"
-                         f" ({len(output_names)} outputs)")
+        return SCRFDDetector(
+            session,
+            input_size=size,
+            score_threshold=request.float_in_range("det_thresh", 0.0, 1.0, SCRFD_SCORE_THRESHOLD),
+        )
+    raise ModelFileError(
+        f"detector_onnx {path} is neither YuNet nor an SCRFD model with landmarks ({len(output_names)} outputs)"
+    )
 
 
 def build_recognizer(path: str, request: LoadRequest):
@@ -66,6 +71,11 @@ def build_onnx_direct_engine(request: LoadRequest) -> ModularFaceEngine:
     recognizer = build_recognizer(recognizer_path, request)
     name = f"{os.path.splitext(os.path.basename(detector_path))[0]}+{recognizer.profile.name}"
     heads = build_attribute_heads(request)  # age_onnx / gender_onnx
-    return ModularFaceEngine(name, detector, recognizer, heads,
-                             verify_threshold=request.float_in_range("verify_threshold", 0.0, 2.0),
-                             files={"detector": detector_path, "recognizer": recognizer_path})
+    return ModularFaceEngine(
+        name,
+        detector,
+        recognizer,
+        heads,
+        verify_threshold=request.float_in_range("verify_threshold", 0.0, 2.0),
+        files={"detector": detector_path, "recognizer": recognizer_path},
+    )

@@ -1,11 +1,12 @@
 """LoadModel options: `key:value` strings from ModelOptions.Options, validated in one place."""
+
 from __future__ import annotations
 
 import difflib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import catalog
 from core.concurrency import usable_cpus
@@ -24,8 +25,10 @@ KNOWN_OPTIONS = {
     "detector_onnx": "onnx_direct detector file (YuNet or SCRFD)",
     "recognizer_onnx": "onnx_direct recognizer file (ArcFace-style 112x112 or SFace)",
     "recognizer_preprocess": "input normalisation of an unknown recognizer: arcface or imagenet",
-    **{f.load_key: f"{os.path.splitext(f.name)[0]} liveness model file"
-       for f in catalog.default().loadable(catalog.ROLE_ANTISPOOF)},
+    **{
+        f.load_key: f"{os.path.splitext(f.name)[0]} liveness model file"
+        for f in catalog.default().loadable(catalog.ROLE_ANTISPOOF)
+    },
     "antispoof_threshold": "P(real) needed for is_real, in [0, 1]",
     "age_onnx": "age head file (Cydral age-v1.onnx)",
     "gender_onnx": "gender head file (Cydral gender-v1.onnx)",
@@ -56,22 +59,22 @@ class LoadRequest:
     # YAMLs carry other backends' options): accepted, logged and named in LoadModel's message.
     ignored: list[str] = field(default_factory=list)
 
-    def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
+    def get(self, key: str, default: str | None = None) -> str | None:
         return self.options.get(key, default)
 
-    def file(self, key: str) -> Optional[str]:
+    def file(self, key: str) -> str | None:
         """The path an option names, relative names anchored at ModelPath; must exist."""
         value = self.options.get(key)
         if not value:
             return None
         path = value if os.path.isabs(value) else os.path.join(self.model_path or ".", value)
         if not os.path.isfile(path):
-            raise ModelFileError(f"{key}: file not found: {path}"
-                                 " (install it with `make models` or give an absolute path)")
+            raise ModelFileError(
+                f"{key}: file not found: {path} (install it with `make models` or give an absolute path)"
+            )
         return path
 
-    def float_in_range(self, key: str, low: float, high: float,
-                       default: Optional[float] = None) -> Optional[float]:
+    def float_in_range(self, key: str, low: float, high: float, default: float | None = None) -> float | None:
         value = self.options.get(key)
         if value is None or value == "":
             return default
@@ -83,7 +86,7 @@ class LoadRequest:
             raise ModelOptionError(f"{key} must be between {low} and {high}, got {number}")
         return number
 
-    def det_size(self) -> Optional[tuple[int, int]]:
+    def det_size(self) -> tuple[int, int] | None:
         value = self.options.get("det_size")
         if not value:
             return None
@@ -99,7 +102,7 @@ class LoadRequest:
         return sizes[0], sizes[1]
 
 
-def _ignored(raw: str, key: Optional[str]) -> str:
+def _ignored(raw: str, key: str | None) -> str:
     """How an option this backend does not use is named back to the operator."""
     if key is None:
         return f"'{raw}' (not key:value)"
@@ -107,8 +110,7 @@ def _ignored(raw: str, key: Optional[str]) -> str:
     return f"'{raw}' (did you mean {near[0]}?)" if near else f"'{raw}'"
 
 
-def parse_load_request(model_name: str, model_path: str, threads: int,
-                       options: Sequence[str]) -> LoadRequest:
+def parse_load_request(model_name: str, model_path: str, threads: int, options: Sequence[str]) -> LoadRequest:
     """Known keys are validated (a bad value fails LoadModel); anything else is ignored, as the
     host does: it appends `<artifact>:<path>` options of its own to every model's list."""
     parsed: dict[str, str] = {}
@@ -132,12 +134,10 @@ def parse_load_request(model_name: str, model_path: str, threads: int,
     elif engine.lower() in ENGINE_ALIASES:
         parsed["engine"] = ENGINE_ALIASES[engine.lower()]
     else:
-        raise ModelOptionError(f"engine must be one of {', '.join(ENGINE_ALIASES)} (any case),"
-                               f" got '{engine}'")
+        raise ModelOptionError(f"engine must be one of {', '.join(ENGINE_ALIASES)} (any case), got '{engine}'")
     if threads < 0:
         raise ModelOptionError(f"Threads must be >= 0, got {threads}")
     # A grant beyond the CPUs this process may use buys nothing but contention, and a mistyped
     # huge one would have OpenCV try to spawn that many threads on the first request.
     threads = min(threads, usable_cpus())
-    return LoadRequest(model_name=model_name, model_path=model_path, threads=threads,
-                       options=parsed, ignored=ignored)
+    return LoadRequest(model_name=model_name, model_path=model_path, threads=threads, options=parsed, ignored=ignored)

@@ -5,11 +5,11 @@ models is the input normalisation, whether the flipped crop is added, and the co
 threshold at which two embeddings count as the same person: facts of each file, kept in
 catalog/catalog.json and read here into a RecognizerProfile, picked by the file's sha256.
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import cv2
 import numpy as np
@@ -39,24 +39,29 @@ class RecognizerProfile:
     threshold: float
     threshold_source: str
     # The OpenCV class that aligns and scales the crop itself (SFace), instead of mean/std here.
-    runner: Optional[str] = None
+    runner: str | None = None
 
 
 # catalog/catalog.json's `preprocess.runner` of a recognizer that OpenCV runs whole.
 SFACE_RUNNER = "cv2.FaceRecognizerSF"
 
 
-def catalog_profile(entry: ModelFile, name: Optional[str] = None,
-                    threshold_source: Optional[str] = None) -> RecognizerProfile:
+def catalog_profile(
+    entry: ModelFile, name: str | None = None, threshold_source: str | None = None
+) -> RecognizerProfile:
     """The profile a catalog recognizer entry describes (the catalog checks it is complete)."""
     preprocess, threshold = entry.preprocess, entry.threshold
     if entry.role != ROLE_RECOGNIZER or preprocess is None or threshold is None:
         raise ValueError(f"{entry.name} is not a recognizer entry of the catalog")
     return RecognizerProfile(
         name=name or os.path.splitext(entry.name)[0],
-        mean=preprocess.mean or (0.0, 0.0, 0.0), std=preprocess.std or (1.0, 1.0, 1.0),
-        flip=preprocess.flip, threshold=threshold,
-        threshold_source=threshold_source or entry.threshold_source, runner=preprocess.runner)
+        mean=preprocess.mean or (0.0, 0.0, 0.0),
+        std=preprocess.std or (1.0, 1.0, 1.0),
+        flip=preprocess.flip,
+        threshold=threshold,
+        threshold_source=threshold_source or entry.threshold_source,
+        runner=preprocess.runner,
+    )
 
 
 def recognizer_profile(file_name: str) -> RecognizerProfile:
@@ -68,8 +73,10 @@ def recognizer_profile(file_name: str) -> RecognizerProfile:
 # bytes included): the same bytes always get the same treatment, whatever the file is called.
 KNOWN_RECOGNIZERS: dict[str, RecognizerProfile] = {
     digest: catalog_profile(entry)
-    for entry in catalog.default().files.values() if entry.role == ROLE_RECOGNIZER
-    for digest in entry.accepted_sha256}
+    for entry in catalog.default().files.values()
+    if entry.role == ROLE_RECOGNIZER
+    for digest in entry.accepted_sha256
+}
 
 # Named preprocessing for files the catalog does not know (LoadModel option recognizer_preprocess):
 # each borrows the input normalisation and threshold of a catalog recognizer. "arcface" is
@@ -100,8 +107,15 @@ def is_arcface_session(session: ort.InferenceSession) -> bool:
         return False
     shape = inputs[0].shape
     out = outputs[0].shape
-    return (len(shape) == 4 and shape[1] == 3 and shape[2] == ARCFACE_SIZE and shape[3] == ARCFACE_SIZE
-            and len(out) == 2 and isinstance(out[1], int) and out[1] >= 64)
+    return (
+        len(shape) == 4
+        and shape[1] == 3
+        and shape[2] == ARCFACE_SIZE
+        and shape[3] == ARCFACE_SIZE
+        and len(out) == 2
+        and isinstance(out[1], int)
+        and out[1] >= 64
+    )
 
 
 class ArcFaceRecognizer:
@@ -155,19 +169,21 @@ class SFaceRecognizer:
 
     def embed(self, image: np.ndarray, face: FaceDetection) -> np.ndarray:
         # FaceRecognizerSF.alignCrop expects a YuNet row: x, y, w, h, 10 landmark coords, score.
-        row = np.concatenate([np.asarray(face.xywh(), dtype=np.float32),
-                              face.landmarks.reshape(-1), [face.score]]).astype(np.float32)
+        row = np.concatenate(
+            [np.asarray(face.xywh(), dtype=np.float32), face.landmarks.reshape(-1), [face.score]]
+        ).astype(np.float32)
         with self._pool.borrow() as recognizer:
             aligned = recognizer.alignCrop(image, row)
             feature = recognizer.feature(aligned)
         return l2_normalise(feature.reshape(-1))
 
 
-def profile_for(sha256: str, preprocess: Optional[str]) -> RecognizerProfile:
+def profile_for(sha256: str, preprocess: str | None) -> RecognizerProfile:
     """The profile of a known file, else the named preset, else insightface's ArcFace default."""
     if preprocess:
         if preprocess not in PREPROCESS_PRESETS:
-            raise ModelOptionError(f"recognizer_preprocess must be one of {sorted(PREPROCESS_PRESETS)},"
-                                   f" got '{preprocess}'")
+            raise ModelOptionError(
+                f"recognizer_preprocess must be one of {sorted(PREPROCESS_PRESETS)}, got '{preprocess}'"
+            )
         return PREPROCESS_PRESETS[preprocess]
     return KNOWN_RECOGNIZERS.get(sha256, UNKNOWN_ARCFACE_PROFILE)

@@ -1,9 +1,9 @@
 """The one place that creates onnxruntime sessions, so every model gets the same threading policy."""
+
 from __future__ import annotations
 
 import os
 import threading
-from typing import Optional
 
 import cv2
 import numpy as np
@@ -57,7 +57,7 @@ def _register_shared_arena() -> None:
         _shared_arena_registered = True
 
 
-def create_session(path: str, threads: Optional[int] = None) -> ort.InferenceSession:
+def create_session(path: str, threads: int | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session for `path`; a missing or unreadable file is a ModelFileError."""
     if not os.path.isfile(path):
         raise ModelFileError(f"model file not found: {path}")
@@ -110,5 +110,6 @@ def run_batched(session: ort.InferenceSession, blob: np.ndarray) -> np.ndarray:
     step = MAX_RUN_BATCH if takes_any_batch(session) else 1
     if len(blob) <= step:
         return session.run(output_names, {input_name: blob})[0]
-    return np.concatenate([session.run(output_names, {input_name: blob[start:start + step]})[0]
-                           for start in range(0, len(blob), step)])
+    return np.concatenate(
+        [session.run(output_names, {input_name: blob[start : start + step]})[0] for start in range(0, len(blob), step)]
+    )

@@ -1,5 +1,6 @@
 """Images as the host sends them (base64 strings), and the two synthetic ones the suites need:
 a photo without a face and a pixel bomb."""
+
 from __future__ import annotations
 
 import base64
@@ -26,6 +27,7 @@ def b64_file(path: str) -> str:
 def b64_image(image: np.ndarray, ext: str = ".jpg") -> str:
     """Base64 of a BGR array encoded with OpenCV."""
     import cv2  # on use: the paths and byte helpers stay free of OpenCV for light callers
+
     ok, encoded = cv2.imencode(ext, image)
     if not ok:
         raise ValueError(f"cv2.imencode({ext!r}) failed")
@@ -48,5 +50,9 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def png_pixel_bomb(width: int = 40000, height: int = 40000) -> bytes:
     """A valid few-KB RGB PNG whose header claims width x height pixels (4.8 GB decoded)."""
     rows = zlib.compress(b"\x00" * (1 + 3 * width) * 16, 9)  # 16 rows of black, filter 0
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + png_chunk(b"IDAT", rows)
+        + png_chunk(b"IEND", b"")
+    )

@@ -1,5 +1,6 @@
 """Where things are: the repository, the installed models (FACE_MODELS_DIR) and the labelled
 photos of ../shared/data (FACE_SHARED_DIR)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """A process's memory and threads as Linux reports them in /proc/<pid>/status."""
+
 from __future__ import annotations
 
 import statistics

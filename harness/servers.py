@@ -4,6 +4,7 @@ Both give a channel sized like the server's message limit and the two stubs the 
 has (backend.Backend and grpc.health.v1.Health); neither takes LOCALAI_GRPC_AUTH_TOKEN from the
 calling environment: a token is always passed explicitly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,14 @@ def free_port() -> int:
 def open_channel(address: str) -> grpc.Channel:
     """A channel to `address` whose messages may be as large as the server accepts."""
     from backend import MAX_MESSAGE_BYTES
-    return grpc.insecure_channel(address, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+
+    return grpc.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -82,6 +89,7 @@ class InProcessServer(_Connected):
         import backend
         from core.settings import Settings
         from face_service import FaceService
+
         self.service = FaceService() if service is None else service
         settings = Settings.from_environ({TOKEN_ENV: token, **env})
         self.server, self.port = backend.create_server(self.service, "127.0.0.1:0", settings)
@@ -122,8 +130,13 @@ def read_log(path: str) -> str:
         return ""
 
 
-def wait_for_health(address: str, alive: Callable[[], bool], log_path: str | None = None,
-                    token: str = "", timeout: float = START_SECONDS) -> None:
+def wait_for_health(
+    address: str,
+    alive: Callable[[], bool],
+    log_path: str | None = None,
+    token: str = "",
+    timeout: float = START_SECONDS,
+) -> None:
     """Return once the backend at `address` answers Health; RuntimeError with the end of its log
     if `alive()` turns false first or `timeout` seconds pass."""
     deadline = time.monotonic() + timeout
@@ -155,9 +168,16 @@ class BackendProcess(_Connected):
     s and returns the exit code; close() closes the channel and stops.
     """
 
-    def __init__(self, *args: str, command: Sequence[str] | None = None,
-                 env: dict[str, str | None] | None = None, cwd: str = REPO, token: str = "",
-                 log_path: str | None = None, timeout: float = START_SECONDS):
+    def __init__(
+        self,
+        *args: str,
+        command: Sequence[str] | None = None,
+        env: dict[str, str | None] | None = None,
+        cwd: str = REPO,
+        token: str = "",
+        log_path: str | None = None,
+        timeout: float = START_SECONDS,
+    ):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.command = [*(command or backend_command()), "--addr", self.address, *args]
@@ -167,8 +187,14 @@ class BackendProcess(_Connected):
             os.close(fd)
         self.log_path = log_path
         with open(log_path, "w") as log:
-            self.process = subprocess.Popen(self.command, cwd=cwd, env=backend_env(token, **(env or {})),
-                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=cwd,
+                env=backend_env(token, **(env or {})),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         try:
             wait_for_health(self.address, lambda: self.process.poll() is None, log_path, token, timeout)
         except BaseException:

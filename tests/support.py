@@ -4,12 +4,14 @@ for a missing weight or photo.
 On a user's machine a test whose weights are missing skips with a reason; under CI (CI=true) the
 same absence is a failure, because a skipped test proves nothing.
 """
+
 from __future__ import annotations
 
 import os
 import unittest
 
 import catalog
+
 # Shared with bench/ (which must not import tests/): paths and image helpers live in harness/.
 from harness.images import b64_file, b64_image, faceless_image, read_bytes  # noqa: F401
 from harness.paths import DATA, GROUP_PHOTO, IDENTITY_DIR, MODELS_DIR, REPO, SHARED, SPOOF_DIR  # noqa: F401
@@ -63,6 +65,7 @@ def engine_setup(kind: str) -> tuple[str, list[str]]:
         return "buffalo_sc", list(INSIGHTFACE_OPTIONS)
     if kind == ENGINE_ONNX_DIRECT:
         from face_service import DEFAULT_MODEL_OPTIONS
+
         for option in DEFAULT_MODEL_OPTIONS:
             key, value = option.split(":", 1)
             if value.endswith(".onnx"):
@@ -84,6 +87,7 @@ def liveness_files() -> None:
 def single_face_photos() -> list[tuple[str, str]]:
     """(path, identity) of the 13 single-face photos of face-recognition-examples/labels.csv."""
     from evaluation import read_labels
+
     images, _ = read_labels(data_path("face-recognition-examples", "labels.csv"), "identity")
     return [(data_path("face-recognition-examples", "images", i.file), i.label) for i in images]
 
@@ -93,6 +97,7 @@ def assert_error_info(test: unittest.TestCase, error, reason: str, field: str | 
     given, metadata `field` ("" for none), read as client.py reads it."""
     from backend import ERROR_DOMAIN
     from client import error_info
+
     info = error_info(error)
     test.assertIsNotNone(info, f"no ErrorInfo on {error.code().name}: {error.details()!r}")
     test.assertEqual((info.domain, info.reason), (ERROR_DOMAIN, reason), error.details())

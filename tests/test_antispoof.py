@@ -1,5 +1,6 @@
 """Silent-Face liveness: crop geometry on synthetic images, and upstream's reference scores with the
 real MiniFASNet weights (models/) on its sample photos (shared/data/silent-face-samples)."""
+
 from __future__ import annotations
 
 import os
@@ -108,8 +109,9 @@ class CropWindowTest(unittest.TestCase):
     def test_window_spanning_the_image_uses_every_pixel(self):
         # A face box as large as the image: the window is the whole image, last row/column included.
         image = np.random.default_rng(1).integers(0, 256, (60, 50, 3), dtype=np.uint8)
-        np.testing.assert_array_equal(crop_for_liveness(image, (0, 0, 50, 60), V1SE_CROP_SCALE),
-                                      cv2.resize(image, (80, 80)))
+        np.testing.assert_array_equal(
+            crop_for_liveness(image, (0, 0, 50, 60), V1SE_CROP_SCALE), cv2.resize(image, (80, 80))
+        )
 
     def test_degenerate_boxes_do_not_crash(self):
         image = np.zeros((100, 120, 3), np.uint8)
@@ -156,8 +158,10 @@ class LivenessModelsTest(unittest.TestCase):
         self.assertAlmostEqual(sum(result.probabilities), 1.0, places=5)
 
     def test_per_model_softmax_matches_reference(self):
-        models = {V2_FILE: MiniFASNet(self.v2_path, V2_CROP_SCALE),
-                  V1SE_FILE: MiniFASNet(self.v1se_path, V1SE_CROP_SCALE)}
+        models = {
+            V2_FILE: MiniFASNet(self.v2_path, V2_CROP_SCALE),
+            V1SE_FILE: MiniFASNet(self.v1se_path, V1SE_CROP_SCALE),
+        }
         for (name, model_file), expected in PER_MODEL_SOFTMAX.items():
             with self.subTest(name=name, model=model_file):
                 got = models[model_file].probabilities(self.images[name], [SAMPLE_BOXES[name]])
@@ -166,8 +170,11 @@ class LivenessModelsTest(unittest.TestCase):
 
     def test_several_faces_are_scored_in_order(self):
         image = self.images["image_T1.jpg"]
-        faces = [face_at(*SAMPLE_BOXES["image_T1.jpg"]), face_at(10, 10, 60, 60),
-                 face_at(*SAMPLE_BOXES["image_T1.jpg"])]
+        faces = [
+            face_at(*SAMPLE_BOXES["image_T1.jpg"]),
+            face_at(10, 10, 60, 60),
+            face_at(*SAMPLE_BOXES["image_T1.jpg"]),
+        ]
         together = self.ensemble.score(image, faces)
         one_by_one = [self.ensemble.score(image, [face])[0] for face in faces]
         self.assertEqual(len(together), 3)
@@ -204,8 +211,10 @@ class LivenessModelsTest(unittest.TestCase):
                 self.assertTrue(0.0 <= result.score <= 1.0)
 
     def test_either_model_alone(self):
-        for kwargs, scale in ((dict(v2_path=self.v2_path), V2_CROP_SCALE),
-                              (dict(v1se_path=self.v1se_path), V1SE_CROP_SCALE)):
+        for kwargs, scale in (
+            (dict(v2_path=self.v2_path), V2_CROP_SCALE),
+            (dict(v1se_path=self.v1se_path), V1SE_CROP_SCALE),
+        ):
             with self.subTest(**kwargs):
                 ensemble = LivenessEnsemble(**kwargs)
                 self.assertEqual([model.scale for model in ensemble.models], [scale])

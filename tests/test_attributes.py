@@ -4,6 +4,7 @@ into both engines, `actions` semantics through FaceService, and the wire over a 
 The insightface genderage.onnx is not available here, so its pre- and post-processing is tested
 with a duck-typed fake session; the Cydral and expression heads run on the real weights (models/)
 and photos (../shared/data)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,9 +20,16 @@ import numpy as np
 from core.errors import InvalidInputError, ModelFileError
 from engines import parse_load_request
 from engines.alignment import align_face
-from engines.attributes import (CYDRAL_AGE_WEIGHTS, GENDERAGE_SIZE, CydralAgeHead,
-                                CydralGenderHead, ExpressionHead, InsightFaceGenderAge,
-                                build_attribute_heads, male_probability_from_pair)
+from engines.attributes import (
+    CYDRAL_AGE_WEIGHTS,
+    GENDERAGE_SIZE,
+    CydralAgeHead,
+    CydralGenderHead,
+    ExpressionHead,
+    InsightFaceGenderAge,
+    build_attribute_heads,
+    male_probability_from_pair,
+)
 from engines.base import ACTION_AGE, ACTION_EMOTION, ACTION_GENDER, HOST_ACTIONS, FaceAttributes, FaceDetection
 from engines.detection import YuNetDetector
 from engines.onnx_direct import YUNET_SCORE_THRESHOLD
@@ -32,8 +40,13 @@ BOTH = frozenset({ACTION_AGE, ACTION_GENDER})
 ALL_HEADS = BOTH | {ACTION_EMOTION}
 EMOTION = frozenset({ACTION_EMOTION})
 EMOTION_FILE = "facial_expression_recognition_mobilefacenet_2022july_int8.onnx"
-INSIGHTFACE_WITH_HEADS = ("engine:insightface", "model_pack:buffalo_sc", "age_onnx:age-v1.onnx",
-                          "gender_onnx:gender-v1.onnx", f"emotion_onnx:{EMOTION_FILE}")
+INSIGHTFACE_WITH_HEADS = (
+    "engine:insightface",
+    "model_pack:buffalo_sc",
+    "age_onnx:age-v1.onnx",
+    "gender_onnx:gender-v1.onnx",
+    f"emotion_onnx:{EMOTION_FILE}",
+)
 INSIGHTFACE_BARE = ("engine:insightface", "model_pack:buffalo_sc")
 ENGINES = {"default": DEFAULT_MODEL_OPTIONS, "insightface": INSIGHTFACE_WITH_HEADS}
 
@@ -44,16 +57,23 @@ SOURCE_AGE = (23.7, 26.5, 36.0, 32.1, 25.8, 26.8)
 # Visual truth for the same six faces (SOURCE.md); face 5 is a man looking down, head turned,
 # which the gender network gets wrong on some crops.
 T1_GENDERS = ("Woman", "Woman", "Man", "Man", "Man", "Woman")
-IDENTITY_GENDER = {"obama": "Man", "biden": "Man", "kit_harington": "Man",
-                   "alex_lacamoire": "Man", "rose_leslie": "Woman"}
+IDENTITY_GENDER = {
+    "obama": "Man",
+    "biden": "Man",
+    "kit_harington": "Man",
+    "alex_lacamoire": "Man",
+    "rose_leslie": "Woman",
+}
 # deepface's emotion keys, which the host's face API follows.
 DEEPFACE_EMOTIONS = {"angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"}
 # ../shared/models/fer-mobilefacenet/SOURCE.md, "Checked here": photos of one face each, smiling
 # or straight (by eye). Left out as not robust: kit_harington_1/3 (straight, come out sad) and
 # t1.jpg (4 of 6 happy there; small faces). Tom_Hanks is a 112x112 chip, which SCRFD finds no
 # face in, so only YuNet sees it.
-SMILING_PHOTOS = [("face-recognition-examples", "images", f"{name}.jpg") for name in (
-    "alex_lacamoire_1", "alex_lacamoire_2", "obama_1", "obama_3", "rose_leslie_1", "rose_leslie_2")]
+SMILING_PHOTOS = [
+    ("face-recognition-examples", "images", f"{name}.jpg")
+    for name in ("alex_lacamoire_1", "alex_lacamoire_2", "obama_1", "obama_3", "rose_leslie_1", "rose_leslie_2")
+]
 SMILING = SMILING_PHOTOS + [("insightface-wheel-images", "Tom_Hanks_54745.png")]
 STRAIGHT = [("face-recognition-examples", "images", "biden_1.jpg"), ("silent-face-samples", "image_T1.jpg")]
 
@@ -67,8 +87,11 @@ def dominant(emotion) -> str:
 
 
 def face(box, landmarks=None) -> FaceDetection:
-    return FaceDetection(box=tuple(float(v) for v in box), score=0.9,
-                         landmarks=np.zeros((5, 2), np.float32) if landmarks is None else landmarks)
+    return FaceDetection(
+        box=tuple(float(v) for v in box),
+        score=0.9,
+        landmarks=np.zeros((5, 2), np.float32) if landmarks is None else landmarks,
+    )
 
 
 def load_service(options) -> FaceService:
@@ -131,7 +154,7 @@ class FakeGenderAgeSession:
         blob = feeds["data"]
         start = sum(len(b) for b in self.blobs)
         self.blobs.append(blob.copy())
-        return [self.rows[start:start + len(blob)]]
+        return [self.rows[start : start + len(blob)]]
 
 
 class InsightFaceGenderAgeTest(unittest.TestCase):
@@ -150,21 +173,23 @@ class InsightFaceGenderAgeTest(unittest.TestCase):
         blob = session.blobs[0]
         self.assertEqual(blob.shape, (1, 3, 96, 96))
         self.assertEqual(blob.dtype, np.float32)
-        expected = self.image[140 - 48:140 + 48, 150 - 48:150 + 48, ::-1].transpose(2, 0, 1)
+        expected = self.image[140 - 48 : 140 + 48, 150 - 48 : 150 + 48, ::-1].transpose(2, 0, 1)
         np.testing.assert_array_equal(blob[0], expected.astype(np.float32))  # mean 0, std 1, RGB
 
     def test_larger_box_is_scaled_down(self):
         # A 128 px wide box (taller side counts: max(w, h)): 192 px of image -> 96, scale 0.5.
         session = FakeGenderAgeSession([[0.0, 1.0, 0.3]])
         InsightFaceGenderAge(session).predict(self.image, [face((86, 100, 214, 180))], BOTH)
-        expected = cv2.resize(self.image[140 - 96:140 + 96, 150 - 96:150 + 96], (96, 96),
-                              interpolation=cv2.INTER_LINEAR)[..., ::-1].transpose(2, 0, 1)
+        expected = cv2.resize(
+            self.image[140 - 96 : 140 + 96, 150 - 96 : 150 + 96], (96, 96), interpolation=cv2.INTER_LINEAR
+        )[..., ::-1].transpose(2, 0, 1)
         self.assertLess(np.abs(session.blobs[0][0] - expected).mean(), 1.5)
 
     def test_mean_and_std_are_applied(self):
         session = FakeGenderAgeSession([[0.0, 1.0, 0.3]])
         InsightFaceGenderAge(session, input_mean=127.5, input_std=128.0).predict(
-            self.image, [face((118, 108, 182, 172))], BOTH)
+            self.image, [face((118, 108, 182, 172))], BOTH
+        )
         expected = (self.image[92:188, 102:198, ::-1].transpose(2, 0, 1) - 127.5) / 128.0
         np.testing.assert_allclose(session.blobs[0][0], expected, atol=1e-5)
 
@@ -172,7 +197,8 @@ class InsightFaceGenderAgeTest(unittest.TestCase):
         rows = [[-1.0, 2.0, 0.314], [3.0, -1.0, 0.55]]
         session = FakeGenderAgeSession(rows)
         attrs = InsightFaceGenderAge(session).predict(
-            self.image, [face((118, 108, 182, 172)), face((10, 10, 60, 70))], BOTH)
+            self.image, [face((118, 108, 182, 172)), face((10, 10, 60, 70))], BOTH
+        )
         self.assertEqual(len(session.blobs), 1, "all faces in one run")
         self.assertEqual(len(session.blobs[0]), 2)
         self.assertAlmostEqual(attrs[0].male_probability, 1 / (1 + np.exp(-3.0)), places=5)
@@ -189,11 +215,13 @@ class InsightFaceGenderAgeTest(unittest.TestCase):
     def test_only_the_asked_actions_are_filled(self):
         faces = [face((118, 108, 182, 172))]
         age_only = InsightFaceGenderAge(FakeGenderAgeSession([[0, 1, 0.3]])).predict(
-            self.image, faces, frozenset({ACTION_AGE}))[0]
+            self.image, faces, frozenset({ACTION_AGE})
+        )[0]
         self.assertIsNone(age_only.male_probability)
         self.assertAlmostEqual(age_only.age, 30.0, places=4)
         gender_only = InsightFaceGenderAge(FakeGenderAgeSession([[0, 1, 0.3]])).predict(
-            self.image, faces, frozenset({ACTION_GENDER}))[0]
+            self.image, faces, frozenset({ACTION_GENDER})
+        )[0]
         self.assertIsNone(gender_only.age)
         self.assertGreater(gender_only.male_probability, 0.5)
 
@@ -231,8 +259,7 @@ class BuildHeadsTest(unittest.TestCase):
 
     def test_missing_file_is_a_model_file_error(self):
         with tempfile.TemporaryDirectory() as empty:
-            for option in ("age_onnx:age-v1.onnx", "gender_onnx:gender-v1.onnx",
-                           f"emotion_onnx:{EMOTION_FILE}"):
+            for option in ("age_onnx:age-v1.onnx", "gender_onnx:gender-v1.onnx", f"emotion_onnx:{EMOTION_FILE}"):
                 with self.subTest(option=option):
                     with self.assertRaisesRegex(ModelFileError, option.split(":")[0]):
                         build_attribute_heads(self.request(option, model_path=empty))
@@ -253,10 +280,11 @@ class BuildHeadsTest(unittest.TestCase):
 
     def test_emotion_head_sits_beside_the_pack_genderage(self):
         support.model_path(EMOTION_FILE)
-        heads = build_attribute_heads(self.request(f"emotion_onnx:{EMOTION_FILE}"),
-                                      FakeGenderAgeSession([]))
-        self.assertEqual([(type(h).__name__, h.actions) for h in heads],
-                         [("ExpressionHead", EMOTION), ("InsightFaceGenderAge", BOTH)])
+        heads = build_attribute_heads(self.request(f"emotion_onnx:{EMOTION_FILE}"), FakeGenderAgeSession([]))
+        self.assertEqual(
+            [(type(h).__name__, h.actions) for h in heads],
+            [("ExpressionHead", EMOTION), ("InsightFaceGenderAge", BOTH)],
+        )
         self.assertEqual(heads[0].path, os.path.join(support.MODELS_DIR, EMOTION_FILE))
 
     def test_explicit_options_win_over_the_pack_genderage(self):
@@ -264,13 +292,13 @@ class BuildHeadsTest(unittest.TestCase):
         support.model_path("age-v1.onnx")
         fake = FakeGenderAgeSession([])
         heads = build_attribute_heads(self.request(), fake)
-        self.assertEqual([(type(h).__name__, h.actions) for h in heads],
-                         [("InsightFaceGenderAge", BOTH)])
+        self.assertEqual([(type(h).__name__, h.actions) for h in heads], [("InsightFaceGenderAge", BOTH)])
         heads = build_attribute_heads(self.request("gender_onnx:gender-v1.onnx"), fake)
-        self.assertEqual([(type(h).__name__, h.actions) for h in heads],
-                         [("CydralGenderHead", {ACTION_GENDER}), ("InsightFaceGenderAge", {ACTION_AGE})])
-        heads = build_attribute_heads(
-            self.request("gender_onnx:gender-v1.onnx", "age_onnx:age-v1.onnx"), fake)
+        self.assertEqual(
+            [(type(h).__name__, h.actions) for h in heads],
+            [("CydralGenderHead", {ACTION_GENDER}), ("InsightFaceGenderAge", {ACTION_AGE})],
+        )
+        heads = build_attribute_heads(self.request("gender_onnx:gender-v1.onnx", "age_onnx:age-v1.onnx"), fake)
         self.assertEqual([type(h).__name__ for h in heads], ["CydralGenderHead", "CydralAgeHead"])
 
     def test_no_options_no_heads(self):
@@ -283,8 +311,9 @@ class CydralReproductionTest(unittest.TestCase):
     def test_t1_matches_source_md(self):
         support.require_files(support.GROUP_PHOTO)
         image = cv2.imread(support.GROUP_PHOTO)
-        detector = YuNetDetector(support.model_path("face_detection_yunet_2023mar.onnx"),
-                                 input_size=(1280, 1280), score_threshold=0.6)
+        detector = YuNetDetector(
+            support.model_path("face_detection_yunet_2023mar.onnx"), input_size=(1280, 1280), score_threshold=0.6
+        )
         faces = sorted(detector.detect(image), key=lambda f: f.box[0])
         self.assertEqual(len(faces), 6)
         gender = CydralGenderHead(support.model_path("gender-v1.onnx"))
@@ -309,8 +338,9 @@ class ExpressionHeadTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.head = ExpressionHead(support.model_path(EMOTION_FILE))
-        cls.detector = YuNetDetector(support.model_path("face_detection_yunet_2023mar.onnx"),
-                                     score_threshold=YUNET_SCORE_THRESHOLD)
+        cls.detector = YuNetDetector(
+            support.model_path("face_detection_yunet_2023mar.onnx"), score_threshold=YUNET_SCORE_THRESHOLD
+        )
 
     def emotions(self, *parts):
         image = cv2.imread(support.data_path(*parts))
@@ -342,8 +372,9 @@ class ExpressionHeadTest(unittest.TestCase):
         image = cv2.imread(support.data_path(*SMILING[0]))
         faces = self.detector.detect(image)
         # The same preprocessing, written as OpenCV's blob: (x - 127.5) / 127.5 = (x/255 - 0.5) / 0.5.
-        expected = cv2.dnn.blobFromImage(align_face(image, faces[0].landmarks), 1 / 127.5, (112, 112),
-                                         (127.5, 127.5, 127.5), swapRB=True)
+        expected = cv2.dnn.blobFromImage(
+            align_face(image, faces[0].landmarks), 1 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True
+        )
         np.testing.assert_allclose(self.head.blob(image, faces), expected, atol=1e-5)
 
     def test_fixed_batch_of_one_runs_face_by_face_and_only_when_asked(self):
@@ -381,8 +412,10 @@ class ServiceAttributesTest(unittest.TestCase):
         for name, service in self.services.items():
             with self.subTest(engine=name):
                 self.assertEqual(service.loaded.engine.supported_actions, ALL_HEADS)
-                self.assertEqual(sorted(type(h).__name__ for h in self.heads(service)),
-                                 ["CydralAgeHead", "CydralGenderHead", "ExpressionHead"])
+                self.assertEqual(
+                    sorted(type(h).__name__ for h in self.heads(service)),
+                    ["CydralAgeHead", "CydralGenderHead", "ExpressionHead"],
+                )
 
     def test_labelled_people_get_their_gender_and_a_plausible_age(self):
         labels = os.path.join(support.IDENTITY_DIR, "labels.csv")
@@ -397,8 +430,7 @@ class ServiceAttributesTest(unittest.TestCase):
                     analyzed = service.analyze(img, [])
                     item = max(analyzed, key=lambda a: (a.face.area, a.face.score))
                     self.assertIs(item.face, best_face([a.face for a in analyzed]))
-                    self.assertEqual(gender_of(item.attributes.male_probability),
-                                     IDENTITY_GENDER[row["identity"]])
+                    self.assertEqual(gender_of(item.attributes.male_probability), IDENTITY_GENDER[row["identity"]])
                     self.assertTrue(15 <= item.attributes.age <= 90, item.attributes.age)
 
     def test_group_photo_genders_left_to_right(self):
@@ -443,8 +475,10 @@ class ServiceAttributesTest(unittest.TestCase):
             with self.subTest(engine=name), counting(self.heads(service)) as runs:
                 analyzed = service.analyze(self.group, ["age", "gender"])
                 self.assertEqual(len(analyzed), 6)
-                self.assertEqual({k: c.batches for k, c in runs.items()},
-                                 {"CydralAgeHead": [6], "CydralGenderHead": [6], "ExpressionHead": []})
+                self.assertEqual(
+                    {k: c.batches for k, c in runs.items()},
+                    {"CydralAgeHead": [6], "CydralGenderHead": [6], "ExpressionHead": []},
+                )
 
     def test_emotion_alone_runs_only_the_expression_head(self):
         # The engine itself: which actions FaceService lets through is its own rule.
@@ -454,8 +488,10 @@ class ServiceAttributesTest(unittest.TestCase):
             faces = engine.detect(image)
             with self.subTest(engine=name), counting(self.heads(service)) as runs:
                 attrs = engine.analyze(image, faces, EMOTION)
-                self.assertEqual({k: c.batches for k, c in runs.items()},
-                                 {"CydralAgeHead": [], "CydralGenderHead": [], "ExpressionHead": [1] * len(faces)})
+                self.assertEqual(
+                    {k: c.batches for k, c in runs.items()},
+                    {"CydralAgeHead": [], "CydralGenderHead": [], "ExpressionHead": [1] * len(faces)},
+                )
                 for a in attrs:
                     self.assertIsNone(a.age)
                     self.assertIsNone(a.male_probability)
@@ -506,6 +542,7 @@ class GrpcAttributesTest(unittest.TestCase):
 
         import backend_pb2
         from harness.servers import InProcessServer
+
         for kind in support.ENGINES:  # the default set and buffalo_sc, installed
             support.engine_setup(kind)
         cls.grpc, cls.pb = grpc, backend_pb2
@@ -519,13 +556,13 @@ class GrpcAttributesTest(unittest.TestCase):
         cls.server.close()
 
     def load(self, options):
-        result = self.stub.LoadModel(self.pb.ModelOptions(
-            Model="m", ModelPath=support.MODELS_DIR, Options=list(options)), timeout=120)
+        result = self.stub.LoadModel(
+            self.pb.ModelOptions(Model="m", ModelPath=support.MODELS_DIR, Options=list(options)), timeout=120
+        )
         self.assertTrue(result.success, result.message)
 
     def analyze(self, actions, img=None):
-        return self.stub.FaceAnalyze(self.pb.FaceAnalyzeRequest(img=img or self.group, actions=actions),
-                                     timeout=120)
+        return self.stub.FaceAnalyze(self.pb.FaceAnalyzeRequest(img=img or self.group, actions=actions), timeout=120)
 
     def test_gender_only_gives_the_map_and_no_age(self):
         variants = {"default": DEFAULT_MODEL_OPTIONS, "insightface": INSIGHTFACE_WITH_HEADS}
@@ -537,8 +574,7 @@ class GrpcAttributesTest(unittest.TestCase):
                 for f in reply.faces:
                     self.assertEqual(set(f.gender), {"Man", "Woman"})
                     self.assertAlmostEqual(f.gender["Man"] + f.gender["Woman"], 1.0, places=5)
-                    self.assertEqual(f.dominant_gender,
-                                     "Man" if f.gender["Man"] >= f.gender["Woman"] else "Woman")
+                    self.assertEqual(f.dominant_gender, "Man" if f.gender["Man"] >= f.gender["Woman"] else "Woman")
                     self.assertEqual(f.age, 0.0)
                     self.assertEqual(len(f.emotion), 0)
                     self.assertEqual(f.dominant_race, "")
@@ -578,6 +614,7 @@ class GrpcAttributesTest(unittest.TestCase):
             self.assertEqual(f.age, 0.0)
             self.assertEqual((f.dominant_gender, len(f.gender)), ("", 0))
             self.assertEqual((f.dominant_race, len(f.race)), ("", 0))
+
 
 if __name__ == "__main__":
     unittest.main()

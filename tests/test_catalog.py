@@ -4,6 +4,7 @@ Mirror tests use the real weights in ../shared/models, laid out differently (ran
 folders, symlinks) to prove files are matched by content. Download tests use a tiny fake catalog
 served by http.server on 127.0.0.1; nothing here reaches beyond loopback.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +23,7 @@ import tempfile
 import threading
 import unittest
 import zipfile
-from typing import Any, Optional
+from typing import Any
 from unittest import mock
 
 import catalog
@@ -32,7 +33,6 @@ from tests.support import SHARED, require_files
 MIRROR = os.path.join(SHARED, "models")
 MODELS_MD = os.path.join(SHARED, "docs", "MODELS.md")
 HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
-
 
 
 def mirror_sources() -> dict[str, str]:
@@ -69,8 +69,7 @@ class Served:
             def log_message(self, *args: Any) -> None:
                 requests.append(self.path)
 
-        self.server = http.server.ThreadingHTTPServer(
-            ("127.0.0.1", 0), functools.partial(Handler, directory=root))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=root))
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -115,7 +114,7 @@ class CatalogContentTest(unittest.TestCase):
         # `test` nests `default`: its files first, in order, then the rest, nothing twice.
         default = [e.name for e in self.cat.expand(["default"])]
         test = [e.name for e in self.cat.expand(["test"])]
-        self.assertEqual(test[:len(default)], default)
+        self.assertEqual(test[: len(default)], default)
         self.assertEqual(len(test), len(set(test)))
         self.assertGreater(len(test), len(default))
         self.assertIsInstance(self.cat.get("buffalo_sc"), catalog.ModelPack)
@@ -125,6 +124,7 @@ class CatalogContentTest(unittest.TestCase):
 
     def test_default_group_is_a_complete_load_model_request(self) -> None:
         from engines.options import KNOWN_OPTIONS, parse_load_request
+
         options = self.cat.load_options("default")
         keys = [o.split(":", 1)[0] for o in options]
         for needed in ("detector_onnx", "recognizer_onnx"):
@@ -188,8 +188,9 @@ class CatalogContentTest(unittest.TestCase):
         self.assertNotEqual(det.sha256, scrfd.sha256)
         self.assertIn(scrfd.sha256, det.alt_sha256)
         self.assertEqual(det.sizes, {det.size, scrfd.size})
-        self.assertEqual(self.cat.packs["buffalo_sc"].member("w600k_mbf.onnx").sha256,
-                         self.cat.files["w600k_mbf.onnx"].sha256)
+        self.assertEqual(
+            self.cat.packs["buffalo_sc"].member("w600k_mbf.onnx").sha256, self.cat.files["w600k_mbf.onnx"].sha256
+        )
 
     def test_wheel_members(self) -> None:
         for name in ("age-v1.onnx", "gender-v1.onnx"):
@@ -224,9 +225,19 @@ class CatalogContentTest(unittest.TestCase):
         self.assertFalse(missing, "sha256 values in MODELS.md absent from the catalog")
 
     def test_loader_rejects_bad_catalogs(self) -> None:
-        good = {"files": [{"name": "a.onnx", "sha256": "0" * 64, "role": "x", "licence": "MIT",
-                           "commercial_ok": True, "sources": [{"url": "http://x/a"}]}],
-                "groups": {"g": ["a.onnx"]}}
+        good = {
+            "files": [
+                {
+                    "name": "a.onnx",
+                    "sha256": "0" * 64,
+                    "role": "x",
+                    "licence": "MIT",
+                    "commercial_ok": True,
+                    "sources": [{"url": "http://x/a"}],
+                }
+            ],
+            "groups": {"g": ["a.onnx"]},
+        }
         catalog.from_dict(good)
         bad_hash = json.loads(json.dumps(good))
         bad_hash["files"][0]["sha256"] = "ABC"
@@ -240,14 +251,34 @@ class CatalogContentTest(unittest.TestCase):
 
     def test_loader_checks_how_code_uses_a_file(self) -> None:
         def entry(name: str, **fields: Any) -> dict:
-            return {"name": name, "sha256": sha(name.encode()), "licence": "MIT", "commercial_ok": True,
-                    "sources": [{"url": f"http://x/{name}"}], **fields}
+            return {
+                "name": name,
+                "sha256": sha(name.encode()),
+                "licence": "MIT",
+                "commercial_ok": True,
+                "sources": [{"url": f"http://x/{name}"}],
+                **fields,
+            }
 
-        recognizer = entry("r.onnx", role="recognizer", option="recognizer_onnx", threshold=0.5,
-                           threshold_source="measured",
-                           preprocess={"mean": [127.5, 127.5, 127.5], "std": [127.5, 127.5, 127.5], "flip": False})
-        liveness = [entry(f"l{i}.onnx", role="antispoof", option=f"live{i}_onnx", threshold=0.5,
-                          threshold_source="upstream", preprocess={"crop_scale": 2.0 + i}) for i in range(2)]
+        recognizer = entry(
+            "r.onnx",
+            role="recognizer",
+            option="recognizer_onnx",
+            threshold=0.5,
+            threshold_source="measured",
+            preprocess={"mean": [127.5, 127.5, 127.5], "std": [127.5, 127.5, 127.5], "flip": False},
+        )
+        liveness = [
+            entry(
+                f"l{i}.onnx",
+                role="antispoof",
+                option=f"live{i}_onnx",
+                threshold=0.5,
+                threshold_source="upstream",
+                preprocess={"crop_scale": 2.0 + i},
+            )
+            for i in range(2)
+        ]
         good = {"files": [recognizer, *liveness], "groups": {"g": ["r.onnx", "l0.onnx"]}}
         cat = catalog.from_dict(good)
         self.assertEqual(cat.load_options("g"), ("recognizer_onnx:r.onnx", "live0_onnx:l0.onnx"))
@@ -278,8 +309,10 @@ class CatalogContentTest(unittest.TestCase):
             with self.subTest(label), self.assertRaises(catalog.CatalogError):
                 catalog.from_dict(broken)
 
-        for label, groups in {"a pack or a file without option": {"g": ["r.onnx", "nope"]},
-                              "one key twice": {"g": ["r.onnx", "r2.onnx"]}}.items():
+        for label, groups in {
+            "a pack or a file without option": {"g": ["r.onnx", "nope"]},
+            "one key twice": {"g": ["r.onnx", "r2.onnx"]},
+        }.items():
             broken = json.loads(json.dumps(good))
             broken["files"] += [entry("nope", role="x"), dict(recognizer, name="r2.onnx", sha256="1" * 64)]
             broken["groups"] = groups
@@ -324,8 +357,10 @@ class HashingTest(unittest.TestCase):
         self.assertEqual([(o, b.name) for o, b in catalog.identify(yunet)], [("", "face_detection_yunet_2023mar.onnx")])
         scrfd = os.path.join(MIRROR, TEST_GROUP_SOURCES["scrfd_500m_bnkps.onnx"])
         require_files(scrfd)
-        self.assertEqual({(o, b.name) for o, b in catalog.identify(scrfd)},
-                         {("", "scrfd_500m_bnkps.onnx"), ("buffalo_sc", "det_500m.onnx")})
+        self.assertEqual(
+            {(o, b.name) for o, b in catalog.identify(scrfd)},
+            {("", "scrfd_500m_bnkps.onnx"), ("buffalo_sc", "det_500m.onnx")},
+        )
 
 
 # ---- installing from a mirror (real weights) -------------------------------------------------
@@ -334,10 +369,18 @@ class HashingTest(unittest.TestCase):
 def offline(cat: catalog.Catalog, url: str) -> catalog.Catalog:
     """`cat` with every download route pointed at `url` (which fails), so a test never goes online."""
     archives = {n: dataclasses.replace(a, url=f"{url}/{n}", pip=None) for n, a in cat.archives.items()}
-    files = {n: dataclasses.replace(f, sources=tuple(
-        dataclasses.replace(s, url=f"{url}/{n}") if s.archive is None else
-        dataclasses.replace(s, archive=archives[s.archive.name]) for s in f.sources))
-        for n, f in cat.files.items()}
+    files = {
+        n: dataclasses.replace(
+            f,
+            sources=tuple(
+                dataclasses.replace(s, url=f"{url}/{n}")
+                if s.archive is None
+                else dataclasses.replace(s, archive=archives[s.archive.name])
+                for s in f.sources
+            ),
+        )
+        for n, f in cat.files.items()
+    }
     packs = {n: dataclasses.replace(p, archive=archives[p.archive.name]) for n, p in cat.packs.items()}
     return catalog.Catalog(files=files, packs=packs, archives=archives, groups=cat.groups)
 
@@ -394,10 +437,13 @@ class MirrorInstallTest(unittest.TestCase):
         expected = set(TEST_GROUP_SOURCES) | {"buffalo_sc"} | {f"buffalo_sc/{m}" for m in members}
         self.assertEqual(listing(self.dest), expected)  # no temp leftovers, pack flat
         for name, rel in TEST_GROUP_SOURCES.items():
-            self.assertEqual(catalog.file_sha256(os.path.join(self.dest, name)),
-                             catalog.file_sha256(os.path.join(MIRROR, rel)), name)
-        self.assertEqual(catalog.file_sha256(os.path.join(self.dest, "buffalo_sc", "det_500m.onnx")),
-                         self.catalog.files["scrfd_500m_bnkps.onnx"].sha256)
+            self.assertEqual(
+                catalog.file_sha256(os.path.join(self.dest, name)), catalog.file_sha256(os.path.join(MIRROR, rel)), name
+            )
+        self.assertEqual(
+            catalog.file_sha256(os.path.join(self.dest, "buffalo_sc", "det_500m.onnx")),
+            self.catalog.files["scrfd_500m_bnkps.onnx"].sha256,
+        )
         self.assertFalse(os.path.islink(os.path.join(self.dest, "w600k_mbf.onnx")))
 
         again = Quiet()
@@ -409,8 +455,10 @@ class MirrorInstallTest(unittest.TestCase):
     def test_buffalo_sc_alone(self) -> None:
         self.scramble(["scrfd_500m_bnkps.onnx", "w600k_mbf.onnx"], copy_small=False)
         installer.install(["buffalo_sc"], dest=self.dest, mirror=self.mirror, catalog=self.catalog, log=Quiet())
-        self.assertEqual(sorted(os.listdir(os.path.join(self.dest, "buffalo_sc"))),
-                         sorted(m.name for m in self.catalog.packs["buffalo_sc"].members))
+        self.assertEqual(
+            sorted(os.listdir(os.path.join(self.dest, "buffalo_sc"))),
+            sorted(m.name for m in self.catalog.packs["buffalo_sc"].members),
+        )
         self.assertEqual(os.listdir(self.dest), ["buffalo_sc"])
 
     def test_corrupted_mirror_file_rejected(self) -> None:
@@ -447,12 +495,16 @@ class MirrorInstallTest(unittest.TestCase):
         os.makedirs(self.dest)
         with open(os.path.join(self.dest, "MobileFaceNet.onnx"), "wb") as f:
             f.write(b"not a model")
-        (outcome,) = installer.install(["MobileFaceNet.onnx"], dest=self.dest, mirror=self.mirror,
-                                       catalog=self.catalog, log=Quiet())
+        (outcome,) = installer.install(
+            ["MobileFaceNet.onnx"], dest=self.dest, mirror=self.mirror, catalog=self.catalog, log=Quiet()
+        )
         self.assertEqual(outcome.action, installer.MIRROR)
         self.assertIn("replaced", outcome.detail)
-        self.assertTrue(catalog.verify_sha256(os.path.join(self.dest, "MobileFaceNet.onnx"),
-                                              {self.catalog.files["MobileFaceNet.onnx"].sha256}))
+        self.assertTrue(
+            catalog.verify_sha256(
+                os.path.join(self.dest, "MobileFaceNet.onnx"), {self.catalog.files["MobileFaceNet.onnx"].sha256}
+            )
+        )
 
 
 # ---- downloading (fake catalog on loopback) --------------------------------------------------
@@ -480,8 +532,10 @@ class DownloadInstallTest(unittest.TestCase):
         with zipfile.ZipFile(os.path.join(cls.root, "fakemodels-1.0-py3-none-any.whl"), "w") as z:
             z.writestr("fakemodels/models/c.onnx", cls.members["c.onnx"])
             z.writestr("fakemodels-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fakemodels\nVersion: 1.0\n")
-            z.writestr("fakemodels-1.0.dist-info/WHEEL",
-                       "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+            z.writestr(
+                "fakemodels-1.0.dist-info/WHEEL",
+                "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+            )
             z.writestr("fakemodels-1.0.dist-info/RECORD", "")
         cls.server = Served(cls.root)
         cls.env = loopback_env()
@@ -502,8 +556,16 @@ class DownloadInstallTest(unittest.TestCase):
                 return f.read()
 
         def entry(name: str, sources: list[dict[str, str]], data: bytes, **extra: Any) -> dict[str, Any]:
-            return dict(name=name, sha256=sha(data), size=len(data), role="test", licence="CC0-1.0",
-                        commercial_ok=True, sources=sources, **extra)
+            return dict(
+                name=name,
+                sha256=sha(data),
+                size=len(data),
+                role="test",
+                licence="CC0-1.0",
+                commercial_ok=True,
+                sources=sources,
+                **extra,
+            )
 
         wheel = "fakemodels-1.0-py3-none-any.whl"
         return {
@@ -518,10 +580,15 @@ class DownloadInstallTest(unittest.TestCase):
                 entry("fallback.onnx", [{"url": f"{url}/missing.bin"}, {"url": f"{url}/good.bin"}], cls.good),
                 entry("c.onnx", [{"archive": wheel, "member": "fakemodels/models/c.onnx"}], cls.members["c.onnx"]),
             ],
-            "packs": [{
-                "name": "tinypack", "archive": "tinypack.zip", "licence": "CC0-1.0", "commercial_ok": True,
-                "members": [{"name": "a.onnx", "sha256": sha(cls.members["a.onnx"])}, {"name": "b.onnx"}],
-            }],
+            "packs": [
+                {
+                    "name": "tinypack",
+                    "archive": "tinypack.zip",
+                    "licence": "CC0-1.0",
+                    "commercial_ok": True,
+                    "members": [{"name": "a.onnx", "sha256": sha(cls.members["a.onnx"])}, {"name": "b.onnx"}],
+                }
+            ],
             "groups": {"good": ["tiny.onnx", "tinypack", "c.onnx"]},
         }
 
@@ -531,8 +598,9 @@ class DownloadInstallTest(unittest.TestCase):
         self.dest = os.path.join(self.tmp, "dest")
         self.server.requests.clear()
 
-    def install(self, *names: str, mirror: Optional[str] = None,
-                cat: Optional[catalog.Catalog] = None) -> list[installer.Outcome]:
+    def install(
+        self, *names: str, mirror: str | None = None, cat: catalog.Catalog | None = None
+    ) -> list[installer.Outcome]:
         return installer.install(names, dest=self.dest, mirror=mirror, catalog=cat or self.catalog, log=Quiet())
 
     def test_download_verify_and_idempotent(self) -> None:
@@ -650,8 +718,9 @@ class DefaultsTest(unittest.TestCase):
 
     def test_missing_mirror_is_an_error(self) -> None:
         with tempfile.TemporaryDirectory() as tmp, self.assertRaises(installer.InstallError) as caught:
-            installer.install([], dest=tmp, mirror=os.path.join(tmp, "nope"),
-                              catalog=catalog.from_dict({}), log=Quiet())
+            installer.install(
+                [], dest=tmp, mirror=os.path.join(tmp, "nope"), catalog=catalog.from_dict({}), log=Quiet()
+            )
         self.assertIn("nope", str(caught.exception))
 
 

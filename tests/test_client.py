@@ -3,6 +3,7 @@ model set, every subcommand run as `.venv/bin/python client.py ...` against it o
 ../shared/data, and the error paths (missing file, unreachable server, gRPC status, bad token,
 which images an evaluation skips by the ErrorInfo reason). The evaluation arithmetic itself is
 tests/test_evaluation.py."""
+
 from __future__ import annotations
 
 import csv
@@ -27,8 +28,9 @@ REPO = support.REPO
 CLIENT = os.path.join(REPO, "client.py")
 DEFAULT_FILES = tuple(f.name for f in catalog.default().expand(["default"]))
 # The default set's recognizer threshold, FaceVerify's when the request sets none.
-DEFAULT_THRESHOLD = next(f.threshold for f in catalog.default().expand(["default"])
-                         if f.role == catalog.ROLE_RECOGNIZER)
+DEFAULT_THRESHOLD = next(
+    f.threshold for f in catalog.default().expand(["default"]) if f.role == catalog.ROLE_RECOGNIZER
+)
 
 
 def clean_env(**extra: str) -> dict:
@@ -73,11 +75,19 @@ class ClientAgainstServerTest(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     # -- helpers -----------------------------------------------------------------------------
-    def client(self, *args: str, addr: str | None = None, env: dict | None = None,
-               timeout: float = 120) -> subprocess.CompletedProcess:
+    def client(
+        self, *args: str, addr: str | None = None, env: dict | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
         command = [PYTHON, CLIENT, "--addr", addr or self.addr, *args]
-        return subprocess.run(command, cwd=REPO, env=env or clean_env(), stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            command,
+            cwd=REPO,
+            env=env or clean_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def ok(self, *args: str, **kwargs) -> dict:
         done = self.client(*args, **kwargs)
@@ -116,8 +126,17 @@ class ClientAgainstServerTest(unittest.TestCase):
 
     def test_load_options_buffalo_sc_then_back_to_default(self):
         try:
-            result = self.ok("load", "--model", "buffalo_sc", "-o", "engine:insightface",
-                             "-o", "model_pack:buffalo_sc", "--model-path", support.MODELS_DIR)
+            result = self.ok(
+                "load",
+                "--model",
+                "buffalo_sc",
+                "-o",
+                "engine:insightface",
+                "-o",
+                "model_pack:buffalo_sc",
+                "--model-path",
+                support.MODELS_DIR,
+            )
             self.assertTrue(result["success"], result)
             self.assertIn("without liveness", result["message"])
             self.assertEqual(self.ok("embed", self.obama_1)["dim"], 512)
@@ -139,8 +158,15 @@ class ClientAgainstServerTest(unittest.TestCase):
         self.assertEqual(self.ok("embed", self.obama_1)["dim"], 128)
 
     def test_load_failure_is_one_line_and_keeps_the_model(self):
-        done = self.client("load", "-o", "engine:onnx_direct", "-o", "detector_onnx:missing.onnx",
-                           "-o", "recognizer_onnx:MobileFaceNet.onnx")
+        done = self.client(
+            "load",
+            "-o",
+            "engine:onnx_direct",
+            "-o",
+            "detector_onnx:missing.onnx",
+            "-o",
+            "recognizer_onnx:MobileFaceNet.onnx",
+        )
         self.assertEqual(done.returncode, client.EXIT_REFUSED)
         self.assertFalse(json.loads(done.stdout)["success"])
         lines = done.stderr.strip().splitlines()
@@ -199,8 +225,9 @@ class ClientAgainstServerTest(unittest.TestCase):
             self.assertIn("antispoof_score", face)
 
     def test_analyze_unknown_action_is_invalid_argument(self):
-        self.assertIn("INVALID_ARGUMENT", self.fails(client.EXIT_REFUSED, "analyze", self.group,
-                                                     "--actions", "hair_colour"))
+        self.assertIn(
+            "INVALID_ARGUMENT", self.fails(client.EXIT_REFUSED, "analyze", self.group, "--actions", "hair_colour")
+        )
 
     def test_detect_group_photo(self):
         detections = self.ok("detect", self.group)["Detections"]
@@ -246,9 +273,17 @@ class ClientAgainstServerTest(unittest.TestCase):
         with open(not_an_image, "wb") as f:
             f.write(b"certainly not a JPEG" * 50)
         faceless = self.faceless()
-        labels = self.labels_csv("with_bad.csv", "identity", [
-            [self.obama_1, "obama"], [self.obama_2, "obama"], [self.biden_1, "biden"],
-            [faceless, "nobody"], [not_an_image, "nobody"]])
+        labels = self.labels_csv(
+            "with_bad.csv",
+            "identity",
+            [
+                [self.obama_1, "obama"],
+                [self.obama_2, "obama"],
+                [self.biden_1, "biden"],
+                [faceless, "nobody"],
+                [not_an_image, "nobody"],
+            ],
+        )
         done = self.client("evaluate", labels)
         self.assertEqual(done.returncode, 0, done.stderr)
         report = json.loads(done.stdout)
@@ -260,12 +295,14 @@ class ClientAgainstServerTest(unittest.TestCase):
         self.assertIn("INVALID_ARGUMENT", skipped[not_an_image]["error"])
         self.assertIn(f"skipped {faceless}", done.stderr)
         # evaluate-liveness the same way, its rows keeping their label
-        labels = self.labels_csv("liveness_with_bad.csv", "label", [[self.real_t1, "real"], [self.spoof_f1, "spoof"],
-                                                                     [faceless, "real"]])
+        labels = self.labels_csv(
+            "liveness_with_bad.csv", "label", [[self.real_t1, "real"], [self.spoof_f1, "spoof"], [faceless, "real"]]
+        )
         report = self.ok("evaluate-liveness", labels)
         self.assertEqual((report["images"], report["real"], report["spoof"]), (2, 1, 1))
-        self.assertEqual([(e["file"], e["label"], e["reason"]) for e in report["skipped_no_face"]],
-                         [(faceless, "real", "NO_FACE")])
+        self.assertEqual(
+            [(e["file"], e["label"], e["reason"]) for e in report["skipped_no_face"]], [(faceless, "real", "NO_FACE")]
+        )
 
     def test_evaluate_missing_image_in_csv(self):
         labels = os.path.join(self.tmp, "broken.csv")
@@ -275,8 +312,10 @@ class ClientAgainstServerTest(unittest.TestCase):
         self.assertIn("not_there.jpg", line)
 
     def test_evaluate_liveness_with_plot(self):
-        reals = [support.data_path("face-recognition-examples", "images", name)
-                 for name in ("biden_1.jpg", "kit_harington_1.jpg", "obama_2.jpg", "rose_leslie_1.jpg")]
+        reals = [
+            support.data_path("face-recognition-examples", "images", name)
+            for name in ("biden_1.jpg", "kit_harington_1.jpg", "obama_2.jpg", "rose_leslie_1.jpg")
+        ]
         rows = [[self.spoof_f1, "spoof"], [self.spoof_f2, "spoof"], [self.real_t1, "real"]]
         labels = self.labels_csv("liveness.csv", "label", rows + [[path, "real"] for path in reals])
         plot = os.path.join(self.tmp, "liveness.png")
@@ -304,8 +343,14 @@ class ClientAgainstServerTest(unittest.TestCase):
 
     def test_unreachable_server_fails_fast(self):
         started = time.monotonic()
-        line = self.fails(client.EXIT_UNREACHABLE, "verify", self.obama_1, self.obama_2,
-                          addr=f"127.0.0.1:{support.free_port()}", timeout=30)
+        line = self.fails(
+            client.EXIT_UNREACHABLE,
+            "verify",
+            self.obama_1,
+            self.obama_2,
+            addr=f"127.0.0.1:{support.free_port()}",
+            timeout=30,
+        )
         self.assertLess(time.monotonic() - started, 10)
         self.assertIn("cannot reach the server", line)
 
@@ -334,8 +379,10 @@ class ClientOfflineTest(unittest.TestCase):
     def test_the_command_line_imports_no_engine_and_no_plotting(self):
         # `client.py status` on a machine without the models' runtime: gRPC, numpy and the
         # evaluation arithmetic only; matplotlib comes in with --plot.
-        probe = ("import sys, client; print(' '.join(sorted(m for m in ('cv2', 'onnxruntime', 'engines',"
-                 " 'face_service', 'matplotlib', 'plotting') if m in sys.modules)))")
+        probe = (
+            "import sys, client; print(' '.join(sorted(m for m in ('cv2', 'onnxruntime', 'engines',"
+            " 'face_service', 'matplotlib', 'plotting') if m in sys.modules)))"
+        )
         done = subprocess.run([PYTHON, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(done.stdout.strip(), "")

@@ -1,5 +1,6 @@
 """core/: the concurrency helpers every request relies on and the settings read from the
 environment (no models needed)."""
+
 from __future__ import annotations
 
 import os
@@ -25,6 +26,7 @@ class RunSideBySideTest(unittest.TestCase):
         def second():
             second_started.set()
             return threading.current_thread()
+
         # first returns only once second is running elsewhere: both ran at the same time.
         first = lambda: (second_started.wait(10), threading.current_thread())
         (waited, first_thread), second_thread = run_side_by_side(self.helpers, first, second)
@@ -38,8 +40,9 @@ class RunSideBySideTest(unittest.TestCase):
         self.addCleanup(gate.set)
         self.helpers.submit(gate.wait, 10)
         here = threading.current_thread()
-        self.assertEqual(run_side_by_side(self.helpers, threading.current_thread, threading.current_thread),
-                         (here, here))
+        self.assertEqual(
+            run_side_by_side(self.helpers, threading.current_thread, threading.current_thread), (here, here)
+        )
 
     def test_first_error_wins_and_is_told_first(self):
         told = threading.Event()
@@ -49,6 +52,7 @@ class RunSideBySideTest(unittest.TestCase):
 
         def first():
             raise KeyError("first")
+
         with self.assertRaises(KeyError):
             run_side_by_side(self.helpers, first, second, on_first_error=told.set)
         self.assertTrue(told.is_set())
@@ -66,7 +70,6 @@ class RunSideBySideTest(unittest.TestCase):
         self.assertEqual(order, ["first", "second"] * 2)
 
 
-
 class InstancePoolTest(unittest.TestCase):
     """The pool OpenCV's model objects are lent from, and how closing it lets them go."""
 
@@ -82,6 +85,7 @@ class InstancePoolTest(unittest.TestCase):
             def third_borrower():
                 with pool.borrow():
                     served.set()
+
             waiter = threading.Thread(target=third_borrower)
             waiter.start()
             self.assertFalse(served.wait(0.2), "a third borrower got an instance from a pool of two")
@@ -101,35 +105,69 @@ class InstancePoolTest(unittest.TestCase):
             with pool.borrow():
                 pass
 
+
 class SettingsTest(unittest.TestCase):
     """Settings.from_environ: every variable the server reads, with the defaults it had."""
 
     def test_an_empty_environment_gives_the_defaults(self):
         self.assertEqual(Settings.from_environ({}), Settings())
         defaults = Settings()
-        self.assertEqual((defaults.auth_token, defaults.max_workers, defaults.max_concurrent_rpcs,
-                          defaults.shutdown_grace_seconds, defaults.parent_watch_interval),
-                         ("", None, None, 10.0, 2.0))
+        self.assertEqual(
+            (
+                defaults.auth_token,
+                defaults.max_workers,
+                defaults.max_concurrent_rpcs,
+                defaults.shutdown_grace_seconds,
+                defaults.parent_watch_interval,
+            ),
+            ("", None, None, 10.0, 2.0),
+        )
         self.assertEqual(defaults.image_limits, ImageLimits(max_bytes=20 * 1024 * 1024, max_pixels=50_000_000))
 
     def test_every_variable_is_read(self):
-        settings = Settings.from_environ({
-            "LOCALAI_GRPC_AUTH_TOKEN": "t0ken", "PYTHON_GRPC_MAX_WORKERS": "3",
-            "PYTHON_GRPC_MAX_CONCURRENT_RPCS": "5", "FACE_SHUTDOWN_GRACE_SECONDS": "1.5",
-            "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": "500ms", "FACE_MAX_IMAGE_BYTES": "1000",
-            "FACE_MAX_IMAGE_PIXELS": "2000"})
-        self.assertEqual(settings, Settings(auth_token="t0ken", max_workers=3, max_concurrent_rpcs=5,
-                                            shutdown_grace_seconds=1.5, parent_watch_interval=0.5,
-                                            image_limits=ImageLimits(max_bytes=1000, max_pixels=2000)))
+        settings = Settings.from_environ(
+            {
+                "LOCALAI_GRPC_AUTH_TOKEN": "t0ken",
+                "PYTHON_GRPC_MAX_WORKERS": "3",
+                "PYTHON_GRPC_MAX_CONCURRENT_RPCS": "5",
+                "FACE_SHUTDOWN_GRACE_SECONDS": "1.5",
+                "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": "500ms",
+                "FACE_MAX_IMAGE_BYTES": "1000",
+                "FACE_MAX_IMAGE_PIXELS": "2000",
+            }
+        )
+        self.assertEqual(
+            settings,
+            Settings(
+                auth_token="t0ken",
+                max_workers=3,
+                max_concurrent_rpcs=5,
+                shutdown_grace_seconds=1.5,
+                parent_watch_interval=0.5,
+                image_limits=ImageLimits(max_bytes=1000, max_pixels=2000),
+            ),
+        )
 
     def test_parent_watch_interval_as_the_host_writes_it(self):
-        cases = {("", ""): 2.0, ("", "2s"): 2.0, ("", "1m"): 60.0, ("", "250ms"): 0.25, ("", "3"): 3.0,
-                 ("", "1ms"): 0.05, ("", "soon"): 2.0, ("true", "1s"): 1.0,
-                 ("false", "1s"): None, ("0", ""): None, ("OFF", ""): None, (" no ", ""): None}
+        cases = {
+            ("", ""): 2.0,
+            ("", "2s"): 2.0,
+            ("", "1m"): 60.0,
+            ("", "250ms"): 0.25,
+            ("", "3"): 3.0,
+            ("", "1ms"): 0.05,
+            ("", "soon"): 2.0,
+            ("true", "1s"): 1.0,
+            ("false", "1s"): None,
+            ("0", ""): None,
+            ("OFF", ""): None,
+            (" no ", ""): None,
+        }
         for (enabled, interval), expected in cases.items():
             with self.subTest(enabled=enabled, interval=interval):
-                settings = Settings.from_environ({"LOCALAI_BACKEND_PARENT_WATCH": enabled,
-                                                  "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": interval})
+                settings = Settings.from_environ(
+                    {"LOCALAI_BACKEND_PARENT_WATCH": enabled, "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": interval}
+                )
                 self.assertEqual(settings.parent_watch_interval, expected)
 
     def test_malformed_numbers(self):
@@ -137,8 +175,9 @@ class SettingsTest(unittest.TestCase):
             with self.subTest(name), self.assertRaisesRegex(ValueError, name):
                 Settings.from_environ({name: "many"})
         # The image limits keep their defaults, as they always have; numbers below 1 become 1.
-        settings = Settings.from_environ({"FACE_MAX_IMAGE_BYTES": "big", "FACE_MAX_IMAGE_PIXELS": "0",
-                                          "PYTHON_GRPC_MAX_WORKERS": "-4"})
+        settings = Settings.from_environ(
+            {"FACE_MAX_IMAGE_BYTES": "big", "FACE_MAX_IMAGE_PIXELS": "0", "PYTHON_GRPC_MAX_WORKERS": "-4"}
+        )
         self.assertEqual(settings.image_limits, ImageLimits(max_pixels=1))
         self.assertEqual(settings.max_workers, 1)
 

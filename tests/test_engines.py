@@ -2,6 +2,7 @@
 labelled-pair accuracy behind each default threshold, with the real weights in models/ and the
 real photos in ../shared/data.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -79,8 +80,7 @@ class DetectorTest(unittest.TestCase):
     def test_six_faces_are_six_different_places(self):
         for label, engine in self.engines.items():
             with self.subTest(label):
-                centres = [((f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2)
-                           for f in engine.detect(self.group)]
+                centres = [((f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2) for f in engine.detect(self.group)]
                 for a, b in itertools.combinations(centres, 2):
                     self.assertGreater(np.hypot(a[0] - b[0], a[1] - b[1]), 50, "duplicate detection")
 
@@ -121,9 +121,11 @@ class DetectorTest(unittest.TestCase):
                 self.assertTrue(all(f.score >= cut for f in kept))
 
     def test_det_thresh_option_is_honoured(self):
-        for label, options in (("yunet", onnx_direct_options(YUNET)),
-                               ("scrfd (onnx_direct)", onnx_direct_options(SCRFD)),
-                               ("scrfd (buffalo_sc)", list(support.INSIGHTFACE_OPTIONS))):
+        for label, options in (
+            ("yunet", onnx_direct_options(YUNET)),
+            ("scrfd (onnx_direct)", onnx_direct_options(SCRFD)),
+            ("scrfd (buffalo_sc)", list(support.INSIGHTFACE_OPTIONS)),
+        ):
             with self.subTest(label):
                 strict = build("strict", options + ["det_thresh:0.99"])
                 self.assertLess(len(strict.detect(self.group)), GROUP_FACES)
@@ -137,9 +139,11 @@ class DetectorTest(unittest.TestCase):
                 self.assertEqual(len(strict.detect(self.group, scores[-1] - 0.01)), GROUP_FACES)
 
     def test_det_size_option_is_honoured(self):
-        for label, options in (("yunet", onnx_direct_options(YUNET)),
-                               ("scrfd (onnx_direct)", onnx_direct_options(SCRFD)),
-                               ("scrfd (buffalo_sc)", list(support.INSIGHTFACE_OPTIONS))):
+        for label, options in (
+            ("yunet", onnx_direct_options(YUNET)),
+            ("scrfd (onnx_direct)", onnx_direct_options(SCRFD)),
+            ("scrfd (buffalo_sc)", list(support.INSIGHTFACE_OPTIONS)),
+        ):
             for value, size in (("320", (320, 320)), ("320x256", (320, 256)), ("640x640", (640, 640))):
                 with self.subTest(label, det_size=value):
                     engine = build("size", options + [f"det_size:{value}"])
@@ -150,8 +154,14 @@ class DetectorTest(unittest.TestCase):
                 self.assertLess(len(small.detect(self.group)), GROUP_FACES)  # faces too small at 160 px
 
     def test_bad_det_options_are_option_errors(self):
-        for bad in ("det_size:abc", "det_size:100", "det_size:0", "det_size:640x480x3",
-                    "det_thresh:high", "det_thresh:1.5"):
+        for bad in (
+            "det_size:abc",
+            "det_size:100",
+            "det_size:0",
+            "det_size:640x480x3",
+            "det_thresh:high",
+            "det_thresh:1.5",
+        ):
             with self.subTest(bad):
                 with self.assertRaises(ModelOptionError):
                     build("bad", onnx_direct_options(YUNET) + [bad])
@@ -176,10 +186,12 @@ class DetectorTest(unittest.TestCase):
 
     def test_wrong_kind_of_file_is_a_model_file_error(self):
         spoof = support.model_path("MiniFASNetV2.onnx")
-        for label, options in (("recognizer as detector", onnx_direct_options(MOBILEFACENET)),
-                               ("liveness model as detector", onnx_direct_options(spoof)),
-                               ("detector as recognizer", onnx_direct_options(YUNET, SCRFD)),
-                               ("liveness model as recognizer", onnx_direct_options(YUNET, spoof))):
+        for label, options in (
+            ("recognizer as detector", onnx_direct_options(MOBILEFACENET)),
+            ("liveness model as detector", onnx_direct_options(spoof)),
+            ("detector as recognizer", onnx_direct_options(YUNET, SCRFD)),
+            ("liveness model as recognizer", onnx_direct_options(YUNET, spoof)),
+        ):
             with self.subTest(label):
                 with self.assertRaises(ModelFileError):
                     build("wrong", options)
@@ -198,10 +210,11 @@ class RunBatchedTest(unittest.TestCase):
         def recording_run(names, feeds):
             batch_sizes.append(len(next(iter(feeds.values()))))
             return real_run(names, feeds)
+
         session.run = recording_run
         together = run_batched(session, blob)
         session.run = real_run
-        one_by_one = np.concatenate([run_batched(session, blob[i:i + 1]) for i in range(faces)])
+        one_by_one = np.concatenate([run_batched(session, blob[i : i + 1]) for i in range(faces)])
         np.testing.assert_allclose(together, one_by_one, rtol=1e-4, atol=1e-5)
         self.assertEqual(sum(batch_sizes), faces)
         return batch_sizes
@@ -216,6 +229,7 @@ class RunBatchedTest(unittest.TestCase):
         def session_with_batch(batch):
             model_input = types.SimpleNamespace(name="input", shape=[batch, 3, 112, 112])
             return types.SimpleNamespace(get_inputs=lambda: [model_input])
+
         self.assertTrue(check_batch_dimension(session_with_batch("N"), "model.onnx"))
         self.assertTrue(check_batch_dimension(session_with_batch(None), "model.onnx"))
         self.assertFalse(check_batch_dimension(session_with_batch(1), "model.onnx"))
@@ -325,15 +339,15 @@ class InsightfacePackTest(unittest.TestCase):
 
     def test_nested_pack_layout(self):
         root = os.path.join(self.tmp.name, "nested")
-        self.make_pack(os.path.join(root, "buffalo_sc", "buffalo_sc"),
-                       {**self.pack_files, "MiniFASNetV2.onnx": self.spoof})
+        self.make_pack(
+            os.path.join(root, "buffalo_sc", "buffalo_sc"), {**self.pack_files, "MiniFASNetV2.onnx": self.spoof}
+        )
         with self.subTest("via ModelPath"):
             self.assert_same_as_reference(build("buffalo_sc", support.INSIGHTFACE_OPTIONS, model_path=root))
         with self.subTest("via root: option"):
             elsewhere = os.path.join(self.tmp.name, "empty")
             os.makedirs(elsewhere, exist_ok=True)
-            engine = build("buffalo_sc", list(support.INSIGHTFACE_OPTIONS) + [f"root:{root}"],
-                           model_path=elsewhere)
+            engine = build("buffalo_sc", list(support.INSIGHTFACE_OPTIONS) + [f"root:{root}"], model_path=elsewhere)
             self.assert_same_as_reference(engine)
 
     def test_roles_come_from_the_tensors_not_the_names(self):
@@ -384,8 +398,7 @@ class LabelledPairsTest(unittest.TestCase):
         for kind, (engine, calibration, heldout) in self.results.items():
             with self.subTest(kind, threshold=engine.default_threshold):
                 self.assertGreaterEqual(len(heldout), 12, "held-out faces went missing")
-                stats = face_eval.pair_stats(calibration + heldout, engine.default_threshold,
-                                             only_with=heldout)
+                stats = face_eval.pair_stats(calibration + heldout, engine.default_threshold, only_with=heldout)
                 self.assertGreaterEqual(stats.same, 15)
                 self.assertGreaterEqual(stats.different, 200)
                 self.assertGreaterEqual(stats.tar, 0.97, stats)

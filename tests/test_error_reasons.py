@@ -2,6 +2,7 @@
 cannot name a reason that is not on it, and the paths no request can trigger on purpose (a bug,
 a call that ended between stages) reach the wire with their reason. The reasons of the ordinary
 errors are asserted where their status codes are (tests/test_grpc.py, tests/test_hardening.py)."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,16 @@ from unittest import mock
 import grpc
 
 import backend_pb2
-from core.errors import (CallEndedError, IdentityMismatchError, InvalidInputError, ModelFileError,
-                         ModelOptionError, NoFaceError, PreconditionError, Reason)
+from core.errors import (
+    CallEndedError,
+    IdentityMismatchError,
+    InvalidInputError,
+    ModelFileError,
+    ModelOptionError,
+    NoFaceError,
+    PreconditionError,
+    Reason,
+)
 from harness.servers import InProcessServer
 from tests import support
 
@@ -63,8 +72,10 @@ class UnplannedErrorsOverGrpcTest(unittest.TestCase):
         cls.running.close()
 
     def detect_failing_with(self, error: Exception) -> grpc.RpcError:
-        with mock.patch.object(self.running.service, "detect", side_effect=error), \
-                self.assertRaises(grpc.RpcError) as caught:
+        with (
+            mock.patch.object(self.running.service, "detect", side_effect=error),
+            self.assertRaises(grpc.RpcError) as caught,
+        ):
             self.running.stub.Detect(backend_pb2.DetectOptions(src="x"), timeout=30)
         return caught.exception
 
@@ -76,8 +87,7 @@ class UnplannedErrorsOverGrpcTest(unittest.TestCase):
         support.assert_error_info(self, error, "INTERNAL", "")
 
     def test_a_call_ended_between_stages(self):
-        for deadline_exceeded, code in ((True, grpc.StatusCode.DEADLINE_EXCEEDED),
-                                        (False, grpc.StatusCode.CANCELLED)):
+        for deadline_exceeded, code in ((True, grpc.StatusCode.DEADLINE_EXCEEDED), (False, grpc.StatusCode.CANCELLED)):
             with self.subTest(code.name):
                 error = self.detect_failing_with(CallEndedError("before detection", deadline_exceeded))
                 self.assertEqual(error.code(), code)

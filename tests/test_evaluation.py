@@ -1,5 +1,6 @@
 """evaluation.py and plotting.py without a server: the pair loop, TAR/FAR, AUC and the recommended
 thresholds against brute force on synthetic sets, the labels CSV rules, and the figures."""
+
 from __future__ import annotations
 
 import itertools
@@ -30,9 +31,11 @@ def clustered_set(seed: int, identities: int = 6, per_identity: int = 4, dim: in
 
 def brute_force_pairs(labels, embeddings, involving=None):
     """The nested loop the evaluation replaces: (distance, same, i, j) for every pair i < j."""
-    return [(float(1.0 - embeddings[i] @ embeddings[j]), labels[i] == labels[j], i, j)
-            for i, j in itertools.combinations(range(len(labels)), 2)
-            if involving is None or i in involving or j in involving]
+    return [
+        (float(1.0 - embeddings[i] @ embeddings[j]), labels[i] == labels[j], i, j)
+        for i, j in itertools.combinations(range(len(labels)), 2)
+        if involving is None or i in involving or j in involving
+    ]
 
 
 class PairsTest(unittest.TestCase):
@@ -64,8 +67,9 @@ class IdentityTest(unittest.TestCase):
         for _ in range(20):
             positive = rng.integers(0, 6, size=rng.integers(1, 15)).astype(float)
             negative = rng.integers(0, 6, size=rng.integers(1, 15)).astype(float)
-            brute = np.mean([1.0 if p > n else 0.5 if p == n else 0.0
-                             for p, n in itertools.product(positive, negative)])
+            brute = np.mean(
+                [1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(positive, negative)]
+            )
             self.assertAlmostEqual(evaluation.rank_auc(positive, negative), brute, places=12)
         self.assertIsNone(evaluation.rank_auc(np.array([]), np.array([1.0])))
 
@@ -87,16 +91,24 @@ class IdentityTest(unittest.TestCase):
         self.assertGreater(len(same), 0)
         for threshold, far_target in ((0.5, 0.05), (0.7, 0.2)):
             with self.subTest(threshold=threshold, far_target=far_target):
-                result = evaluation.evaluate_identity(files, labels, embeddings, default_threshold=0.5,
-                                                      threshold=threshold, far_target=far_target,
-                                                      skipped_multi_identity=["group.jpg"])
+                result = evaluation.evaluate_identity(
+                    files,
+                    labels,
+                    embeddings,
+                    default_threshold=0.5,
+                    threshold=threshold,
+                    far_target=far_target,
+                    skipped_multi_identity=["group.jpg"],
+                )
                 report = result.report
                 self.assertEqual((report["images"], report["identities"], report["embedding_dim"]), (24, 6, 32))
                 self.assertEqual((report["same"], report["different"]), (len(same), len(different)))
                 self.assertEqual(report["tar"], round(np.mean(same < threshold), 4))
                 self.assertEqual(report["far"], round(np.mean(different < threshold), 4))
-                self.assertEqual(report["auc"], round(np.mean([1.0 if s < d else 0.5 if s == d else 0.0
-                                                               for s in same for d in different]), 4))
+                self.assertEqual(
+                    report["auc"],
+                    round(np.mean([1.0 if s < d else 0.5 if s == d else 0.0 for s in same for d in different]), 4),
+                )
                 worst = max((e for e in expected if e[1]), key=lambda e: e[0])
                 self.assertEqual(report["max_same_pair"], [files[worst[2]], files[worst[3]]])
                 closest = min((e for e in expected if not e[1]), key=lambda e: e[0])
@@ -130,8 +142,12 @@ class LivenessTest(unittest.TestCase):
         self.assertEqual(rates["bpcer"], 0.25)  # the lowest threshold above 0.6 (0.65) rejects 0.3
 
     def test_evaluate_liveness_rates_of_the_verdicts(self):
-        scored = [ScoredImage("r1", "real", 1, 0.9, True), ScoredImage("r2", "real", 2, 0.45, False),
-                  ScoredImage("s1", "spoof", 1, 0.2, False), ScoredImage("s2", "spoof", 1, 0.55, True)]
+        scored = [
+            ScoredImage("r1", "real", 1, 0.9, True),
+            ScoredImage("r2", "real", 2, 0.45, False),
+            ScoredImage("s1", "spoof", 1, 0.2, False),
+            ScoredImage("s2", "spoof", 1, 0.55, True),
+        ]
         result = evaluation.evaluate_liveness(scored, None, skipped_no_face=[{"file": "x"}])
         report = result.report
         self.assertEqual((report["images"], report["real"], report["spoof"]), (4, 2, 2))
@@ -146,8 +162,11 @@ class LivenessTest(unittest.TestCase):
 
     def test_evaluate_liveness_notices_another_server_threshold(self):
         # 0.6 judged spoof: the server was not deciding at 0.5
-        scored = [ScoredImage("r", "real", 1, 0.9, True), ScoredImage("s", "spoof", 1, 0.6, False),
-                  ScoredImage("t", "spoof", 1, 0.1, False)]
+        scored = [
+            ScoredImage("r", "real", 1, 0.9, True),
+            ScoredImage("s", "spoof", 1, 0.6, False),
+            ScoredImage("t", "spoof", 1, 0.1, False),
+        ]
         result = evaluation.evaluate_liveness(scored, 0.0)
         self.assertIsNone(result.server_threshold)
         self.assertIn("server_threshold_note", result.report)
@@ -191,8 +210,9 @@ class LabelsTest(unittest.TestCase):
                 self.assertIn(message, str(caught.exception))
         with self.assertRaisesRegex(evaluation.LabelsError, "no such file: .*nowhere.csv"):
             evaluation.read_labels(os.path.join(self.tmp.name, "nowhere.csv"), "label")
-        images, _ = evaluation.read_labels(self.write("ok.csv", "file,label\na.jpg,REAL\n"), "label",
-                                           evaluation.LIVENESS_LABELS)
+        images, _ = evaluation.read_labels(
+            self.write("ok.csv", "file,label\na.jpg,REAL\n"), "label", evaluation.LIVENESS_LABELS
+        )
         self.assertEqual(images[0].label, "real")
 
 
@@ -202,6 +222,7 @@ class PlottingTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         import plotting
+
         cls.plotting = plotting
         cls.tmp = tempfile.TemporaryDirectory()
 
@@ -211,16 +232,19 @@ class PlottingTest(unittest.TestCase):
 
     def size(self, path: str) -> tuple[int, int]:
         from matplotlib.image import imread
+
         image = imread(path)
         return image.shape[1], image.shape[0]
 
     def test_identity_and_liveness_figures(self):
         files, labels, embeddings = clustered_set(5)
-        result = evaluation.evaluate_identity(files, labels, embeddings, default_threshold=0.5, threshold=0.5,
-                                              far_target=0.01)
+        result = evaluation.evaluate_identity(
+            files, labels, embeddings, default_threshold=0.5, threshold=0.5, far_target=0.01
+        )
         path = os.path.join(self.tmp.name, "identity.png")
-        self.plotting.plot_identity(path, result.pairs.same, result.pairs.different, result.threshold,
-                                    result.recommended, "synthetic")
+        self.plotting.plot_identity(
+            path, result.pairs.same, result.pairs.different, result.threshold, result.recommended, "synthetic"
+        )
         self.assertEqual(self.size(path), (1200, 480))
         path = os.path.join(self.tmp.name, "liveness.png")
         self.plotting.plot_liveness(path, np.array([0.9, 0.8]), np.array([]), None, 0.5, "no spoof")
@@ -228,8 +252,9 @@ class PlottingTest(unittest.TestCase):
 
     def test_an_unwritable_path_is_an_os_error(self):
         with self.assertRaises(OSError):
-            self.plotting.plot_liveness(os.path.join(self.tmp.name, "no", "such", "dir.png"),
-                                        np.array([0.9]), np.array([0.1]), 0.5, 0.5, "x")
+            self.plotting.plot_liveness(
+                os.path.join(self.tmp.name, "no", "such", "dir.png"), np.array([0.9]), np.array([0.1]), 0.5, 0.5, "x"
+            )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the ModelIdentity guard, the grpc.health.v1 service and concurrency. Bearer-toke
 input and `backend.py` as a process (signals, parent watch) are test_hardening's; run.sh and the
 host's configurations, test_host's.
 """
+
 from __future__ import annotations
 
 import base64
@@ -41,16 +42,25 @@ def photo(name: str) -> str:
 
 def model_options(kind: str, name: str = None, extra=()) -> backend_pb2.ModelOptions:
     model_name, options = support.engine_setup(kind)
-    return backend_pb2.ModelOptions(Model=model_name if name is None else name,
-                                    ModelPath=support.MODELS_DIR, Options=list(options) + list(extra))
+    return backend_pb2.ModelOptions(
+        Model=model_name if name is None else name, ModelPath=support.MODELS_DIR, Options=list(options) + list(extra)
+    )
 
 
 class GrpcAssertions:
     stub: backend_pb2_grpc.BackendStub
     health: health_pb2_grpc.HealthStub
 
-    def assert_status(self, call, request, code: grpc.StatusCode, *fragments: str, metadata=None,
-                      reason: str = None, field: str = None) -> str:
+    def assert_status(
+        self,
+        call,
+        request,
+        code: grpc.StatusCode,
+        *fragments: str,
+        metadata=None,
+        reason: str = None,
+        field: str = None,
+    ) -> str:
         """`call(request)` fails with `code`, a message containing every fragment and, when given,
         an ErrorInfo with `reason` and `field`; the server still answers Health afterwards."""
         with self.assertRaises(grpc.RpcError) as caught:
@@ -69,8 +79,9 @@ class GrpcAssertions:
         self.assertEqual(reply.message, b"OK")
 
     def health_status(self, metadata=None):
-        return self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=CALL_TIMEOUT,
-                                 metadata=metadata).status
+        return self.health.Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=CALL_TIMEOUT, metadata=metadata
+        ).status
 
     def state(self):
         return self.stub.Status(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT).state
@@ -97,8 +108,7 @@ class EngineCases(GrpcAssertions):
         cls.running.close()
 
     def verify(self, img1, img2, **kwargs) -> backend_pb2.FaceVerifyResponse:
-        return self.stub.FaceVerify(backend_pb2.FaceVerifyRequest(img1=img1, img2=img2, **kwargs),
-                                    timeout=CALL_TIMEOUT)
+        return self.stub.FaceVerify(backend_pb2.FaceVerifyRequest(img1=img1, img2=img2, **kwargs), timeout=CALL_TIMEOUT)
 
     def test_load_model_succeeded(self):
         self.assertTrue(self.load_result.success, self.load_result.message)
@@ -137,8 +147,7 @@ class EngineCases(GrpcAssertions):
         self.assertAlmostEqual(custom.threshold, same.distance / 2, places=5)
 
     def test_analyze_group_photo(self):
-        response = self.running.stub.FaceAnalyze(backend_pb2.FaceAnalyzeRequest(img=self.group),
-                                                 timeout=CALL_TIMEOUT)
+        response = self.running.stub.FaceAnalyze(backend_pb2.FaceAnalyzeRequest(img=self.group), timeout=CALL_TIMEOUT)
         self.assertEqual(len(response.faces), 6)
         for face in response.faces:
             self.assertGreater(face.region.w, 20)
@@ -159,8 +168,14 @@ class EngineCases(GrpcAssertions):
         other = self.stub.Embedding(backend_pb2.PredictOptions(Images=[self.biden1]), timeout=CALL_TIMEOUT)
         distance = 1.0 - float(vector @ np.asarray(other.embeddings))
         self.assertAlmostEqual(distance, self.verify(self.obama1, self.biden1).distance, places=4)
-        self.assert_status(self.stub.Embedding, backend_pb2.PredictOptions(), grpc.StatusCode.INVALID_ARGUMENT,
-                           "Images[0]", reason="IMAGE_MISSING", field="Images[0]")
+        self.assert_status(
+            self.stub.Embedding,
+            backend_pb2.PredictOptions(),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "Images[0]",
+            reason="IMAGE_MISSING",
+            field="Images[0]",
+        )
 
     def test_detect(self):
         response = self.stub.Detect(backend_pb2.DetectOptions(src=self.group), timeout=CALL_TIMEOUT)
@@ -174,34 +189,80 @@ class EngineCases(GrpcAssertions):
         self.assertEqual(len(strict.Detections), 0)
         empty = self.stub.Detect(backend_pb2.DetectOptions(src=self.faceless), timeout=CALL_TIMEOUT)
         self.assertEqual(len(empty.Detections), 0)
-        for src, reason in ((GARBAGE_BASE64, "IMAGE_UNDECODABLE"), (NOT_BASE64, "IMAGE_NOT_BASE64"),
-                            ("", "IMAGE_MISSING")):
+        for src, reason in (
+            (GARBAGE_BASE64, "IMAGE_UNDECODABLE"),
+            (NOT_BASE64, "IMAGE_NOT_BASE64"),
+            ("", "IMAGE_MISSING"),
+        ):
             with self.subTest(src=src[:10]):
-                self.assert_status(self.stub.Detect, backend_pb2.DetectOptions(src=src),
-                                   grpc.StatusCode.INVALID_ARGUMENT, "src", reason=reason, field="src")
-        self.assert_status(self.stub.Detect, backend_pb2.DetectOptions(src=self.group, threshold=1.5),
-                           grpc.StatusCode.INVALID_ARGUMENT, "threshold", reason="BAD_THRESHOLD", field="threshold")
+                self.assert_status(
+                    self.stub.Detect,
+                    backend_pb2.DetectOptions(src=src),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "src",
+                    reason=reason,
+                    field="src",
+                )
+        self.assert_status(
+            self.stub.Detect,
+            backend_pb2.DetectOptions(src=self.group, threshold=1.5),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "threshold",
+            reason="BAD_THRESHOLD",
+            field="threshold",
+        )
 
     def test_invalid_argument_names_the_image(self):
         invalid = grpc.StatusCode.INVALID_ARGUMENT
         not_base64, undecodable = "IMAGE_NOT_BASE64", "IMAGE_UNDECODABLE"
-        for img1, img2, name, reason in ((NOT_BASE64, self.obama1, "img1", not_base64),
-                                         (self.obama1, NOT_BASE64, "img2", not_base64),
-                                         (GARBAGE_BASE64, self.obama1, "img1", undecodable),
-                                         (self.obama1, GARBAGE_BASE64, "img2", undecodable)):
+        for img1, img2, name, reason in (
+            (NOT_BASE64, self.obama1, "img1", not_base64),
+            (self.obama1, NOT_BASE64, "img2", not_base64),
+            (GARBAGE_BASE64, self.obama1, "img1", undecodable),
+            (self.obama1, GARBAGE_BASE64, "img2", undecodable),
+        ):
             with self.subTest(name=name, img1=img1[:10], img2=img2[:10]):
-                details = self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(img1=img1, img2=img2),
-                                             invalid, name, reason=reason, field=name)
+                details = self.assert_status(
+                    self.stub.FaceVerify,
+                    backend_pb2.FaceVerifyRequest(img1=img1, img2=img2),
+                    invalid,
+                    name,
+                    reason=reason,
+                    field=name,
+                )
                 self.assertNotIn({"img1": "img2", "img2": "img1"}[name], details)
-        self.assert_status(self.stub.FaceAnalyze, backend_pb2.FaceAnalyzeRequest(img=NOT_BASE64), invalid, "img",
-                           reason=not_base64, field="img")
-        self.assert_status(self.stub.Embedding, backend_pb2.PredictOptions(Images=[GARBAGE_BASE64]), invalid,
-                           "Images[0]", reason=undecodable, field="Images[0]")
-        self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(
-            img1=self.obama1, img2=self.obama2, threshold=-1.0), invalid, "threshold",
-            reason="BAD_THRESHOLD", field="threshold")
-        self.assert_status(self.stub.FaceAnalyze, backend_pb2.FaceAnalyzeRequest(img=self.obama1, actions=["colour"]),
-                           invalid, "colour", reason="BAD_ACTION", field="actions")
+        self.assert_status(
+            self.stub.FaceAnalyze,
+            backend_pb2.FaceAnalyzeRequest(img=NOT_BASE64),
+            invalid,
+            "img",
+            reason=not_base64,
+            field="img",
+        )
+        self.assert_status(
+            self.stub.Embedding,
+            backend_pb2.PredictOptions(Images=[GARBAGE_BASE64]),
+            invalid,
+            "Images[0]",
+            reason=undecodable,
+            field="Images[0]",
+        )
+        self.assert_status(
+            self.stub.FaceVerify,
+            backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2, threshold=-1.0),
+            invalid,
+            "threshold",
+            reason="BAD_THRESHOLD",
+            field="threshold",
+        )
+        self.assert_status(
+            self.stub.FaceAnalyze,
+            backend_pb2.FaceAnalyzeRequest(img=self.obama1, actions=["colour"]),
+            invalid,
+            "colour",
+            reason="BAD_ACTION",
+            field="actions",
+        )
 
     def test_not_found_names_the_image(self):
         not_found = grpc.StatusCode.NOT_FOUND
@@ -225,16 +286,19 @@ class EngineCases(GrpcAssertions):
         cases = self.identity_requests("other-model")
         for call, request in cases:
             with self.subTest(type(request).__name__):
-                self.assert_status(call, request, not_found, expected, reason="IDENTITY_MISMATCH",
-                                   field="ModelIdentity")
+                self.assert_status(
+                    call, request, not_found, expected, reason="IDENTITY_MISMATCH", field="ModelIdentity"
+                )
         same = self.verify(self.obama1, self.obama2, ModelIdentity=self.model_name)
         self.assertTrue(same.verified)
 
     def identity_requests(self, identity: str):
         """(call, request) of every RPC that takes a ModelIdentity, asking for `identity`."""
         return [
-            (self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2,
-                                                                 ModelIdentity=identity)),
+            (
+                self.stub.FaceVerify,
+                backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2, ModelIdentity=identity),
+            ),
             (self.stub.FaceAnalyze, backend_pb2.FaceAnalyzeRequest(img=self.obama1, ModelIdentity=identity)),
             (self.stub.Embedding, backend_pb2.PredictOptions(Images=[self.obama1], ModelIdentity=identity)),
             (self.stub.Detect, backend_pb2.DetectOptions(src=self.obama1, ModelIdentity=identity)),
@@ -279,18 +343,30 @@ class InsightfaceGrpcTest(EngineCases, unittest.TestCase):
         precondition = grpc.StatusCode.FAILED_PRECONDITION
         for image in (self.obama1, GARBAGE_BASE64, self.faceless):
             with self.subTest(image=image[:10]):
-                self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(
-                    img1=image, img2=self.obama1, anti_spoofing=True), precondition,
-                    "antispoof_v2_onnx", "antispoof_v1se_onnx", reason="LIVENESS_WEIGHTS_MISSING",
-                    field="anti_spoofing")
-                self.assert_status(self.stub.FaceAnalyze, backend_pb2.FaceAnalyzeRequest(
-                    img=image, anti_spoofing=True), precondition, "antispoof_v2_onnx", "antispoof_v1se_onnx",
-                    reason="LIVENESS_WEIGHTS_MISSING", field="anti_spoofing")
+                self.assert_status(
+                    self.stub.FaceVerify,
+                    backend_pb2.FaceVerifyRequest(img1=image, img2=self.obama1, anti_spoofing=True),
+                    precondition,
+                    "antispoof_v2_onnx",
+                    "antispoof_v1se_onnx",
+                    reason="LIVENESS_WEIGHTS_MISSING",
+                    field="anti_spoofing",
+                )
+                self.assert_status(
+                    self.stub.FaceAnalyze,
+                    backend_pb2.FaceAnalyzeRequest(img=image, anti_spoofing=True),
+                    precondition,
+                    "antispoof_v2_onnx",
+                    "antispoof_v1se_onnx",
+                    reason="LIVENESS_WEIGHTS_MISSING",
+                    field="anti_spoofing",
+                )
 
     def test_action_without_its_model_is_left_empty(self):
         # buffalo_sc has no genderage.onnx and no age/gender heads were given: the host's rule
-        reply = self.stub.FaceAnalyze(backend_pb2.FaceAnalyzeRequest(img=self.obama1, actions=["age"]),
-                                      timeout=CALL_TIMEOUT)
+        reply = self.stub.FaceAnalyze(
+            backend_pb2.FaceAnalyzeRequest(img=self.obama1, actions=["age"]), timeout=CALL_TIMEOUT
+        )
         self.assertEqual(len(reply.faces), 1)
         self.assertEqual(reply.faces[0].age, 0.0)
 
@@ -325,23 +401,30 @@ class OnnxDirectGrpcTest(EngineCases, unittest.TestCase):
             self.assertFalse(unchecked.HasField(field), field)
 
     def test_analyze_with_anti_spoofing_scores_every_face(self):
-        response = self.stub.FaceAnalyze(backend_pb2.FaceAnalyzeRequest(img=self.group, anti_spoofing=True),
-                                         timeout=CALL_TIMEOUT)
+        response = self.stub.FaceAnalyze(
+            backend_pb2.FaceAnalyzeRequest(img=self.group, anti_spoofing=True), timeout=CALL_TIMEOUT
+        )
         self.assertEqual(len(response.faces), 6)
         for face in response.faces:
             self.assertTrue(face.HasField("is_real"))
             self.assertTrue(face.HasField("antispoof_score"))
             self.assertTrue(0.0 <= face.antispoof_score <= 1.0)
-        fake = self.stub.FaceAnalyze(backend_pb2.FaceAnalyzeRequest(img=self.f1, anti_spoofing=True),
-                                     timeout=CALL_TIMEOUT)
+        fake = self.stub.FaceAnalyze(
+            backend_pb2.FaceAnalyzeRequest(img=self.f1, anti_spoofing=True), timeout=CALL_TIMEOUT
+        )
         self.assertEqual(len(fake.faces), 1)
         self.assertTrue(fake.faces[0].HasField("is_real"))
         self.assertFalse(fake.faces[0].is_real)
 
     def test_no_face_with_liveness_loaded_is_not_found(self):
-        self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(
-            img1=self.t1, img2=self.faceless, anti_spoofing=True), grpc.StatusCode.NOT_FOUND, "img2",
-            reason="NO_FACE", field="img2")
+        self.assert_status(
+            self.stub.FaceVerify,
+            backend_pb2.FaceVerifyRequest(img1=self.t1, img2=self.faceless, anti_spoofing=True),
+            grpc.StatusCode.NOT_FOUND,
+            "img2",
+            reason="NO_FACE",
+            field="img2",
+        )
 
 
 class NoModelGrpcTest(GrpcAssertions, unittest.TestCase):
@@ -396,16 +479,20 @@ class LifecycleGrpcTest(GrpcAssertions, unittest.TestCase):
                 self.assertEqual(status.state, backend_pb2.StatusResponse.READY)
                 self.assertGreater(status.memory.total, 0)
                 self.assertEqual(self.health_status(), SERVING)
-                verified = self.stub.FaceVerify(backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2),
-                                                timeout=CALL_TIMEOUT)
+                verified = self.stub.FaceVerify(
+                    backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2), timeout=CALL_TIMEOUT
+                )
                 self.assertTrue(verified.verified)
                 freed = self.stub.Free(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT)
                 self.assertTrue(freed.success)
                 self.assertEqual(self.state(), backend_pb2.StatusResponse.UNINITIALIZED)
                 self.assertEqual(self.health_status(), NOT_SERVING)
-                self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(
-                    img1=self.obama1, img2=self.obama2), grpc.StatusCode.FAILED_PRECONDITION,
-                    reason="NO_MODEL_LOADED")
+                self.assert_status(
+                    self.stub.FaceVerify,
+                    backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2),
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    reason="NO_MODEL_LOADED",
+                )
 
 
 class FailedLoadGrpcTest(GrpcAssertions, unittest.TestCase):
@@ -424,17 +511,28 @@ class FailedLoadGrpcTest(GrpcAssertions, unittest.TestCase):
         self.running.close()
 
     def test_failed_first_load_leaves_nothing_loaded(self):
-        for options in (["engine:onnx_direct", "detector_onnx:face_detection_yunet_2023mar.onnx",
-                         "recognizer_onnx:no-such-recognizer.onnx"], ["colour:blue"]):
+        for options in (
+            [
+                "engine:onnx_direct",
+                "detector_onnx:face_detection_yunet_2023mar.onnx",
+                "recognizer_onnx:no-such-recognizer.onnx",
+            ],
+            ["colour:blue"],
+        ):
             with self.subTest(options=options):
-                failed = self.stub.LoadModel(backend_pb2.ModelOptions(
-                    Model="x", ModelPath=support.MODELS_DIR, Options=options), timeout=CALL_TIMEOUT)
+                failed = self.stub.LoadModel(
+                    backend_pb2.ModelOptions(Model="x", ModelPath=support.MODELS_DIR, Options=options),
+                    timeout=CALL_TIMEOUT,
+                )
                 self.assertFalse(failed.success)
                 self.assertEqual(self.state(), backend_pb2.StatusResponse.UNINITIALIZED)
                 self.assertEqual(self.health_status(), NOT_SERVING)
-                self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(
-                    img1=self.obama1, img2=self.obama2), grpc.StatusCode.FAILED_PRECONDITION,
-                    reason="NO_MODEL_LOADED")
+                self.assert_status(
+                    self.stub.FaceVerify,
+                    backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2),
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    reason="NO_MODEL_LOADED",
+                )
         negative_threads = model_options(support.ENGINE_INSIGHTFACE)
         negative_threads.Threads = -1
         failed = self.stub.LoadModel(negative_threads, timeout=CALL_TIMEOUT)
@@ -446,34 +544,53 @@ class FailedLoadGrpcTest(GrpcAssertions, unittest.TestCase):
             good = model_options(kind)
             result = self.stub.LoadModel(good, timeout=CALL_TIMEOUT)
             self.assertTrue(result.success, result.message)
-            before = self.stub.FaceVerify(backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2),
-                                          timeout=CALL_TIMEOUT)
+            before = self.stub.FaceVerify(
+                backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2), timeout=CALL_TIMEOUT
+            )
             bad_loads = [
-                ("missing file", ["engine:onnx_direct", "detector_onnx:face_detection_yunet_2023mar.onnx",
-                                  "recognizer_onnx:no-such-recognizer.onnx"], "no-such-recognizer.onnx"),
-                ("missing liveness file", list(good.Options) + ["antispoof_v2_onnx:no-such-liveness.onnx"],
-                 "no-such-liveness.onnx"),
+                (
+                    "missing file",
+                    [
+                        "engine:onnx_direct",
+                        "detector_onnx:face_detection_yunet_2023mar.onnx",
+                        "recognizer_onnx:no-such-recognizer.onnx",
+                    ],
+                    "no-such-recognizer.onnx",
+                ),
+                (
+                    "missing liveness file",
+                    list(good.Options) + ["antispoof_v2_onnx:no-such-liveness.onnx"],
+                    "no-such-liveness.onnx",
+                ),
                 ("bad det_thresh", list(good.Options) + ["det_thresh:often"], "det_thresh"),
                 ("bad det_size", list(good.Options) + ["det_size:huge"], "det_size"),
                 ("unknown pack", ["engine:insightface", "model_pack:buffalo_xx"], "buffalo_xx"),
             ]
             for label, options, text in bad_loads:
                 with self.subTest(kind, load=label):
-                    failed = self.stub.LoadModel(backend_pb2.ModelOptions(
-                        Model="replacement", ModelPath=support.MODELS_DIR, Options=options), timeout=CALL_TIMEOUT)
+                    failed = self.stub.LoadModel(
+                        backend_pb2.ModelOptions(Model="replacement", ModelPath=support.MODELS_DIR, Options=options),
+                        timeout=CALL_TIMEOUT,
+                    )
                     self.assertFalse(failed.success)
                     self.assertIn(text, failed.message)
                     self.assert_healthy()
                     self.assertEqual(self.state(), backend_pb2.StatusResponse.READY)
                     self.assertEqual(self.health_status(), SERVING)
-                    after = self.stub.FaceVerify(backend_pb2.FaceVerifyRequest(
-                        img1=self.obama1, img2=self.obama2, ModelIdentity=good.Model), timeout=CALL_TIMEOUT)
+                    after = self.stub.FaceVerify(
+                        backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2, ModelIdentity=good.Model),
+                        timeout=CALL_TIMEOUT,
+                    )
                     self.assertTrue(after.verified)
                     self.assertEqual(after.model, before.model)
                     self.assertEqual(after.distance, before.distance)
-                    self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(
-                        img1=self.obama1, img2=self.obama2, ModelIdentity="replacement"),
-                        grpc.StatusCode.NOT_FOUND, "model identity mismatch", reason="IDENTITY_MISMATCH")
+                    self.assert_status(
+                        self.stub.FaceVerify,
+                        backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2, ModelIdentity="replacement"),
+                        grpc.StatusCode.NOT_FOUND,
+                        "model identity mismatch",
+                        reason="IDENTITY_MISMATCH",
+                    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ message, keeps serving and keeps its memory bounded.
 
 Real weights: missing files skip locally and fail under CI=true (tests.support).
 """
+
 from __future__ import annotations
 
 import base64
@@ -43,15 +44,23 @@ import backend_pb2 as pb
 import backend_pb2_grpc
 import client
 import imaging
-from core.process import watch_parent
 from core.errors import InvalidInputError
+from core.process import watch_parent
 from core.settings import ImageLimits
 from engines import parse_load_request
 from face_service import DEFAULT_MODEL_OPTIONS, FaceService
 from harness.images import b64, png_pixel_bomb
 from harness.procfs import reset_peak_rss, status_field
-from harness.servers import (BackendProcess, InProcessServer, backend_command, backend_env, free_port, open_channel,
-                             read_log, wait_for_health)
+from harness.servers import (
+    BackendProcess,
+    InProcessServer,
+    backend_command,
+    backend_env,
+    free_port,
+    open_channel,
+    read_log,
+    wait_for_health,
+)
 from tests import support
 
 PHOTO = ("face-recognition-examples", "images", "kit_harington_2.jpg")  # 630x374, one face
@@ -62,8 +71,7 @@ TIMEOUT = 60.0  # per call: no test may hang on a stuck server
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 # What a message shown to a caller must never contain: tracebacks, library internals, class names.
-INTERNALS = re.compile(r"Traceback|cv2|OpenCV|Exception|[A-Za-z]Error\b|(^|\W)error:|binascii|File \"",
-                       re.IGNORECASE)
+INTERNALS = re.compile(r"Traceback|cv2|OpenCV|Exception|[A-Za-z]Error\b|(^|\W)error:|binascii|File \"", re.IGNORECASE)
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -78,9 +86,9 @@ def jpeg_pixel_bomb(jpeg: bytes, width: int = 40000, height: int = 40000) -> byt
     data = bytearray(jpeg)
     i = 2
     while i + 9 < len(data):
-        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
         if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            data[i + 5:i + 9] = struct.pack(">HH", height, width)
+            data[i + 5 : i + 9] = struct.pack(">HH", height, width)
             return bytes(data)
         i += 2 + length
     raise AssertionError("no SOF marker in the JPEG")
@@ -115,9 +123,13 @@ def box_close(test: unittest.TestCase, got, expected, tolerance: float, label: s
     """Boxes (x, y, w, h) agree within `tolerance` of the expected face width, coordinate by coordinate."""
     slack = tolerance * expected[2]
     for g, e, what in zip(got, expected, "xywh"):
-        test.assertLessEqual(abs(g - e), slack, f"{label}: {what} is {g:.1f}, expected {e:.1f}"
-                                                  f" (boxes {tuple(round(v) for v in got)} vs"
-                                                  f" {tuple(round(v) for v in expected)})")
+        test.assertLessEqual(
+            abs(g - e),
+            slack,
+            f"{label}: {what} is {g:.1f}, expected {e:.1f}"
+            f" (boxes {tuple(round(v) for v in got)} vs"
+            f" {tuple(round(v) for v in expected)})",
+        )
 
 
 def xywh(area) -> tuple[float, float, float, float]:
@@ -131,8 +143,16 @@ class GrpcAssertions:
         self.assertTrue(message, f"{label}: empty status message")
         self.assertIsNone(INTERNALS.search(message), f"{label}: message leaks internals: {message!r}")
 
-    def assert_status(self, call, code: grpc.StatusCode, label: str, names: str | None = None,
-                      contains: str | None = None, reason: str | None = None, field: str | None = None) -> str:
+    def assert_status(
+        self,
+        call,
+        code: grpc.StatusCode,
+        label: str,
+        names: str | None = None,
+        contains: str | None = None,
+        reason: str | None = None,
+        field: str | None = None,
+    ) -> str:
         """`call()` fails with exactly `code`, a clean message naming `names` and, when `reason` is
         given, an ErrorInfo with that reason and `field` (default: `names`); returns the message."""
         with self.assertRaises(grpc.RpcError, msg=f"{label}: expected {code.name}, the call succeeded") as caught:
@@ -159,14 +179,22 @@ class GrpcAssertions:
 def rpc_positions(stub):
     """(label, name the message must give, call(good, bad)) for every image position of every RPC."""
     return (
-        ("FaceVerify.img1", "img1", lambda good, bad: stub.FaceVerify(
-            pb.FaceVerifyRequest(img1=bad, img2=good), timeout=TIMEOUT)),
-        ("FaceVerify.img2", "img2", lambda good, bad: stub.FaceVerify(
-            pb.FaceVerifyRequest(img1=good, img2=bad), timeout=TIMEOUT)),
-        ("FaceAnalyze.img", "img", lambda good, bad: stub.FaceAnalyze(
-            pb.FaceAnalyzeRequest(img=bad), timeout=TIMEOUT)),
-        ("Embedding.Images[0]", "Images[0]", lambda good, bad: stub.Embedding(
-            pb.PredictOptions(Images=[bad]), timeout=TIMEOUT)),
+        (
+            "FaceVerify.img1",
+            "img1",
+            lambda good, bad: stub.FaceVerify(pb.FaceVerifyRequest(img1=bad, img2=good), timeout=TIMEOUT),
+        ),
+        (
+            "FaceVerify.img2",
+            "img2",
+            lambda good, bad: stub.FaceVerify(pb.FaceVerifyRequest(img1=good, img2=bad), timeout=TIMEOUT),
+        ),
+        ("FaceAnalyze.img", "img", lambda good, bad: stub.FaceAnalyze(pb.FaceAnalyzeRequest(img=bad), timeout=TIMEOUT)),
+        (
+            "Embedding.Images[0]",
+            "Images[0]",
+            lambda good, bad: stub.Embedding(pb.PredictOptions(Images=[bad]), timeout=TIMEOUT),
+        ),
         ("Detect.src", "src", lambda good, bad: stub.Detect(pb.DetectOptions(src=bad), timeout=TIMEOUT)),
     )
 
@@ -210,9 +238,11 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
     def tearDownClass(cls):
         cls.running.close()
         cls.note_peak()
-        print(f"\n[hardening] battery: peak RSS of the test process (server in process) {cls.peak_kb / 1024:.0f} MB,"
-              f" {(cls.peak_kb - cls.rss_at_start_kb) / 1024:+.0f} MB over its RSS before the model load;"
-              f" RSS now {status_field('VmRSS') / 1024:.0f} MB")
+        print(
+            f"\n[hardening] battery: peak RSS of the test process (server in process) {cls.peak_kb / 1024:.0f} MB,"
+            f" {(cls.peak_kb - cls.rss_at_start_kb) / 1024:+.0f} MB over its RSS before the model load;"
+            f" RSS now {status_field('VmRSS') / 1024:.0f} MB"
+        )
 
     def bad_inputs(self) -> dict[str, tuple[str, str]]:
         """{kind: (image string, the ErrorInfo reason it must get)}"""
@@ -243,20 +273,29 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
             for kind, (bad, reason) in bad_inputs.items():
                 with self.subTest(position=label, input=kind):
                     started = time.perf_counter()
-                    self.assert_status(lambda: call(self.good, bad), INVALID, f"{label} {kind}", names=name,
-                                       reason=reason)
+                    self.assert_status(
+                        lambda: call(self.good, bad), INVALID, f"{label} {kind}", names=name, reason=reason
+                    )
                     self.assertLess(time.perf_counter() - started, 1.0, f"{label} {kind}: refused too slowly")
                     self.assert_healthy(self.running, f"after {label} {kind}")
 
     def test_a_message_over_the_grpc_limit_is_refused_by_the_transport(self):
         too_big = "A" * (backend.MAX_MESSAGE_BYTES + 1024)
-        self.assert_status(lambda: self.stub.Detect(pb.DetectOptions(src=too_big), timeout=TIMEOUT),
-                           grpc.StatusCode.RESOURCE_EXHAUSTED, "over the message limit")
+        self.assert_status(
+            lambda: self.stub.Detect(pb.DetectOptions(src=too_big), timeout=TIMEOUT),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "over the message limit",
+        )
         self.assert_healthy(self.running)
 
     def test_embedding_without_images_is_invalid_argument(self):
-        self.assert_status(lambda: self.stub.Embedding(pb.PredictOptions(), timeout=TIMEOUT),
-                           INVALID, "Embedding()", names="Images[0]", reason="IMAGE_MISSING")
+        self.assert_status(
+            lambda: self.stub.Embedding(pb.PredictOptions(), timeout=TIMEOUT),
+            INVALID,
+            "Embedding()",
+            names="Images[0]",
+            reason="IMAGE_MISSING",
+        )
         self.assert_healthy(self.running)
 
     def test_pixel_bomb_is_refused_at_once_without_allocating_its_pixels(self):
@@ -268,8 +307,13 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
         resettable = reset_peak_rss()
         rss_before = status_field("VmRSS")
         started = time.perf_counter()
-        self.assert_status(lambda: self.stub.FaceVerify(request, timeout=TIMEOUT), INVALID, "pixel bomb",
-                           names="img1", contains="pixels")
+        self.assert_status(
+            lambda: self.stub.FaceVerify(request, timeout=TIMEOUT),
+            INVALID,
+            "pixel bomb",
+            names="img1",
+            contains="pixels",
+        )
         elapsed = time.perf_counter() - started
         grown_mb = ((status_field("VmHWM") if resettable else status_field("VmRSS")) - rss_before) / 1024
         self.assertLess(elapsed, 1.0, f"pixel bomb took {elapsed:.2f} s to refuse")
@@ -286,7 +330,9 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
                 reply = self.stub.FaceVerify(pb.FaceVerifyRequest(img1=data, img2=data), timeout=TIMEOUT)
                 self.assertTrue(reply.verified)
                 self.assertEqual(len(self.stub.FaceAnalyze(pb.FaceAnalyzeRequest(img=data), timeout=TIMEOUT).faces), 1)
-                self.assertGreater(len(self.stub.Embedding(pb.PredictOptions(Images=[data]), timeout=TIMEOUT).embeddings), 0)
+                self.assertGreater(
+                    len(self.stub.Embedding(pb.PredictOptions(Images=[data]), timeout=TIMEOUT).embeddings), 0
+                )
                 self.assertEqual(len(self.stub.Detect(pb.DetectOptions(src=data), timeout=TIMEOUT).Detections), 1)
 
     def encodings(self) -> dict[str, tuple[bytes, bool]]:
@@ -318,8 +364,10 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
             "TIFF LZW grey": (encode(grey, "TIFF", compression="tiff_lzw"), False),
             "GIF": (encode(photo, "GIF"), True),
             # Phone cameras write JPEGs with a multi-picture (MPF) segment, which Pillow calls MPO.
-            "MPO (multi-picture JPEG)": (encode(photo, "MPO", quality=92, save_all=True,
-                                               append_images=[photo.resize((160, 95))]), True),
+            "MPO (multi-picture JPEG)": (
+                encode(photo, "MPO", quality=92, save_all=True, append_images=[photo.resize((160, 95))]),
+                True,
+            ),
         }
 
     def test_every_format_becomes_8bit_bgr_and_a_face_is_found(self):
@@ -337,10 +385,11 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
                     self.assertLess(diff, 12.0, f"{kind}: decoded pixels differ by {diff:.1f} on average")
                 detections = self.stub.Detect(pb.DetectOptions(src=b64(raw)), timeout=TIMEOUT).Detections
                 self.assertGreaterEqual(len(detections), 1, f"{kind}: no face found")
-                box_close(self, xywh(max(detections, key=lambda d: d.width * d.height)), self.photo_box,
-                          0.1, kind)
+                box_close(self, xywh(max(detections, key=lambda d: d.width * d.height)), self.photo_box, 0.1, kind)
                 reply = self.stub.FaceVerify(pb.FaceVerifyRequest(img1=self.good, img2=b64(raw)), timeout=TIMEOUT)
-                self.assertTrue(reply.verified, f"{kind}: the same photo is not verified (distance {reply.distance:.3f})")
+                self.assertTrue(
+                    reply.verified, f"{kind}: the same photo is not verified (distance {reply.distance:.3f})"
+                )
                 self.assert_healthy(self.running, kind)
 
     def test_exif_orientation_is_honoured(self):
@@ -357,8 +406,13 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
                 self.assertEqual(imaging.decode_image(b64(raw), "img").shape, (height, width, 3))
                 detections = self.stub.Detect(pb.DetectOptions(src=b64(raw)), timeout=TIMEOUT).Detections
                 self.assertGreaterEqual(len(detections), 1, f"orientation {orientation}: no face found")
-                box_close(self, xywh(max(detections, key=lambda d: d.width * d.height)), self.photo_box,
-                          0.05, f"orientation {orientation}")
+                box_close(
+                    self,
+                    xywh(max(detections, key=lambda d: d.width * d.height)),
+                    self.photo_box,
+                    0.05,
+                    f"orientation {orientation}",
+                )
 
     def test_very_large_photo_reports_boxes_in_original_coordinates(self):
         source = Image.open(support.data_path(*LARGE_SOURCE)).convert("RGB")
@@ -380,16 +434,18 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
         box_close(self, xywh(reply.img1_area), expected, 0.03, "FaceVerify.img1_area")
         box_close(self, xywh(reply.img2_area), (x, y, bw, bh), 0.001, "FaceVerify.img2_area")
         faces = self.stub.FaceAnalyze(pb.FaceAnalyzeRequest(img=big_b64), timeout=TIMEOUT).faces
-        box_close(self, xywh(max(faces, key=lambda f: f.region.w * f.region.h).region), expected, 0.03,
-                  "FaceAnalyze.region")
+        box_close(
+            self, xywh(max(faces, key=lambda f: f.region.w * f.region.h).region), expected, 0.03, "FaceAnalyze.region"
+        )
         self.assert_healthy(self.running)
 
     def test_mutated_images_over_grpc_get_a_clean_answer(self):
         seeds = [encode(self.photo.resize((160, 95)), fmt) for fmt in ("JPEG", "PNG", "WEBP", "TIFF")]
         answered: dict[str, int] = {}
 
-        @settings(max_examples=40, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=40, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+        )
         @given(st.data())
         def run(data):
             raw = data.draw(mutated_images(seeds))
@@ -405,6 +461,7 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
                 self.assertTrue(info.reason.startswith("IMAGE_"), info.reason)
                 self.assertEqual(info.metadata["field"], "src")
             answered[code.name] = answered.get(code.name, 0) + 1
+
         run()
         # Both kinds of answer were exercised: images that still decode and ones that do not.
         self.assertEqual(set(answered), {"OK", "INVALID_ARGUMENT"}, answered)
@@ -422,7 +479,7 @@ def mutated_images(draw, seeds):
         if operation == "overwrite" and data:
             data[position] = draw(st.integers(0, 255))
         elif operation == "delete":
-            del data[position:position + draw(st.integers(1, 64))]
+            del data[position : position + draw(st.integers(1, 64))]
         elif operation == "insert":
             data[position:position] = draw(st.binary(min_size=1, max_size=32))
         elif operation == "truncate":
@@ -478,8 +535,13 @@ class DecodeFuzzTest(unittest.TestCase):
         self.assertGreaterEqual(min(image.shape[:2]), imaging.MIN_IMAGE_SIDE)
         self.assertLessEqual(image.shape[0] * image.shape[1], ImageLimits().max_pixels)
 
-    @settings(max_examples=3000, deadline=2000, database=None, derandomize=support.UNDER_CI,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=3000,
+        deadline=2000,
+        database=None,
+        derandomize=support.UNDER_CI,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(st.data())
     def test_mutated_real_images(self, data):
         self.check(b64(data.draw(mutated_images(self.seeds))))
@@ -515,21 +577,28 @@ class AuthTest(GrpcAssertions, unittest.TestCase):
         good = self.good
         # A load that succeeds, under another name: had a refused LoadModel run, the name would show it.
         other = pb.ModelOptions(Model="other-model", ModelPath=support.MODELS_DIR, Options=list(DEFAULT_MODEL_OPTIONS))
-        unknown = self.running.channel.unary_unary("/backend.Backend/NoSuchMethod",
-                                                   request_serializer=lambda m: m, response_deserializer=lambda b: b)
+        unknown = self.running.channel.unary_unary(
+            "/backend.Backend/NoSuchMethod", request_serializer=lambda m: m, response_deserializer=lambda b: b
+        )
         return (
             ("Health", lambda md: stub.Health(pb.HealthMessage(), metadata=md, timeout=TIMEOUT)),
             ("Status", lambda md: stub.Status(pb.HealthMessage(), metadata=md, timeout=TIMEOUT)),
             ("LoadModel", lambda md: stub.LoadModel(other, metadata=md, timeout=TIMEOUT)),
-            ("FaceVerify", lambda md: stub.FaceVerify(pb.FaceVerifyRequest(img1=good, img2=good),
-                                                      metadata=md, timeout=TIMEOUT)),
+            (
+                "FaceVerify",
+                lambda md: stub.FaceVerify(pb.FaceVerifyRequest(img1=good, img2=good), metadata=md, timeout=TIMEOUT),
+            ),
             ("FaceAnalyze", lambda md: stub.FaceAnalyze(pb.FaceAnalyzeRequest(img=good), metadata=md, timeout=TIMEOUT)),
             ("Embedding", lambda md: stub.Embedding(pb.PredictOptions(Images=[good]), metadata=md, timeout=TIMEOUT)),
             ("Detect", lambda md: stub.Detect(pb.DetectOptions(src=good), metadata=md, timeout=TIMEOUT)),
-            ("grpc.health.v1.Health/Check", lambda md: health.Check(health_pb2.HealthCheckRequest(),
-                                                                    metadata=md, timeout=TIMEOUT)),
-            ("grpc.health.v1.Health/Watch", lambda md: next(iter(health.Watch(
-                health_pb2.HealthCheckRequest(), metadata=md, timeout=TIMEOUT)))),
+            (
+                "grpc.health.v1.Health/Check",
+                lambda md: health.Check(health_pb2.HealthCheckRequest(), metadata=md, timeout=TIMEOUT),
+            ),
+            (
+                "grpc.health.v1.Health/Watch",
+                lambda md: next(iter(health.Watch(health_pb2.HealthCheckRequest(), metadata=md, timeout=TIMEOUT))),
+            ),
             ("Free", lambda md: stub.Free(pb.HealthMessage(), metadata=md, timeout=TIMEOUT)),
             ("unknown method", lambda md: unknown(b"", metadata=md, timeout=TIMEOUT)),
         )
@@ -548,8 +617,13 @@ class AuthTest(GrpcAssertions, unittest.TestCase):
         for name, call in self.calls():
             for kind, metadata in wrong.items():
                 with self.subTest(rpc=name, metadata=kind):
-                    self.assert_status(lambda: call(metadata), grpc.StatusCode.UNAUTHENTICATED, f"{name} {kind}",
-                                       reason="BAD_TOKEN", field="authorization")
+                    self.assert_status(
+                        lambda: call(metadata),
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        f"{name} {kind}",
+                        reason="BAD_TOKEN",
+                        field="authorization",
+                    )
         # Nothing a refused call asked for happened: Free and LoadModel left the model in place.
         self.assertIsNotNone(self.running.service.loaded)
         self.assertEqual(self.running.service.loaded.name, DEFAULT_NAME)
@@ -573,16 +647,27 @@ class AuthTest(GrpcAssertions, unittest.TestCase):
             self.assertEqual(results[check].status, health_pb2.HealthCheckResponse.SERVING)
         self.assert_status(lambda: self.calls()[-1][1](metadata), grpc.StatusCode.UNIMPLEMENTED, "unknown method")
         # Once authenticated, a bad request gets its own status.
-        self.assert_status(lambda: self.running.stub.FaceVerify(pb.FaceVerifyRequest(
-            img1="not base64!", img2=self.good), metadata=metadata, timeout=TIMEOUT), INVALID, "bad img1", names="img1",
-            reason="IMAGE_NOT_BASE64")
+        self.assert_status(
+            lambda: self.running.stub.FaceVerify(
+                pb.FaceVerifyRequest(img1="not base64!", img2=self.good), metadata=metadata, timeout=TIMEOUT
+            ),
+            INVALID,
+            "bad img1",
+            names="img1",
+            reason="IMAGE_NOT_BASE64",
+        )
         # Free with the token works; reload so the other test still has a model.
         stub = self.running.stub
         self.assertTrue(stub.Free(pb.HealthMessage(), metadata=metadata, timeout=TIMEOUT).success)
-        self.assertEqual(self.running.health.Check(health_pb2.HealthCheckRequest(), metadata=metadata,
-                                                   timeout=TIMEOUT).status, health_pb2.HealthCheckResponse.NOT_SERVING)
-        loaded = stub.LoadModel(pb.ModelOptions(Model=DEFAULT_NAME, ModelPath=support.MODELS_DIR,
-                                                Options=list(DEFAULT_MODEL_OPTIONS)), metadata=metadata, timeout=TIMEOUT)
+        self.assertEqual(
+            self.running.health.Check(health_pb2.HealthCheckRequest(), metadata=metadata, timeout=TIMEOUT).status,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        loaded = stub.LoadModel(
+            pb.ModelOptions(Model=DEFAULT_NAME, ModelPath=support.MODELS_DIR, Options=list(DEFAULT_MODEL_OPTIONS)),
+            metadata=metadata,
+            timeout=TIMEOUT,
+        )
         self.assertTrue(loaded.success, loaded.message)
 
 
@@ -591,8 +676,7 @@ class OverloadTest(GrpcAssertions, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.good = support.b64_file(support.data_path(*PHOTO))
-        cls.running = InProcessServer(load_default(), PYTHON_GRPC_MAX_WORKERS="1",
-                                    PYTHON_GRPC_MAX_CONCURRENT_RPCS="2")
+        cls.running = InProcessServer(load_default(), PYTHON_GRPC_MAX_WORKERS="1", PYTHON_GRPC_MAX_CONCURRENT_RPCS="2")
 
     @classmethod
     def tearDownClass(cls):
@@ -613,6 +697,7 @@ class OverloadTest(GrpcAssertions, unittest.TestCase):
                 answers[i] = (grpc.StatusCode.OK, time.perf_counter() - started, str(reply.verified))
             except grpc.RpcError as error:
                 answers[i] = (error.code(), time.perf_counter() - started, error.details())
+
         with futures.ThreadPoolExecutor(calls) as pool:
             list(pool.map(call, range(calls)))
         codes = [a[0] for a in answers]
@@ -650,13 +735,21 @@ class ReloadUnderLoadTest(unittest.TestCase):
         good = support.b64_file(support.data_path(*PHOTO))
         other = support.b64_file(support.data_path("face-recognition-examples", "images", "kit_harington_1.jpg"))
         loads = {
-            "default": pb.ModelOptions(Model=DEFAULT_NAME, ModelPath=support.MODELS_DIR,
-                                       Options=list(DEFAULT_MODEL_OPTIONS)),
-            "buffalo_sc": pb.ModelOptions(Model="buffalo_sc", ModelPath=support.MODELS_DIR,
-                                          Options=list(BUFFALO_SC_OPTIONS)),
-            "missing file": pb.ModelOptions(Model="broken", ModelPath=support.MODELS_DIR,
-                                            Options=["engine:onnx_direct", "detector_onnx:no-such-detector.onnx",
-                                                     "recognizer_onnx:MobileFaceNet.onnx"]),
+            "default": pb.ModelOptions(
+                Model=DEFAULT_NAME, ModelPath=support.MODELS_DIR, Options=list(DEFAULT_MODEL_OPTIONS)
+            ),
+            "buffalo_sc": pb.ModelOptions(
+                Model="buffalo_sc", ModelPath=support.MODELS_DIR, Options=list(BUFFALO_SC_OPTIONS)
+            ),
+            "missing file": pb.ModelOptions(
+                Model="broken",
+                ModelPath=support.MODELS_DIR,
+                Options=[
+                    "engine:onnx_direct",
+                    "detector_onnx:no-such-detector.onnx",
+                    "recognizer_onnx:MobileFaceNet.onnx",
+                ],
+            ),
         }
         # What each engine answers for this pair when nothing else is going on.
         expected = {}
@@ -689,8 +782,10 @@ class ReloadUnderLoadTest(unittest.TestCase):
                     continue
                 threshold, distance = expected[reply.model]
                 if abs(reply.threshold - threshold) > 1e-5 or abs(reply.distance - distance) > 1e-3:
-                    problems.append(f"{reply.model}: threshold {reply.threshold} distance {reply.distance},"
-                                    f" expected {threshold} / {distance:.4f}")
+                    problems.append(
+                        f"{reply.model}: threshold {reply.threshold} distance {reply.distance},"
+                        f" expected {threshold} / {distance:.4f}"
+                    )
                 with lock:
                     seen[reply.model] = seen.get(reply.model, 0) + 1
 
@@ -701,8 +796,9 @@ class ReloadUnderLoadTest(unittest.TestCase):
                 except grpc.RpcError as error:
                     problems.append(f"Embedding {error.code().name}: {error.details()}")
                     continue
-                matches = [k for k, v in embeddings.items() if v.shape == vector.shape and
-                           float(np.dot(v, vector)) > 0.999]
+                matches = [
+                    k for k, v in embeddings.items() if v.shape == vector.shape and float(np.dot(v, vector)) > 0.999
+                ]
                 if not matches:
                     problems.append(f"an embedding of dimension {vector.shape[0]} matches neither engine")
 
@@ -722,8 +818,17 @@ class ReloadUnderLoadTest(unittest.TestCase):
         for thread in threads:
             thread.start()
         try:
-            for kind in ["buffalo_sc", "missing file", "default", "missing file", "buffalo_sc", "default",
-                         "buffalo_sc", "missing file", "default"]:
+            for kind in [
+                "buffalo_sc",
+                "missing file",
+                "default",
+                "missing file",
+                "buffalo_sc",
+                "default",
+                "buffalo_sc",
+                "missing file",
+                "default",
+            ]:
                 result = stub.LoadModel(loads[kind], timeout=TIMEOUT)
                 if kind == "missing file":
                     self.assertFalse(result.success)
@@ -757,8 +862,10 @@ class LifecycleTest(unittest.TestCase):
         cls.tmp.cleanup()
 
     def assert_serving(self, health: health_pb2_grpc.HealthStub) -> None:
-        self.assertEqual(health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status,
-                         health_pb2.HealthCheckResponse.SERVING)
+        self.assertEqual(
+            health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status,
+            health_pb2.HealthCheckResponse.SERVING,
+        )
 
     def start(self) -> BackendProcess:
         server = BackendProcess(*self.ARGS, env=self.ENV)
@@ -787,8 +894,10 @@ class LifecycleTest(unittest.TestCase):
         self.assertGreater(finished, signalled, "the request was not in flight when the signal came")
         self.assertEqual(server.process.wait(timeout=30), 0, server.output())
         self.assertIn("stopping", server.output())
-        print(f"\n[hardening] {signal.Signals(sig).name}: request in flight finished"
-              f" {finished - signalled:.2f} s after the signal ({finished - started:.2f} s in all); exit 0")
+        print(
+            f"\n[hardening] {signal.Signals(sig).name}: request in flight finished"
+            f" {finished - signalled:.2f} s after the signal ({finished - started:.2f} s in all); exit 0"
+        )
 
     def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(self):
         self.check_signal_with_request_in_flight(signal.SIGTERM)
@@ -802,9 +911,13 @@ class LifecycleTest(unittest.TestCase):
         address = f"127.0.0.1:{port}"
         log_path = os.path.join(self.tmp.name, f"backend-{port}.log")
         script = '"$@" >"$BACKEND_LOG" 2>&1 & echo $!; wait'
-        shell = subprocess.Popen(["sh", "-c", script, "sh", *backend_command("--addr", address, *self.ARGS)],
-                                 env=backend_env(BACKEND_LOG=log_path, **self.ENV, **extra), stdout=subprocess.PIPE,
-                                 stdin=subprocess.DEVNULL, cwd=support.REPO)
+        shell = subprocess.Popen(
+            ["sh", "-c", script, "sh", *backend_command("--addr", address, *self.ARGS)],
+            env=backend_env(BACKEND_LOG=log_path, **self.ENV, **extra),
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            cwd=support.REPO,
+        )
         pid = int(shell.stdout.readline())
         backend_process = psutil.Process(pid)
         self.addCleanup(lambda: shell.poll() is None and (shell.kill(), shell.wait()))
@@ -823,8 +936,7 @@ class LifecycleTest(unittest.TestCase):
             process.kill()
 
     def test_parent_watch_stops_an_orphaned_backend(self):
-        shell, backend_process, _, log_path = self.start_through_a_parent(
-            LOCALAI_BACKEND_PARENT_WATCH_INTERVAL="200ms")
+        shell, backend_process, _, log_path = self.start_through_a_parent(LOCALAI_BACKEND_PARENT_WATCH_INTERVAL="200ms")
         shell.kill()
         shell.wait()
         killed = time.monotonic()
@@ -833,18 +945,22 @@ class LifecycleTest(unittest.TestCase):
             time.sleep(0.05)
         self.assertFalse(running(backend_process), "the orphaned backend is still running 10 s after its parent died")
         self.assertIn("parent process", read_log(log_path))
-        print(f"\n[hardening] parent watch: orphaned backend gone {time.monotonic() - killed:.2f} s"
-              " after its parent was killed")
+        print(
+            f"\n[hardening] parent watch: orphaned backend gone {time.monotonic() - killed:.2f} s"
+            " after its parent was killed"
+        )
 
     def test_parent_watch_can_be_disabled(self):
         shell, backend_process, channel, log_path = self.start_through_a_parent(
-            LOCALAI_BACKEND_PARENT_WATCH="false", LOCALAI_BACKEND_PARENT_WATCH_INTERVAL="200ms")
+            LOCALAI_BACKEND_PARENT_WATCH="false", LOCALAI_BACKEND_PARENT_WATCH_INTERVAL="200ms"
+        )
         shell.kill()
         shell.wait()
         time.sleep(1.5)  # seven watch intervals
         self.assertTrue(running(backend_process), "the backend stopped although the parent watch is off")
-        self.assertEqual(backend_pb2_grpc.BackendStub(channel).Health(pb.HealthMessage(), timeout=TIMEOUT).message,
-                         b"OK")
+        self.assertEqual(
+            backend_pb2_grpc.BackendStub(channel).Health(pb.HealthMessage(), timeout=TIMEOUT).message, b"OK"
+        )
         backend_process.terminate()
         deadline = time.monotonic() + 20
         while running(backend_process) and time.monotonic() < deadline:

@@ -7,6 +7,7 @@ they arrive as unknown fields), appends options of its own, and then calls the f
 ModelIdentity = ModelOptions.Model. Each configuration below is built that way and driven over a
 real gRPC channel; the answers checked are the ones the host reads.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,27 +54,29 @@ def _field(number: int, value) -> bytes:
 # ModelOptions fields the host fills for every model (field numbers of the host's backend.proto)
 # that this backend does not declare.
 HOST_ONLY_FIELDS = (
-    (2, 512),                # ContextSize
-    (3, 1234),               # Seed
-    (4, 512),                # NBatch
-    (5, True),               # F16Memory
-    (7, True),               # MMap
-    (12, 99999999),          # NGPULayers
-    (49, ""),                # Type
-    (56, "auto"),            # FlashAttention
-    (72, "some:override"),   # Overrides
+    (2, 512),  # ContextSize
+    (3, 1234),  # Seed
+    (4, 512),  # NBatch
+    (5, True),  # F16Memory
+    (7, True),  # MMap
+    (12, 99999999),  # NGPULayers
+    (49, ""),  # Type
+    (56, "auto"),  # FlashAttention
+    (72, "some:override"),  # Overrides
 )
 
 
 def host_load_model(channel, model: str, model_path: str, options: list[str], threads: int = 2):
     """LoadModel as the host sends it: declared fields plus the host-only ones, as raw bytes."""
     declared = backend_pb2.ModelOptions(
-        Model=model, ModelPath=model_path, ModelFile=os.path.join(model_path, model),
-        Threads=threads, Options=options).SerializeToString()
+        Model=model, ModelPath=model_path, ModelFile=os.path.join(model_path, model), Threads=threads, Options=options
+    ).SerializeToString()
     raw = declared + b"".join(_field(n, v) for n, v in HOST_ONLY_FIELDS)
     load = channel.unary_unary(  # the generated stub would re-serialise the message
-        "/backend.Backend/LoadModel", request_serializer=lambda b: b,
-        response_deserializer=backend_pb2.Result.FromString)
+        "/backend.Backend/LoadModel",
+        request_serializer=lambda b: b,
+        response_deserializer=backend_pb2.Result.FromString,
+    )
     return load(raw, timeout=CALL_TIMEOUT)
 
 
@@ -122,8 +125,13 @@ class HostConfigurationTest(GrpcAssertions, unittest.TestCase):
         for layout in ("flat", "nested", "root"):
             models, extra = self.models_dir(f"buffalo-sc-{layout}", layout)
             # The host appends `<artifact>:<path>` options of its own to the entry's.
-            options = ["engine:insightface", "model_pack:buffalo_sc", *support.LIVENESS_OPTIONS, *extra,
-                       f"buffalo_sc.zip:{os.path.join(models, 'buffalo_sc.zip')}"]
+            options = [
+                "engine:insightface",
+                "model_pack:buffalo_sc",
+                *support.LIVENESS_OPTIONS,
+                *extra,
+                f"buffalo_sc.zip:{os.path.join(models, 'buffalo_sc.zip')}",
+            ]
             yield f"insightface-buffalo-sc ({layout})", "insightface-buffalo-sc", models, options, 512, ()
         models, _ = self.models_dir("opencv", "flat")
         # The gallery's insightface-opencv entry with the default set's files (MobileFaceNet standing
@@ -147,29 +155,41 @@ class HostConfigurationTest(GrpcAssertions, unittest.TestCase):
             self.assertIn(attribute, status.attributes)
         self.assertIn("MiniFASNetV2.onnx", status.model_description)
 
-        detected = self.stub.Detect(backend_pb2.DetectOptions(
-            src=support.b64_file(support.GROUP_PHOTO), ModelIdentity=model), timeout=CALL_TIMEOUT)
+        detected = self.stub.Detect(
+            backend_pb2.DetectOptions(src=support.b64_file(support.GROUP_PHOTO), ModelIdentity=model),
+            timeout=CALL_TIMEOUT,
+        )
         self.assertEqual(len(detected.Detections), 6)
         self.assertTrue(all(d.class_name == "face" for d in detected.Detections))
 
-        embedding = self.stub.Embedding(backend_pb2.PredictOptions(
-            Images=[photo(SAME[0])], ModelIdentity=model), timeout=CALL_TIMEOUT)
+        embedding = self.stub.Embedding(
+            backend_pb2.PredictOptions(Images=[photo(SAME[0])], ModelIdentity=model), timeout=CALL_TIMEOUT
+        )
         self.assertEqual(embedding.dim, dim)
         self.assertAlmostEqual(float(np.linalg.norm(embedding.embeddings)), 1.0, places=4)
 
         for pair, expected in ((SAME, True), (DIFFERENT, False)):
             for anti_spoofing in (False, True):
-                response = self.stub.FaceVerify(backend_pb2.FaceVerifyRequest(
-                    img1=photo(pair[0]), img2=photo(pair[1]), anti_spoofing=anti_spoofing,
-                    ModelIdentity=model), timeout=CALL_TIMEOUT)
+                response = self.stub.FaceVerify(
+                    backend_pb2.FaceVerifyRequest(
+                        img1=photo(pair[0]), img2=photo(pair[1]), anti_spoofing=anti_spoofing, ModelIdentity=model
+                    ),
+                    timeout=CALL_TIMEOUT,
+                )
                 self.assertEqual(response.verified, expected, (pair, anti_spoofing, response.distance))
                 self.assertEqual(response.model, model)
                 self.assertEqual(response.HasField("img1_is_real"), anti_spoofing)
                 self.assertEqual(response.HasField("img2_antispoof_score"), anti_spoofing)
 
-        analyzed = self.stub.FaceAnalyze(backend_pb2.FaceAnalyzeRequest(
-            img=support.b64_file(support.GROUP_PHOTO), actions=["age", "gender", "emotion", "race"],
-            anti_spoofing=True, ModelIdentity=model), timeout=CALL_TIMEOUT)
+        analyzed = self.stub.FaceAnalyze(
+            backend_pb2.FaceAnalyzeRequest(
+                img=support.b64_file(support.GROUP_PHOTO),
+                actions=["age", "gender", "emotion", "race"],
+                anti_spoofing=True,
+                ModelIdentity=model,
+            ),
+            timeout=CALL_TIMEOUT,
+        )
         self.assertEqual(len(analyzed.faces), 6)
         for face in analyzed.faces:
             self.assertTrue(face.HasField("is_real"))
@@ -178,26 +198,36 @@ class HostConfigurationTest(GrpcAssertions, unittest.TestCase):
             self.assertEqual(bool(face.dominant_emotion), "emotion" in attributes)
             self.assertEqual(len(face.emotion), 7 if "emotion" in attributes else 0)
             self.assertEqual(face.dominant_race, "")
-        faceless = self.stub.FaceAnalyze(backend_pb2.FaceAnalyzeRequest(
-            img=support.b64_image(support.faceless_image()), ModelIdentity=model), timeout=CALL_TIMEOUT)
+        faceless = self.stub.FaceAnalyze(
+            backend_pb2.FaceAnalyzeRequest(img=support.b64_image(support.faceless_image()), ModelIdentity=model),
+            timeout=CALL_TIMEOUT,
+        )
         self.assertEqual(list(faceless.faces), [])
 
-        self.assert_status(self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(
-            img1=photo(SAME[0]), img2=photo(SAME[1]), ModelIdentity="another-model"),
-            grpc.StatusCode.NOT_FOUND, f"model identity mismatch: loaded '{model}'")
+        self.assert_status(
+            self.stub.FaceVerify,
+            backend_pb2.FaceVerifyRequest(img1=photo(SAME[0]), img2=photo(SAME[1]), ModelIdentity="another-model"),
+            grpc.StatusCode.NOT_FOUND,
+            f"model identity mismatch: loaded '{model}'",
+        )
 
     def test_flat_and_nested_buffalo_sc_give_the_same_distances(self):
         distances = {}
         for layout in ("flat", "nested"):
             models, _ = self.models_dir(f"distances-{layout}", layout)
-            result = host_load_model(self.server.channel, "insightface-buffalo-sc", models,
-                                     ["engine:insightface", "model_pack:buffalo_sc"])
+            result = host_load_model(
+                self.server.channel, "insightface-buffalo-sc", models, ["engine:insightface", "model_pack:buffalo_sc"]
+            )
             self.assertTrue(result.success, result.message)
             self.assertIn("det_500m.onnx", result.message)
             self.assertIn("w600k_mbf.onnx", result.message)
             self.assertNotIn("MobileFaceNet", result.message)
-            distances[layout] = [self.stub.FaceVerify(backend_pb2.FaceVerifyRequest(
-                img1=photo(a), img2=photo(b)), timeout=CALL_TIMEOUT).distance for a, b in (SAME, DIFFERENT)]
+            distances[layout] = [
+                self.stub.FaceVerify(
+                    backend_pb2.FaceVerifyRequest(img1=photo(a), img2=photo(b)), timeout=CALL_TIMEOUT
+                ).distance
+                for a, b in (SAME, DIFFERENT)
+            ]
         np.testing.assert_allclose(distances["flat"], distances["nested"], atol=1e-6)
 
 
@@ -206,14 +236,20 @@ class RunScriptTest(unittest.TestCase):
     wire (SIGTERM with a request in flight is test_hardening's LifecycleTest)."""
 
     def test_run_sh_starts_the_server_from_another_directory(self):
-        with tempfile.TemporaryDirectory() as elsewhere, \
-                BackendProcess(command=[os.path.join(support.REPO, "run.sh")], cwd=elsewhere) as server:
-            result = server.stub.LoadModel(backend_pb2.ModelOptions(
-                Model="m", ModelPath=support.MODELS_DIR,
-                Options=["engine:insightface", "model_pack:buffalo_sc"]), timeout=CALL_TIMEOUT)
+        with (
+            tempfile.TemporaryDirectory() as elsewhere,
+            BackendProcess(command=[os.path.join(support.REPO, "run.sh")], cwd=elsewhere) as server,
+        ):
+            result = server.stub.LoadModel(
+                backend_pb2.ModelOptions(
+                    Model="m", ModelPath=support.MODELS_DIR, Options=["engine:insightface", "model_pack:buffalo_sc"]
+                ),
+                timeout=CALL_TIMEOUT,
+            )
             self.assertTrue(result.success, result.message)
-            response = server.stub.FaceVerify(backend_pb2.FaceVerifyRequest(
-                img1=photo(SAME[0]), img2=photo(SAME[1])), timeout=CALL_TIMEOUT)
+            response = server.stub.FaceVerify(
+                backend_pb2.FaceVerifyRequest(img1=photo(SAME[0]), img2=photo(SAME[1])), timeout=CALL_TIMEOUT
+            )
             self.assertTrue(response.verified)
 
 

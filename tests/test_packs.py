@@ -3,6 +3,7 @@ or flat among other models' files, as the host extracts buffalo_l/s/sc into Mode
 layouts are built in temporary directories from the installed real weights (symlinks), and what
 they load is checked by the files the engine reports and by real verifications.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,15 @@ from tests import support
 PACK = "buffalo_sc"
 # Other models' files the host keeps in the same ModelPath. The recognizers and the second SCRFD
 # export are ones a role-by-tensors reading of the directory could pick instead of the pack's.
-NEIGHBOURS = ("face_detection_yunet_2023mar.onnx", "MobileFaceNet.onnx", "MiniFASNetV2.onnx",
-              "MiniFASNetV1SE.onnx", "scrfd_500m_bnkps.onnx", "age-v1.onnx", "gender-v1.onnx")
+NEIGHBOURS = (
+    "face_detection_yunet_2023mar.onnx",
+    "MobileFaceNet.onnx",
+    "MiniFASNetV2.onnx",
+    "MiniFASNetV1SE.onnx",
+    "scrfd_500m_bnkps.onnx",
+    "age-v1.onnx",
+    "gender-v1.onnx",
+)
 
 
 def build(options, model_path: str, name: str = PACK):
@@ -50,24 +58,35 @@ class PackLayoutTest(unittest.TestCase):
         patcher.start()
         self.addCleanup(patcher.stop)
 
-    def place(self, *parts: str, files: dict[str, str] = {}) -> str:
+    def place(self, *parts: str, files: dict[str, str] | None = None) -> str:
         """A directory under the test's temporary one, holding symlinks name -> real file."""
         directory = os.path.join(self.tmp, *parts)
         os.makedirs(directory, exist_ok=True)
-        for name, source in files.items():
+        for name, source in (files or {}).items():
             os.symlink(source, os.path.join(directory, name))
         return directory
 
     def host_model_path(self, *parts: str) -> str:
         """ModelPath as the host leaves it: buffalo_sc.zip extracted flat beside other models."""
-        return self.place(*parts, files={**self.neighbours, **self.pack_files,
-                                         # another pack's recognizer (buffalo_l's name, some ArcFace bytes)
-                                         "w600k_r50.onnx": self.neighbours["MobileFaceNet.onnx"]})
+        return self.place(
+            *parts,
+            files={
+                **self.neighbours,
+                **self.pack_files,
+                # another pack's recognizer (buffalo_l's name, some ArcFace bytes)
+                "w600k_r50.onnx": self.neighbours["MobileFaceNet.onnx"],
+            },
+        )
 
     def assert_loaded_from(self, engine, directory: str) -> None:
         self.assertEqual(engine.name, PACK)
-        self.assertEqual(engine.files, {"detector": os.path.join(directory, "det_500m.onnx"),
-                                        "recognizer": os.path.join(directory, "w600k_mbf.onnx")})
+        self.assertEqual(
+            engine.files,
+            {
+                "detector": os.path.join(directory, "det_500m.onnx"),
+                "recognizer": os.path.join(directory, "w600k_mbf.onnx"),
+            },
+        )
         self.assertIsInstance(engine.detector, SCRFDDetector)
         self.assertEqual(engine.recognizer.profile.name, "w600k_mbf")
         self.assertEqual(engine.embedding_dim, 512)
@@ -125,8 +144,7 @@ class PackLayoutTest(unittest.TestCase):
         with self.assertRaises(ModelFileError) as caught:
             build(pack_options("buffalo_s"), flat)
         message = str(caught.exception)
-        for expected in ("buffalo_s", flat, "genderage.onnx", "2d106det.onnx", "1k3d68.onnx",
-                         f"complete {PACK}"):
+        for expected in ("buffalo_s", flat, "genderage.onnx", "2d106det.onnx", "1k3d68.onnx", f"complete {PACK}"):
             self.assertIn(expected, message)
 
     def test_smaller_pack_loads_only_its_members_beside_a_bigger_one(self):
@@ -168,8 +186,14 @@ class PackLayoutTest(unittest.TestCase):
             build(pack_options("buffalo_l", f"root:{root}"), model_path)
         message = str(caught.exception)
         home = os.path.expanduser("~/.insightface")
-        for place in (root, os.path.join(root, "models"), model_path, os.path.join(model_path, "models"),
-                      home, os.path.join(home, "models")):
+        for place in (
+            root,
+            os.path.join(root, "models"),
+            model_path,
+            os.path.join(model_path, "models"),
+            home,
+            os.path.join(home, "models"),
+        ):
             self.assertIn(place, message)
         for member in catalog.default().packs["buffalo_l"].members:
             self.assertIn(member.name, message)

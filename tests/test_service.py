@@ -2,6 +2,7 @@
 model setups, the domain errors and which image they name, LoadModel failures that must leave the
 previous model serving, and liveness (anti_spoofing) with the default set.
 """
+
 from __future__ import annotations
 
 import base64
@@ -21,8 +22,15 @@ import numpy as np
 import onnxruntime as ort
 
 from core.concurrency import InstancePool, usable_cpus
-from core.errors import (CallEndedError, IdentityMismatchError, InvalidInputError, ModelFileError,
-                         ModelOptionError, NoFaceError, PreconditionError)
+from core.errors import (
+    CallEndedError,
+    IdentityMismatchError,
+    InvalidInputError,
+    ModelFileError,
+    ModelOptionError,
+    NoFaceError,
+    PreconditionError,
+)
 from engines import build_engine, parse_load_request
 from engines.recognition import recognizer_profile
 from engines.runtime import set_opencv_threads
@@ -63,8 +71,8 @@ def big_beside_small(big: str, small: str) -> np.ndarray:
     a = cv2.resize(a, None, fx=500 / a.shape[0], fy=500 / a.shape[0])
     b = cv2.resize(b, None, fx=200 / b.shape[0], fy=200 / b.shape[0])
     canvas = np.full((560, a.shape[1] + b.shape[1] + 60, 3), 200, np.uint8)
-    canvas[30:530, 20:20 + a.shape[1]] = a
-    canvas[180:380, 40 + a.shape[1]:40 + a.shape[1] + b.shape[1]] = b
+    canvas[30:530, 20 : 20 + a.shape[1]] = a
+    canvas[180:380, 40 + a.shape[1] : 40 + a.shape[1] + b.shape[1]] = b
     return canvas
 
 
@@ -157,25 +165,32 @@ class ServiceCases(ErrorAssertions):
                 self.service.verify(self.obama1, self.obama2, threshold=bad)
 
     def test_confidence_is_monotone(self):
-        pairs = [(self.obama1, self.obama1), (self.obama1, self.obama2),
-                 (self.obama1, photo("obama_3.jpg")), (self.obama1, self.biden1),
-                 (self.obama1, photo("rose_leslie_1.jpg"))]
+        pairs = [
+            (self.obama1, self.obama1),
+            (self.obama1, self.obama2),
+            (self.obama1, photo("obama_3.jpg")),
+            (self.obama1, self.biden1),
+            (self.obama1, photo("rose_leslie_1.jpg")),
+        ]
         results = sorted((self.service.verify(*p) for p in pairs), key=lambda r: r.distance)
         confidences = [r.confidence for r in results]
         for closer, farther in zip(results, results[1:]):
             if farther.distance > closer.distance + 1e-6:
                 self.assertGreater(closer.confidence, farther.confidence, confidences)
         # For one pair, a higher threshold never lowers the confidence.
-        by_threshold = [self.service.verify(self.obama1, self.obama2, threshold=t).confidence
-                        for t in (0.1, 0.3, 0.5, 0.7, 0.9, 1.5)]
+        by_threshold = [
+            self.service.verify(self.obama1, self.obama2, threshold=t).confidence
+            for t in (0.1, 0.3, 0.5, 0.7, 0.9, 1.5)
+        ]
         self.assertEqual(by_threshold, sorted(by_threshold))
         self.assertLess(by_threshold[0], 50.0)
         self.assertGreater(by_threshold[-1], 50.0)
 
     def test_best_face_is_the_largest(self):
         for big, small, big_again, small_again in (
-                ("obama_1.jpg", "biden_1.jpg", "obama_2.jpg", "biden_2.jpg"),
-                ("biden_1.jpg", "obama_1.jpg", "biden_2.jpg", "obama_2.jpg")):
+            ("obama_1.jpg", "biden_1.jpg", "obama_2.jpg", "biden_2.jpg"),
+            ("biden_1.jpg", "obama_1.jpg", "biden_2.jpg", "obama_2.jpg"),
+        ):
             with self.subTest(big=big, small=small):
                 image = support.b64_image(big_beside_small(big, small))
                 faces = self.service.detect(image)
@@ -289,6 +304,7 @@ class ServiceCases(ErrorAssertions):
             if stage == "detection":
                 helper_started.set()
                 released.wait(10)
+
         with self.assertRaises(NoFaceError) as caught:
             service.verify(self.faceless, self.obama1, checkpoint=checkpoint)
         self.assert_names(str(caught.exception), "img1")
@@ -309,6 +325,7 @@ class ServiceCases(ErrorAssertions):
                         count = seen.count("recognition")
                     if stage == "recognition" and count == nth:
                         raise CallEndedError("deadline exceeded", deadline_exceeded=True)
+
                 with self.assertRaises(CallEndedError):
                     self.service.verify(self.obama1, self.obama2, checkpoint=deadline_passes)
 
@@ -359,7 +376,8 @@ class InsightfaceServiceTest(ServiceCases, unittest.TestCase):
         }
         # Checked before any image is decoded: garbage, no face or a good photo, same answer.
         for (method, call), image in itertools.product(
-                cases.items(), (self.obama1, GARBAGE_BASE64, NOT_BASE64, self.faceless)):
+            cases.items(), (self.obama1, GARBAGE_BASE64, NOT_BASE64, self.faceless)
+        ):
             with self.subTest(method, image=image[:12]):
                 with self.assertRaises(PreconditionError) as caught:
                     call(image)
@@ -409,14 +427,26 @@ class LoadModelTest(unittest.TestCase):
         """(label, model name, options, error class, text the message must contain)."""
         name, options = self.setups[kind]
         return [
-            ("missing recognizer file", "new", ["engine:onnx_direct", "detector_onnx:face_detection_yunet_2023mar.onnx",
-                                                "recognizer_onnx:no-such-recognizer.onnx"],
-             ModelFileError, "no-such-recognizer.onnx"),
+            (
+                "missing recognizer file",
+                "new",
+                [
+                    "engine:onnx_direct",
+                    "detector_onnx:face_detection_yunet_2023mar.onnx",
+                    "recognizer_onnx:no-such-recognizer.onnx",
+                ],
+                ModelFileError,
+                "no-such-recognizer.onnx",
+            ),
             # The engine itself builds; the liveness file after it is missing.
-            ("missing liveness file", "new",
-             [o for o in options if not o.startswith("antispoof_v1se_onnx")]
-             + ["antispoof_v1se_onnx:no-such-liveness.onnx"],
-             ModelFileError, "no-such-liveness.onnx"),
+            (
+                "missing liveness file",
+                "new",
+                [o for o in options if not o.startswith("antispoof_v1se_onnx")]
+                + ["antispoof_v1se_onnx:no-such-liveness.onnx"],
+                ModelFileError,
+                "no-such-liveness.onnx",
+            ),
             ("bad det_thresh", "new", options + ["det_thresh:1.5"], ModelOptionError, "det_thresh"),
             ("bad det_size", "new", options + ["det_size:abc"], ModelOptionError, "det_size"),
             ("bad det_size multiple", "new", options + ["det_size:100"], ModelOptionError, "det_size"),
@@ -451,9 +481,10 @@ class LoadModelTest(unittest.TestCase):
         service = FaceService()
         extra = ["mmproj:/models/extra.bin", "use_jinja", "det_tresh:0.7", "", "engine:OpenCV"]
         model = load(service, name, [o for o in options if not o.startswith("engine:")] + extra)
-        self.assertEqual(model.ignored_options,
-                         ("'mmproj:/models/extra.bin'", "'use_jinja' (not key:value)",
-                          "'det_tresh:0.7' (did you mean det_thresh?)"))
+        self.assertEqual(
+            model.ignored_options,
+            ("'mmproj:/models/extra.bin'", "'use_jinja' (not key:value)", "'det_tresh:0.7' (did you mean det_thresh?)"),
+        )
         description = model.describe()
         self.assertIn("ignored options: 'mmproj:/models/extra.bin'", description)
         self.assertIn("did you mean det_thresh?", description)
@@ -561,6 +592,7 @@ class LoadModelTest(unittest.TestCase):
                 helper_waiting.set()
                 release_helper.wait(30)
                 helper_done.set()
+
         with self.assertRaises(NoFaceError):
             service.verify(self.faceless, self.obama1, checkpoint=checkpoint)
         service.free()
@@ -581,8 +613,10 @@ class LoadModelTest(unittest.TestCase):
         def recording_build(request):
             built.append(build_engine(request))
             return built[-1]
+
         broken = [o for o in options if not o.startswith("antispoof_v1se_onnx")] + [
-            "antispoof_v1se_onnx:no-such-liveness.onnx"]
+            "antispoof_v1se_onnx:no-such-liveness.onnx"
+        ]
         with mock.patch("face_service.build_engine", recording_build), self.assertRaises(ModelFileError):
             load(service, "broken", broken)
         self.assertEqual(len(built), 1)
@@ -729,7 +763,7 @@ class LivenessTest(ErrorAssertions, unittest.TestCase):
         for cut in (40, 60, 80):
             with self.subTest(cut=cut):
                 # The face box of the full photo now starts `cut` px outside the left and top edges.
-                cropped = np.ascontiguousarray(self.t1_image[y1 + cut:, x1 + cut:])
+                cropped = np.ascontiguousarray(self.t1_image[y1 + cut :, x1 + cut :])
                 data = support.b64_image(cropped)
                 result = self.service.verify(data, data, anti_spoofing=True)
                 box = result.img1_face.box
@@ -744,8 +778,10 @@ class LivenessTest(ErrorAssertions, unittest.TestCase):
 
     def test_no_face_is_not_found_not_a_liveness_error(self):
         faceless = support.b64_image(support.faceless_image())
-        for call, name in ((lambda: self.service.verify(faceless, self.t1, anti_spoofing=True), "img1"),
-                           (lambda: self.service.verify(self.t1, faceless, anti_spoofing=True), "img2")):
+        for call, name in (
+            (lambda: self.service.verify(faceless, self.t1, anti_spoofing=True), "img1"),
+            (lambda: self.service.verify(self.t1, faceless, anti_spoofing=True), "img2"),
+        ):
             with self.subTest(name):
                 with self.assertRaises(NoFaceError) as caught:
                     call()

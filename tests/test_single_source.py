@@ -8,21 +8,29 @@ Scanned: the repository's own text files (not .venv, models/, generated stubs or
 - The README may quote the catalog for its readers (the thresholds table, the default set, the
   packs LoadModel knows), and a test here checks each quote against the catalog.
 """
+
 from __future__ import annotations
 
 import ast
 import os
 import re
 import unittest
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import catalog
 from tests.support import REPO
 from tests.test_catalog import all_hashes
 
 HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
-SKIPPED_DIRS = {".git", ".venv", "models", "__pycache__", ".hypothesis", os.path.join("tests", "data"),
-                os.path.join("bench", "results")}
+SKIPPED_DIRS = {
+    ".git",
+    ".venv",
+    "models",
+    "__pycache__",
+    ".hypothesis",
+    os.path.join("tests", "data"),
+    os.path.join("bench", "results"),
+}
 GENERATED = re.compile(r"^backend_pb2.*\.pyi?$")
 
 
@@ -30,9 +38,13 @@ def repository_files() -> Iterator[tuple[str, str]]:
     """(path relative to the repository, text) of every text file the project writes itself."""
     for top, dirs, files in os.walk(REPO):
         rel_top = os.path.relpath(top, REPO)
-        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS
-                         and os.path.normpath(os.path.join(rel_top, d)) not in SKIPPED_DIRS
-                         and not os.path.islink(os.path.join(top, d)))
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if d not in SKIPPED_DIRS
+            and os.path.normpath(os.path.join(rel_top, d)) not in SKIPPED_DIRS
+            and not os.path.islink(os.path.join(top, d))
+        )
         for name in sorted(files):
             path = os.path.join(top, name)
             if GENERATED.match(name) or os.path.islink(path):
@@ -58,15 +70,19 @@ class Literals(ast.NodeVisitor):
     Module-level `NAME = "text"` constants are resolved where a collection uses the name."""
 
     def __init__(self, tree: ast.Module) -> None:
-        self.constants = {t.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
-                          for t in node.targets if isinstance(t, ast.Name)
-                          and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)}
+        self.constants = {
+            t.id: node.value.value
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            for t in node.targets
+            if isinstance(t, ast.Name) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        }
         self.floats: list[tuple[int, float]] = []
         self.collections: list[tuple[int, list[str]]] = []
         self.strings: list[tuple[int, str]] = []
         self.visit(tree)
 
-    def text(self, node: Optional[ast.expr]) -> Optional[str]:
+    def text(self, node: ast.expr | None) -> str | None:
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             return node.value
         if isinstance(node, ast.Name):
@@ -82,7 +98,7 @@ class Literals(ast.NodeVisitor):
         elif isinstance(node.value, str):
             self.strings.append((node.lineno, node.value))
 
-    def _collection(self, node: ast.expr, items: list[Optional[ast.expr]]) -> None:
+    def _collection(self, node: ast.expr, items: list[ast.expr | None]) -> None:
         texts = [t for t in map(self.text, items) if t is not None]
         if texts:
             self.collections.append((node.lineno, texts))
@@ -126,23 +142,41 @@ class SingleSourceTest(unittest.TestCase):
                 yield rel, Literals(ast.parse(text, rel))
 
     def test_scan_sees_the_code(self) -> None:
-        for rel in ("face_service.py", os.path.join("engines", "recognition.py"), "README.md",
-                    os.path.join("tests", "support.py"), os.path.join("bench", "bench.py")):
+        for rel in (
+            "face_service.py",
+            os.path.join("engines", "recognition.py"),
+            "README.md",
+            os.path.join("tests", "support.py"),
+            os.path.join("bench", "bench.py"),
+        ):
             self.assertIn(rel, self.files)
         self.assertFalse([rel for rel in self.files if rel.startswith((".venv", "models" + os.sep))])
 
     def test_no_catalog_hash_outside_the_catalog(self) -> None:
         known = all_hashes(self.cat)
-        found = {f"{rel}: {h}" for rel, text in self.files.items()
-                 if rel != os.path.join("catalog", "catalog.json") for h in HEX64.findall(text) if h in known}
-        self.assertFalse(found, "sha256 of catalogued files written outside catalog/catalog.json "
-                                "(read them with catalog.default())")
+        found = {
+            f"{rel}: {h}"
+            for rel, text in self.files.items()
+            if rel != os.path.join("catalog", "catalog.json")
+            for h in HEX64.findall(text)
+            if h in known
+        }
+        self.assertFalse(
+            found, "sha256 of catalogued files written outside catalog/catalog.json (read them with catalog.default())"
+        )
 
     def test_no_recognizer_threshold_literal(self) -> None:
-        found = [f"{rel}:{line}: {value}" for rel, module in self.python_files()
-                 for line, value in module.floats if round(value, 4) in self.thresholds]
-        self.assertFalse(found, "a recognizer threshold written in code: read it from the catalog "
-                                "(engines.recognition.recognizer_profile / catalog.default().files[...].threshold)")
+        found = [
+            f"{rel}:{line}: {value}"
+            for rel, module in self.python_files()
+            for line, value in module.floats
+            if round(value, 4) in self.thresholds
+        ]
+        self.assertFalse(
+            found,
+            "a recognizer threshold written in code: read it from the catalog "
+            "(engines.recognition.recognizer_profile / catalog.default().files[...].threshold)",
+        )
 
     def test_no_default_set_or_pack_member_list(self) -> None:
         pack_names = set(self.cat.packs)
@@ -152,12 +186,18 @@ class SingleSourceTest(unittest.TestCase):
                 mentioned = set().union(*(names_in(t, self.all_names) for t in texts))
                 if self.default_files <= mentioned:
                     found.append(f"{rel}:{line}: the default set (catalog group 'default')")
-                found += [f"{rel}:{line}: the members of {pack}" for pack, members in self.packs.items()
-                          if members <= mentioned]
+                found += [
+                    f"{rel}:{line}: the members of {pack}"
+                    for pack, members in self.packs.items()
+                    if members <= mentioned
+                ]
                 if pack_names <= set(texts):
                     found.append(f"{rel}:{line}: the catalog's packs")
-            found += [f"{rel}:{line}: the catalog's packs" for line, text in module.strings
-                      if pack_names <= set(re.findall(r"[\w.]+", text))]
+            found += [
+                f"{rel}:{line}: the catalog's packs"
+                for line, text in module.strings
+                if pack_names <= set(re.findall(r"[\w.]+", text))
+            ]
         self.assertFalse(found, "written again instead of read from catalog.default()")
 
     # -- the README's quotes of the catalog ------------------------------------------------------
@@ -187,8 +227,9 @@ class SingleSourceTest(unittest.TestCase):
 
     def test_readme_lists_the_catalog_packs(self) -> None:
         pack_names = set(self.cat.packs)
-        lines = [line for line in self.readme().splitlines()
-                 if len(pack_names & set(re.findall(r"`([\w.]+)`", line))) > 2]
+        lines = [
+            line for line in self.readme().splitlines() if len(pack_names & set(re.findall(r"`([\w.]+)`", line))) > 2
+        ]
         self.assertTrue(lines, "the model_pack row of the LoadModel options table")
         for line in lines:
             self.assertTrue(pack_names <= set(re.findall(r"`([\w.]+)`", line)), line)
