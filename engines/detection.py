@@ -114,7 +114,8 @@ class SCRFDDetector:
         with self._anchor_lock:
             centres = self._anchor_cache.get(key)
             if centres is None:
-                grid = np.stack(np.mgrid[:height, :width][::-1], axis=-1).astype(np.float32)
+                rows, cols = np.mgrid[:height, :width]
+                grid = np.stack([cols, rows], axis=-1).astype(np.float32)
                 centres = (grid * stride).reshape(-1, 2)
                 if self.anchors_per_cell > 1:
                     centres = np.repeat(centres, self.anchors_per_cell, axis=0)
@@ -152,14 +153,11 @@ class SCRFDDetector:
         boxes = np.concatenate(boxes_all) / scale
         keypoints = np.concatenate(kps_all) / scale
         scores = np.concatenate(scores_all)
-        keep = non_max_suppression(boxes, scores, NMS_IOU_THRESHOLD)
-        return plausible_faces(
-            [
-                FaceDetection(tuple(float(v) for v in boxes[i]), float(scores[i]), keypoints[i].astype(np.float32))
-                for i in keep
-            ],
-            image.shape,
-        )
+        faces = []
+        for i in non_max_suppression(boxes, scores, NMS_IOU_THRESHOLD):
+            x1, y1, x2, y2 = (float(v) for v in boxes[i])
+            faces.append(FaceDetection((x1, y1, x2, y2), float(scores[i]), keypoints[i].astype(np.float32)))
+        return plausible_faces(faces, image.shape)
 
 
 class YuNetDetector:

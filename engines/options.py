@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import catalog
 from core.concurrency import usable_cpus
@@ -74,6 +75,10 @@ class LoadRequest:
             )
         return path
 
+    @overload
+    def float_in_range(self, key: str, low: float, high: float, default: float) -> float: ...
+    @overload
+    def float_in_range(self, key: str, low: float, high: float, default: None = None) -> float | None: ...
     def float_in_range(self, key: str, low: float, high: float, default: float | None = None) -> float | None:
         value = self.options.get(key)
         if value is None or value == "":
