@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from core.concurrency import InstancePool, usable_cpus
 from core.errors import ModelFileError
 
 from .base import FaceDetection
+from .runtime import opencv_pool
 
 DEFAULT_DETECTION_SIZE = (640, 640)  # insightface FaceAnalysis default det_size
 DEFAULT_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh
@@ -176,18 +176,15 @@ class YuNetDetector:
         self.path = path
         self.input_size = tuple(input_size)
         self.score_threshold = score_threshold
-        self._pool = InstancePool(self._create, usable_cpus())
+        self._pool = opencv_pool(
+            lambda: cv2.FaceDetectorYN.create(
+                path, "", self.input_size, score_threshold, self.NMS_IOU_THRESHOLD, self.TOP_K
+            ),
+            f"YuNet model {path}",
+        )
 
     def close(self) -> None:
         self._pool.close()
-
-    def _create(self):
-        try:
-            return cv2.FaceDetectorYN.create(
-                self.path, "", self.input_size, self.score_threshold, self.NMS_IOU_THRESHOLD, self.TOP_K
-            )
-        except cv2.error as exc:
-            raise ModelFileError(f"cannot load YuNet model {self.path}: OpenCV could not read it") from exc
 
     def detect(self, image: np.ndarray, threshold: float | None = None) -> list[FaceDetection]:
         threshold = self.score_threshold if threshold is None else threshold
