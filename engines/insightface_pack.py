@@ -192,6 +192,6 @@ def build_insightface_engine(request: LoadRequest) -> ModularFaceEngine:
         detector,
         recognizer,
         heads,
-        verify_threshold=request.float_in_range("verify_threshold", 0.0, 2.0),
+        verify_threshold=request.verify_threshold(),
         files={ROLE_DETECTOR: detector_path, ROLE_RECOGNIZER: recognizer_path},
     )

@@ -77,6 +77,6 @@ def build_onnx_direct_engine(request: LoadRequest) -> ModularFaceEngine:
         detector,
         recognizer,
         heads,
-        verify_threshold=request.float_in_range("verify_threshold", 0.0, 2.0),
+        verify_threshold=request.verify_threshold(),
         files={"detector": detector_path, "recognizer": recognizer_path},
     )

@@ -91,6 +91,10 @@ class LoadRequest:
             raise ModelOptionError(f"{key} must be between {low} and {high}, got {number}")
         return number
 
+    def verify_threshold(self) -> float | None:
+        """FaceVerify's default cosine-distance threshold (0 to 2), or None for the recognizer's own."""
+        return self.float_in_range("verify_threshold", 0.0, 2.0)
+
     def det_size(self) -> tuple[int, int] | None:
         value = self.options.get("det_size")
         if not value:
