@@ -16,6 +16,7 @@ import hmac
 import logging
 import sys
 from concurrent import futures
+from typing import Any
 
 import cv2
 import grpc
@@ -26,6 +27,7 @@ from grpc_status import rpc_status
 
 import backend_pb2
 import backend_pb2_grpc
+from antispoof import LivenessResult
 from core import process
 from core.errors import (
     CallEndedError,
@@ -113,8 +115,18 @@ def facial_area(face) -> backend_pb2.FacialArea:
     return backend_pb2.FacialArea(x=x, y=y, w=w, h=h)
 
 
+def liveness_fields(verdict: LivenessResult | None, prefix: str = "") -> dict[str, Any]:
+    """The optional liveness fields of a response for one face (`prefix` names its image in
+    FaceVerifyResponse: img1_, img2_); none at all when liveness was not asked for."""
+    if verdict is None:
+        return {}
+    return {f"{prefix}is_real": verdict.is_real, f"{prefix}antispoof_score": verdict.score}
+
+
 def face_analysis(item: AnalyzedFace) -> backend_pb2.FaceAnalysis:
-    message = backend_pb2.FaceAnalysis(region=facial_area(item.face), face_confidence=item.face.score)
+    message = backend_pb2.FaceAnalysis(
+        region=facial_area(item.face), face_confidence=item.face.score, **liveness_fields(item.liveness)
+    )
     attrs = item.attributes
     if attrs.age is not None:
         message.age = attrs.age
@@ -126,10 +138,7 @@ def face_analysis(item: AnalyzedFace) -> backend_pb2.FaceAnalysis:
     if attrs.emotion:
         # Probabilities 0-1 under deepface's keys, the scale of the gender map above.
         message.emotion.update(attrs.emotion)
-        message.dominant_emotion = max(attrs.emotion, key=attrs.emotion.get)
-    if item.liveness is not None:
-        message.is_real = item.liveness.is_real
-        message.antispoof_score = item.liveness.score
+        message.dominant_emotion = max(attrs.emotion, key=attrs.emotion.__getitem__)
     return message
 
 
@@ -181,7 +190,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             request.ModelIdentity,
             checkpoint_for(context),
         )
-        response = backend_pb2.FaceVerifyResponse(
+        return backend_pb2.FaceVerifyResponse(
             verified=result.verified,
             distance=result.distance,
             threshold=result.threshold,
@@ -190,14 +199,9 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             img1_area=facial_area(result.img1_face),
             img2_area=facial_area(result.img2_face),
             processing_time_ms=result.processing_time_ms,
+            **liveness_fields(result.img1_liveness, "img1_"),
+            **liveness_fields(result.img2_liveness, "img2_"),
         )
-        if result.img1_liveness is not None:
-            response.img1_is_real = result.img1_liveness.is_real
-            response.img1_antispoof_score = result.img1_liveness.score
-        if result.img2_liveness is not None:
-            response.img2_is_real = result.img2_liveness.is_real
-            response.img2_antispoof_score = result.img2_liveness.score
-        return response
 
     @translate_errors
     def FaceAnalyze(self, request, context):

@@ -62,7 +62,7 @@ class ClientError(Exception):
         self.field = field
 
 
-def one_line(text: str) -> str:
+def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
@@ -485,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     connection_flags(parser, defaults=True)
-    shared = argparse.ArgumentParser(add_help=False)
+    shared = OneLineParser(add_help=False)
     connection_flags(shared, defaults=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

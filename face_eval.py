@@ -47,12 +47,20 @@ class PairStats:
         return 1.0 - self.false_accepts / self.different if self.different else 1.0
 
 
+def read_image(path: str) -> np.ndarray:
+    """The photo at `path` as BGR; one OpenCV cannot read is an error naming it."""
+    image = cv2.imread(path)
+    if image is None:
+        raise ValueError(f"cannot read image {path}")
+    return image
+
+
 def calibration_faces(engine: FaceEngine, data_dir: str) -> list[LabelledFace]:
     """The best face of every single-face photo in face-recognition-examples/labels.csv."""
     images, _ = read_labels(os.path.join(data_dir, "face-recognition-examples", "labels.csv"), "identity")
     faces = []
     for item in images:
-        image = cv2.imread(item.path)
+        image = read_image(item.path)
         face = best_face(engine.detect(image))
         faces.append(LabelledFace(item.label, item.file, engine.embed(image, face)))
     return faces
@@ -63,7 +71,7 @@ def heldout_faces(engine: FaceEngine, data_dir: str) -> list[LabelledFace]:
     faces = []
     with open(HELDOUT_LABELS, newline="") as f:
         for row in csv.DictReader(f):
-            image = cv2.imread(os.path.join(data_dir, row["file"]))
+            image = read_image(os.path.join(data_dir, row["file"]))
             centre = np.array([float(row["centre_x"]), float(row["centre_y"])])
             detected = engine.detect(image)
             if not detected:  # SCRFD misses the tightly cropped 112x112 Tom Hanks photo
@@ -74,7 +82,7 @@ def heldout_faces(engine: FaceEngine, data_dir: str) -> list[LabelledFace]:
             )
             faces.append(LabelledFace(row["identity"], row["file"], engine.embed(image, face)))
     group = os.path.join(data_dir, "insightface-wheel-images", "t1.jpg")
-    image = cv2.imread(group)
+    image = read_image(group)
     for i, face in enumerate(sorted(engine.detect(image), key=lambda d: d.box[0])):
         faces.append(LabelledFace(f"t1_person_{i}", "t1.jpg", engine.embed(image, face)))
     return faces

@@ -380,14 +380,14 @@ class FaceService:
                 stage("attributes")
                 return model.engine.analyze(image, faces, wanted) if wanted else [FaceAttributes()] * len(faces)
 
-            def score_liveness(stage: Checkpoint) -> Sequence[LivenessResult | None]:
+            if liveness is None:
+                return [AnalyzedFace(f, a, None) for f, a in zip(faces, compute_attributes(checkpoint))]
+
+            def score_liveness(stage: Checkpoint) -> Sequence[LivenessResult]:
                 stage("liveness")
                 return liveness.score(image, faces)
 
-            if liveness is None:
-                attributes, verdicts = compute_attributes(checkpoint), [None] * len(faces)
-            else:
-                attributes, verdicts = self._run_halves(model, compute_attributes, score_liveness, checkpoint)
+            attributes, verdicts = self._run_halves(model, compute_attributes, score_liveness, checkpoint)
             return [AnalyzedFace(f, a, v) for f, a, v in zip(faces, attributes, verdicts)]
 
     @staticmethod

@@ -196,6 +196,7 @@ class LivenessEnsemble:
         boxes = [face.xywh() for face in faces]
         if not boxes:
             return []
+        per_model: Sequence[np.ndarray]
         if len(self.models) == 1:
             per_model = [self.models[0].probabilities(image_bgr, boxes)]
         else:
@@ -203,13 +204,14 @@ class LivenessEnsemble:
             per_model = run_side_by_side(
                 self._helper, lambda: v2.probabilities(image_bgr, boxes), lambda: v1se.probabilities(image_bgr, boxes)
             )
-        mean = sum(per_model) / len(per_model)
+        mean = np.mean(per_model, axis=0)
         return [self._verdict(row) for row in mean]
 
     def _verdict(self, probabilities: np.ndarray) -> LivenessResult:
         p_real = float(probabilities[REAL_CLASS])
         is_real = int(np.argmax(probabilities)) == REAL_CLASS and p_real >= self.threshold
-        return LivenessResult(is_real=is_real, score=p_real, probabilities=tuple(float(p) for p in probabilities))
+        print_attack, real, replay = (float(p) for p in probabilities)
+        return LivenessResult(is_real=is_real, score=p_real, probabilities=(print_attack, real, replay))
 
     def close(self) -> None:
         if self._helper is not None:

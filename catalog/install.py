@@ -341,8 +341,9 @@ class _Session:
                     errors.append(str(exc))
                     path = None
             if path is None:
-                self._archives[archive.name] = InstallError(f"archive {archive.name}: " + "; ".join(errors))
-                raise self._archives[archive.name]
+                failure = InstallError(f"archive {archive.name}: " + "; ".join(errors))
+                self._archives[archive.name] = failure
+                raise failure
             result = (path, DOWNLOADED)
         self._archives[archive.name] = result
         return result

@@ -80,7 +80,11 @@ def box_chip(image: np.ndarray, box: Sequence[float], size: int, box_scale: floa
 
 
 class _OnnxHead:
-    """A session with one image input, and the one batched run every head shares."""
+    """A session with one image input, and the one batched run every head shares: nothing runs
+    unless some face is asked for an action in `actions`; then one output row per face becomes
+    that face's attributes."""
+
+    actions: frozenset[str]
 
     def __init__(self, session, what: str, size: int | None = None):
         self.session = session
@@ -95,6 +99,23 @@ class _OnnxHead:
     def run(self, blob: np.ndarray) -> np.ndarray:
         """Model output for a [N,3,H,W] blob: one session.run, or one per face if the batch is fixed."""
         return run_batched(self.session, blob)
+
+    def predict(
+        self, image: np.ndarray, faces: Sequence[FaceDetection], actions: frozenset[str]
+    ) -> list[FaceAttributes]:
+        wanted = actions & self.actions
+        if not wanted or not faces:
+            return [FaceAttributes() for _ in faces]
+        outputs = self.run(self.blob(image, faces)).reshape(len(faces), -1)
+        return [self.attributes_of(row, wanted) for row in outputs]
+
+    def blob(self, image: np.ndarray, faces: Sequence[FaceDetection]) -> np.ndarray:
+        """The [N,3,H,W] input for `faces` of `image`."""
+        raise NotImplementedError
+
+    def attributes_of(self, row: np.ndarray, wanted: frozenset[str]) -> FaceAttributes:
+        """The attributes (those `wanted` of this head's) one face's output row gives."""
+        raise NotImplementedError
 
     def close(self) -> None:
         self.session = None
@@ -115,17 +136,6 @@ class _CydralHead(_OnnxHead):
         rgb = chips[..., ::-1].astype(np.float32)
         return np.ascontiguousarray(((rgb - CYDRAL_RGB_MEAN) * CYDRAL_SCALE).transpose(0, 3, 1, 2))
 
-    def predict(
-        self, image: np.ndarray, faces: Sequence[FaceDetection], actions: frozenset[str]
-    ) -> list[FaceAttributes]:
-        if not (self.actions & actions) or not faces:
-            return [FaceAttributes() for _ in faces]
-        return [self.attributes_of(row) for row in self.run(self.blob(image, faces))]
-
-    def attributes_of(self, probabilities: np.ndarray) -> FaceAttributes:
-        """The attributes one face's output row gives."""
-        raise NotImplementedError
-
 
 class CydralGenderHead(_CydralHead):
     """gender-v1.onnx: male_probability = the model's own P(male) (softmax is in the graph)."""
@@ -134,8 +144,8 @@ class CydralGenderHead(_CydralHead):
     OPTION = "gender_onnx"
     actions = frozenset({ACTION_GENDER})
 
-    def attributes_of(self, probabilities: np.ndarray) -> FaceAttributes:
-        return FaceAttributes(male_probability=float(probabilities[1]))
+    def attributes_of(self, row: np.ndarray, wanted: frozenset[str]) -> FaceAttributes:
+        return FaceAttributes(male_probability=float(row[1]))
 
 
 class CydralAgeHead(_CydralHead):
@@ -145,8 +155,8 @@ class CydralAgeHead(_CydralHead):
     OPTION = "age_onnx"
     actions = frozenset({ACTION_AGE})
 
-    def attributes_of(self, probabilities: np.ndarray) -> FaceAttributes:
-        return FaceAttributes(age=float(probabilities.astype(np.float64) @ CYDRAL_AGE_WEIGHTS))
+    def attributes_of(self, row: np.ndarray, wanted: frozenset[str]) -> FaceAttributes:
+        return FaceAttributes(age=float(row.astype(np.float64) @ CYDRAL_AGE_WEIGHTS))
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
@@ -194,20 +204,11 @@ class InsightFaceGenderAge(_OnnxHead):
         mean = (self.input_mean,) * 3
         return cv2.dnn.blobFromImages(chips, 1.0 / self.input_std, (self.size, self.size), mean, swapRB=True)
 
-    def predict(
-        self, image: np.ndarray, faces: Sequence[FaceDetection], actions: frozenset[str]
-    ) -> list[FaceAttributes]:
-        wanted = actions & self.actions
-        if not wanted or not faces:
-            return [FaceAttributes() for _ in faces]
-        outputs = self.run(self.blob(image, faces)).reshape(len(faces), -1)
-        return [
-            FaceAttributes(
-                age=float(out[2]) * 100.0 if ACTION_AGE in wanted else None,
-                male_probability=male_probability_from_pair(out[:2]) if ACTION_GENDER in wanted else None,
-            )
-            for out in outputs
-        ]
+    def attributes_of(self, row: np.ndarray, wanted: frozenset[str]) -> FaceAttributes:
+        return FaceAttributes(
+            age=float(row[2]) * 100.0 if ACTION_AGE in wanted else None,
+            male_probability=male_probability_from_pair(row[:2]) if ACTION_GENDER in wanted else None,
+        )
 
 
 class ExpressionHead(_OnnxHead):
@@ -230,13 +231,8 @@ class ExpressionHead(_OnnxHead):
         normalised = (rgb / 255.0 - FER_INPUT_MEAN) / FER_INPUT_STD
         return np.ascontiguousarray(normalised.transpose(0, 3, 1, 2))
 
-    def predict(
-        self, image: np.ndarray, faces: Sequence[FaceDetection], actions: frozenset[str]
-    ) -> list[FaceAttributes]:
-        if not (self.actions & actions) or not faces:
-            return [FaceAttributes() for _ in faces]
-        scores = self.run(self.blob(image, faces)).reshape(len(faces), len(FER_EMOTIONS))
-        return [FaceAttributes(emotion=dict(zip(FER_EMOTIONS, row.tolist()))) for row in softmax(scores)]
+    def attributes_of(self, row: np.ndarray, wanted: frozenset[str]) -> FaceAttributes:
+        return FaceAttributes(emotion=dict(zip(FER_EMOTIONS, softmax(row).tolist())))
 
 
 def build_attribute_heads(request: LoadRequest, genderage_session=None, genderage_path: str = "genderage.onnx") -> list:

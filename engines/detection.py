@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from core.concurrency import InstancePool, usable_cpus
 from core.errors import ModelFileError
 
 from .base import FaceDetection
+from .runtime import opencv_pool
 
 DEFAULT_DETECTION_SIZE = (640, 640)  # insightface FaceAnalysis default det_size
 DEFAULT_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh
@@ -114,7 +114,8 @@ class SCRFDDetector:
         with self._anchor_lock:
             centres = self._anchor_cache.get(key)
             if centres is None:
-                grid = np.stack(np.mgrid[:height, :width][::-1], axis=-1).astype(np.float32)
+                rows, cols = np.mgrid[:height, :width]
+                grid = np.stack([cols, rows], axis=-1).astype(np.float32)
                 centres = (grid * stride).reshape(-1, 2)
                 if self.anchors_per_cell > 1:
                     centres = np.repeat(centres, self.anchors_per_cell, axis=0)
@@ -152,14 +153,11 @@ class SCRFDDetector:
         boxes = np.concatenate(boxes_all) / scale
         keypoints = np.concatenate(kps_all) / scale
         scores = np.concatenate(scores_all)
-        keep = non_max_suppression(boxes, scores, NMS_IOU_THRESHOLD)
-        return plausible_faces(
-            [
-                FaceDetection(tuple(float(v) for v in boxes[i]), float(scores[i]), keypoints[i].astype(np.float32))
-                for i in keep
-            ],
-            image.shape,
-        )
+        faces = []
+        for i in non_max_suppression(boxes, scores, NMS_IOU_THRESHOLD):
+            x1, y1, x2, y2 = (float(v) for v in boxes[i])
+            faces.append(FaceDetection((x1, y1, x2, y2), float(scores[i]), keypoints[i].astype(np.float32)))
+        return plausible_faces(faces, image.shape)
 
 
 class YuNetDetector:
@@ -178,18 +176,15 @@ class YuNetDetector:
         self.path = path
         self.input_size = tuple(input_size)
         self.score_threshold = score_threshold
-        self._pool = InstancePool(self._create, usable_cpus())
+        self._pool = opencv_pool(
+            lambda: cv2.FaceDetectorYN.create(
+                path, "", self.input_size, score_threshold, self.NMS_IOU_THRESHOLD, self.TOP_K
+            ),
+            f"YuNet model {path}",
+        )
 
     def close(self) -> None:
         self._pool.close()
-
-    def _create(self):
-        try:
-            return cv2.FaceDetectorYN.create(
-                self.path, "", self.input_size, self.score_threshold, self.NMS_IOU_THRESHOLD, self.TOP_K
-            )
-        except cv2.error as exc:
-            raise ModelFileError(f"cannot load YuNet model {self.path}: OpenCV could not read it") from exc
 
     def detect(self, image: np.ndarray, threshold: float | None = None) -> list[FaceDetection]:
         threshold = self.score_threshold if threshold is None else threshold

@@ -156,9 +156,9 @@ def load_roles(found: FoundPack, pack: str, threads: int | None) -> dict[str, tu
         return roles
     for path in sorted(glob.glob(os.path.join(found.directory, "*.onnx"))):
         session = create_session(path, threads)
-        role = model_role(session)
-        if role in LOADED_ROLES and role not in roles:
-            roles[role] = (path, session)
+        file_role = model_role(session)
+        if file_role in LOADED_ROLES and file_role not in roles:
+            roles[file_role] = (path, session)
     return roles
 
 
@@ -185,13 +185,13 @@ def build_insightface_engine(request: LoadRequest) -> ModularFaceEngine:
         recognizer_session, profile_for(file_sha256(recognizer_path), request.get("recognizer_preprocess"))
     )
     # age_onnx / gender_onnx first; the pack's genderage.onnx for the actions they leave.
-    genderage_path, genderage_session = roles.get(ROLE_GENDERAGE, (None, None))
+    genderage_path, genderage_session = roles.get(ROLE_GENDERAGE, ("", None))
     heads = build_attribute_heads(request, genderage_session, genderage_path)
     return ModularFaceEngine(
         pack,
         detector,
         recognizer,
         heads,
-        verify_threshold=request.float_in_range("verify_threshold", 0.0, 2.0),
+        verify_threshold=request.verify_threshold(),
         files={ROLE_DETECTOR: detector_path, ROLE_RECOGNIZER: recognizer_path},
     )

@@ -67,6 +67,7 @@ def build_onnx_direct_engine(request: LoadRequest) -> ModularFaceEngine:
         raise ModelOptionError("engine onnx_direct needs " + " and ".join(f"{k}:<file>" for k in missing))
     detector_path = request.file("detector_onnx")
     recognizer_path = request.file("recognizer_onnx")
+    assert detector_path and recognizer_path  # both options are set (checked above), so file() gives a path
     detector = build_detector(detector_path, request)
     recognizer = build_recognizer(recognizer_path, request)
     name = f"{os.path.splitext(os.path.basename(detector_path))[0]}+{recognizer.profile.name}"
@@ -76,6 +77,6 @@ def build_onnx_direct_engine(request: LoadRequest) -> ModularFaceEngine:
         detector,
         recognizer,
         heads,
-        verify_threshold=request.float_in_range("verify_threshold", 0.0, 2.0),
+        verify_threshold=request.verify_threshold(),
         files={"detector": detector_path, "recognizer": recognizer_path},
     )

@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import catalog
 from core.concurrency import usable_cpus
@@ -74,6 +75,10 @@ class LoadRequest:
             )
         return path
 
+    @overload
+    def float_in_range(self, key: str, low: float, high: float, default: float) -> float: ...
+    @overload
+    def float_in_range(self, key: str, low: float, high: float, default: None = None) -> float | None: ...
     def float_in_range(self, key: str, low: float, high: float, default: float | None = None) -> float | None:
         value = self.options.get(key)
         if value is None or value == "":
@@ -85,6 +90,10 @@ class LoadRequest:
         if not low <= number <= high:
             raise ModelOptionError(f"{key} must be between {low} and {high}, got {number}")
         return number
+
+    def verify_threshold(self) -> float | None:
+        """FaceVerify's default cosine-distance threshold (0 to 2), or None for the recognizer's own."""
+        return self.float_in_range("verify_threshold", 0.0, 2.0)
 
     def det_size(self) -> tuple[int, int] | None:
         value = self.options.get("det_size")

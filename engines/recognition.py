@@ -17,12 +17,11 @@ import onnxruntime as ort
 
 import catalog
 from catalog import ROLE_RECOGNIZER, ModelFile
-from core.concurrency import InstancePool, usable_cpus
 from core.errors import ModelFileError, ModelOptionError
 
 from .alignment import ARCFACE_SIZE, align_face
 from .base import FaceDetection
-from .runtime import check_batch_dimension, run_batched
+from .runtime import check_batch_dimension, opencv_pool, run_batched
 
 
 @dataclass(frozen=True)
@@ -156,16 +155,10 @@ class SFaceRecognizer:
     def __init__(self, path: str, profile: RecognizerProfile):
         self.path = path
         self.profile = profile
-        self._pool = InstancePool(self._create, usable_cpus())
+        self._pool = opencv_pool(lambda: cv2.FaceRecognizerSF.create(path, ""), f"SFace model {path}")
 
     def close(self) -> None:
         self._pool.close()
-
-    def _create(self):
-        try:
-            return cv2.FaceRecognizerSF.create(self.path, "")
-        except cv2.error as exc:
-            raise ModelFileError(f"cannot load SFace model {self.path}") from exc
 
     def embed(self, image: np.ndarray, face: FaceDetection) -> np.ndarray:
         # FaceRecognizerSF.alignCrop expects a YuNet row: x, y, w, h, 10 landmark coords, score.

@@ -1,15 +1,18 @@
-"""The one place that creates onnxruntime sessions, so every model gets the same threading policy."""
+"""The one place that creates onnxruntime sessions and OpenCV model pools, so every model gets the
+same threading policy and a model file that cannot be read is the same error."""
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import cv2
 import numpy as np
 import onnxruntime as ort
 
-from core.concurrency import usable_cpus
+from core.concurrency import InstancePool, usable_cpus
 from core.errors import ModelFileError
 
 # Threads each session may use for one Run when ModelOptions.Threads is 0: every usable CPU, up
@@ -29,6 +32,23 @@ def set_opencv_threads(threads: int) -> None:
     """Grant OpenCV's pool (YuNet, SFace) `threads` threads, or its default (one per CPU) for 0.
     The pool is process-wide, so this follows the loaded model's ModelOptions.Threads."""
     cv2.setNumThreads(threads if threads > 0 else -1)
+
+
+T = TypeVar("T")
+
+
+def opencv_pool(create: Callable[[], T], what: str) -> InstancePool[T]:
+    """A pool of OpenCV model objects made by `create` (cv2 nets must not be shared between
+    threads), one per usable CPU at most; a file OpenCV cannot read is a ModelFileError naming
+    `what`, raised here for the first instance, so in LoadModel."""
+
+    def checked() -> T:
+        try:
+            return create()
+        except cv2.error as exc:
+            raise ModelFileError(f"cannot load {what}: OpenCV could not read it") from exc
+
+    return InstancePool(checked, usable_cpus())
 
 
 def default_threads() -> int:
