@@ -41,8 +41,9 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple, TypeVar
 
 import cv2
 import grpc
@@ -64,6 +65,7 @@ from harness.procfs import RssSampler, reset_peak_rss, status_field  # noqa: E40
 from harness.servers import BackendProcess, backend_command, open_channel  # noqa: E402
 
 RESULTS = os.path.join(REPO, "bench", "results")
+T = TypeVar("T")
 
 # Targets of issue 6.
 TARGET_VERIFY_RATIO = 1.25  # gRPC FaceVerify median <= 1.25 x the in-process script's median
@@ -82,9 +84,15 @@ VERIFY_PAIRS = (
 )
 ONE_FACE = "obama_1.jpg"
 
+
+class ModelSet(NamedTuple):
+    model: str  # ModelOptions.Model
+    options: tuple[str, ...]  # ModelOptions.Options
+
+
 SETS = {
-    "buffalo_sc": dict(model="buffalo_sc", options=("engine:insightface", "model_pack:buffalo_sc")),
-    "default": dict(model="default", options=tuple(DEFAULT_MODEL_OPTIONS)),
+    "buffalo_sc": ModelSet("buffalo_sc", ("engine:insightface", "model_pack:buffalo_sc")),
+    "default": ModelSet("default", tuple(DEFAULT_MODEL_OPTIONS)),
 }
 
 
@@ -99,10 +107,18 @@ def stats_ms(seconds: list[float]) -> dict:
     }
 
 
-def timed(call: Callable[[], object]) -> tuple[float, object]:
+def timed(call: Callable[[], T]) -> tuple[float, T]:
     start = time.perf_counter()
     result = call()
     return time.perf_counter() - start, result
+
+
+def decode(data: bytes) -> np.ndarray:
+    """The BGR image cv2.imdecode makes of `data`, as the script side decodes the request bytes."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError("cv2.imdecode could not decode the image")
+    return image
 
 
 # Untimed pause before every block: onnxruntime's default sessions (the script's) keep their
@@ -111,7 +127,7 @@ SETTLE_SECONDS = 0.2
 
 
 def alternate(
-    sides: dict[str, Callable[[int], object]], blocks: int, per_block: int, count: int
+    sides: Mapping[str, Callable[[int], object]], blocks: int, per_block: int, count: int
 ) -> dict[str, list[float]]:
     """Blocks of `per_block` calls per side, interleaved, the side that goes first alternating.
 
@@ -145,7 +161,7 @@ def new_stub(server: BackendProcess) -> backend_pb2_grpc.BackendStub:
     return backend_pb2_grpc.BackendStub(open_channel(server.address))
 
 
-def load_model(server: BackendProcess, model: str, options, threads: int) -> float:
+def load_model(server: BackendProcess, model: str, options: Sequence[str], threads: int) -> float:
     """Seconds LoadModel took."""
     request = backend_pb2.ModelOptions(Model=model, ModelPath=MODELS_DIR, Options=list(options), Threads=threads)
     seconds, result = timed(lambda: server.stub.LoadModel(request, timeout=120))
@@ -283,7 +299,7 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
         report = SetReport(name, "")
         # LoadModel: the first call (pays lazy imports), then the median of several more.
         loads = [
-            load_model(server, spec["model"], spec["options"], args.threads)
+            load_model(server, spec.model, spec.options, args.threads)
             for _ in range(1 + (args.load_repeats if name == "default" else 0))
         ]
         report.values["load_first_s"] = round(loads[0], 3)
@@ -314,8 +330,8 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
 
         def script_verify(i: int, which: str = "script") -> float:
             a, b = inputs.pairs[i]
-            e1 = scripts[which].embed(cv2.imdecode(np.frombuffer(a, np.uint8), cv2.IMREAD_COLOR))
-            e2 = scripts[which].embed(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR))
+            e1 = scripts[which].embed(decode(a))
+            e2 = scripts[which].embed(decode(b))
             return float(1.0 - np.dot(e1, e2))
 
         def script_nospin_verify(i: int) -> float:
@@ -387,30 +403,33 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
 
         # The other RPCs, interleaved too.
         one, group = b64(inputs.one_face), b64(inputs.group)
-        analyze_one = backend_pb2.FaceAnalyzeRequest(img=one)
-        analyze_group = backend_pb2.FaceAnalyzeRequest(img=group)
-        others = {
-            "FaceAnalyze, 1 face": lambda _: stub.FaceAnalyze(analyze_one, timeout=60),
-            "FaceAnalyze, 6 faces (t1.jpg)": lambda _: stub.FaceAnalyze(analyze_group, timeout=60),
+
+        def analyze(request: backend_pb2.FaceAnalyzeRequest) -> Callable[[int], Any]:
+            return lambda _: stub.FaceAnalyze(request, timeout=60)
+
+        others: dict[str, Callable[[int], Any]] = {
+            "FaceAnalyze, 1 face": analyze(backend_pb2.FaceAnalyzeRequest(img=one)),
+            "FaceAnalyze, 6 faces (t1.jpg)": analyze(backend_pb2.FaceAnalyzeRequest(img=group)),
             "Embedding": lambda _: stub.Embedding(backend_pb2.PredictOptions(Images=[one]), timeout=60),
             "Detect (t1.jpg)": lambda _: stub.Detect(backend_pb2.DetectOptions(src=group), timeout=60),
         }
         # Only age and gender asked: what the default set's other heads cost is the difference.
         narrowed = {"FaceAnalyze, 1 face": (one, 1), "FaceAnalyze, 6 faces (t1.jpg)": (group, 6)}
         if liveness:
-            others["FaceAnalyze, 6 faces, liveness"] = lambda _: stub.FaceAnalyze(
-                backend_pb2.FaceAnalyzeRequest(img=group, anti_spoofing=True), timeout=60
+            others["FaceAnalyze, 6 faces, liveness"] = analyze(
+                backend_pb2.FaceAnalyzeRequest(img=group, anti_spoofing=True)
             )
             for key, (img, _) in narrowed.items():
-                request = backend_pb2.FaceAnalyzeRequest(img=img, actions=["age", "gender"])
-                others[key + ", age+gender"] = lambda _, r=request: stub.FaceAnalyze(r, timeout=60)
+                others[key + ", age+gender"] = analyze(
+                    backend_pb2.FaceAnalyzeRequest(img=img, actions=["age", "gender"])
+                )
         group_faces = others["FaceAnalyze, 6 faces (t1.jpg)"](0).faces
         report.values["faces_in_group_photo"] = len(group_faces)
         report.values["analyze_computes_age_gender"] = bool(group_faces) and bool(group_faces[0].dominant_gender)
         report.values["analyze_computes_emotion"] = bool(group_faces) and bool(group_faces[0].dominant_emotion)
         report.values["detections_in_group_photo"] = len(others["Detect (t1.jpg)"](0).Detections)
-        for call in others.values():
-            call(0)
+        for warm_up in others.values():
+            warm_up(0)
         other_times = alternate(others, max(2, args.blocks // 2), args.per_block, 1)
         for key, values in other_times.items():
             report.timings[key + " (gRPC)"] = stats_ms(values)
@@ -542,7 +561,7 @@ def flip_cost(inputs: Inputs, threads: int) -> dict:
     from engines.recognition import ArcFaceRecognizer
     from engines.runtime import create_session, default_threads
 
-    image = cv2.imdecode(np.frombuffer(inputs.one_face, np.uint8), cv2.IMREAD_COLOR)
+    image = decode(inputs.one_face)
     face = max(
         YuNetDetector(
             os.path.join(MODELS_DIR, "face_detection_yunet_2023mar.onnx"), score_threshold=YUNET_SCORE_THRESHOLD
@@ -583,7 +602,7 @@ def head_costs(inputs: Inputs, threads: int) -> dict:
     actions = frozenset(HOST_ACTIONS)
     result = {}
     for label, data in (("1 face", inputs.one_face), ("6 faces", inputs.group)):
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        image = decode(data)
         faces = detector.detect(image)
         for head in heads:
             call = lambda: head.predict(image, faces, actions)  # noqa: E731

@@ -24,22 +24,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from antispoof import LIVENESS_FILES, LivenessEnsemble, crop_for_liveness  # noqa: E402
-from engines.base import FaceDetection  # noqa: E402
 from engines.runtime import create_session  # noqa: E402
 from harness.paths import MODELS_DIR, SPOOF_DIR  # noqa: E402
+from harness.spoof_samples import LARGE_SAMPLE_BOXES, SAMPLE_BOXES, face_at  # noqa: E402
 
-# Upstream detector boxes (x, y, w, h) from shared/data/silent-face-samples/SOURCE.md.
-SAMPLE_BOXES = {
-    "image_F1.jpg": (178, 136, 223, 225),
-    "image_F2.jpg": (120, 252, 252, 256),
-    "image_T1.jpg": (106, 147, 207, 213),
-    "image_T2.jpg": (590, 701, 448, 448),  # 1617x2160 phone photo: a large crop to resize
-}
 TARGET_MS = 10.0
-
-
-def face_at(x: float, y: float, w: float, h: float) -> FaceDetection:
-    return FaceDetection(box=(x, y, x + w, y + h), score=1.0, landmarks=np.zeros((5, 2), np.float32))
 
 
 def time_ms(call, runs: int, warmup: int) -> np.ndarray:
@@ -107,7 +96,7 @@ def main() -> None:
         f"after {args.warmup} warm-up, onnxruntime intra-op threads 1"
     )
     all_times = []
-    for name, (x, y, w, h) in SAMPLE_BOXES.items():
+    for name, (x, y, w, h) in {**SAMPLE_BOXES, **LARGE_SAMPLE_BOXES}.items():
         image = cv2.imread(os.path.join(args.samples, name))
         if image is None:
             print(f"{name}: missing, skipped")

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -172,7 +172,7 @@ class BackendProcess(_Connected):
         self,
         *args: str,
         command: Sequence[str] | None = None,
-        env: dict[str, str | None] | None = None,
+        env: Mapping[str, str | None] | None = None,
         cwd: str = REPO,
         token: str = "",
         log_path: str | None = None,

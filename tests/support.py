@@ -7,17 +7,39 @@ same absence is a failure, because a skipped test proves nothing.
 
 from __future__ import annotations
 
+import base64
 import os
+import re
+import tempfile
 import unittest
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2
+
+import backend_pb2
+import backend_pb2_grpc
 import catalog
 
 # Shared with bench/ (which must not import tests/): paths and image helpers live in harness/.
 from harness.images import b64_file, b64_image, faceless_image, read_bytes  # noqa: F401
 from harness.paths import DATA, GROUP_PHOTO, IDENTITY_DIR, MODELS_DIR, REPO, SHARED, SPOOF_DIR  # noqa: F401
-from harness.servers import free_port  # noqa: F401
+from harness.servers import InProcessServer, free_port  # noqa: F401
+
+if TYPE_CHECKING:
+    from face_service import FaceService
+
+    # The mixins below hold test methods and assertions for several TestCase classes. Were they
+    # TestCases at run time, unittest would run their tests unconfigured; to the type checker they
+    # are TestCases, so that their self.assert* calls are checked.
+    TestCaseMixin = unittest.TestCase
+else:
+    TestCaseMixin = object
 
 UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+CALL_TIMEOUT = 60.0  # per gRPC call: no test may hang on a stuck server
 
 
 def require_files(*paths: str) -> None:
@@ -44,6 +66,42 @@ def data_path(*parts: str) -> str:
     return path
 
 
+def temp_dir(owner: unittest.TestCase | type[unittest.TestCase], prefix: str | None = None) -> str:
+    """A temporary directory removed after the test `owner` (a TestCase), or after the last test
+    of the class `owner` (also when its setUpClass fails after this call)."""
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    if isinstance(owner, type):
+        owner.addClassCleanup(tmp.cleanup)
+    else:
+        owner.addCleanup(tmp.cleanup)
+    return tmp.name
+
+
+# -- the photos and strings the service and gRPC tests send --------------------------------------
+IMAGES = os.path.join("face-recognition-examples", "images")
+NOT_BASE64 = "this is *not* base64!"
+GARBAGE_BASE64 = base64.b64encode(b"certainly not an image, just some bytes" * 20).decode()
+
+
+def photo(name: str) -> str:
+    """Base64 of face-recognition-examples/images/`name`, as the host sends it."""
+    return b64_file(data_path(IMAGES, name))
+
+
+def spoof_photo(name: str) -> str:
+    """Base64 of silent-face-samples/`name`: upstream's liveness samples (T real, F fake)."""
+    return b64_file(data_path("silent-face-samples", name))
+
+
+def read_image(path: str) -> np.ndarray:
+    """The BGR image cv2.imread reads from `path`, which must be one."""
+    import cv2  # on use, as in harness.images
+
+    image = cv2.imread(path)
+    assert image is not None, f"{path} is not a readable image"
+    return image
+
+
 # -- helpers for the engine, service and gRPC tests ---------------------------------------------
 # The two model setups every service-level test runs against ("both engines"):
 # insightface buffalo_sc (SCRFD + w600k_mbf, 512-d, no liveness) and the permissive default set of
@@ -56,6 +114,15 @@ INSIGHTFACE_OPTIONS = ("engine:insightface", "model_pack:buffalo_sc")
 # `option:file` of every liveness file the catalog knows (MiniFASNetV2 and MiniFASNetV1SE).
 LIVENESS_OPTIONS = tuple(f.load_option for f in catalog.default().loadable(catalog.ROLE_ANTISPOOF))
 EMBEDDING_DIM = {ENGINE_INSIGHTFACE: 512, ENGINE_ONNX_DIRECT: 128}
+RECOGNIZER_FILE = {ENGINE_INSIGHTFACE: "w600k_mbf.onnx", ENGINE_ONNX_DIRECT: "MobileFaceNet.onnx"}
+
+
+def default_threshold(kind: str) -> float:
+    """The cosine-distance threshold FaceVerify applies for setup `kind` when a request sets none:
+    its recognizer's in catalog/catalog.json."""
+    from engines.recognition import recognizer_profile  # on use: onnxruntime and OpenCV come with it
+
+    return recognizer_profile(RECOGNIZER_FILE[kind]).threshold
 
 
 def engine_setup(kind: str) -> tuple[str, list[str]]:
@@ -92,14 +159,93 @@ def single_face_photos() -> list[tuple[str, str]]:
     return [(data_path("face-recognition-examples", "images", i.file), i.label) for i in images]
 
 
-def assert_error_info(test: unittest.TestCase, error, reason: str, field: str | None = None) -> None:
+def assert_error_info(test: unittest.TestCase, error: grpc.RpcError, reason: str, field: str | None = None) -> None:
     """The failed call `error` carries the backend's google.rpc.ErrorInfo with `reason` and, when
     given, metadata `field` ("" for none), read as client.py reads it."""
     from backend import ERROR_DOMAIN
     from client import error_info
 
     info = error_info(error)
-    test.assertIsNotNone(info, f"no ErrorInfo on {error.code().name}: {error.details()!r}")
+    # assert, not assertIsNotNone: the type checker narrows on it; a missing ErrorInfo fails the test alike.
+    assert info is not None, f"no ErrorInfo on {error.code().name}: {error.details()!r}"
     test.assertEqual((info.domain, info.reason), (ERROR_DOMAIN, reason), error.details())
     if field is not None:
         test.assertEqual(info.metadata.get("field", ""), field, error.details())
+
+
+# What a message shown to a caller must never contain: tracebacks, library internals, class names.
+INTERNALS = re.compile(r"Traceback|cv2|OpenCV|Exception|[A-Za-z]Error\b|(^|\W)error:|binascii|File \"", re.IGNORECASE)
+
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+class GrpcAssertions(TestCaseMixin):
+    """Assertions on the backend that `running` serves over a real channel; `serve` starts one
+    in this process for a test class. Health is asked with `call_metadata` (a bearer token)."""
+
+    running: InProcessServer
+    call_metadata: Metadata | None = None
+
+    @classmethod
+    def serve(cls, service: FaceService | None = None, token: str = "", **env: str) -> None:
+        """`running` for the class's tests, closed after the last of them."""
+        cls.running = InProcessServer(service, token, **env)
+        cls.addClassCleanup(cls.running.close)
+
+    @property
+    def stub(self) -> backend_pb2_grpc.BackendStub:
+        return self.running.stub
+
+    def assert_clean_message(self, message: str, label: str = "") -> None:
+        self.assertTrue(message, f"{label}: empty status message")
+        self.assertIsNone(INTERNALS.search(message), f"{label}: message leaks internals: {message!r}")
+
+    def assert_status(
+        self,
+        call: Callable[[], object],
+        code: grpc.StatusCode,
+        *fragments: str,
+        label: str = "",
+        names: str | None = None,
+        reason: str | None = None,
+        field: str | None = None,
+        clean: bool = True,
+    ) -> str:
+        """`call()` fails with exactly `code` and a message containing every fragment and naming
+        `names` as a word, clean of internals unless `clean` is false (for a message that echoes
+        a name the caller chose); when `reason` is given, with an ErrorInfo of that reason and
+        `field` (default: `names`); the server still answers Health afterwards. Returns the message."""
+        with self.assertRaises(grpc.RpcError, msg=f"{label}: expected {code.name}, the call succeeded") as caught:
+            call()
+        error = caught.exception
+        message = error.details() or ""
+        self.assertEqual(error.code(), code, f"{label}: {error.code().name}: {message!r}")
+        if clean:
+            self.assert_clean_message(message, label)
+        for fragment in fragments:
+            self.assertIn(fragment, message, label)
+        if names is not None:
+            self.assertRegex(message, rf"(^|\W){re.escape(names)}(\W|$)", f"{label}: message does not name {names}")
+        if reason is not None:
+            assert_error_info(self, error, reason, names if field is None else field)
+        self.assert_healthy(label)
+        return message
+
+    def assert_healthy(self, label: str = "") -> None:
+        """The process still answers Health (with or without a model)."""
+        reply = self.stub.Health(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT, metadata=self.call_metadata)
+        self.assertEqual(reply.message, b"OK", label)
+
+    def health_status(self) -> int:
+        """grpc.health.v1's answer for the server as a whole: SERVING once a model is loaded."""
+        return self.running.health.Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=CALL_TIMEOUT, metadata=self.call_metadata
+        ).status
+
+    def assert_serving(self, label: str = "") -> None:
+        self.assert_healthy(label)
+        self.assertEqual(self.health_status(), health_pb2.HealthCheckResponse.SERVING, label)
+
+    def state(self) -> int:
+        return self.stub.Status(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT).state

@@ -16,23 +16,18 @@ from antispoof import (
     V1SE_CROP_SCALE,
     V2_CROP_SCALE,
     LivenessEnsemble,
+    LivenessResult,
     MiniFASNet,
     crop_for_liveness,
     crop_window,
 )
 from core.errors import ModelFileError
-from engines.base import FaceDetection
+from harness.spoof_samples import SAMPLE_BOXES, face_at
 from tests import support
 
 V2_FILE, V1SE_FILE = LIVENESS_FILES
 
-# Face boxes (x, y, w, h) of upstream's own detector, and what upstream prints for them
-# (shared/data/silent-face-samples/SOURCE.md and shared/models/minifasnet/SOURCE.md).
-SAMPLE_BOXES = {
-    "image_F1.jpg": (178, 136, 223, 225),
-    "image_F2.jpg": (120, 252, 252, 256),
-    "image_T1.jpg": (106, 147, 207, 213),
-}
+# What upstream prints for harness.spoof_samples.SAMPLE_BOXES (shared/models/minifasnet/SOURCE.md).
 # Upstream's score is the fused probability of the winning class ("FakeFace Score: 0.73").
 UPSTREAM_SCORE = {"image_F1.jpg": 0.73, "image_F2.jpg": 0.82, "image_T1.jpg": 0.99}
 # Per-model softmax (print, real, replay) reproduced with the upstream pipeline.
@@ -44,14 +39,8 @@ PER_MODEL_SOFTMAX = {
 }
 
 
-def face_at(x: float, y: float, w: float, h: float) -> FaceDetection:
-    return FaceDetection(box=(x, y, x + w, y + h), score=0.9, landmarks=np.zeros((5, 2), np.float32))
-
-
 def read_sample(name: str) -> np.ndarray:
-    image = cv2.imread(support.data_path("silent-face-samples", name))
-    assert image is not None, name
-    return image
+    return support.read_image(support.data_path("silent-face-samples", name))
 
 
 class CropWindowTest(unittest.TestCase):
@@ -127,6 +116,11 @@ class CropWindowTest(unittest.TestCase):
 class LivenessModelsTest(unittest.TestCase):
     """The real weights against upstream's reported scores."""
 
+    v2_path: str
+    v1se_path: str
+    ensemble: LivenessEnsemble
+    images: dict[str, np.ndarray]
+
     @classmethod
     def setUpClass(cls):
         cls.v2_path = support.model_path(V2_FILE)
@@ -139,7 +133,7 @@ class LivenessModelsTest(unittest.TestCase):
     def tearDownClass(cls):
         cls.ensemble.close()
 
-    def score_sample(self, name: str, ensemble: LivenessEnsemble = None):
+    def score_sample(self, name: str, ensemble: LivenessEnsemble | None = None) -> LivenessResult:
         return (ensemble or self.ensemble).score(self.images[name], [face_at(*SAMPLE_BOXES[name])])[0]
 
     def test_fakes_are_fake_with_upstream_scores(self):

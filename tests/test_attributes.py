@@ -12,7 +12,9 @@ import csv
 import os
 import tempfile
 import unittest
+from collections.abc import Sequence
 from types import SimpleNamespace
+from typing import Any
 
 import cv2
 import numpy as np
@@ -41,13 +43,11 @@ ALL_HEADS = BOTH | {ACTION_EMOTION}
 EMOTION = frozenset({ACTION_EMOTION})
 EMOTION_FILE = "facial_expression_recognition_mobilefacenet_2022july_int8.onnx"
 INSIGHTFACE_WITH_HEADS = (
-    "engine:insightface",
-    "model_pack:buffalo_sc",
+    *support.INSIGHTFACE_OPTIONS,
     "age_onnx:age-v1.onnx",
     "gender_onnx:gender-v1.onnx",
     f"emotion_onnx:{EMOTION_FILE}",
 )
-INSIGHTFACE_BARE = ("engine:insightface", "model_pack:buffalo_sc")
 ENGINES = {"default": DEFAULT_MODEL_OPTIONS, "insightface": INSIGHTFACE_WITH_HEADS}
 
 # ../shared/models/age-gender-cydral/SOURCE.md, check 3: the dlib-free YuNet-landmark path on
@@ -86,9 +86,10 @@ def dominant(emotion) -> str:
     return max(emotion, key=emotion.get)
 
 
-def face(box, landmarks=None) -> FaceDetection:
+def face(box: Sequence[float], landmarks: np.ndarray | None = None) -> FaceDetection:
+    x1, y1, x2, y2 = (float(v) for v in box)
     return FaceDetection(
-        box=tuple(float(v) for v in box),
+        box=(x1, y1, x2, y2),
         score=0.9,
         landmarks=np.zeros((5, 2), np.float32) if landmarks is None else landmarks,
     )
@@ -109,7 +110,7 @@ def load_service(options) -> FaceService:
 class CountingSession:
     """Wraps an onnxruntime session; records the batch size of every run."""
 
-    def __init__(self, inner):
+    def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.batches: list[int] = []
 
@@ -138,7 +139,7 @@ def counting(heads):
 class FakeGenderAgeSession:
     """Duck-typed genderage.onnx: input [batch,3,96,96], output [batch,3]; returns canned rows."""
 
-    def __init__(self, rows, batch="None"):
+    def __init__(self, rows: Sequence[Sequence[float]], batch: str | int = "None") -> None:
         self.rows = np.asarray(rows, dtype=np.float32)
         self.batch = batch
         self.blobs: list[np.ndarray] = []
@@ -348,17 +349,17 @@ class ExpressionHeadTest(unittest.TestCase):
         self.assertEqual(len(faces), 1, parts)
         return self.head.predict(image, faces, EMOTION)[0].emotion
 
-    def test_smiling_faces_are_happy(self):
-        for parts in SMILING:
+    def assert_dominant(self, photos: list[tuple[str, ...]], expected: str) -> None:
+        for parts in photos:
             with self.subTest(photo=parts[-1]):
                 emotion = self.emotions(*parts)
-                self.assertEqual(dominant(emotion), "happy", emotion)
+                self.assertEqual(dominant(emotion), expected, emotion)
+
+    def test_smiling_faces_are_happy(self):
+        self.assert_dominant(SMILING, "happy")
 
     def test_straight_faces_are_neutral(self):
-        for parts in STRAIGHT:
-            with self.subTest(photo=parts[-1]):
-                emotion = self.emotions(*parts)
-                self.assertEqual(dominant(emotion), "neutral", emotion)
+        self.assert_dominant(STRAIGHT, "neutral")
 
     def test_the_map_is_a_distribution_over_deepfaces_keys(self):
         for parts in SMILING[:2] + STRAIGHT:
@@ -400,7 +401,7 @@ class ServiceAttributesTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.services = {name: load_service(options) for name, options in ENGINES.items()}
-        cls.bare = load_service(INSIGHTFACE_BARE)
+        cls.bare = load_service(support.INSIGHTFACE_OPTIONS)
         support.require_files(support.GROUP_PHOTO)
         cls.group = support.b64_file(support.GROUP_PHOTO)
 
@@ -433,10 +434,14 @@ class ServiceAttributesTest(unittest.TestCase):
                     self.assertEqual(gender_of(item.attributes.male_probability), IDENTITY_GENDER[row["identity"]])
                     self.assertTrue(15 <= item.attributes.age <= 90, item.attributes.age)
 
+    def group_analyses(self):
+        """{engine: FaceService.analyze of t1.jpg with every action} of both engines."""
+        return {name: service.analyze(self.group, []) for name, service in self.services.items()}
+
     def test_group_photo_genders_left_to_right(self):
-        for name, service in self.services.items():
+        for name, analyses in self.group_analyses().items():
             with self.subTest(engine=name):
-                analyzed = sorted(service.analyze(self.group, []), key=lambda a: a.face.box[0])
+                analyzed = sorted(analyses, key=lambda a: a.face.box[0])
                 self.assertEqual(len(analyzed), 6)
                 got = [gender_of(a.attributes.male_probability) for a in analyzed]
                 right = sum(g == t for g, t in zip(got, T1_GENDERS))
@@ -445,9 +450,9 @@ class ServiceAttributesTest(unittest.TestCase):
                     self.assertTrue(10 <= a.attributes.age <= 60, a.attributes.age)
 
     def test_empty_actions_compute_everything_supported(self):
-        for name, service in self.services.items():
+        for name, analyses in self.group_analyses().items():
             with self.subTest(engine=name):
-                for a in service.analyze(self.group, []):
+                for a in analyses:
                     self.assertIsNotNone(a.attributes.age)
                     self.assertIsNotNone(a.attributes.male_probability)
                     self.assertEqual(set(a.attributes.emotion), DEEPFACE_EMOTIONS)
@@ -607,7 +612,7 @@ class GrpcAttributesTest(unittest.TestCase):
         self.assertIn("hair colour", caught.exception.details())
 
     def test_age_without_a_head_is_left_empty(self):
-        self.load(INSIGHTFACE_BARE)
+        self.load(support.INSIGHTFACE_OPTIONS)
         reply = self.analyze(["age", "gender", "emotion", "race"])
         self.assertEqual(len(reply.faces), 6)
         for f in reply.faces:

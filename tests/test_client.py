@@ -9,9 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 import unittest
 
@@ -29,23 +27,36 @@ CLIENT = os.path.join(REPO, "client.py")
 DEFAULT_FILES = tuple(f.name for f in catalog.default().expand(["default"]))
 # The default set's recognizer threshold, FaceVerify's when the request sets none.
 DEFAULT_THRESHOLD = next(
-    f.threshold for f in catalog.default().expand(["default"]) if f.role == catalog.ROLE_RECOGNIZER
+    f.threshold
+    for f in catalog.default().expand(["default"])
+    if isinstance(f, catalog.ModelFile) and f.role == catalog.ROLE_RECOGNIZER
 )
 
 
-def clean_env(**extra: str) -> dict:
+def clean_env(**extra: str) -> dict[str, str]:
     """The client's environment: no token unless one is given (as for the server)."""
     return backend_env(**extra)
 
 
 def png_size(path: str) -> tuple[int, int]:
-    image = cv2.imread(path)
-    assert image is not None, f"{path} is not a readable image"
+    image = support.read_image(path)
     return image.shape[1], image.shape[0]
 
 
 class ClientAgainstServerTest(unittest.TestCase):
     """Every subcommand against one backend.py subprocess serving the default model set."""
+
+    identity_labels: str
+    images: str
+    obama_1: str
+    obama_2: str
+    biden_1: str
+    real_t1: str
+    spoof_f1: str
+    spoof_f2: str
+    group: str
+    tmp: str
+    server: BackendProcess
 
     @classmethod
     def setUpClass(cls):
@@ -61,24 +72,15 @@ class ClientAgainstServerTest(unittest.TestCase):
         cls.spoof_f1 = support.data_path("silent-face-samples", "image_F1.jpg")
         cls.spoof_f2 = support.data_path("silent-face-samples", "image_F2.jpg")
         cls.group = support.data_path("insightface-wheel-images", "t1.jpg")
-        cls.tmp = tempfile.mkdtemp(prefix="test_client_")
-        try:
-            cls.server = BackendProcess("--preload-default", support.MODELS_DIR)
-        except BaseException:
-            shutil.rmtree(cls.tmp, ignore_errors=True)
-            raise
-        cls.addr = cls.server.address
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.close()
-        shutil.rmtree(cls.tmp, ignore_errors=True)
+        cls.tmp = support.temp_dir(cls, prefix="test_client_")
+        cls.server = BackendProcess("--preload-default", support.MODELS_DIR)
+        cls.addClassCleanup(cls.server.close)
 
     # -- helpers -----------------------------------------------------------------------------
     def client(
         self, *args: str, addr: str | None = None, env: dict | None = None, timeout: float = 120
     ) -> subprocess.CompletedProcess:
-        command = [PYTHON, CLIENT, "--addr", addr or self.addr, *args]
+        command = [PYTHON, CLIENT, "--addr", addr or self.server.address, *args]
         return subprocess.run(
             command,
             cwd=REPO,

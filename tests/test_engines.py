@@ -11,14 +11,15 @@ import shutil
 import tempfile
 import types
 import unittest
+from collections.abc import Sequence
 
-import cv2
 import numpy as np
 
 import face_eval
 from core.errors import ModelFileError, ModelOptionError
 from engines import build_engine, parse_load_request
 from engines.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face, similarity_transform
+from engines.base import FaceDetection, FaceEngine
 from engines.detection import SCRFDDetector, YuNetDetector
 from engines.runtime import MAX_RUN_BATCH, check_batch_dimension, create_session, run_batched
 from tests import support
@@ -29,7 +30,7 @@ MOBILEFACENET = "MobileFaceNet.onnx"
 GROUP_FACES = 6  # t1.jpg: six people (insightface-wheel-images/SOURCE.md)
 
 
-def build(name: str, options, model_path: str = None):
+def build(name: str, options: Sequence[str], model_path: str | None = None) -> FaceEngine:
     return build_engine(parse_load_request(name, model_path or support.MODELS_DIR, 0, list(options)))
 
 
@@ -37,10 +38,16 @@ def onnx_direct_options(detector: str, recognizer: str = MOBILEFACENET) -> list[
     return ["engine:onnx_direct", f"detector_onnx:{detector}", f"recognizer_onnx:{recognizer}"]
 
 
-def read_image(path: str) -> np.ndarray:
-    image = cv2.imread(path)
-    assert image is not None, path
-    return image
+# (label, LoadModel options) of each detector setup: YuNet, and SCRFD through both engines.
+DETECTOR_SETUPS = (
+    ("yunet", onnx_direct_options(YUNET)),
+    ("scrfd (onnx_direct)", onnx_direct_options(SCRFD)),
+    ("scrfd (buffalo_sc)", list(support.INSIGHTFACE_OPTIONS)),
+)
+
+
+def group_photo() -> np.ndarray:
+    return support.read_image(support.data_path("insightface-wheel-images", "t1.jpg"))
 
 
 class DetectorTest(unittest.TestCase):
@@ -51,12 +58,8 @@ class DetectorTest(unittest.TestCase):
         for name in (YUNET, SCRFD, MOBILEFACENET):
             support.model_path(name)
         support.engine_setup(support.ENGINE_INSIGHTFACE)
-        cls.group = read_image(support.data_path("insightface-wheel-images", "t1.jpg"))
-        cls.engines = {
-            "yunet": build("yunet", onnx_direct_options(YUNET)),
-            "scrfd (onnx_direct)": build("scrfd", onnx_direct_options(SCRFD)),
-            "scrfd (buffalo_sc)": build("buffalo_sc", support.INSIGHTFACE_OPTIONS),
-        }
+        cls.group = group_photo()
+        cls.engines = {label: build(label, options) for label, options in DETECTOR_SETUPS}
 
     def test_six_faces_on_the_group_photo(self):
         for label, engine in self.engines.items():
@@ -121,11 +124,7 @@ class DetectorTest(unittest.TestCase):
                 self.assertTrue(all(f.score >= cut for f in kept))
 
     def test_det_thresh_option_is_honoured(self):
-        for label, options in (
-            ("yunet", onnx_direct_options(YUNET)),
-            ("scrfd (onnx_direct)", onnx_direct_options(SCRFD)),
-            ("scrfd (buffalo_sc)", list(support.INSIGHTFACE_OPTIONS)),
-        ):
+        for label, options in DETECTOR_SETUPS:
             with self.subTest(label):
                 strict = build("strict", options + ["det_thresh:0.99"])
                 self.assertLess(len(strict.detect(self.group)), GROUP_FACES)
@@ -139,11 +138,7 @@ class DetectorTest(unittest.TestCase):
                 self.assertEqual(len(strict.detect(self.group, scores[-1] - 0.01)), GROUP_FACES)
 
     def test_det_size_option_is_honoured(self):
-        for label, options in (
-            ("yunet", onnx_direct_options(YUNET)),
-            ("scrfd (onnx_direct)", onnx_direct_options(SCRFD)),
-            ("scrfd (buffalo_sc)", list(support.INSIGHTFACE_OPTIONS)),
-        ):
+        for label, options in DETECTOR_SETUPS:
             for value, size in (("320", (320, 320)), ("320x256", (320, 256)), ("640x640", (640, 640))):
                 with self.subTest(label, det_size=value):
                     engine = build("size", options + [f"det_size:{value}"])
@@ -249,7 +244,7 @@ class RecognizerTest(unittest.TestCase):
         for kind in support.ENGINES:
             name, options = support.engine_setup(kind)
             cls.engines[kind] = build(name, options)
-        cls.group = read_image(support.data_path("insightface-wheel-images", "t1.jpg"))
+        cls.group = group_photo()
 
     def test_embeddings_are_unit_length_with_the_right_dimension(self):
         for kind, engine in self.engines.items():
@@ -300,6 +295,12 @@ class InsightfacePackTest(unittest.TestCase):
     """Pack files are told apart by their tensors: unrelated ONNX files are ignored, and flat and
     nested (`<dir>/<pack>/<pack>/`) layouts both load."""
 
+    pack_files: dict[str, str]
+    group: np.ndarray
+    reference_faces: list[FaceDetection]
+    reference_vector: np.ndarray
+    tmp: str
+
     @classmethod
     def setUpClass(cls):
         support.engine_setup(support.ENGINE_INSIGHTFACE)
@@ -307,15 +308,11 @@ class InsightfacePackTest(unittest.TestCase):
         cls.det, cls.rec = cls.pack_files["det_500m.onnx"], cls.pack_files["w600k_mbf.onnx"]
         cls.spoof = support.model_path("MiniFASNetV2.onnx")
         cls.extra = [support.model_path(n) for n in ("MiniFASNetV1SE.onnx", "age-v1.onnx", "gender-v1.onnx")]
-        cls.group = read_image(support.data_path("insightface-wheel-images", "t1.jpg"))
+        cls.group = group_photo()
         reference = build("buffalo_sc", support.INSIGHTFACE_OPTIONS)
         cls.reference_faces = reference.detect(cls.group)
         cls.reference_vector = reference.embed(cls.group, cls.reference_faces[0])
-        cls.tmp = tempfile.TemporaryDirectory()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
+        cls.tmp = support.temp_dir(cls)
 
     def make_pack(self, directory: str, files: dict[str, str]) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -332,34 +329,34 @@ class InsightfacePackTest(unittest.TestCase):
         np.testing.assert_allclose(engine.embed(self.group, faces[0]), self.reference_vector, atol=1e-5)
 
     def test_flat_pack_with_an_unrelated_onnx_file(self):
-        root = os.path.join(self.tmp.name, "flat")
+        root = os.path.join(self.tmp, "flat")
         self.make_pack(os.path.join(root, "buffalo_sc"), {**self.pack_files, "MiniFASNetV2.onnx": self.spoof})
         engine = build("buffalo_sc", support.INSIGHTFACE_OPTIONS, model_path=root)
         self.assert_same_as_reference(engine)
 
     def test_nested_pack_layout(self):
-        root = os.path.join(self.tmp.name, "nested")
+        root = os.path.join(self.tmp, "nested")
         self.make_pack(
             os.path.join(root, "buffalo_sc", "buffalo_sc"), {**self.pack_files, "MiniFASNetV2.onnx": self.spoof}
         )
         with self.subTest("via ModelPath"):
             self.assert_same_as_reference(build("buffalo_sc", support.INSIGHTFACE_OPTIONS, model_path=root))
         with self.subTest("via root: option"):
-            elsewhere = os.path.join(self.tmp.name, "empty")
+            elsewhere = os.path.join(self.tmp, "empty")
             os.makedirs(elsewhere, exist_ok=True)
             engine = build("buffalo_sc", list(support.INSIGHTFACE_OPTIONS) + [f"root:{root}"], model_path=elsewhere)
             self.assert_same_as_reference(engine)
 
     def test_roles_come_from_the_tensors_not_the_names(self):
         # Names sort so that every unrelated model comes before the real ones.
-        root = os.path.join(self.tmp.name, "scrambled")
+        root = os.path.join(self.tmp, "scrambled")
         files = {f"a{i}.onnx": path for i, path in enumerate([self.spoof, *self.extra])}
         files.update({"x_recognizer_is_me.onnx": self.det, "y_detector_is_me.onnx": self.rec})
         self.make_pack(os.path.join(root, "buffalo_sc"), files)
         self.assert_same_as_reference(build("buffalo_sc", support.INSIGHTFACE_OPTIONS, model_path=root))
 
     def test_pack_without_a_recognizer_names_what_is_missing(self):
-        root = os.path.join(self.tmp.name, "norec")
+        root = os.path.join(self.tmp, "norec")
         self.make_pack(os.path.join(root, "buffalo_sc"), {"det_500m.onnx": self.det, "MiniFASNetV2.onnx": self.spoof})
         with self.assertRaises(ModelFileError) as caught:
             build("buffalo_sc", support.INSIGHTFACE_OPTIONS, model_path=root)

@@ -23,8 +23,8 @@ from core.errors import (
     PreconditionError,
     Reason,
 )
-from harness.servers import InProcessServer
 from tests import support
+from tests.support import GrpcAssertions
 
 # google/rpc/error_details.proto: "[A-Z][A-Z0-9_]+[A-Z0-9]", at most 63 characters.
 REASON_FORMAT = re.compile(r"[A-Z][A-Z0-9_]{0,61}[A-Z0-9]")
@@ -60,16 +60,12 @@ class ReasonListTest(unittest.TestCase):
         self.assertEqual(NoFaceError("x").field, "")
 
 
-class UnplannedErrorsOverGrpcTest(unittest.TestCase):
+class UnplannedErrorsOverGrpcTest(GrpcAssertions, unittest.TestCase):
     """A bug and a call ended between stages, raised inside the service, seen by a real client."""
 
     @classmethod
     def setUpClass(cls):
-        cls.running = InProcessServer()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.running.close()
+        cls.serve()
 
     def detect_failing_with(self, error: Exception) -> grpc.RpcError:
         with (

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import tempfile
 import unittest
 
 import numpy as np
 
 import evaluation
 from evaluation import ScoredImage
+from tests.support import temp_dir
 
 
 def unit_rows(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
@@ -176,17 +176,16 @@ class LivenessTest(unittest.TestCase):
 
 class LabelsTest(unittest.TestCase):
     def setUp(self):
-        self.tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(self.tmp.cleanup)
+        self.tmp = temp_dir(self)
 
     def write(self, name: str, text: str) -> str:
-        path = os.path.join(self.tmp.name, name)
+        path = os.path.join(self.tmp, name)
         with open(path, "w") as f:
             f.write(text)
         return path
 
     def test_labels_fall_back_to_images_dir_and_skip_group_rows(self):
-        tmp = self.tmp.name
+        tmp = self.tmp
         os.mkdir(os.path.join(tmp, "images"))
         for name in ("a.jpg", "b.jpg"):
             open(os.path.join(tmp, "images" if name == "a.jpg" else "", name), "wb").close()
@@ -196,7 +195,7 @@ class LabelsTest(unittest.TestCase):
         self.assertEqual(skipped, ["group.jpg"])
 
     def test_unusable_labels_name_the_file_and_line(self):
-        open(os.path.join(self.tmp.name, "a.jpg"), "wb").close()
+        open(os.path.join(self.tmp, "a.jpg"), "wb").close()
         cases = {
             "columns.csv": ("file,name\na.jpg,x\n", "needs columns file,label"),
             "empty.csv": ("file,label\na.jpg,\n", "empty.csv:2: empty label for a.jpg"),
@@ -209,7 +208,7 @@ class LabelsTest(unittest.TestCase):
                     evaluation.read_labels(self.write(name, text), "label", evaluation.LIVENESS_LABELS)
                 self.assertIn(message, str(caught.exception))
         with self.assertRaisesRegex(evaluation.LabelsError, "no such file: .*nowhere.csv"):
-            evaluation.read_labels(os.path.join(self.tmp.name, "nowhere.csv"), "label")
+            evaluation.read_labels(os.path.join(self.tmp, "nowhere.csv"), "label")
         images, _ = evaluation.read_labels(
             self.write("ok.csv", "file,label\na.jpg,REAL\n"), "label", evaluation.LIVENESS_LABELS
         )
@@ -224,11 +223,7 @@ class PlottingTest(unittest.TestCase):
         import plotting
 
         cls.plotting = plotting
-        cls.tmp = tempfile.TemporaryDirectory()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
+        cls.tmp = temp_dir(cls)
 
     def size(self, path: str) -> tuple[int, int]:
         from matplotlib.image import imread
@@ -241,19 +236,19 @@ class PlottingTest(unittest.TestCase):
         result = evaluation.evaluate_identity(
             files, labels, embeddings, default_threshold=0.5, threshold=0.5, far_target=0.01
         )
-        path = os.path.join(self.tmp.name, "identity.png")
+        path = os.path.join(self.tmp, "identity.png")
         self.plotting.plot_identity(
             path, result.pairs.same, result.pairs.different, result.threshold, result.recommended, "synthetic"
         )
         self.assertEqual(self.size(path), (1200, 480))
-        path = os.path.join(self.tmp.name, "liveness.png")
+        path = os.path.join(self.tmp, "liveness.png")
         self.plotting.plot_liveness(path, np.array([0.9, 0.8]), np.array([]), None, 0.5, "no spoof")
         self.assertEqual(self.size(path), (1200, 480))
 
     def test_an_unwritable_path_is_an_os_error(self):
         with self.assertRaises(OSError):
             self.plotting.plot_liveness(
-                os.path.join(self.tmp.name, "no", "such", "dir.png"), np.array([0.9]), np.array([0.1]), 0.5, 0.5, "x"
+                os.path.join(self.tmp, "no", "such", "dir.png"), np.array([0.9]), np.array([0.1]), 0.5, 0.5, "x"
             )
 
 

@@ -7,90 +7,43 @@ host's configurations, test_host's.
 
 from __future__ import annotations
 
-import base64
-import os
 import threading
 import unittest
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 import backend_pb2
-import backend_pb2_grpc
-from engines.recognition import recognizer_profile
 from harness.servers import InProcessServer
 from tests import support
+from tests.support import CALL_TIMEOUT, GARBAGE_BASE64, NOT_BASE64, GrpcAssertions, photo
 
-IMAGES = os.path.join("face-recognition-examples", "images")
-DEFAULT_THRESHOLD = {
-    support.ENGINE_INSIGHTFACE: recognizer_profile("w600k_mbf.onnx").threshold,
-    support.ENGINE_ONNX_DIRECT: recognizer_profile("MobileFaceNet.onnx").threshold,
-}
-NOT_BASE64 = "this is *not* base64!"
-GARBAGE_BASE64 = base64.b64encode(b"certainly not an image" * 30).decode()
 LIVENESS_FIELDS = ("img1_is_real", "img1_antispoof_score", "img2_is_real", "img2_antispoof_score")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-CALL_TIMEOUT = 60.0
 
 
-def photo(name: str) -> str:
-    return support.b64_file(support.data_path(IMAGES, name))
-
-
-def model_options(kind: str, name: str = None, extra=()) -> backend_pb2.ModelOptions:
+def model_options(kind: str, name: str | None = None, extra: Sequence[str] = ()) -> backend_pb2.ModelOptions:
     model_name, options = support.engine_setup(kind)
     return backend_pb2.ModelOptions(
         Model=model_name if name is None else name, ModelPath=support.MODELS_DIR, Options=list(options) + list(extra)
     )
 
 
-class GrpcAssertions:
-    stub: backend_pb2_grpc.BackendStub
-    health: health_pb2_grpc.HealthStub
-
-    def assert_status(
-        self,
-        call,
-        request,
-        code: grpc.StatusCode,
-        *fragments: str,
-        metadata=None,
-        reason: str = None,
-        field: str = None,
-    ) -> str:
-        """`call(request)` fails with `code`, a message containing every fragment and, when given,
-        an ErrorInfo with `reason` and `field`; the server still answers Health afterwards."""
-        with self.assertRaises(grpc.RpcError) as caught:
-            call(request, timeout=CALL_TIMEOUT, metadata=metadata)
-        error = caught.exception
-        self.assertEqual(error.code(), code, error.details())
-        for fragment in fragments:
-            self.assertIn(fragment, error.details() or "")
-        if reason is not None:
-            support.assert_error_info(self, error, reason, field)
-        self.assert_healthy(metadata)
-        return error.details()
-
-    def assert_healthy(self, metadata=None) -> None:
-        reply = self.stub.Health(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT, metadata=metadata)
-        self.assertEqual(reply.message, b"OK")
-
-    def health_status(self, metadata=None):
-        return self.health.Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=CALL_TIMEOUT, metadata=metadata
-        ).status
-
-    def state(self):
-        return self.stub.Status(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT).state
-
-
 class EngineCases(GrpcAssertions):
     """One server per model setup, loaded once over the wire; subclasses set KIND."""
 
     KIND: str
+    model_name: str
+    obama1: str
+    obama2: str
+    biden1: str
+    group: str
+    faceless: str
+    load_result: backend_pb2.Result
 
     @classmethod
     def setUpClass(cls):
@@ -99,13 +52,12 @@ class EngineCases(GrpcAssertions):
         cls.obama1, cls.obama2, cls.biden1 = photo("obama_1.jpg"), photo("obama_2.jpg"), photo("biden_1.jpg")
         cls.group = support.b64_file(support.data_path("insightface-wheel-images", "t1.jpg"))
         cls.faceless = support.b64_image(support.faceless_image())
-        cls.running = InProcessServer()
-        cls.stub, cls.health = cls.running.stub, cls.running.health
-        cls.load_result = cls.stub.LoadModel(options, timeout=CALL_TIMEOUT)
+        cls.serve()
+        cls.load_result = cls.running.stub.LoadModel(options, timeout=CALL_TIMEOUT)
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.running.close()
+    def assert_invalid(self, call: Callable[[], object], name: str, reason: str) -> str:
+        """`call()` is INVALID_ARGUMENT with `reason`, naming `name` in its message and as its field."""
+        return self.assert_status(call, grpc.StatusCode.INVALID_ARGUMENT, name, reason=reason, field=name)
 
     def verify(self, img1, img2, **kwargs) -> backend_pb2.FaceVerifyResponse:
         return self.stub.FaceVerify(backend_pb2.FaceVerifyRequest(img1=img1, img2=img2, **kwargs), timeout=CALL_TIMEOUT)
@@ -130,7 +82,7 @@ class EngineCases(GrpcAssertions):
         self.assertFalse(different.verified)
         for response in (same, different):
             self.assertTrue(0.0 <= response.distance <= 2.0)
-            self.assertAlmostEqual(response.threshold, DEFAULT_THRESHOLD[self.KIND], places=5)
+            self.assertAlmostEqual(response.threshold, support.default_threshold(self.KIND), places=5)
             self.assertTrue(0.0 <= response.confidence <= 100.0)
             self.assertEqual(response.confidence > 50.0, response.verified)
             self.assertEqual(response.model, self.model_name)
@@ -168,13 +120,10 @@ class EngineCases(GrpcAssertions):
         other = self.stub.Embedding(backend_pb2.PredictOptions(Images=[self.biden1]), timeout=CALL_TIMEOUT)
         distance = 1.0 - float(vector @ np.asarray(other.embeddings))
         self.assertAlmostEqual(distance, self.verify(self.obama1, self.biden1).distance, places=4)
-        self.assert_status(
-            self.stub.Embedding,
-            backend_pb2.PredictOptions(),
-            grpc.StatusCode.INVALID_ARGUMENT,
+        self.assert_invalid(
+            lambda: self.stub.Embedding(backend_pb2.PredictOptions(), timeout=CALL_TIMEOUT),
             "Images[0]",
-            reason="IMAGE_MISSING",
-            field="Images[0]",
+            "IMAGE_MISSING",
         )
 
     def test_detect(self):
@@ -195,25 +144,18 @@ class EngineCases(GrpcAssertions):
             ("", "IMAGE_MISSING"),
         ):
             with self.subTest(src=src[:10]):
-                self.assert_status(
-                    self.stub.Detect,
-                    backend_pb2.DetectOptions(src=src),
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                self.assert_invalid(
+                    lambda: self.stub.Detect(backend_pb2.DetectOptions(src=src), timeout=CALL_TIMEOUT),
                     "src",
-                    reason=reason,
-                    field="src",
+                    reason,
                 )
-        self.assert_status(
-            self.stub.Detect,
-            backend_pb2.DetectOptions(src=self.group, threshold=1.5),
-            grpc.StatusCode.INVALID_ARGUMENT,
+        self.assert_invalid(
+            lambda: self.stub.Detect(backend_pb2.DetectOptions(src=self.group, threshold=1.5), timeout=CALL_TIMEOUT),
             "threshold",
-            reason="BAD_THRESHOLD",
-            field="threshold",
+            "BAD_THRESHOLD",
         )
 
     def test_invalid_argument_names_the_image(self):
-        invalid = grpc.StatusCode.INVALID_ARGUMENT
         not_base64, undecodable = "IMAGE_NOT_BASE64", "IMAGE_UNDECODABLE"
         for img1, img2, name, reason in (
             (NOT_BASE64, self.obama1, "img1", not_base64),
@@ -222,43 +164,36 @@ class EngineCases(GrpcAssertions):
             (self.obama1, GARBAGE_BASE64, "img2", undecodable),
         ):
             with self.subTest(name=name, img1=img1[:10], img2=img2[:10]):
-                details = self.assert_status(
-                    self.stub.FaceVerify,
-                    backend_pb2.FaceVerifyRequest(img1=img1, img2=img2),
-                    invalid,
+                details = self.assert_invalid(
+                    lambda: self.stub.FaceVerify(
+                        backend_pb2.FaceVerifyRequest(img1=img1, img2=img2), timeout=CALL_TIMEOUT
+                    ),
                     name,
-                    reason=reason,
-                    field=name,
+                    reason,
                 )
                 self.assertNotIn({"img1": "img2", "img2": "img1"}[name], details)
-        self.assert_status(
-            self.stub.FaceAnalyze,
-            backend_pb2.FaceAnalyzeRequest(img=NOT_BASE64),
-            invalid,
+        self.assert_invalid(
+            lambda: self.stub.FaceAnalyze(backend_pb2.FaceAnalyzeRequest(img=NOT_BASE64), timeout=CALL_TIMEOUT),
             "img",
-            reason=not_base64,
-            field="img",
+            not_base64,
         )
-        self.assert_status(
-            self.stub.Embedding,
-            backend_pb2.PredictOptions(Images=[GARBAGE_BASE64]),
-            invalid,
+        self.assert_invalid(
+            lambda: self.stub.Embedding(backend_pb2.PredictOptions(Images=[GARBAGE_BASE64]), timeout=CALL_TIMEOUT),
             "Images[0]",
-            reason=undecodable,
-            field="Images[0]",
+            undecodable,
         )
-        self.assert_status(
-            self.stub.FaceVerify,
-            backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2, threshold=-1.0),
-            invalid,
+        self.assert_invalid(
+            lambda: self.stub.FaceVerify(
+                backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2, threshold=-1.0), timeout=CALL_TIMEOUT
+            ),
             "threshold",
-            reason="BAD_THRESHOLD",
-            field="threshold",
+            "BAD_THRESHOLD",
         )
         self.assert_status(
-            self.stub.FaceAnalyze,
-            backend_pb2.FaceAnalyzeRequest(img=self.obama1, actions=["colour"]),
-            invalid,
+            lambda: self.stub.FaceAnalyze(
+                backend_pb2.FaceAnalyzeRequest(img=self.obama1, actions=["colour"]), timeout=CALL_TIMEOUT
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
             "colour",
             reason="BAD_ACTION",
             field="actions",
@@ -273,7 +208,9 @@ class EngineCases(GrpcAssertions):
         ]
         for call, request, name in cases:
             with self.subTest(name):
-                details = self.assert_status(call, request, not_found, name, reason="NO_FACE", field=name)
+                details = self.assert_status(
+                    lambda: call(request, timeout=CALL_TIMEOUT), not_found, name, reason="NO_FACE", field=name
+                )
                 self.assertEqual(details, f"no face found in {name}")
 
     def test_faceless_photo_analyzes_to_no_faces(self):
@@ -287,7 +224,11 @@ class EngineCases(GrpcAssertions):
         for call, request in cases:
             with self.subTest(type(request).__name__):
                 self.assert_status(
-                    call, request, not_found, expected, reason="IDENTITY_MISMATCH", field="ModelIdentity"
+                    lambda: call(request, timeout=CALL_TIMEOUT),
+                    not_found,
+                    expected,
+                    reason="IDENTITY_MISMATCH",
+                    field="ModelIdentity",
                 )
         same = self.verify(self.obama1, self.obama2, ModelIdentity=self.model_name)
         self.assertTrue(same.verified)
@@ -340,27 +281,20 @@ class InsightfaceGrpcTest(EngineCases, unittest.TestCase):
         self.assertIn("without liveness", self.load_result.message)
 
     def test_anti_spoofing_without_liveness_weights_is_failed_precondition(self):
-        precondition = grpc.StatusCode.FAILED_PRECONDITION
         for image in (self.obama1, GARBAGE_BASE64, self.faceless):
-            with self.subTest(image=image[:10]):
-                self.assert_status(
-                    self.stub.FaceVerify,
-                    backend_pb2.FaceVerifyRequest(img1=image, img2=self.obama1, anti_spoofing=True),
-                    precondition,
-                    "antispoof_v2_onnx",
-                    "antispoof_v1se_onnx",
-                    reason="LIVENESS_WEIGHTS_MISSING",
-                    field="anti_spoofing",
-                )
-                self.assert_status(
-                    self.stub.FaceAnalyze,
-                    backend_pb2.FaceAnalyzeRequest(img=image, anti_spoofing=True),
-                    precondition,
-                    "antispoof_v2_onnx",
-                    "antispoof_v1se_onnx",
-                    reason="LIVENESS_WEIGHTS_MISSING",
-                    field="anti_spoofing",
-                )
+            for call, request in (
+                (self.stub.FaceVerify, backend_pb2.FaceVerifyRequest(img1=image, img2=self.obama1, anti_spoofing=True)),
+                (self.stub.FaceAnalyze, backend_pb2.FaceAnalyzeRequest(img=image, anti_spoofing=True)),
+            ):
+                with self.subTest(type(request).__name__, image=image[:10]):
+                    self.assert_status(
+                        lambda: call(request, timeout=CALL_TIMEOUT),
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        "antispoof_v2_onnx",
+                        "antispoof_v1se_onnx",
+                        reason="LIVENESS_WEIGHTS_MISSING",
+                        field="anti_spoofing",
+                    )
 
     def test_action_without_its_model_is_left_empty(self):
         # buffalo_sc has no genderage.onnx and no age/gender heads were given: the host's rule
@@ -373,6 +307,8 @@ class InsightfaceGrpcTest(EngineCases, unittest.TestCase):
 
 class OnnxDirectGrpcTest(EngineCases, unittest.TestCase):
     KIND = support.ENGINE_ONNX_DIRECT
+    t1: str
+    f1: str
 
     @classmethod
     def setUpClass(cls):
@@ -418,8 +354,10 @@ class OnnxDirectGrpcTest(EngineCases, unittest.TestCase):
 
     def test_no_face_with_liveness_loaded_is_not_found(self):
         self.assert_status(
-            self.stub.FaceVerify,
-            backend_pb2.FaceVerifyRequest(img1=self.t1, img2=self.faceless, anti_spoofing=True),
+            lambda: self.stub.FaceVerify(
+                backend_pb2.FaceVerifyRequest(img1=self.t1, img2=self.faceless, anti_spoofing=True),
+                timeout=CALL_TIMEOUT,
+            ),
             grpc.StatusCode.NOT_FOUND,
             "img2",
             reason="NO_FACE",
@@ -428,15 +366,12 @@ class OnnxDirectGrpcTest(EngineCases, unittest.TestCase):
 
 
 class NoModelGrpcTest(GrpcAssertions, unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.running = InProcessServer()
-        cls.stub, cls.health = cls.running.stub, cls.running.health
-        cls.image = support.b64_image(support.faceless_image())
+    image: str
 
     @classmethod
-    def tearDownClass(cls):
-        cls.running.close()
+    def setUpClass(cls):
+        cls.serve()
+        cls.image = support.b64_image(support.faceless_image())
 
     def test_not_ready(self):
         self.assert_healthy()  # the process answers Health with or without a model
@@ -455,19 +390,42 @@ class NoModelGrpcTest(GrpcAssertions, unittest.TestCase):
         ]
         for call, request in cases:
             with self.subTest(type(request).__name__):
-                self.assert_status(call, request, precondition, "LoadModel", reason="NO_MODEL_LOADED", field="")
+                self.assert_status(
+                    lambda: call(request, timeout=CALL_TIMEOUT),
+                    precondition,
+                    "LoadModel",
+                    reason="NO_MODEL_LOADED",
+                    field="",
+                )
 
 
-class LifecycleGrpcTest(GrpcAssertions, unittest.TestCase):
-    """LoadModel -> READY / SERVING, Free -> UNINITIALIZED / NOT_SERVING, for both setups."""
+class FreshServerCases(GrpcAssertions):
+    """Each test gets a server of its own, started with no model, and verifies two Obama photos."""
+
+    obama1: str
+    obama2: str
+
+    @classmethod
+    def setUpClass(cls):
+        cls.obama1, cls.obama2 = photo("obama_1.jpg"), photo("obama_2.jpg")
 
     def setUp(self):
         self.running = InProcessServer()
-        self.stub, self.health = self.running.stub, self.running.health
-        self.obama1, self.obama2 = photo("obama_1.jpg"), photo("obama_2.jpg")
+        self.addCleanup(self.running.close)
 
-    def tearDown(self):
-        self.running.close()
+    def verify_obama(self, identity: str = "") -> backend_pb2.FaceVerifyResponse:
+        request = backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2, ModelIdentity=identity)
+        return self.stub.FaceVerify(request, timeout=CALL_TIMEOUT)
+
+    def assert_nothing_loaded(self) -> None:
+        """UNINITIALIZED, NOT_SERVING, and a FaceVerify is FAILED_PRECONDITION."""
+        self.assertEqual(self.state(), backend_pb2.StatusResponse.UNINITIALIZED)
+        self.assertEqual(self.health_status(), NOT_SERVING)
+        self.assert_status(self.verify_obama, grpc.StatusCode.FAILED_PRECONDITION, reason="NO_MODEL_LOADED")
+
+
+class LifecycleGrpcTest(FreshServerCases, unittest.TestCase):
+    """LoadModel -> READY / SERVING, Free -> UNINITIALIZED / NOT_SERVING, for both setups."""
 
     def test_load_free_reload(self):
         for kind in support.ENGINES:
@@ -479,36 +437,15 @@ class LifecycleGrpcTest(GrpcAssertions, unittest.TestCase):
                 self.assertEqual(status.state, backend_pb2.StatusResponse.READY)
                 self.assertGreater(status.memory.total, 0)
                 self.assertEqual(self.health_status(), SERVING)
-                verified = self.stub.FaceVerify(
-                    backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2), timeout=CALL_TIMEOUT
-                )
-                self.assertTrue(verified.verified)
+                self.assertTrue(self.verify_obama().verified)
                 freed = self.stub.Free(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT)
                 self.assertTrue(freed.success)
-                self.assertEqual(self.state(), backend_pb2.StatusResponse.UNINITIALIZED)
-                self.assertEqual(self.health_status(), NOT_SERVING)
-                self.assert_status(
-                    self.stub.FaceVerify,
-                    backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2),
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    reason="NO_MODEL_LOADED",
-                )
+                self.assert_nothing_loaded()
 
 
-class FailedLoadGrpcTest(GrpcAssertions, unittest.TestCase):
+class FailedLoadGrpcTest(FreshServerCases, unittest.TestCase):
     """A failed LoadModel answers success=false naming the problem, and the previous engine keeps
     answering exactly as before."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.obama1, cls.obama2 = photo("obama_1.jpg"), photo("obama_2.jpg")
-
-    def setUp(self):
-        self.running = InProcessServer()
-        self.stub, self.health = self.running.stub, self.running.health
-
-    def tearDown(self):
-        self.running.close()
 
     def test_failed_first_load_leaves_nothing_loaded(self):
         for options in (
@@ -525,14 +462,7 @@ class FailedLoadGrpcTest(GrpcAssertions, unittest.TestCase):
                     timeout=CALL_TIMEOUT,
                 )
                 self.assertFalse(failed.success)
-                self.assertEqual(self.state(), backend_pb2.StatusResponse.UNINITIALIZED)
-                self.assertEqual(self.health_status(), NOT_SERVING)
-                self.assert_status(
-                    self.stub.FaceVerify,
-                    backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2),
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    reason="NO_MODEL_LOADED",
-                )
+                self.assert_nothing_loaded()
         negative_threads = model_options(support.ENGINE_INSIGHTFACE)
         negative_threads.Threads = -1
         failed = self.stub.LoadModel(negative_threads, timeout=CALL_TIMEOUT)
@@ -544,9 +474,7 @@ class FailedLoadGrpcTest(GrpcAssertions, unittest.TestCase):
             good = model_options(kind)
             result = self.stub.LoadModel(good, timeout=CALL_TIMEOUT)
             self.assertTrue(result.success, result.message)
-            before = self.stub.FaceVerify(
-                backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2), timeout=CALL_TIMEOUT
-            )
+            before = self.verify_obama()
             bad_loads = [
                 (
                     "missing file",
@@ -577,16 +505,12 @@ class FailedLoadGrpcTest(GrpcAssertions, unittest.TestCase):
                     self.assert_healthy()
                     self.assertEqual(self.state(), backend_pb2.StatusResponse.READY)
                     self.assertEqual(self.health_status(), SERVING)
-                    after = self.stub.FaceVerify(
-                        backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2, ModelIdentity=good.Model),
-                        timeout=CALL_TIMEOUT,
-                    )
+                    after = self.verify_obama(identity=good.Model)
                     self.assertTrue(after.verified)
                     self.assertEqual(after.model, before.model)
                     self.assertEqual(after.distance, before.distance)
                     self.assert_status(
-                        self.stub.FaceVerify,
-                        backend_pb2.FaceVerifyRequest(img1=self.obama1, img2=self.obama2, ModelIdentity="replacement"),
+                        lambda: self.verify_obama(identity="replacement"),
                         grpc.StatusCode.NOT_FOUND,
                         "model identity mismatch",
                         reason="IDENTITY_MISMATCH",

@@ -7,7 +7,6 @@ they load is checked by the files the engine reports and by real verifications.
 from __future__ import annotations
 
 import os
-import tempfile
 import unittest
 from unittest import mock
 
@@ -41,6 +40,10 @@ def pack_options(pack: str = PACK, *extra: str) -> list[str]:
 
 
 class PackLayoutTest(unittest.TestCase):
+    pack_files: dict[str, str]
+    neighbours: dict[str, str]
+    photos: list[str]
+
     @classmethod
     def setUpClass(cls):
         support.engine_setup(support.ENGINE_INSIGHTFACE)
@@ -49,9 +52,7 @@ class PackLayoutTest(unittest.TestCase):
         cls.photos = [path for path, _ in support.single_face_photos()]
 
     def setUp(self):
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.tmp = tmp.name
+        self.tmp = support.temp_dir(self)
         # ~/.insightface is a search place: an empty home keeps the user's own packs out of the test.
         home = self.place("home")
         patcher = mock.patch.dict(os.environ, {"HOME": home})

@@ -5,7 +5,6 @@ previous model serving, and liveness (anti_spoofing) with the default set.
 
 from __future__ import annotations
 
-import base64
 import itertools
 import math
 import os
@@ -14,6 +13,7 @@ import threading
 import time
 import unittest
 import weakref
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
@@ -32,32 +32,20 @@ from core.errors import (
     PreconditionError,
 )
 from engines import build_engine, parse_load_request
-from engines.recognition import recognizer_profile
 from engines.runtime import set_opencv_threads
-from face_service import FaceService
+from face_service import FaceService, LoadedModel
 from tests import support
+from tests.support import GARBAGE_BASE64, IMAGES, NOT_BASE64, TestCaseMixin, photo
 
-IMAGES = os.path.join("face-recognition-examples", "images")
-# Default cosine-distance thresholds of the two setups' recognizers (catalog/catalog.json).
-DEFAULT_THRESHOLD = {
-    support.ENGINE_INSIGHTFACE: recognizer_profile("w600k_mbf.onnx").threshold,
-    support.ENGINE_ONNX_DIRECT: recognizer_profile("MobileFaceNet.onnx").threshold,
-}
-GARBAGE_BASE64 = base64.b64encode(b"this is not an image, just some bytes" * 20).decode()
-NOT_BASE64 = "this is *not* base64!"
 OPENCV_DEFAULT_THREADS = cv2.getNumThreads()  # before any test loads a model
 
 
-def photo(name: str) -> str:
-    return support.b64_file(support.data_path(IMAGES, name))
-
-
-def load(service: FaceService, name: str, options, model_path: str = None):
+def load(service: FaceService, name: str, options: Sequence[str], model_path: str | None = None) -> LoadedModel:
     """What the servicer's LoadModel does: parse the options, then load."""
     return service.load(parse_load_request(name, model_path or support.MODELS_DIR, 0, list(options)))
 
 
-def loaded_service(kind: str, name: str = None) -> FaceService:
+def loaded_service(kind: str, name: str | None = None) -> FaceService:
     model_name, options = support.engine_setup(kind)
     service = FaceService()
     load(service, model_name if name is None else name, options)
@@ -66,8 +54,8 @@ def loaded_service(kind: str, name: str = None) -> FaceService:
 
 def big_beside_small(big: str, small: str) -> np.ndarray:
     """One photo with `big`'s face about 2.5x as tall as `small`'s."""
-    a = cv2.imread(support.data_path(IMAGES, big))
-    b = cv2.imread(support.data_path(IMAGES, small))
+    a = support.read_image(support.data_path(IMAGES, big))
+    b = support.read_image(support.data_path(IMAGES, small))
     a = cv2.resize(a, None, fx=500 / a.shape[0], fy=500 / a.shape[0])
     b = cv2.resize(b, None, fx=200 / b.shape[0], fy=200 / b.shape[0])
     canvas = np.full((560, a.shape[1] + b.shape[1] + 60, 3), 200, np.uint8)
@@ -76,7 +64,7 @@ def big_beside_small(big: str, small: str) -> np.ndarray:
     return canvas
 
 
-class ErrorAssertions:
+class ErrorAssertions(TestCaseMixin):
     def assert_names(self, message: str, name: str) -> None:
         """`name` (img1, img2, img, Images[0], src) appears as a word, and no other image does."""
         self.assertRegex(message, rf"(?<![\w\[]){re.escape(name)}(?![\w\]])")
@@ -88,6 +76,13 @@ class ServiceCases(ErrorAssertions):
     """Run for each model setup; subclasses set KIND."""
 
     KIND: str
+    service: FaceService
+    obama1: str
+    obama2: str
+    biden1: str
+    group_path: str
+    group: str
+    faceless: str
 
     @classmethod
     def setUpClass(cls):
@@ -102,7 +97,9 @@ class ServiceCases(ErrorAssertions):
         self.assertTrue(0.0 <= result.distance <= 2.0, result.distance)
         self.assertTrue(0.0 <= result.confidence <= 100.0, result.confidence)
         self.assertEqual(result.confidence > 50.0, result.distance < result.threshold)
-        self.assertEqual(result.model, self.service.loaded.name)
+        loaded = self.service.loaded
+        assert loaded is not None
+        self.assertEqual(result.model, loaded.name)
         self.assertGreater(result.processing_time_ms, 0.0)
         self.assertIsNone(result.img1_liveness)
         self.assertIsNone(result.img2_liveness)
@@ -143,7 +140,7 @@ class ServiceCases(ErrorAssertions):
                 self.assertLess(result.distance, 1e-5)
 
     def test_zero_threshold_means_the_engine_default(self):
-        expected = DEFAULT_THRESHOLD[self.KIND]
+        expected = support.default_threshold(self.KIND)
         self.assertEqual(self.service.loaded.engine.default_threshold, expected)
         for pair in ((self.obama1, self.obama2), (self.obama1, self.biden1)):
             self.assertAlmostEqual(self.service.verify(*pair, threshold=0.0).threshold, expected, places=6)
@@ -230,7 +227,7 @@ class ServiceCases(ErrorAssertions):
         again = self.service.embed([self.obama1])
         np.testing.assert_allclose(result.vector, again.vector, atol=1e-6)
         other = self.service.embed([self.obama2]).vector
-        self.assertLess(1.0 - float(result.vector @ other), DEFAULT_THRESHOLD[self.KIND])
+        self.assertLess(1.0 - float(result.vector @ other), support.default_threshold(self.KIND))
         with self.assertRaises(InvalidInputError) as caught:
             self.service.embed([])
         self.assertIn("Images[0]", str(caught.exception))
@@ -416,6 +413,11 @@ class LoadModelTest(unittest.TestCase):
     """A failed LoadModel leaves the previous model loaded and answering; Free unloads. A model
     LoadModel replaces or Free drops is closed once no request holds it: its sessions, instance
     pools and helper threads are dropped so their memory returns."""
+
+    setups: dict[str, tuple[str, list[str]]]
+    obama1: str
+    obama2: str
+    faceless: str
 
     @classmethod
     def setUpClass(cls):
@@ -706,9 +708,9 @@ class LivenessTest(ErrorAssertions, unittest.TestCase):
     def setUpClass(cls):
         support.liveness_files()
         cls.service = loaded_service(support.ENGINE_ONNX_DIRECT)
-        spoof = lambda name: support.b64_file(support.data_path("silent-face-samples", name))
+        spoof = support.spoof_photo
         cls.t1, cls.f1, cls.f2 = spoof("image_T1.jpg"), spoof("image_F1.jpg"), spoof("image_F2.jpg")
-        cls.t1_image = cv2.imread(support.data_path("silent-face-samples", "image_T1.jpg"))
+        cls.t1_image = support.read_image(support.data_path("silent-face-samples", "image_T1.jpg"))
 
     def test_real_face_against_itself_is_verified_and_real(self):
         result = self.service.verify(self.t1, self.t1, anti_spoofing=True)
