@@ -23,7 +23,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from antispoof import LIVENESS_FILES, LivenessEnsemble, crop_for_liveness  # noqa: E402
+from antispoof import MINIFASNET_FILES, LivenessEnsemble, crop_for_liveness  # noqa: E402
 from engines.base import FaceDetection  # noqa: E402
 from engines.runtime import create_session  # noqa: E402
 from harness.paths import MODELS_DIR, SPOOF_DIR  # noqa: E402
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--samples", default=SPOOF_DIR)
     args = parser.parse_args()
 
-    v2_file, v1se_file = (os.path.join(args.models, name) for name in LIVENESS_FILES)
+    v2_file, v1se_file = (os.path.join(args.models, name) for name in MINIFASNET_FILES)
     t1 = cv2.imread(os.path.join(args.samples, "image_T1.jpg"))
     if t1 is not None and len(os.sched_getaffinity(0)) > 1:
         service_like = LivenessEnsemble(v2_path=v2_file, v1se_path=v1se_file)

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from antispoof import (
-    LIVENESS_FILES,
+    MINIFASNET_FILES,
     V1SE_CROP_SCALE,
     V2_CROP_SCALE,
     LivenessEnsemble,
@@ -24,7 +24,7 @@ from core.errors import ModelFileError
 from engines.base import FaceDetection
 from tests import support
 
-V2_FILE, V1SE_FILE = LIVENESS_FILES
+V2_FILE, V1SE_FILE = MINIFASNET_FILES
 
 # Face boxes (x, y, w, h) of upstream's own detector, and what upstream prints for them
 # (shared/data/silent-face-samples/SOURCE.md and shared/models/minifasnet/SOURCE.md).

@@ -144,7 +144,8 @@ class CatalogContentTest(unittest.TestCase):
             self.assertTrue(0 < f.threshold < 2 and f.threshold_source, f.name)
             self.assertEqual(f.option, "recognizer_onnx", f.name)
         liveness = self.cat.loadable("antispoof")
-        self.assertEqual(len(liveness), 2)
+        # The MiniFASNet pair (no runner) and the one CelebA-Spoof MiniFAS checkpoint with an option.
+        self.assertEqual([f.preprocess.runner for f in liveness], [None, None, "antispoof.CelebAMiniFAS"])
         for f in liveness:
             self.assertGreater(f.preprocess.crop_scale, 1.0, f.name)
             self.assertTrue(f.threshold_source, f.name)
