@@ -45,6 +45,13 @@ def photos() -> list[tuple[str, str]]:
     return out + [(GROUP_PHOTO, "real")]
 
 
+def read(path: str) -> np.ndarray:
+    image = cv2.imread(path)
+    if image is None:
+        raise SystemExit(f"cannot read {path}")
+    return image
+
+
 def median_ms(call, runs: int) -> float:
     for _ in range(5):
         call()
@@ -61,16 +68,14 @@ def main() -> None:
     parser.add_argument("--models", default=MODELS_DIR)
     parser.add_argument("--runs", type=int, default=100)
     args = parser.parse_args()
-    service = FaceService()
-    service.load(parse_load_request("default", args.models, 0, list(DEFAULT_MODEL_OPTIONS)))
-    detector = service.loaded.engine
+    detector = FaceService().load(parse_load_request("default", args.models, 0, list(DEFAULT_MODEL_OPTIONS))).engine
     v2, v1se = (os.path.join(args.models, name) for name in MINIFASNET_FILES)
     pair = LivenessEnsemble(v2_path=v2, v1se_path=v1se)
     fused = LivenessEnsemble(v2_path=v2, v1se_path=v1se, celeba_path=os.path.join(args.models, CELEBA_FILE))
     checkpoints = [CelebAMiniFAS(os.path.join(args.models, name)) for name in CHECKPOINTS]
     print(f"{'photo':44s} face label  pair   97.80  98.20  fused {CELEBA_FILE}")
     for path, label in photos():
-        image = cv2.imread(path)
+        image = read(path)
         faces = detector.detect(image)
         if not faces:
             print(f"{os.path.basename(path):44s} no face found ({label})")
@@ -82,7 +87,7 @@ def main() -> None:
             says = "real" if verdict.is_real else "SPOOF"
             name = os.path.basename(path)
             print(f"{name:44s} {i:4d} {label:5s} {alone.score:.4f} {scores}  {verdict.score:.4f} {says}")
-    image = cv2.imread(os.path.join(SPOOF_DIR, "image_T1.jpg"))
+    image = read(os.path.join(SPOOF_DIR, "image_T1.jpg"))
     face = detector.detect(image)[:1]
     box = [face[0].xywh()]
     print("\nmedian ms per face (image_T1):")
