@@ -59,7 +59,7 @@ def summary(times: np.ndarray, faces: int = 1) -> str:
 
 def batch_support(ensemble: LivenessEnsemble) -> str:
     notes = []
-    for model in ensemble.models:
+    for model in ensemble.minifasnets:
         name = os.path.basename(model.path)
         if model.dynamic_batch:
             notes.append(f"{name}: input {model.input_shape}, all faces of an image run in one call")
