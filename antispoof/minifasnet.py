@@ -10,18 +10,13 @@ so each crops the image itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 import catalog
 from catalog import ROLE_ANTISPOOF, CatalogError, ModelFile
-from core.concurrency import run_side_by_side, usable_cpus
 from core.errors import ModelFileError
-from engines.base import FaceDetection
-from engines.options import LoadRequest
 from engines.runtime import check_batch_dimension, create_session, run_batched
 
 # Upstream model files are named "<scale>_<h>x<w>_<arch>.pth": 2.7_80x80_MiniFASNetV2 and
@@ -43,20 +38,16 @@ def _crop_scale(entry: ModelFile) -> float:
     return entry.preprocess.crop_scale
 
 
-# The catalog's liveness files, V2 then V1SE: the LoadModel option that loads each, its installed
-# name and its crop scale; and the P(real) cut they share (the catalog says where it comes from).
-LIVENESS_ENTRIES = tuple(catalog.default().loadable(ROLE_ANTISPOOF))
-LIVENESS_OPTIONS = tuple(entry.load_key for entry in LIVENESS_ENTRIES)
-LIVENESS_FILES = tuple(entry.name for entry in LIVENESS_ENTRIES)
-V2_CROP_SCALE, V1SE_CROP_SCALE = (_crop_scale(entry) for entry in LIVENESS_ENTRIES)
-DEFAULT_THRESHOLD = catalog.default().shared_threshold(ROLE_ANTISPOOF)
-
-# FAILED_PRECONDITION's message when anti_spoofing is asked of a model loaded without these.
-LIVENESS_MISSING = (
-    "anti_spoofing was requested but the loaded model has no liveness weights: load it with "
-    + " and/or ".join(f"{option}:{name}" for option, name in zip(LIVENESS_OPTIONS, LIVENESS_FILES))
-    + " (install the files into models/ with `make models`)"
+# The catalog's MiniFASNet files (liveness files without a `runner`), V2 then V1SE: the LoadModel
+# option that loads each, its installed name and its crop scale.
+MINIFASNET_ENTRIES = tuple(
+    entry
+    for entry in catalog.default().loadable(ROLE_ANTISPOOF)
+    if entry.preprocess is None or entry.preprocess.runner is None
 )
+MINIFASNET_OPTIONS = tuple(entry.load_key for entry in MINIFASNET_ENTRIES)
+MINIFASNET_FILES = tuple(entry.name for entry in MINIFASNET_ENTRIES)
+V2_CROP_SCALE, V1SE_CROP_SCALE = (_crop_scale(entry) for entry in MINIFASNET_ENTRIES)
 
 BoxXYWH = tuple[float, float, float, float]
 
@@ -139,92 +130,3 @@ class MiniFASNet:
 
     def close(self) -> None:
         self._session = None
-
-
-@dataclass(frozen=True)
-class LivenessResult:
-    """Verdict for one face: `score` is P(real); `probabilities` are (print, real, replay)."""
-
-    is_real: bool
-    score: float
-    probabilities: tuple[float, float, float]
-
-
-class LivenessEnsemble:
-    """MiniFASNetV2 and/or MiniFASNetV1SE, fused like upstream by averaging their softmaxes.
-
-    Upstream sums the two softmaxes and reports summed[argmax] / 2, which is the average. With
-    more than one CPU the second model runs on a helper thread while the caller runs the first.
-    Safe to call from many threads at once (onnxruntime sessions are).
-    """
-
-    def __init__(
-        self,
-        v2_path: str | None = None,
-        v1se_path: str | None = None,
-        threshold: float = DEFAULT_THRESHOLD,
-        threads: int | None = None,
-    ) -> None:
-        if not v2_path and not v1se_path:
-            raise ValueError("liveness needs at least one model: give v2_path and/or v1se_path")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"liveness threshold must be within [0, 1], got {threshold}")
-        self.threshold = threshold
-        # A host that grants one thread (ModelOptions.Threads = 1) gets the models in turn.
-        use_helper = threads != 1
-        threads = threads or INTRA_OP_THREADS
-        models = []
-        if v2_path:
-            models.append(MiniFASNet(v2_path, V2_CROP_SCALE, threads))
-        if v1se_path:
-            models.append(MiniFASNet(v1se_path, V1SE_CROP_SCALE, threads))
-        self.models: tuple[MiniFASNet, ...] = tuple(models)
-        # One helper is enough: it only runs the second model while the caller runs the first;
-        # when it is busy with another request, the caller runs both (core.concurrency).
-        self._helper = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="liveness")
-            if use_helper and len(self.models) > 1 and usable_cpus() > 1
-            else None
-        )
-
-    @property
-    def runs_models_side_by_side(self) -> bool:
-        return self._helper is not None
-
-    def score(self, image_bgr: np.ndarray, faces: Sequence[FaceDetection]) -> list[LivenessResult]:
-        """One verdict per face of `image_bgr`, in the order of `faces`."""
-        boxes = [face.xywh() for face in faces]
-        if not boxes:
-            return []
-        per_model: Sequence[np.ndarray]
-        if len(self.models) == 1:
-            per_model = [self.models[0].probabilities(image_bgr, boxes)]
-        else:
-            v2, v1se = self.models
-            per_model = run_side_by_side(
-                self._helper, lambda: v2.probabilities(image_bgr, boxes), lambda: v1se.probabilities(image_bgr, boxes)
-            )
-        mean = np.mean(per_model, axis=0)
-        return [self._verdict(row) for row in mean]
-
-    def _verdict(self, probabilities: np.ndarray) -> LivenessResult:
-        p_real = float(probabilities[REAL_CLASS])
-        is_real = int(np.argmax(probabilities)) == REAL_CLASS and p_real >= self.threshold
-        print_attack, real, replay = (float(p) for p in probabilities)
-        return LivenessResult(is_real=is_real, score=p_real, probabilities=(print_attack, real, replay))
-
-    def close(self) -> None:
-        if self._helper is not None:
-            self._helper.shutdown(wait=True)
-        for model in self.models:
-            model.close()
-
-
-def build_liveness(request: LoadRequest) -> LivenessEnsemble | None:
-    """The liveness models a LoadModel request names, or None when it names none: the one place
-    that turns liveness options into models, so a new liveness engine changes this package only."""
-    v2_path, v1se_path = (request.file(option) for option in LIVENESS_OPTIONS)
-    threshold = request.float_in_range("antispoof_threshold", 0.0, 1.0, DEFAULT_THRESHOLD)
-    if not v2_path and not v1se_path:
-        return None
-    return LivenessEnsemble(v2_path=v2_path, v1se_path=v1se_path, threshold=threshold, threads=request.threads or None)

@@ -23,7 +23,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from antispoof import LIVENESS_FILES, LivenessEnsemble, crop_for_liveness  # noqa: E402
+from antispoof import MINIFASNET_FILES, LivenessEnsemble, crop_for_liveness  # noqa: E402
 from engines.runtime import create_session  # noqa: E402
 from harness.paths import MODELS_DIR, SPOOF_DIR  # noqa: E402
 from harness.spoof_samples import LARGE_SAMPLE_BOXES, SAMPLE_BOXES, face_at  # noqa: E402
@@ -48,7 +48,7 @@ def summary(times: np.ndarray, faces: int = 1) -> str:
 
 def batch_support(ensemble: LivenessEnsemble) -> str:
     notes = []
-    for model in ensemble.models:
+    for model in ensemble.minifasnets:
         name = os.path.basename(model.path)
         if model.dynamic_batch:
             notes.append(f"{name}: input {model.input_shape}, all faces of an image run in one call")
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--samples", default=SPOOF_DIR)
     args = parser.parse_args()
 
-    v2_file, v1se_file = (os.path.join(args.models, name) for name in LIVENESS_FILES)
+    v2_file, v1se_file = (os.path.join(args.models, name) for name in MINIFASNET_FILES)
     t1 = cv2.imread(os.path.join(args.samples, "image_T1.jpg"))
     if t1 is not None and len(os.sched_getaffinity(0)) > 1:
         service_like = LivenessEnsemble(v2_path=v2_file, v1se_path=v1se_file)

@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
+import antispoof
 import backend_pb2
 import backend_pb2_grpc
 import catalog
@@ -111,8 +112,12 @@ ENGINE_INSIGHTFACE = "insightface"
 ENGINE_ONNX_DIRECT = "onnx_direct"
 ENGINES = (ENGINE_INSIGHTFACE, ENGINE_ONNX_DIRECT)
 INSIGHTFACE_OPTIONS = ("engine:insightface", "model_pack:buffalo_sc")
-# `option:file` of every liveness file the catalog knows (MiniFASNetV2 and MiniFASNetV1SE).
-LIVENESS_OPTIONS = tuple(f.load_option for f in catalog.default().loadable(catalog.ROLE_ANTISPOOF))
+# `option:file` of the MiniFASNet pair (V2 and V1SE): the liveness the host's gallery loads.
+LIVENESS_OPTIONS = tuple(
+    f.load_option
+    for f in catalog.default().loadable(catalog.ROLE_ANTISPOOF)
+    if f.load_key in antispoof.MINIFASNET_OPTIONS
+)
 EMBEDDING_DIM = {ENGINE_INSIGHTFACE: 512, ENGINE_ONNX_DIRECT: 128}
 RECOGNIZER_FILE = {ENGINE_INSIGHTFACE: "w600k_mbf.onnx", ENGINE_ONNX_DIRECT: "MobileFaceNet.onnx"}
 

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from antispoof import (
-    LIVENESS_FILES,
+    MINIFASNET_FILES,
     V1SE_CROP_SCALE,
     V2_CROP_SCALE,
     LivenessEnsemble,
@@ -25,7 +25,7 @@ from core.errors import ModelFileError
 from harness.spoof_samples import SAMPLE_BOXES, face_at
 from tests import support
 
-V2_FILE, V1SE_FILE = LIVENESS_FILES
+V2_FILE, V1SE_FILE = MINIFASNET_FILES
 
 # What upstream prints for harness.spoof_samples.SAMPLE_BOXES (shared/models/minifasnet/SOURCE.md).
 # Upstream's score is the fused probability of the winning class ("FakeFace Score: 0.73").
