@@ -35,6 +35,7 @@ import backend_pb2
 import backend_pb2_grpc
 import catalog
 import evaluation
+from core.selection import best_face
 from evaluation import LabelledImage
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -426,8 +427,8 @@ def cmd_evaluate_liveness(args) -> int:
         if result is None:
             no_face.append(skipped(item, error, label=item.label))
             continue
-        # The face a check is about: the largest box, ties to the detector's more confident face.
-        face = max(result.faces, key=lambda f: (f.region.w * f.region.h, f.face_confidence))
+        # The face a check is about, by the server's own rule.
+        face = best_face(result.faces, area=lambda f: f.region.w * f.region.h, score=lambda f: f.face_confidence)
         if not face.HasField("antispoof_score"):
             raise ClientError(EXIT_REFUSED, "FaceAnalyze: the server returned no antispoof_score")
         scored.append(

@@ -8,6 +8,7 @@ replaced or freed is closed (its sessions dropped) once the last request holding
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -22,12 +23,15 @@ import psutil
 
 import catalog
 from antispoof import LIVENESS_MISSING, LivenessEnsemble, LivenessResult, build_liveness
+from core import selection
 from core.concurrency import A, B, run_side_by_side, usable_cpus
 from core.errors import IdentityMismatchError, InvalidInputError, NoFaceError, PreconditionError
 from core.settings import DEFAULT_IMAGE_LIMITS, ImageLimits
 from engines import HOST_ACTIONS, FaceAttributes, FaceDetection, FaceEngine, LoadRequest, build_engine
 from engines.runtime import set_opencv_threads
 from imaging import decode_image
+
+log = logging.getLogger(__name__)
 
 # Called between the stages of a request with the name of the next stage; raises (e.g.
 # core.errors.CallEndedError) to stop work whose caller has gone or whose deadline passed.
@@ -59,6 +63,7 @@ class LoadedModel:
     # never hands work to a helper thread.
     use_helpers: bool = True
     ignored_options: tuple[str, ...] = ()
+    model_path: str = ""  # ModelOptions.ModelPath: file names in describe() are relative to it
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _holders: int = field(default=0, init=False, repr=False)
     _retired: bool = field(default=False, init=False, repr=False)
@@ -93,9 +98,15 @@ class LoadedModel:
     def _close_if_unused(self) -> None:
         if self._retired and self._holders == 0 and not self._closing:
             self._closing = True  # under the lock: no hold succeeds from here on
-            self.engine.close()
-            if self.liveness is not None:
-                self.liveness.close()
+            # Closing runs in whichever request ends last: a failure here is logged, never that
+            # request's error, and one part failing does not keep the other open.
+            for part in (self.engine, self.liveness):
+                if part is None:
+                    continue
+                try:
+                    part.close()
+                except Exception:
+                    log.exception("closing %s of model %r failed", type(part).__name__, self.name)
             self._closed = True
 
     @property
@@ -108,11 +119,18 @@ class LoadedModel:
         """The FaceAnalyze actions this model computes, in the host's order."""
         return tuple(a for a in HOST_ACTIONS if a in self.engine.supported_actions)
 
+    def _shown(self, path: str) -> str:
+        """A model file as the operator placed it: relative to ModelPath when inside it (so
+        `buffalo_sc/w600k_mbf.onnx` and a flat `w600k_mbf.onnx` read apart), else absolute."""
+        base = os.path.abspath(self.model_path or ".")
+        full = os.path.abspath(path)
+        return os.path.relpath(full, base) if full.startswith(base + os.sep) else full
+
     def describe(self) -> str:
         """What was loaded, file by file, for LoadModel's message and Status: an operator reads
         here why a FaceAnalyze field stays empty or which of two same-named files was taken."""
         engine = self.engine
-        parts = [f"{role} {os.path.basename(path)}" for role, path in engine.files.items()]
+        parts = [f"{role} {self._shown(path)}" for role, path in engine.files.items()]
         parts.append(f"verify threshold {engine.default_threshold:g}")
         missing = [a for a in HOST_ACTIONS if a not in self.attributes]
         parts.append(
@@ -123,7 +141,7 @@ class LoadedModel:
         if self.liveness is None:
             parts.append("without liveness")
         else:
-            files = " + ".join(os.path.basename(m.path) for m in self.liveness.models)
+            files = " + ".join(self._shown(m.path) for m in self.liveness.models)
             parts.append(f"with liveness: {files} (threshold {self.liveness.threshold:g})")
         if self.ignored_options:
             parts.append("ignored options: " + ", ".join(self.ignored_options))
@@ -176,8 +194,8 @@ def verification_confidence(distance: float, threshold: float) -> float:
 
 
 def best_face(faces: Sequence[FaceDetection]) -> FaceDetection:
-    """The face a verification is about: the largest, ties broken by detector score."""
-    return max(faces, key=lambda f: (f.area, f.score))
+    """The face a verification is about (core.selection.best_face)."""
+    return selection.best_face(faces, area=lambda f: f.area, score=lambda f: f.score)
 
 
 class FaceService:
@@ -213,6 +231,7 @@ class FaceService:
                 liveness=liveness,
                 use_helpers=request.threads != 1,
                 ignored_options=tuple(request.ignored),
+                model_path=request.model_path,
             )
             set_opencv_threads(request.threads)
             # A single reference assignment: requests see old or new, whole.

@@ -24,13 +24,23 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from antispoof import CELEBA_FILE, MINIFASNET_FILES, CelebAMiniFAS, LivenessEnsemble  # noqa: E402
+import catalog  # noqa: E402
+from antispoof import (  # noqa: E402
+    CELEBA_FILE,
+    MINIFASNET_FILES,
+    CelebAMiniFAS,
+    LivenessEnsemble,
+    celeba_minifas,
+)
 from engines.options import parse_load_request  # noqa: E402
 from evaluation import LIVENESS_LABELS, read_labels  # noqa: E402
 from face_service import DEFAULT_MODEL_OPTIONS, FaceService  # noqa: E402
 from harness.paths import DATA, GROUP_PHOTO, IDENTITY_DIR, MODELS_DIR, SPOOF_DIR  # noqa: E402
 
-CHECKPOINTS = ("antispoof-celeba-minifas-97.80.onnx", "antispoof-celeba-minifas-98.20.onnx")
+# Every CelebA-Spoof MiniFAS checkpoint the catalog knows (the shipped one has a LoadModel option).
+CHECKPOINTS = tuple(
+    f.name for f in catalog.default().files.values() if f.preprocess and f.preprocess.runner == celeba_minifas.RUNNER
+)
 
 
 def photos() -> list[tuple[str, str]]:

@@ -26,7 +26,8 @@ class Reason(enum.StrEnum):
     CANCELLED = "CANCELLED"  # the caller went away between two stages
     BAD_TOKEN = "BAD_TOKEN"  # the bearer token is missing or wrong
     INTERNAL = "INTERNAL"  # a bug; the server logged it
-    # LoadModel answers success=false rather than a status; its errors carry these all the same.
+    # LoadModel errors: never on the wire (LoadModel answers Result(success=false) with the
+    # message), kept so every domain error has a reason for code and logs to branch on.
     MODEL_FILE_INVALID = "MODEL_FILE_INVALID"
     BAD_MODEL_OPTION = "BAD_MODEL_OPTION"
 

@@ -35,6 +35,10 @@ KNOWN_OPTIONS = {
     "gender_onnx": "gender head file (Cydral gender-v1.onnx)",
     "emotion_onnx": "emotion head file (OpenCV Zoo facial expression recognition, int8 MobileFaceNet)",
 }
+# Keys whose loss weakens a check silently: the verification threshold and every liveness option.
+# A near miss of one of these fails LoadModel instead of being ignored (a misspelt
+# antispoof_threshold would leave the default cut, a misspelt liveness file one model out).
+SECURITY_OPTIONS = frozenset(key for key in KNOWN_OPTIONS if key == "verify_threshold" or key.startswith("antispoof_"))
 ENGINE_INSIGHTFACE = "insightface"
 ENGINE_ONNX_DIRECT = "onnx_direct"
 # Engine names as the host's own face backend accepts them (any case): its gallery and users'
@@ -111,17 +115,24 @@ class LoadRequest:
         return sizes[0], sizes[1]
 
 
+def _near_known_key(key: str) -> str | None:
+    """The known key `key` is probably a misspelling of, if any."""
+    near = difflib.get_close_matches(key.lower(), KNOWN_OPTIONS, n=1, cutoff=0.75)
+    return near[0] if near else None
+
+
 def _ignored(raw: str, key: str | None) -> str:
     """How an option this backend does not use is named back to the operator."""
     if key is None:
         return f"'{raw}' (not key:value)"
-    near = difflib.get_close_matches(key.lower(), KNOWN_OPTIONS, n=1, cutoff=0.75)
-    return f"'{raw}' (did you mean {near[0]}?)" if near else f"'{raw}'"
+    near = _near_known_key(key)
+    return f"'{raw}' (did you mean {near}?)" if near else f"'{raw}'"
 
 
 def parse_load_request(model_name: str, model_path: str, threads: int, options: Sequence[str]) -> LoadRequest:
-    """Known keys are validated (a bad value fails LoadModel); anything else is ignored, as the
-    host does: it appends `<artifact>:<path>` options of its own to every model's list."""
+    """Known keys (any case) are validated (a bad value fails LoadModel); anything else is ignored,
+    as the host does: it appends `<artifact>:<path>` options of its own to every model's list. A
+    near miss of a threshold or liveness key fails instead (SECURITY_OPTIONS)."""
     parsed: dict[str, str] = {}
     ignored: list[str] = []
     for raw in options:
@@ -130,7 +141,15 @@ def parse_load_request(model_name: str, model_path: str, threads: int, options: 
                 ignored.append(_ignored(raw, None))
             continue
         key, value = (part.strip() for part in raw.split(":", 1))
+        if key.lower() in KNOWN_OPTIONS:  # keys in any case, like the engine names
+            key = key.lower()
         if key not in KNOWN_OPTIONS:
+            near = _near_known_key(key)
+            if near in SECURITY_OPTIONS:
+                raise ModelOptionError(
+                    f"unknown option '{key}': did you mean {near}? (a misspelt {near} would silently"
+                    " weaken the check it sets, so it is refused rather than ignored)"
+                )
             ignored.append(_ignored(raw, key))
             continue
         parsed[key] = value

@@ -216,8 +216,10 @@ class HostConfigurationTest(GrpcAssertions, unittest.TestCase):
                 self.running.channel, "insightface-buffalo-sc", models, ["engine:insightface", "model_pack:buffalo_sc"]
             )
             self.assertTrue(result.success, result.message)
-            self.assertIn("det_500m.onnx", result.message)
-            self.assertIn("w600k_mbf.onnx", result.message)
+            # Which of the same-named files was loaded, relative to ModelPath.
+            folder = "buffalo_sc/" if layout == "nested" else ""
+            self.assertIn(f"detector {folder}det_500m.onnx;", result.message)
+            self.assertIn(f"recognizer {folder}w600k_mbf.onnx;", result.message)
             self.assertNotIn("MobileFaceNet", result.message)
             distances[layout] = [
                 self.stub.FaceVerify(

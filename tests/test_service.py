@@ -492,6 +492,23 @@ class LoadModelTest(unittest.TestCase):
         self.assertIn("did you mean det_thresh?", description)
         self.assertTrue(service.verify(self.obama1, self.obama2).verified)
 
+    def test_a_near_miss_of_a_threshold_or_liveness_key_fails(self):
+        # Ignoring these would silently weaken a check: the default cut, one liveness model out.
+        name, options = self.setups[support.ENGINE_ONNX_DIRECT]
+        for typo, meant in (
+            ("verify_thresh:0.3", "verify_threshold"),
+            ("antispoof_thresh:0.9", "antispoof_threshold"),
+            ("antispoof_v1se_onx:MiniFASNetV1SE.onnx", "antispoof_v1se_onnx"),
+        ):
+            with self.subTest(typo), self.assertRaises(ModelOptionError) as caught:
+                load(FaceService(), name, [*options, typo])
+            self.assertIn(f"did you mean {meant}?", str(caught.exception))
+        # Keys in another case are the keys themselves.
+        model = load(FaceService(), name, [*options, "Verify_Threshold:0.3", "ANTISPOOF_THRESHOLD:0.9"])
+        self.assertEqual(model.engine.default_threshold, 0.3)
+        assert model.liveness is not None
+        self.assertEqual(model.liveness.threshold, 0.9)
+
     def test_engine_names_in_the_host_backends_spellings(self):
         name, options = self.setups[support.ENGINE_ONNX_DIRECT]
         files = [o for o in options if not o.startswith("engine:")]
