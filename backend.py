@@ -120,7 +120,16 @@ def liveness_fields(verdict: LivenessResult | None, prefix: str = "") -> dict[st
     FaceVerifyResponse: img1_, img2_); none at all when liveness was not asked for."""
     if verdict is None:
         return {}
-    return {f"{prefix}is_real": verdict.is_real, f"{prefix}antispoof_score": verdict.score}
+    fields: dict[str, Any] = {
+        f"{prefix}is_real": verdict.is_real,
+        f"{prefix}antispoof_score": verdict.score,
+        f"{prefix}liveness_status": verdict.status.value,
+        f"{prefix}antispoof_engines": dict(verdict.engines),
+    }
+    if verdict.gate is not None:
+        fields[f"{prefix}liveness_reason"] = verdict.gate.reason
+        fields[f"{prefix}liveness_message"] = verdict.gate.message
+    return fields
 
 
 def face_analysis(item: AnalyzedFace) -> backend_pb2.FaceAnalysis:

@@ -432,7 +432,15 @@ def cmd_evaluate_liveness(args) -> int:
         if not face.HasField("antispoof_score"):
             raise ClientError(EXIT_REFUSED, "FaceAnalyze: the server returned no antispoof_score")
         scored.append(
-            evaluation.ScoredImage(item.file, item.label, len(result.faces), float(face.antispoof_score), face.is_real)
+            evaluation.ScoredImage(
+                item.file,
+                item.label,
+                len(result.faces),
+                float(face.antispoof_score),
+                face.is_real,
+                face.liveness_status,
+                face.liveness_reason,
+            )
         )
     if not scored:
         raise ClientError(EXIT_REFUSED, "no image could be analysed")

@@ -306,6 +306,13 @@ class ScoredImage:
     faces: int
     score: float  # antispoof_score = P(real)
     is_real: bool
+    # liveness_status; an INCONCLUSIVE face (gated, with `reason`) is neither accepted nor rejected
+    status: str = "LIVE"
+    reason: str = ""
+
+    @property
+    def judged(self) -> bool:
+        return self.status != "INCONCLUSIVE"
 
 
 @dataclass(frozen=True)
@@ -321,7 +328,10 @@ def evaluate_liveness(
     scored: Sequence[ScoredImage], apcer_target: float | None, skipped_no_face: Sequence[dict] = ()
 ) -> LivenessEvaluation:
     """APCER/BPCER/ACER of the server's verdicts, AUC, and a recommended threshold (the lowest
-    meeting `apcer_target`, else the one of minimal ACER) with the rates it would give."""
+    meeting `apcer_target`, else the one of minimal ACER) with the rates it would give, all over
+    the judged images; the inconclusive ones are counted apart, with their rate per class."""
+    inconclusive = [s for s in scored if not s.judged]
+    scored = [s for s in scored if s.judged]
     real = np.asarray([s.score for s in scored if s.label == "real"], dtype=np.float64)
     spoof = np.asarray([s.score for s in scored if s.label == "spoof"], dtype=np.float64)
     spoofs_accepted = sum(1 for s in scored if s.label == "spoof" and s.is_real)
@@ -334,11 +344,15 @@ def evaluate_liveness(
     recommended, criterion = recommend_liveness(real, spoof, apcer_target)
     recommended = round(recommended, 4)  # a midpoint between two scores; the rates below are at this value
     at_recommended = liveness_rates(real, spoof, recommended)
+    labelled = {label: sum(1 for s in [*scored, *inconclusive] if s.label == label) for label in ("real", "spoof")}
     report = {
-        "images": len(scored),
+        "images": len(scored) + len(inconclusive),
         "real": len(real),
         "spoof": len(spoof),
         "skipped_no_face": list(skipped_no_face),
+        "inconclusive": len(inconclusive),
+        "inconclusive_rate_real": rounded(rate(sum(1 for s in inconclusive if s.label == "real"), labelled["real"])),
+        "inconclusive_rate_spoof": rounded(rate(sum(1 for s in inconclusive if s.label == "spoof"), labelled["spoof"])),
         "server_threshold": server_threshold,
         "apcer": rounded(apcer),
         "bpcer": rounded(bpcer),
@@ -358,8 +372,19 @@ def evaluate_liveness(
                 "faces": s.faces,
                 "antispoof_score": rounded(s.score),
                 "is_real": s.is_real,
+                "status": s.status,
             }
             for s in scored
+        ],
+        "inconclusive_results": [
+            {
+                "file": s.file,
+                "label": s.label,
+                "faces": s.faces,
+                "antispoof_score": rounded(s.score),
+                "reason": s.reason,
+            }
+            for s in inconclusive
         ],
     }
     if not consistent:

@@ -24,6 +24,7 @@ from engines.base import FaceDetection
 from engines.options import LoadRequest
 
 from .celeba_minifas import CELEBA_CROP_SCALE, CELEBA_OPTION, CelebAMiniFAS
+from .gates import Gate, LivenessStatus, gate
 from .minifasnet import (
     INTRA_OP_THREADS,
     MINIFASNET_OPTIONS,
@@ -53,13 +54,20 @@ ENGINE_CELEBA = "celeba_minifas"
 
 @dataclass(frozen=True)
 class LivenessResult:
-    """Verdict for one face: `score` is the fused P(real), `engines` each engine's P(real);
-    `probabilities` are the MiniFASNet pair's (print, real, replay), None without the pair."""
+    """Verdict for one face: `status` LIVE, SPOOF or INCONCLUSIVE (then `gate` says why);
+    `is_real` is status LIVE; `score` is the fused P(real), `engines` each engine's P(real),
+    reported for a gated face too though they decide nothing there; `probabilities` are the
+    MiniFASNet pair's (print, real, replay), None without the pair."""
 
-    is_real: bool
+    status: LivenessStatus
     score: float
     probabilities: tuple[float, float, float] | None
     engines: Mapping[str, float] = field(default_factory=dict)
+    gate: Gate | None = None
+
+    @property
+    def is_real(self) -> bool:
+        return self.status is LivenessStatus.LIVE
 
 
 class LivenessEnsemble:
@@ -113,6 +121,7 @@ class LivenessEnsemble:
         boxes = [face.xywh() for face in faces]
         if not boxes:
             return []
+        image_h, image_w = image_bgr.shape[:2]
         runs: list[Callable[[], np.ndarray]] = [partial(m.probabilities, image_bgr, boxes) for m in self.minifasnets]
         if self.celeba is not None:
             runs.append(partial(self.celeba.real_probability, image_bgr, boxes))
@@ -126,12 +135,14 @@ class LivenessEnsemble:
         celeba_real = outputs[-1] if self.celeba is not None else None
         return [
             self._verdict(
-                None if pair_mean is None else pair_mean[i], None if celeba_real is None else float(celeba_real[i])
+                None if pair_mean is None else pair_mean[i],
+                None if celeba_real is None else float(celeba_real[i]),
+                gate(image_w, image_h, box),
             )
-            for i in range(len(boxes))
+            for i, box in enumerate(boxes)
         ]
 
-    def _verdict(self, pair: np.ndarray | None, celeba_real: float | None) -> LivenessResult:
+    def _verdict(self, pair: np.ndarray | None, celeba_real: float | None, failed: Gate | None) -> LivenessResult:
         engines: dict[str, float] = {}
         says_real: list[bool] = []
         if pair is not None:
@@ -143,8 +154,12 @@ class LivenessEnsemble:
             engines[ENGINE_CELEBA] = celeba_real
             says_real.append(celeba_real >= self.threshold)
         probabilities = None if pair is None else (float(pair[0]), float(pair[1]), float(pair[2]))
+        if failed is not None:
+            status = LivenessStatus.INCONCLUSIVE
+        else:
+            status = LivenessStatus.LIVE if all(says_real) else LivenessStatus.SPOOF
         return LivenessResult(
-            is_real=all(says_real), score=min(engines.values()), probabilities=probabilities, engines=engines
+            status=status, score=min(engines.values()), probabilities=probabilities, engines=engines, gate=failed
         )
 
     def close(self) -> None:

@@ -202,6 +202,9 @@ class ClientAgainstServerTest(unittest.TestCase):
         self.assertIs(result["img1_is_real"], True)
         self.assertIs(result["img2_is_real"], False)  # present, and false
         self.assertLess(result["img2_antispoof_score"], 0.5)
+        self.assertEqual((result["img1_liveness_status"], result["img2_liveness_status"]), ("LIVE", "SPOOF"))
+        self.assertEqual(result["img2_antispoof_engines"]["minifasnet"], result["img2_antispoof_score"])
+        self.assertNotIn("img2_liveness_reason", result)  # judged: no reason
 
     def test_verify_threshold_is_honoured(self):
         result = self.ok("verify", self.obama_1, self.biden_1, "--threshold", "1.5")
@@ -319,10 +322,20 @@ class ClientAgainstServerTest(unittest.TestCase):
             for name in ("biden_1.jpg", "kit_harington_1.jpg", "obama_2.jpg", "rose_leslie_1.jpg")
         ]
         rows = [[self.spoof_f1, "spoof"], [self.spoof_f2, "spoof"], [self.real_t1, "real"]]
+        # Two tight face crops: inconclusive, counted apart and outside APCER / BPCER.
+        rows += [
+            [support.data_path("antispoof-dev", "real", "siwmv2_live_1.png"), "real"],
+            [support.data_path("antispoof-dev", "spoof", "siwmv2_spoof_1.png"), "spoof"],
+        ]
         labels = self.labels_csv("liveness.csv", "label", rows + [[path, "real"] for path in reals])
         plot = os.path.join(self.tmp, "liveness.png")
         report = self.ok("evaluate-liveness", labels, "--plot", plot)
-        self.assertEqual((report["images"], report["real"], report["spoof"]), (7, 5, 2))
+        self.assertEqual((report["images"], report["real"], report["spoof"]), (9, 5, 2))
+        self.assertEqual(report["inconclusive"], 2)
+        self.assertEqual(
+            (report["inconclusive_rate_real"], report["inconclusive_rate_spoof"]), (round(1 / 6, 4), 0.3333)
+        )
+        self.assertEqual({r["reason"] for r in report["inconclusive_results"]}, {"FACE_CROP_OUTSIDE_IMAGE"})
         self.assertEqual(report["server_threshold"], 0.5)
         self.assertEqual((report["apcer"], report["bpcer"], report["acer"]), (0.0, 0.0, 0.0))
         self.assertEqual(report["auc"], 1.0)

@@ -160,6 +160,23 @@ class LivenessTest(unittest.TestCase):
         np.testing.assert_array_equal(result.real, [0.9, 0.45])
         self.assertNotIn("server_threshold_note", report)
 
+    def test_inconclusive_images_are_counted_apart(self):
+        scored = [
+            ScoredImage("r1", "real", 1, 0.9, True, "LIVE"),
+            ScoredImage("r2", "real", 1, 0.01, False, "INCONCLUSIVE", "FACE_CROP_OUTSIDE_IMAGE"),
+            ScoredImage("s1", "spoof", 1, 0.2, False, "SPOOF"),
+            ScoredImage("s2", "spoof", 1, 0.3, False, "INCONCLUSIVE", "FACE_TOO_SMALL"),
+        ]
+        report = evaluation.evaluate_liveness(scored, None).report
+        self.assertEqual((report["images"], report["real"], report["spoof"], report["inconclusive"]), (4, 1, 1, 2))
+        self.assertEqual((report["apcer"], report["bpcer"]), (0.0, 0.0))  # the gated real face is no rejection
+        self.assertEqual((report["inconclusive_rate_real"], report["inconclusive_rate_spoof"]), (0.5, 0.5))
+        self.assertEqual([r["file"] for r in report["results"]], ["r1", "s1"])
+        self.assertEqual(
+            [r["reason"] for r in report["inconclusive_results"]], ["FACE_CROP_OUTSIDE_IMAGE", "FACE_TOO_SMALL"]
+        )
+        self.assertEqual(report["server_threshold"], 0.5)
+
     def test_evaluate_liveness_notices_another_server_threshold(self):
         # 0.6 judged spoof: the server was not deciding at 0.5
         scored = [

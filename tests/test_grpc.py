@@ -21,7 +21,14 @@ from harness.servers import InProcessServer
 from tests import support
 from tests.support import CALL_TIMEOUT, GARBAGE_BASE64, NOT_BASE64, GrpcAssertions, photo
 
-LIVENESS_FIELDS = ("img1_is_real", "img1_antispoof_score", "img2_is_real", "img2_antispoof_score")
+LIVENESS_FIELDS = (
+    "img1_is_real",
+    "img1_antispoof_score",
+    "img1_liveness_status",
+    "img2_is_real",
+    "img2_antispoof_score",
+    "img2_liveness_status",
+)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -332,9 +339,36 @@ class OnnxDirectGrpcTest(EngineCases, unittest.TestCase):
         real = self.verify(self.t1, self.t1, anti_spoofing=True)
         self.assertTrue(real.verified)
         self.assertTrue(real.HasField("img1_is_real") and real.img1_is_real and real.img2_is_real)
+        self.assertEqual((real.img1_liveness_status, real.img2_liveness_status), ("LIVE", "LIVE"))
+        self.assertEqual(checked.img2_liveness_status, "SPOOF")
+        self.assertFalse(checked.HasField("img1_liveness_reason") or checked.HasField("img2_liveness_reason"))
+        self.assertEqual(checked.img1_antispoof_engines["minifasnet"], checked.img1_antispoof_score)
         unchecked = self.verify(self.t1, self.f1)
-        for field in LIVENESS_FIELDS:
+        for field in LIVENESS_FIELDS + ("img1_liveness_reason", "img1_liveness_message"):
             self.assertFalse(unchecked.HasField(field), field)
+        self.assertEqual((len(unchecked.img1_antispoof_engines), len(unchecked.img2_antispoof_engines)), (0, 0))
+
+    def test_an_inconclusive_face_never_verifies_and_says_why(self):
+        # A tight face crop matches itself, but liveness cannot judge it: the veto fails closed.
+        crop = support.b64_file(support.data_path("antispoof-dev", "real", "siwmv2_live_1.png"))
+        response = self.verify(crop, self.t1, anti_spoofing=True)
+        self.assertFalse(response.verified)
+        self.assertFalse(response.img1_is_real)
+        self.assertEqual(response.img1_liveness_status, "INCONCLUSIVE")
+        self.assertEqual(response.img1_liveness_reason, "FACE_CROP_OUTSIDE_IMAGE")
+        self.assertIn("whole camera frame", response.img1_liveness_message)
+        self.assertEqual(response.img2_liveness_status, "LIVE")
+        self.assertTrue(response.HasField("img1_antispoof_score"))
+        itself = self.verify(crop, crop, anti_spoofing=True)
+        self.assertLess(itself.distance, itself.threshold)
+        self.assertFalse(itself.verified)
+        analysed = self.stub.FaceAnalyze(
+            backend_pb2.FaceAnalyzeRequest(img=crop, anti_spoofing=True), timeout=CALL_TIMEOUT
+        )
+        self.assertEqual(
+            [(f.liveness_status, f.liveness_reason) for f in analysed.faces],
+            [("INCONCLUSIVE", "FACE_CROP_OUTSIDE_IMAGE")],
+        )
 
     def test_analyze_with_anti_spoofing_scores_every_face(self):
         response = self.stub.FaceAnalyze(
