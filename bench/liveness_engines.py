@@ -94,7 +94,7 @@ def main() -> None:
         per_checkpoint = [model.real_probability(image, boxes) for model in checkpoints]
         for i, (alone, verdict) in enumerate(zip(pair.score(image, faces), fused.score(image, faces))):
             scores = "  ".join(f"{p[i]:.4f}" for p in per_checkpoint)
-            says = "real" if verdict.is_real else "SPOOF"
+            says = verdict.status.value if verdict.gate is None else f"{verdict.status.value} {verdict.gate.reason}"
             name = os.path.basename(path)
             print(f"{name:44s} {i:4d} {label:5s} {alone.score:.4f} {scores}  {verdict.score:.4f} {says}")
     image = read(os.path.join(SPOOF_DIR, "image_T1.jpg"))
