@@ -123,6 +123,9 @@ class ModelFile(Blob):
     commercial_ok: bool
     description: str = ""
     sources: tuple[Source, ...] = ()
+    # A local conversion with no canonical URL (e.g. LightQNet's .pb made .onnx here): installed
+    # from the mirror or not at all, and it must say so rather than list no sources silently.
+    mirror_only: bool = False
     option: str | None = None
     preprocess: Preprocess | None = None
     threshold: float | None = None
@@ -375,7 +378,14 @@ def _from_dict(data: Mapping[str, Any]) -> Catalog:
     for raw in data.get("files", ()):
         where = f"file {raw['name']}"
         sources = []
-        for s in raw["sources"]:
+        mirror_only = raw.get("mirror_only", False)
+        if not isinstance(mirror_only, bool):
+            raise CatalogError(f"{where}: mirror_only must be true or false, got {mirror_only!r}")
+        if mirror_only == bool(raw.get("sources")):
+            raise CatalogError(
+                f'{where}: needs sources, or none with "mirror_only": true (a local conversion with no URL)'
+            )
+        for s in raw.get("sources", ()):
             if ("url" in s) == ("archive" in s) or ("archive" in s and not s.get("member")):
                 raise CatalogError(f"{where}: a source is either {{url}} or {{archive, member}}: {s}")
             sources.append(
@@ -392,6 +402,7 @@ def _from_dict(data: Mapping[str, Any]) -> Catalog:
             commercial_ok=bool(raw["commercial_ok"]),
             description=raw.get("description", ""),
             sources=tuple(sources),
+            mirror_only=mirror_only,
             **_use_fields(raw, raw["role"], where),
         )
 

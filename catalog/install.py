@@ -392,6 +392,11 @@ class _Session:
             self._place(self._copy(found, entry), target)
             return Outcome(entry.name, MIRROR, found + note)
         reasons = [self.mirror.miss(entry)]
+        if entry.mirror_only:
+            raise InstallError(
+                f"cannot install {entry.name}: it is a local conversion with no download URL, installed"
+                f" only from a mirror (--mirror or MODELS_MIRROR); {reasons[0]}"
+            )
         for source in entry.sources:
             try:
                 path, action, origin = self._fetch(source, entry)
