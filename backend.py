@@ -136,6 +136,8 @@ def face_analysis(item: AnalyzedFace) -> backend_pb2.FaceAnalysis:
     message = backend_pb2.FaceAnalysis(
         region=facial_area(item.face), face_confidence=item.face.score, **liveness_fields(item.liveness)
     )
+    if item.quality is not None:
+        message.quality = item.quality
     attrs = item.attributes
     if attrs.age is not None:
         message.age = attrs.age

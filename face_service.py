@@ -180,6 +180,7 @@ class AnalyzedFace:
     face: FaceDetection
     attributes: FaceAttributes
     liveness: LivenessResult | None
+    quality: float | None = None  # LightQNet, when the model loads quality_onnx
 
 
 @dataclass(frozen=True)
@@ -374,7 +375,7 @@ class FaceService:
         verdict = None
         if liveness is not None:
             checkpoint("liveness")
-            verdict = liveness.score(image, [face])[0]
+            verdict = liveness.score(image, [face], model.engine.face_quality(image, [face]))[0]
         checkpoint("recognition")
         return VerifiedImage(face, model.engine.embed(image, face), verdict)
 
@@ -399,15 +400,18 @@ class FaceService:
                 stage("attributes")
                 return model.engine.analyze(image, faces, wanted) if wanted else [FaceAttributes()] * len(faces)
 
+            quality = model.engine.face_quality(image, faces)  # None without a quality head
+            qualities: Sequence[float | None] = [None] * len(faces) if quality is None else quality
             if liveness is None:
-                return [AnalyzedFace(f, a, None) for f, a in zip(faces, compute_attributes(checkpoint))]
+                attributes = compute_attributes(checkpoint)
+                return [AnalyzedFace(f, a, None, q) for f, a, q in zip(faces, attributes, qualities)]
 
             def score_liveness(stage: Checkpoint) -> Sequence[LivenessResult]:
                 stage("liveness")
-                return liveness.score(image, faces)
+                return liveness.score(image, faces, quality)
 
             attributes, verdicts = self._run_halves(model, compute_attributes, score_liveness, checkpoint)
-            return [AnalyzedFace(f, a, v) for f, a, v in zip(faces, attributes, verdicts)]
+            return [AnalyzedFace(f, a, v, q) for f, a, v, q in zip(faces, attributes, verdicts, qualities)]
 
     @staticmethod
     def _resolve_actions(engine: FaceEngine, actions: Sequence[str]) -> frozenset[str]:

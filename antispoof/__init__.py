@@ -14,8 +14,10 @@ from .fusion import (
 )
 from .gates import (
     FACE_CROP_OUTSIDE_IMAGE,
+    FACE_LOW_QUALITY,
     FACE_TOO_SMALL,
     MIN_FACE_PX,
+    MIN_QUALITY,
     MIN_WINDOW_INSIDE,
     Gate,
     LivenessStatus,
@@ -42,6 +44,7 @@ __all__ = [
     "ENGINE_CELEBA",
     "ENGINE_MINIFASNET",
     "FACE_CROP_OUTSIDE_IMAGE",
+    "FACE_LOW_QUALITY",
     "FACE_TOO_SMALL",
     "INPUT_SIZE",
     "LIVENESS_FILES",
@@ -50,6 +53,7 @@ __all__ = [
     "MINIFASNET_FILES",
     "MINIFASNET_OPTIONS",
     "MIN_FACE_PX",
+    "MIN_QUALITY",
     "MIN_WINDOW_INSIDE",
     "REAL_CLASS",
     "V1SE_CROP_SCALE",

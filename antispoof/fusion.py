@@ -116,8 +116,11 @@ class LivenessEnsemble:
     def runs_models_side_by_side(self) -> bool:
         return self._helper is not None
 
-    def score(self, image_bgr: np.ndarray, faces: Sequence[FaceDetection]) -> list[LivenessResult]:
-        """One verdict per face of `image_bgr`, in the order of `faces`."""
+    def score(
+        self, image_bgr: np.ndarray, faces: Sequence[FaceDetection], qualities: Sequence[float] | None = None
+    ) -> list[LivenessResult]:
+        """One verdict per face of `image_bgr`, in the order of `faces`; `qualities`, each face's
+        image quality when the face model has a quality head, adds the quality gate."""
         boxes = [face.xywh() for face in faces]
         if not boxes:
             return []
@@ -137,7 +140,7 @@ class LivenessEnsemble:
             self._verdict(
                 None if pair_mean is None else pair_mean[i],
                 None if celeba_real is None else float(celeba_real[i]),
-                gate(image_w, image_h, box),
+                gate(image_w, image_h, box, None if qualities is None else qualities[i]),
             )
             for i, box in enumerate(boxes)
         ]

@@ -1,8 +1,9 @@
 """Whether a face can be judged live or spoof at all, decided from its box before any engine's
 verdict counts: a face the texture models cannot read is INCONCLUSIVE with a reason, never "spoof".
 
-Both gates are geometric and read only the MiniFASNetV2 window (the box enlarged 2.7x, resized to
-80x80), the context the engines' training crops had around the face. Thresholds and the
+The geometric gates read only the MiniFASNetV2 window (the box enlarged 2.7x, resized to
+80x80), the context the engines' training crops had around the face; with a quality model
+loaded, a third gate reads the face's image quality. Thresholds and the
 photos they were calibrated on: bench/FINDINGS.md, "liveness gates".
 """
 
@@ -40,6 +41,12 @@ MIN_FACE_PX = math.ceil(INPUT_SIZE / V2_CROP_SCALE)
 # the scene around the head, the engines' cues, are not in the photo.
 MIN_WINDOW_INSIDE = 0.30
 
+# The LightQNet quality (engines/quality.py, loaded with quality_onnx) under which a face is too
+# degraded for a texture model: every real face of the shared photos scores 0.34 or more, the same
+# faces blurred (Gaussian sigma a quarter of the eye distance) 0.05 or less (bench/FINDINGS.md,
+# "face quality gate").
+MIN_QUALITY = 0.20
+
 FACE_TOO_SMALL = Gate(
     "FACE_TOO_SMALL",
     f"face too small to judge liveness (shorter side under {MIN_FACE_PX} px): move closer or send a "
@@ -48,6 +55,12 @@ FACE_TOO_SMALL = Gate(
 FACE_CROP_OUTSIDE_IMAGE = Gate(
     "FACE_CROP_OUTSIDE_IMAGE",
     "face fills the image: send the whole camera frame, not a face crop",
+)
+
+FACE_LOW_QUALITY = Gate(
+    "FACE_LOW_QUALITY",
+    f"face too blurred, dark or noisy to judge liveness (quality under {MIN_QUALITY:g}): hold the camera "
+    "still, light the face and send a sharp photo",
 )
 
 
@@ -62,10 +75,13 @@ def window_inside(image_w: int, image_h: int, box_xywh: BoxXYWH, scale: float = 
     return inside_w * inside_h / (4 * half_w * half_h)
 
 
-def gate(image_w: int, image_h: int, box_xywh: BoxXYWH) -> Gate | None:
-    """The first gate this face fails, or None when the engines' verdict can stand."""
+def gate(image_w: int, image_h: int, box_xywh: BoxXYWH, quality: float | None = None) -> Gate | None:
+    """The first gate this face fails, or None when the engines' verdict can stand. `quality` is
+    the face's LightQNet score when the model has the quality head, else None (no quality gate)."""
     if min(box_xywh[2], box_xywh[3]) < MIN_FACE_PX:
         return FACE_TOO_SMALL
     if window_inside(image_w, image_h, box_xywh) < MIN_WINDOW_INSIDE:
         return FACE_CROP_OUTSIDE_IMAGE
+    if quality is not None and quality < MIN_QUALITY:
+        return FACE_LOW_QUALITY
     return None

@@ -98,6 +98,10 @@ class FaceEngine(abc.ABC):
         """Attributes for every face in one batched pass per head."""
         return [FaceAttributes() for _ in faces]
 
+    def face_quality(self, image: np.ndarray, faces: Sequence[FaceDetection]) -> list[float] | None:
+        """Each face's image quality in (0, 1), higher is better; None without a quality model."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None:
         """Drop every model session and instance pool so their memory can return; the engine is

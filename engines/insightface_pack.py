@@ -28,6 +28,7 @@ from .attributes import build_attribute_heads
 from .detection import DEFAULT_DETECTION_SIZE, DEFAULT_SCORE_THRESHOLD, SCRFDDetector
 from .modular import ModularFaceEngine
 from .options import LoadRequest
+from .quality import build_quality_head
 from .recognition import ArcFaceRecognizer, is_arcface_session, profile_for
 from .runtime import create_session
 
@@ -194,4 +195,5 @@ def build_insightface_engine(request: LoadRequest) -> ModularFaceEngine:
         heads,
         verify_threshold=request.verify_threshold(),
         files={ROLE_DETECTOR: detector_path, ROLE_RECOGNIZER: recognizer_path},
+        quality=build_quality_head(request),
     )

@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from .base import FaceAttributes, FaceDetection, FaceEngine
+from .quality import QualityHead
 from .recognition import RecognizerProfile
 
 
@@ -50,6 +51,7 @@ class ModularFaceEngine(FaceEngine):
         attribute_heads: Sequence[AttributeHead] = (),
         verify_threshold: float | None = None,
         files: Mapping[str, str] = {},
+        quality: QualityHead | None = None,
     ):
         """`files`: the detector's and recognizer's model files by role; the heads add their own."""
         self.name = name
@@ -59,6 +61,9 @@ class ModularFaceEngine(FaceEngine):
         self.embedding_dim = recognizer.embedding_dim
         self.default_threshold = recognizer.profile.threshold if verify_threshold is None else verify_threshold
         self.files = {**files, **{"+".join(sorted(h.actions)): h.path for h in self.attribute_heads}}
+        self.quality = quality
+        if quality is not None:
+            self.files["quality"] = quality.path
 
     def detect(self, image: np.ndarray, threshold: float | None = None) -> list[FaceDetection]:
         return self.detector.detect(image, threshold)
@@ -85,7 +90,12 @@ class ModularFaceEngine(FaceEngine):
                         slot[key] = value
         return [FaceAttributes(**slot) for slot in merged]
 
+    def face_quality(self, image: np.ndarray, faces: Sequence[FaceDetection]) -> list[float] | None:
+        return None if self.quality is None else self.quality.predict(image, faces)
+
     def close(self) -> None:
+        if self.quality is not None:
+            self.quality.close()
         self.detector.close()
         self.recognizer.close()
         for head in self.attribute_heads:

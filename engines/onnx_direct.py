@@ -16,6 +16,7 @@ from .attributes import build_attribute_heads
 from .detection import DEFAULT_DETECTION_SIZE, SCRFDDetector, YuNetDetector
 from .modular import ModularFaceEngine
 from .options import LoadRequest
+from .quality import build_quality_head
 from .recognition import KNOWN_RECOGNIZERS, SFACE_PROFILE, SFACE_RUNNER, ArcFaceRecognizer, SFaceRecognizer, profile_for
 from .runtime import create_session
 
@@ -79,4 +80,5 @@ def build_onnx_direct_engine(request: LoadRequest) -> ModularFaceEngine:
         heads,
         verify_threshold=request.verify_threshold(),
         files={"detector": detector_path, "recognizer": recognizer_path},
+        quality=build_quality_head(request),
     )

@@ -34,6 +34,7 @@ KNOWN_OPTIONS = {
     "age_onnx": "age head file (Cydral age-v1.onnx)",
     "gender_onnx": "gender head file (Cydral gender-v1.onnx)",
     "emotion_onnx": "emotion head file (OpenCV Zoo facial expression recognition, int8 MobileFaceNet)",
+    "quality_onnx": "face quality file (LightQNet), reported per face and used by the liveness gate",
 }
 # Keys whose loss weakens a check silently: the verification threshold and every liveness option.
 # A near miss of one of these fails LoadModel instead of being ignored (a misspelt
