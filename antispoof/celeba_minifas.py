@@ -17,8 +17,7 @@ import numpy as np
 
 import catalog
 from catalog import ROLE_ANTISPOOF, CatalogError
-from core.errors import ModelFileError
-from engines.runtime import check_batch_dimension, create_session, run_batched
+from engines.runtime import open_patch_classifier, run_batched, softmax
 
 from .minifasnet import BoxXYWH
 
@@ -94,16 +93,9 @@ class CelebAMiniFAS:
     def __init__(self, path: str, scale: float = CELEBA_CROP_SCALE, threads: int | None = None) -> None:
         self.path = path
         self.scale = scale
-        self._session = create_session(path, threads)
-        model_input = self._session.get_inputs()[0]
-        _, *chw = model_input.shape
-        output_shape = self._session.get_outputs()[0].shape
-        if chw != [3, INPUT_SIZE, INPUT_SIZE] or output_shape[-1] != NUM_CLASSES:
-            raise ModelFileError(
-                f"{path} is not a CelebA-Spoof MiniFAS liveness model: input {model_input.shape}, output "
-                f"{output_shape}; expected [N, 3, {INPUT_SIZE}, {INPUT_SIZE}] -> [N, {NUM_CLASSES}]"
-            )
-        self.dynamic_batch = check_batch_dimension(self._session, path)
+        self._session, self.dynamic_batch = open_patch_classifier(
+            path, threads, INPUT_SIZE, NUM_CLASSES, "CelebA-Spoof MiniFAS liveness"
+        )
 
     def real_probability(self, image_bgr: np.ndarray, boxes_xywh: Sequence[BoxXYWH]) -> np.ndarray:
         """(len(boxes),) P(real), the softmax of the two logits, for each face box."""
@@ -111,9 +103,7 @@ class CelebAMiniFAS:
             return np.zeros(0)
         batch = np.stack([crop_reflected(image_bgr, box, self.scale) for box in boxes_xywh])
         batch = batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-        logits = run_batched(self._session, batch).astype(np.float64)
-        # softmax[0] of two logits is the logistic of their difference.
-        return 1.0 / (1.0 + np.exp(logits[:, 1 - REAL_CLASS] - logits[:, REAL_CLASS]))
+        return softmax(run_batched(self._session, batch))[:, REAL_CLASS]
 
     def close(self) -> None:
         self._session = None

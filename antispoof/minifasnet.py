@@ -16,8 +16,7 @@ import numpy as np
 
 import catalog
 from catalog import ROLE_ANTISPOOF, CatalogError, ModelFile
-from core.errors import ModelFileError
-from engines.runtime import check_batch_dimension, create_session, run_batched
+from engines.runtime import open_patch_classifier, run_batched, softmax
 
 # Upstream model files are named "<scale>_<h>x<w>_<arch>.pth": 2.7_80x80_MiniFASNetV2 and
 # 4_0_0_80x80_MiniFASNetV1SE. Both take an 80x80 crop of the face box enlarged by that scale, a
@@ -94,30 +93,17 @@ def crop_for_liveness(image_bgr: np.ndarray, box_xywh: BoxXYWH, scale: float, si
     return cv2.resize(patch, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 class MiniFASNet:
     """One MiniFASNet ONNX model and the crop scale it was trained with."""
 
     def __init__(self, path: str, scale: float, threads: int | None = None) -> None:
         self.path = path
         self.scale = scale
-        self._session = create_session(path, threads)
-        model_input = self._session.get_inputs()[0]
-        _, *chw = model_input.shape
-        output_shape = self._session.get_outputs()[0].shape
-        if chw != [3, INPUT_SIZE, INPUT_SIZE] or output_shape[-1] != NUM_CLASSES:
-            raise ModelFileError(
-                f"{path} is not a MiniFASNet liveness model: input {model_input.shape}, output "
-                f"{output_shape}; expected [N, 3, {INPUT_SIZE}, {INPUT_SIZE}] -> [N, {NUM_CLASSES}]"
-            )
-        self.input_shape: list = model_input.shape
-        # The shipped exports are fixed at 1 and reject anything else: one face per Run.
-        self.dynamic_batch = check_batch_dimension(self._session, path)
+        # The shipped exports are fixed at a batch of 1 and reject anything else: one face per Run.
+        self._session, self.dynamic_batch = open_patch_classifier(
+            path, threads, INPUT_SIZE, NUM_CLASSES, "MiniFASNet liveness"
+        )
+        self.input_shape: list = self._session.get_inputs()[0].shape
 
     def probabilities(self, image_bgr: np.ndarray, boxes_xywh: Sequence[BoxXYWH]) -> np.ndarray:
         """(len(boxes), 3) softmax over (print attack, real, replay attack) for each face box."""
@@ -126,7 +112,7 @@ class MiniFASNet:
         # Upstream feeds raw 0..255 BGR values as float, CHW, without mean/std normalisation.
         batch = np.stack([crop_for_liveness(image_bgr, box, self.scale) for box in boxes_xywh])
         batch = batch.transpose(0, 3, 1, 2).astype(np.float32)
-        return _softmax(run_batched(self._session, batch))
+        return softmax(run_batched(self._session, batch))
 
     def close(self) -> None:
         self._session = None

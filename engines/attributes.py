@@ -27,7 +27,7 @@ from core.errors import ModelFileError
 from .alignment import ARCFACE_SIZE, align_face, similarity_chip
 from .base import ACTION_AGE, ACTION_EMOTION, ACTION_GENDER, FaceAttributes, FaceDetection
 from .options import LoadRequest
-from .runtime import check_batch_dimension, create_session, run_batched
+from .runtime import check_batch_dimension, create_session, run_batched, softmax
 
 # --- Cydral (dlib-models) age and gender ----------------------------------------------------
 # Where the 5 landmarks (FaceDetection order: eye on the image's left, eye on the image's right,
@@ -157,12 +157,6 @@ class CydralAgeHead(_CydralHead):
 
     def attributes_of(self, row: np.ndarray, wanted: frozenset[str]) -> FaceAttributes:
         return FaceAttributes(age=float(row.astype(np.float64) @ CYDRAL_AGE_WEIGHTS))
-
-
-def softmax(scores: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of raw class scores, in float64 so the probabilities sum to 1."""
-    shifted = np.exp(scores.astype(np.float64) - scores.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 def male_probability_from_pair(pair: np.ndarray) -> float:

@@ -105,6 +105,29 @@ def takes_any_batch(session: ort.InferenceSession) -> bool:
     return not (isinstance(batch, int) and batch > 0)
 
 
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of a classifier's raw scores, in float64 so the probabilities sum to 1."""
+    shifted = np.exp(scores.astype(np.float64) - scores.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def open_patch_classifier(
+    path: str, threads: int | None, size: int, classes: int, kind: str
+) -> tuple[ort.InferenceSession, bool]:
+    """A session for a classifier of size x size face patches, [N, 3, size, size] -> [N, classes],
+    checked before use, and whether it takes any batch (check_batch_dimension)."""
+    session = create_session(path, threads)
+    model_input = session.get_inputs()[0]
+    _, *chw = model_input.shape
+    output_shape = session.get_outputs()[0].shape
+    if chw != [3, size, size] or output_shape[-1] != classes:
+        raise ModelFileError(
+            f"{path} is not a {kind} model: input {model_input.shape}, output "
+            f"{output_shape}; expected [N, 3, {size}, {size}] -> [N, {classes}]"
+        )
+    return session, check_batch_dimension(session, path)
+
+
 def check_batch_dimension(session: ort.InferenceSession, what: str) -> bool:
     """Whether the model takes any batch. A batch fixed at 1 is fine too (run_batched feeds it one
     face per Run); any other fixed batch is a ModelFileError naming `what`."""
