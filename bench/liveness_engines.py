@@ -18,7 +18,6 @@ import os
 import sys
 import time
 
-import cv2
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +33,7 @@ from antispoof import (  # noqa: E402
 )
 from engines.options import parse_load_request  # noqa: E402
 from evaluation import LIVENESS_LABELS, read_labels  # noqa: E402
+from face_eval import read_image  # noqa: E402
 from face_service import DEFAULT_MODEL_OPTIONS, FaceService  # noqa: E402
 from harness.paths import DATA, GROUP_PHOTO, IDENTITY_DIR, MODELS_DIR, SPOOF_DIR  # noqa: E402
 
@@ -53,13 +53,6 @@ def photos() -> list[tuple[str, str]]:
     folder = os.path.join(IDENTITY_DIR, "images")
     out += [(os.path.join(folder, n), "real") for n in sorted(os.listdir(folder)) if n.endswith(".jpg")]
     return out + [(GROUP_PHOTO, "real")]
-
-
-def read(path: str) -> np.ndarray:
-    image = cv2.imread(path)
-    if image is None:
-        raise SystemExit(f"cannot read {path}")
-    return image
 
 
 def median_ms(call, runs: int) -> float:
@@ -85,7 +78,7 @@ def main() -> None:
     checkpoints = [CelebAMiniFAS(os.path.join(args.models, name)) for name in CHECKPOINTS]
     print(f"{'photo':44s} face label  pair   97.80  98.20  fused {CELEBA_FILE}")
     for path, label in photos():
-        image = read(path)
+        image = read_image(path)
         faces = detector.detect(image)
         if not faces:
             print(f"{os.path.basename(path):44s} no face found ({label})")
@@ -97,7 +90,7 @@ def main() -> None:
             says = verdict.status.value if verdict.gate is None else f"{verdict.status.value} {verdict.gate.reason}"
             name = os.path.basename(path)
             print(f"{name:44s} {i:4d} {label:5s} {alone.score:.4f} {scores}  {verdict.score:.4f} {says}")
-    image = read(os.path.join(SPOOF_DIR, "image_T1.jpg"))
+    image = read_image(os.path.join(SPOOF_DIR, "image_T1.jpg"))
     face = detector.detect(image)[:1]
     box = [face[0].xywh()]
     print("\nmedian ms per face (image_T1):")
