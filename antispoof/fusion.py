@@ -140,7 +140,7 @@ class LivenessEnsemble:
             self._verdict(
                 None if pair_mean is None else pair_mean[i],
                 None if celeba_real is None else float(celeba_real[i]),
-                gate(image_w, image_h, box, None if qualities is None else qualities[i]),
+                gate(image_w, image_h, box, None if qualities is None else qualities[i], faces[i].landmarks),
             )
             for i, box in enumerate(boxes)
         ]

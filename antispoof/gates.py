@@ -1,9 +1,9 @@
 """Whether a face can be judged live or spoof at all, decided from its box before any engine's
 verdict counts: a face the texture models cannot read is INCONCLUSIVE with a reason, never "spoof".
 
-The geometric gates read only the MiniFASNetV2 window (the box enlarged 2.7x, resized to
-80x80), the context the engines' training crops had around the face; with a quality model
-loaded, a third gate reads the face's image quality. Thresholds and the
+The geometric gates read the MiniFASNetV2 window (the box enlarged 2.7x, resized to 80x80), the
+context the engines' training crops had around the face, and the head pose the landmarks show;
+with a quality model loaded, a last gate reads the face's image quality. Thresholds and the
 photos they were calibrated on: bench/FINDINGS.md, "liveness gates".
 """
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import StrEnum
+
+import numpy as np
 
 from .minifasnet import INPUT_SIZE, V2_CROP_SCALE, BoxXYWH
 
@@ -47,6 +49,15 @@ MIN_WINDOW_INSIDE = 0.30
 # "face quality gate").
 MIN_QUALITY = 0.20
 
+# Extreme head pose, read off the five landmarks in the frame where the eyes lie level (see
+# `head_pose`): the engines were trained on near-frontal crops, and a head turned until its nose
+# tip passes an eye (yaw ratio 1) shows the models cheek, ear and background rather than the skin
+# texture and the print or screen edges they read; the far eye's landmark is then a guess too.
+# Pitch: the nose tip above the eye line or below the mouth line. The real faces of the shared
+# photos reach yaw 0.82 and pitch 0.50-0.64 (bench/FINDINGS.md, "liveness gates").
+MAX_YAW = 1.0
+PITCH_RANGE = (0.0, 1.0)
+
 FACE_TOO_SMALL = Gate(
     "FACE_TOO_SMALL",
     f"face too small to judge liveness (shorter side under {MIN_FACE_PX} px): move closer or send a "
@@ -57,6 +68,10 @@ FACE_CROP_OUTSIDE_IMAGE = Gate(
     "face fills the image: send the whole camera frame, not a face crop",
 )
 
+FACE_POSE_EXTREME = Gate(
+    "FACE_POSE_EXTREME",
+    "face turned too far from the camera to judge liveness: look into the camera",
+)
 FACE_LOW_QUALITY = Gate(
     "FACE_LOW_QUALITY",
     f"face too blurred, dark or noisy to judge liveness (quality under {MIN_QUALITY:g}): hold the camera "
@@ -75,13 +90,49 @@ def window_inside(image_w: int, image_h: int, box_xywh: BoxXYWH, scale: float = 
     return inside_w * inside_h / (4 * half_w * half_h)
 
 
-def gate(image_w: int, image_h: int, box_xywh: BoxXYWH, quality: float | None = None) -> Gate | None:
+def head_pose(landmarks: np.ndarray) -> tuple[float, float]:
+    """(yaw, pitch) ratios of a face's five landmarks (engines.base.FaceDetection order), in the
+    frame where the eyes lie level: yaw, the nose tip's offset from the eyes' midpoint along the
+    eye line in half eye-distances (0 frontal, +-1 the nose in line with an eye); pitch, its
+    offset across the eye line as a fraction of the way to the mouth's midpoint (about 0.55
+    frontal). NaN for landmarks that do not make a face (eyes on one point, mouth above them)."""
+    left_eye, right_eye, nose, mouth_left, mouth_right = np.asarray(landmarks, dtype=np.float64)[:5]
+    eye_line = right_eye - left_eye
+    eye_distance = float(np.hypot(*eye_line))
+    if eye_distance == 0.0:
+        return math.nan, math.nan
+    along = eye_line / eye_distance
+    across = np.array([-along[1], along[0]])
+    eyes_mid = (left_eye + right_eye) / 2
+    mouth_drop = float(np.dot((mouth_left + mouth_right) / 2 - eyes_mid, across))
+    yaw = float(np.dot(nose - eyes_mid, along)) / (eye_distance / 2)
+    pitch = float(np.dot(nose - eyes_mid, across)) / mouth_drop if mouth_drop > 0 else math.nan
+    return yaw, pitch
+
+
+def pose_is_extreme(landmarks: np.ndarray) -> bool:
+    yaw, pitch = head_pose(landmarks)
+    low, high = PITCH_RANGE
+    # Comparisons with NaN are false: landmarks that make no face count as extreme.
+    return not (abs(yaw) < MAX_YAW and low < pitch < high)
+
+
+def gate(
+    image_w: int,
+    image_h: int,
+    box_xywh: BoxXYWH,
+    quality: float | None = None,
+    landmarks: np.ndarray | None = None,
+) -> Gate | None:
     """The first gate this face fails, or None when the engines' verdict can stand. `quality` is
-    the face's LightQNet score when the model has the quality head, else None (no quality gate)."""
+    the face's LightQNet score when the model has the quality head, else None (no quality gate);
+    `landmarks` its five points, else no pose gate."""
     if min(box_xywh[2], box_xywh[3]) < MIN_FACE_PX:
         return FACE_TOO_SMALL
     if window_inside(image_w, image_h, box_xywh) < MIN_WINDOW_INSIDE:
         return FACE_CROP_OUTSIDE_IMAGE
+    if landmarks is not None and pose_is_extreme(landmarks):
+        return FACE_POSE_EXTREME
     if quality is not None and quality < MIN_QUALITY:
         return FACE_LOW_QUALITY
     return None

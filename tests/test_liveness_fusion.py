@@ -19,17 +19,21 @@ from antispoof import (
     ENGINE_CELEBA,
     ENGINE_MINIFASNET,
     FACE_CROP_OUTSIDE_IMAGE,
+    FACE_POSE_EXTREME,
     FACE_TOO_SMALL,
     LIVENESS_MISSING,
     LIVENESS_OPTIONS,
+    MAX_YAW,
     MIN_FACE_PX,
     MINIFASNET_FILES,
+    PITCH_RANGE,
     CelebAMiniFAS,
     LivenessEnsemble,
     LivenessStatus,
     build_liveness,
     crop_reflected,
     gate,
+    head_pose,
     window_inside,
 )
 from antispoof.celeba_minifas import square_window
@@ -229,6 +233,33 @@ class CelebAEngineTest(unittest.TestCase):
                         wrong.append(f"{os.path.basename(path)} {verdict.status} {verdict.gate}")
             self.assertEqual(wrong, [], name)
 
+    def test_no_face_of_the_photos_is_near_the_pose_limits(self):
+        judged, _ = self.development_photos()
+        low, high = PITCH_RANGE
+        for path, _ in judged:
+            image, faces = self.faces(path)
+            for face in faces:
+                yaw, pitch = head_pose(face.landmarks)
+                self.assertLess(abs(yaw), MAX_YAW - 0.15, path)
+                self.assertTrue(low + 0.3 < pitch < high - 0.3, f"{path} pitch {pitch}")
+
+    def test_a_turned_head_is_inconclusive_not_judged(self):
+        # A real face with the landmarks a head turned past 45 degrees gives (the nose tip beyond
+        # the far eye): the engines still score it, the verdict is INCONCLUSIVE for the pose.
+        image, faces = self.faces(os.path.join(support.SPOOF_DIR, "image_T1.jpg"))
+        face = faces[0]
+        left_eye, right_eye = face.landmarks[0], face.landmarks[1]
+        turned = face.landmarks.copy()
+        turned[2] = right_eye + (right_eye - left_eye) * 0.2
+        profile = FaceDetection(box=face.box, score=face.score, landmarks=turned)
+        for ensemble in (self.pair, self.fused):
+            (frontal,) = ensemble.score(image, [face])
+            (verdict,) = ensemble.score(image, [profile])
+            self.assertIs(frontal.status, LivenessStatus.LIVE)
+            self.assertEqual((verdict.status, verdict.gate), (LivenessStatus.INCONCLUSIVE, FACE_POSE_EXTREME))
+            self.assertFalse(verdict.is_real)
+            self.assertEqual(verdict.engines, frontal.engines)
+
     def test_a_tiny_face_is_too_small_to_judge(self):
         # t1.jpg at a fifth of its size: six faces of about 20 px, under the engines' input.
         image, _ = self.faces(support.GROUP_PHOTO)
@@ -257,8 +288,30 @@ class GateTest(unittest.TestCase):
         self.assertIs(gate(1000, 1000, (400, 400, MIN_FACE_PX - 1, 80)), FACE_TOO_SMALL)
         self.assertIs(gate(20, 20, (0, 0, 20, 20)), FACE_TOO_SMALL)
         self.assertIs(gate(256, 256, (30, 0, 194, 256)), FACE_CROP_OUTSIDE_IMAGE)
-        for found in (FACE_TOO_SMALL, FACE_CROP_OUTSIDE_IMAGE):
+        frontal = np.array([[430, 440], [470, 440], [450, 462], [434, 480], [466, 480]], np.float32)
+        self.assertIsNone(gate(1000, 1000, (400, 400, 100, 100), landmarks=frontal))
+        turned = frontal.copy()
+        turned[2, 0] = 471  # the nose tip past the eye on the image's right
+        self.assertIs(gate(1000, 1000, (400, 400, 100, 100), landmarks=turned), FACE_POSE_EXTREME)
+        # Pose is read only for a face big enough and whole enough to be read at all.
+        self.assertIs(gate(1000, 1000, (400, 400, MIN_FACE_PX - 1, 80), landmarks=turned), FACE_TOO_SMALL)
+        for found in (FACE_TOO_SMALL, FACE_CROP_OUTSIDE_IMAGE, FACE_POSE_EXTREME):
             self.assertTrue(found.reason.isupper() and found.message)
+
+    def test_head_pose_ratios(self):
+        frontal = np.array([[30, 40], [70, 40], [50, 62], [34, 80], [66, 80]], np.float32)
+        self.assertEqual(head_pose(frontal), (0.0, 0.55))
+        # Rolled 90 degrees: the same face, the same ratios.
+        rolled = np.stack([-frontal[:, 1], frontal[:, 0]], axis=1)
+        np.testing.assert_allclose(head_pose(rolled), (0.0, 0.55), atol=1e-6)
+        turned = frontal.copy()
+        turned[2, 0] = 10  # nose tip 2 half eye-distances to the image's left
+        self.assertAlmostEqual(head_pose(turned)[0], -2.0)
+        tilted = frontal.copy()
+        tilted[2, 1] = 30  # nose tip above the eye line
+        self.assertLess(head_pose(tilted)[1], PITCH_RANGE[0])
+        self.assertTrue(all(np.isnan(head_pose(np.zeros((5, 2), np.float32)))))
+        self.assertIs(gate(1000, 1000, (400, 400, 100, 100), landmarks=np.zeros((5, 2))), FACE_POSE_EXTREME)
 
 
 if __name__ == "__main__":
