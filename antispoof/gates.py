@@ -90,17 +90,18 @@ def window_inside(image_w: int, image_h: int, box_xywh: BoxXYWH, scale: float = 
     return inside_w * inside_h / (4 * half_w * half_h)
 
 
-def head_pose(landmarks: np.ndarray) -> tuple[float, float]:
+def head_pose(landmarks: np.ndarray) -> tuple[float, float] | None:
     """(yaw, pitch) ratios of a face's five landmarks (engines.base.FaceDetection order), in the
     frame where the eyes lie level: yaw, the nose tip's offset from the eyes' midpoint along the
     eye line in half eye-distances (0 frontal, +-1 the nose in line with an eye); pitch, its
     offset across the eye line as a fraction of the way to the mouth's midpoint (about 0.55
-    frontal). NaN for landmarks that do not make a face (eyes on one point, mouth above them)."""
+    frontal; NaN with the mouth not below the eyes). None when both eyes sit on one point: no
+    landmarks, only a box (the boxes of upstream's samples), which say nothing of pose."""
     left_eye, right_eye, nose, mouth_left, mouth_right = np.asarray(landmarks, dtype=np.float64)[:5]
     eye_line = right_eye - left_eye
     eye_distance = float(np.hypot(*eye_line))
     if eye_distance == 0.0:
-        return math.nan, math.nan
+        return None
     along = eye_line / eye_distance
     across = np.array([-along[1], along[0]])
     eyes_mid = (left_eye + right_eye) / 2
@@ -111,9 +112,12 @@ def head_pose(landmarks: np.ndarray) -> tuple[float, float]:
 
 
 def pose_is_extreme(landmarks: np.ndarray) -> bool:
-    yaw, pitch = head_pose(landmarks)
+    pose = head_pose(landmarks)
+    if pose is None:
+        return False
+    yaw, pitch = pose
     low, high = PITCH_RANGE
-    # Comparisons with NaN are false: landmarks that make no face count as extreme.
+    # Comparisons with NaN are false: a mouth above the eyes counts as extreme.
     return not (abs(yaw) < MAX_YAW and low < pitch < high)
 
 

@@ -342,7 +342,8 @@ class OnnxDirectGrpcTest(EngineCases, unittest.TestCase):
         self.assertEqual((real.img1_liveness_status, real.img2_liveness_status), ("LIVE", "LIVE"))
         self.assertEqual(checked.img2_liveness_status, "SPOOF")
         self.assertFalse(checked.HasField("img1_liveness_reason") or checked.HasField("img2_liveness_reason"))
-        self.assertEqual(checked.img1_antispoof_engines["minifasnet"], checked.img1_antispoof_score)
+        self.assertIn("minifasnet", checked.img1_antispoof_engines)
+        self.assertAlmostEqual(min(checked.img1_antispoof_engines.values()), checked.img1_antispoof_score, places=6)
         unchecked = self.verify(self.t1, self.f1)
         for field in LIVENESS_FIELDS + ("img1_liveness_reason", "img1_liveness_message"):
             self.assertFalse(unchecked.HasField(field), field)

@@ -239,7 +239,9 @@ class CelebAEngineTest(unittest.TestCase):
         for path, _ in judged:
             image, faces = self.faces(path)
             for face in faces:
-                yaw, pitch = head_pose(face.landmarks)
+                pose = head_pose(face.landmarks)
+                assert pose is not None
+                yaw, pitch = pose
                 self.assertLess(abs(yaw), MAX_YAW - 0.15, path)
                 self.assertTrue(low + 0.3 < pitch < high - 0.3, f"{path} pitch {pitch}")
 
@@ -310,8 +312,13 @@ class GateTest(unittest.TestCase):
         tilted = frontal.copy()
         tilted[2, 1] = 30  # nose tip above the eye line
         self.assertLess(head_pose(tilted)[1], PITCH_RANGE[0])
-        self.assertTrue(all(np.isnan(head_pose(np.zeros((5, 2), np.float32)))))
-        self.assertIs(gate(1000, 1000, (400, 400, 100, 100), landmarks=np.zeros((5, 2))), FACE_POSE_EXTREME)
+        upside_down = frontal.copy()
+        upside_down[3:, 1] = 20  # mouth above the eyes
+        self.assertTrue(np.isnan(head_pose(upside_down)[1]))
+        self.assertIs(gate(1000, 1000, (400, 400, 100, 100), landmarks=upside_down + 400), FACE_POSE_EXTREME)
+        # A box without landmarks (all points on one spot) says nothing of pose: not gated.
+        self.assertIsNone(head_pose(np.zeros((5, 2), np.float32)))
+        self.assertIsNone(gate(1000, 1000, (400, 400, 100, 100), landmarks=np.zeros((5, 2))))
 
 
 if __name__ == "__main__":
