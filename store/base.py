@@ -60,7 +60,7 @@ def key_rows(keys: Sequence[Sequence[float]], field: str = "Keys") -> np.ndarray
                 reason="KEY_DIMENSION_MISMATCH",
                 field=field,
             )
-    rows = np.array([list(k) for k in keys], dtype=np.float32).reshape(len(keys), length)
+    rows = np.stack([np.asarray(k, dtype=np.float32) for k in keys])
     bad = ~np.isfinite(rows).all(axis=1)
     if bad.any():
         raise InvalidInputError(
@@ -84,6 +84,8 @@ def last_of_each(rows: np.ndarray, values: Sequence[bytes]) -> tuple[np.ndarray,
     """One Set naming a key twice keeps the later value, as two Sets would: the rows, digests and
     values with each key once."""
     last = {key_digest(row): i for i, row in enumerate(rows)}
+    if len(last) == len(rows):
+        return rows, list(last), [bytes(v) for v in values]
     order = sorted(last.values())
     return rows[order], [key_digest(rows[i]) for i in order], [bytes(values[i]) for i in order]
 
