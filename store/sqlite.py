@@ -20,6 +20,7 @@ from core.errors import ModelFileError
 from store.base import STORE_FORMAT, STORE_VERSION, Store, check_dimension, key_digest, last_of_each
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+PAGE_SIZE = 16384
 SCHEMA = (
     "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     # digest: store.base.key_digest of key, the exact-key identity (a 16-byte index entry rather
@@ -118,6 +119,9 @@ def _open(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         if new:
+            # A 512-d key is a 2 KB row: 4 KB pages hold one row each (half of the file empty),
+            # 16 KB pages hold seven.
+            conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("BEGIN IMMEDIATE")
             for statement in SCHEMA:
