@@ -57,6 +57,14 @@ class MatrixIndex:
 
     @staticmethod
     def _inverse_norms(rows: np.ndarray) -> np.ndarray:
+        # In float64 for keys too large for float32 squares, a block at a time: a whole 1M-key
+        # matrix in float64 would take twice its own memory again.
+        return np.concatenate(
+            [MatrixIndex._block_inverse_norms(rows[i : i + 65536]) for i in range(0, len(rows), 65536)]
+        )
+
+    @staticmethod
+    def _block_inverse_norms(rows: np.ndarray) -> np.ndarray:
         norms = np.linalg.norm(rows.astype(np.float64), axis=1)
         # A zero key (or one too large for float32 products) has similarity 0 with everything.
         with np.errstate(divide="ignore"):
@@ -64,11 +72,18 @@ class MatrixIndex:
         return inverse.astype(np.float32)
 
     def replace_all(self, rows: np.ndarray, digests: Sequence[bytes], values: Sequence[bytes]) -> None:
-        """The whole content at once (a load or a reload): the index holds exactly these entries."""
+        """The whole content at once (a load or a reload): the index holds exactly these entries,
+        whose digests are distinct (a table's primary key)."""
         with self._lock:
             self._clear()
             if len(digests):
-                self._upsert(rows, digests, values)
+                # rows is adopted as the matrix, not copied: a load never holds the keys twice.
+                self.dim = rows.shape[1]
+                self._matrix = np.ascontiguousarray(rows, dtype=np.float32)
+                self._inv_norm = self._inverse_norms(self._matrix)
+                self._digests = list(digests)
+                self._values = list(values)
+                self._rows = {digest: row for row, digest in enumerate(self._digests)}
 
     def upsert(self, rows: np.ndarray, digests: Sequence[bytes], values: Sequence[bytes]) -> None:
         """Each row with its value, replacing the entry of an equal key; digests name the rows'
