@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 ADDR ?= 127.0.0.1:50051
 STUBS := backend_pb2.py backend_pb2_grpc.py backend_pb2.pyi
 
-.PHONY: install install-dev models run test lint clean soak bench
+.PHONY: install install-dev models run test lint clean soak bench bench-store
 
 # The server's runtime (requirements.txt) and the generated stubs: all `make run` and run.sh need.
 install: $(VENV)/.installed $(STUBS)
@@ -55,6 +55,13 @@ soak: install models
 # pull the GUI opencv-python next to opencv-python-headless. BENCH_ARGS passes options through.
 bench: install models $(VENV)/.bench-installed
 	$(PYTHON) bench/bench.py $(BENCH_ARGS)
+	$(PYTHON) bench/store_bench.py
+
+# The store role's scaling (bench/store_bench.py): Set/s, Find p50/p95 and RSS at 10k, 100k and 1M
+# stored 512-d keys, PASS/FAIL at 1M; writes bench/results/store_bench.json. Needs ~2.5 GB of
+# memory and of temporary disk.
+bench-store: install
+	$(PYTHON) bench/store_bench.py
 
 $(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet --no-deps -r bench/requirements.txt

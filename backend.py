@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """gRPC face backend for a host inference server: `python backend.py --addr HOST:PORT`.
 
-The servicer only translates between wire messages and face_service.FaceService; every domain
+The servicer only translates between wire messages and the role LoadModel loaded (roles.Roles):
+face_service.FaceService for the face RPCs, store.StoreService for the Stores RPCs; every domain
 error becomes a status code in ERROR_STATUS and nowhere else, with a google.rpc.ErrorInfo saying
 why (the error's reason) and which request field was at fault. The environment is read once, in
 main (core.settings); the process's own concerns (malloc, signals, parent watch, worker sizing)
@@ -39,10 +40,13 @@ from core.errors import (
     NoFaceError,
     PreconditionError,
     Reason,
+    StoreUnavailableError,
 )
 from core.settings import Settings
 from engines import parse_load_request
 from face_service import DEFAULT_MODEL_OPTIONS, AnalyzedFace, FaceService
+from roles import Roles
+from store import Entry, Match, StoreService
 
 log = logging.getLogger("face-backend")
 
@@ -56,6 +60,7 @@ ERROR_STATUS = {
     IdentityMismatchError: grpc.StatusCode.NOT_FOUND,
     PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     ModelFileError: grpc.StatusCode.FAILED_PRECONDITION,
+    StoreUnavailableError: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -153,9 +158,20 @@ def face_analysis(item: AnalyzedFace) -> backend_pb2.FaceAnalysis:
     return message
 
 
+def stores_key(key) -> backend_pb2.StoresKey:
+    return backend_pb2.StoresKey(Floats=key.tolist())
+
+
+def stores_entries(entries: list[Entry] | list[Match]) -> dict[str, list]:
+    return {
+        "Keys": [stores_key(e.key) for e in entries],
+        "Values": [backend_pb2.StoresValue(Bytes=e.value) for e in entries],
+    }
+
+
 class BackendServicer(backend_pb2_grpc.BackendServicer):
-    def __init__(self, service: FaceService):
-        self.service = service
+    def __init__(self, roles: Roles):
+        self.roles = roles
 
     def Health(self, request, context):
         return backend_pb2.Reply(message=b"OK")
@@ -163,7 +179,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     def LoadModel(self, request, context):
         try:
             load_request = parse_load_request(request.Model, request.ModelPath, request.Threads, list(request.Options))
-            model = self.service.load(load_request)
+            loaded = self.roles.load(load_request)
         except FaceServiceError as error:
             return backend_pb2.Result(success=False, message=f"LoadModel failed: {error}")
         except Exception as error:
@@ -171,29 +187,32 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             return backend_pb2.Result(success=False, message=f"LoadModel failed: {type(error).__name__}")
         finally:
             process.return_free_memory()
-        return backend_pb2.Result(success=True, message=f"loaded {model.describe()}")
+        return backend_pb2.Result(success=True, message=f"loaded {loaded}")
 
     def Status(self, request, context):
-        memory = self.service.memory_usage()
-        model = self.service.loaded
+        memory = FaceService.memory_usage()
         response = backend_pb2.StatusResponse(
-            state=backend_pb2.StatusResponse.READY if model else backend_pb2.StatusResponse.UNINITIALIZED,
+            state=backend_pb2.StatusResponse.READY if self.roles.loaded else backend_pb2.StatusResponse.UNINITIALIZED,
             memory=backend_pb2.MemoryUsageData(total=memory["rss"], breakdown=memory),
         )
+        model, store = self.roles.faces.loaded, self.roles.stores.loaded
         if model is not None:
             response.model = model.name
             response.model_description = model.describe()
             response.attributes.extend(model.attributes)
+        elif store is not None:
+            response.model = store.name
+            response.model_description = store.describe()
         return response
 
     def Free(self, request, context):
-        self.service.free()
+        self.roles.free()
         process.return_free_memory()
         return backend_pb2.Result(success=True, message="model unloaded")
 
     @translate_errors
     def FaceVerify(self, request, context):
-        result = self.service.verify(
+        result = self.roles.face().verify(
             request.img1,
             request.img2,
             request.threshold,
@@ -216,14 +235,14 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
 
     @translate_errors
     def FaceAnalyze(self, request, context):
-        faces = self.service.analyze(
+        faces = self.roles.face().analyze(
             request.img, list(request.actions), request.anti_spoofing, request.ModelIdentity, checkpoint_for(context)
         )
         return backend_pb2.FaceAnalyzeResponse(faces=[face_analysis(f) for f in faces])
 
     @translate_errors
     def Embedding(self, request, context):
-        result = self.service.embed(list(request.Images), request.ModelIdentity, checkpoint_for(context))
+        result = self.roles.face().embed(list(request.Images), request.ModelIdentity, checkpoint_for(context))
         return backend_pb2.EmbeddingResult(
             embeddings=result.vector.tolist(),
             tokens=1,
@@ -233,7 +252,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
 
     @translate_errors
     def Detect(self, request, context):
-        faces = self.service.detect(request.src, request.threshold, request.ModelIdentity, checkpoint_for(context))
+        faces = self.roles.face().detect(request.src, request.threshold, request.ModelIdentity, checkpoint_for(context))
         detections = []
         for face in faces:
             x, y, w, h = face.xywh()
@@ -241,6 +260,28 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
                 backend_pb2.Detection(x=x, y=y, width=w, height=h, confidence=face.score, class_name="face")
             )
         return backend_pb2.DetectResponse(Detections=detections)
+
+    @translate_errors
+    def StoresSet(self, request, context):
+        count = self.roles.store().set(
+            [k.Floats for k in request.Keys], [v.Bytes for v in request.Values], request.ModelIdentity
+        )
+        return backend_pb2.Result(success=True, message=f"set {count} keys")
+
+    @translate_errors
+    def StoresDelete(self, request, context):
+        count = self.roles.store().delete([k.Floats for k in request.Keys], request.ModelIdentity)
+        return backend_pb2.Result(success=True, message=f"deleted {count} keys")
+
+    @translate_errors
+    def StoresGet(self, request, context):
+        entries = self.roles.store().get([k.Floats for k in request.Keys], request.ModelIdentity)
+        return backend_pb2.StoresGetResult(**stores_entries(entries))
+
+    @translate_errors
+    def StoresFind(self, request, context):
+        matches = self.roles.store().find(request.Key.Floats, request.TopK, request.ModelIdentity)
+        return backend_pb2.StoresFindResult(**stores_entries(matches), Similarities=[m.similarity for m in matches])
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
@@ -268,8 +309,11 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return self._deny
 
 
-def create_server(service: FaceService, address: str, settings: Settings | None = None) -> tuple[grpc.Server, int]:
-    """The server for `service` on `address` (port 0 picks one), not yet started, and its port.
+def create_server(
+    service: FaceService, address: str, settings: Settings | None = None, stores: StoreService | None = None
+) -> tuple[grpc.Server, int]:
+    """The server for `service` (and `stores`, a new StoreService by default) on `address` (port 0
+    picks one), not yet started, and its port.
 
     `settings` (default: read from the environment now) gives the bearer token and the worker
     and queue sizes; their image limits are the service's own, given when it was built.
@@ -287,13 +331,15 @@ def create_server(service: FaceService, address: str, settings: Settings | None 
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    backend_pb2_grpc.add_BackendServicer_to_server(BackendServicer(service), server)
-    # The standard health service reports SERVING only while a model is loaded.
+    roles = Roles(service, stores)
+    backend_pb2_grpc.add_BackendServicer_to_server(BackendServicer(roles), server)
+    # The standard health service reports SERVING only while a model (a face model or a store) is loaded.
     health_servicer = health.HealthServicer()
-    service.on_change = lambda loaded: health_servicer.set(
-        "", health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
+    roles.watch(
+        lambda loaded: health_servicer.set(
+            "", health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
     )
-    service.on_change(service.loaded is not None)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(address)
     if port == 0:

@@ -3,7 +3,8 @@
 
     python client.py [--addr HOST:PORT] [--token T] COMMAND ...
 
-Commands: load, status, verify, analyze, detect, embed, evaluate, evaluate-liveness.
+Commands: load, status, verify, analyze, detect, embed, evaluate, evaluate-liveness, and for 1:N
+identification enroll and identify (Embedding on --addr, the Stores RPCs on --store-addr).
 Results are JSON on stdout. Failures are one line on stderr, `error: ...`, and the exit code says
 which kind: 2 usage, missing file or bad labels CSV; 3 server unreachable (or went away);
 4 the server refused the call (a gRPC status, or LoadModel answering success=false).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import datetime
 import json
 import os
 import sys
@@ -40,6 +42,7 @@ from evaluation import LabelledImage
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ADDR = "127.0.0.1:50051"
+DEFAULT_STORE_ADDR = "127.0.0.1:50052"
 TOKEN_ENV = "LOCALAI_GRPC_AUTH_TOKEN"
 DEFAULT_MODEL_NAME = "default"  # what `backend.py --preload-default` loads the default set as
 
@@ -265,6 +268,52 @@ def cmd_detect(args) -> int:
 def cmd_embed(args) -> int:
     request = backend_pb2.PredictOptions(Images=[read_image_b64(args.img)], ModelIdentity=args.identity)
     print_json(message_dict(connect(args).call("Embedding", request)))
+    return 0
+
+
+# -- 1:N identification: a face server for embeddings, a store server for the gallery ---------
+
+
+def store_connection(args) -> Connection:
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV, "")
+    return Connection(args.store_addr, token, args.timeout, args.connect_timeout)
+
+
+def embedding_key(conn: Connection, path: str) -> backend_pb2.StoresKey:
+    request = backend_pb2.PredictOptions(Images=[read_image_b64(path)], ModelIdentity=conn.identity)
+    return backend_pb2.StoresKey(Floats=conn.call("Embedding", request).embeddings)
+
+
+def cmd_enroll(args) -> int:
+    """One key per photo of NAME, each stored with the name and the enrollment time as its value."""
+    faces = connect(args)
+    enrolled = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    keys = [embedding_key(faces, path) for path in args.images]
+    values = [
+        backend_pb2.StoresValue(
+            Bytes=json.dumps({"name": args.name, "enrolled": enrolled, "image": os.path.basename(path)}).encode()
+        )
+        for path in args.images
+    ]
+    store_connection(args).call("StoresSet", backend_pb2.StoresSetOptions(Keys=keys, Values=values))
+    print_json({"name": args.name, "enrolled": enrolled, "images": list(args.images), "keys": len(keys)})
+    return 0
+
+
+def cmd_identify(args) -> int:
+    """The --top enrolled faces most like the photo's best face, best first."""
+    if args.top < 1:
+        raise ClientError(EXIT_USAGE, f"--top must be >= 1, got {args.top}")
+    key = embedding_key(connect(args), args.img)
+    found = store_connection(args).call("StoresFind", backend_pb2.StoresFindOptions(Key=key, TopK=args.top))
+    matches = []
+    for value, similarity in zip(found.Values, found.Similarities):
+        try:
+            entry = json.loads(value.Bytes)
+        except ValueError:  # a value another program stored: shown as it is
+            entry = {"value": value.Bytes.decode("utf-8", "replace")}
+        matches.append({**entry, "similarity": round(similarity, 6), "distance": round(1.0 - similarity, 6)})
+    print_json({"image": args.img, "matches": matches})
     return 0
 
 
@@ -576,6 +625,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="score histograms and DET curve")
     p.add_argument("--jobs", type=int, default=2, help="calls in flight at once (default 2)")
     p.set_defaults(run=cmd_evaluate_liveness)
+
+    def store_flag(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--store-addr",
+            default=DEFAULT_STORE_ADDR,
+            help=f"HOST:PORT of the store server, a backend loaded with store:sqlite (default {DEFAULT_STORE_ADDR})",
+        )
+
+    p = commands.add_parser("enroll", parents=[shared], help="store the faces of NAME's photos in the gallery")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("images", metavar="IMG", nargs="+")
+    store_flag(p)
+    p.set_defaults(run=cmd_enroll)
+
+    p = commands.add_parser("identify", parents=[shared], help="who in the gallery the photo's face is most like")
+    p.add_argument("img", metavar="IMG")
+    p.add_argument("--top", type=int, default=3, help="how many matches, best first (default 3)")
+    store_flag(p)
+    p.set_defaults(run=cmd_identify)
     return parser
 
 

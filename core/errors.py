@@ -26,6 +26,13 @@ class Reason(enum.StrEnum):
     CANCELLED = "CANCELLED"  # the caller went away between two stages
     BAD_TOKEN = "BAD_TOKEN"  # the bearer token is missing or wrong
     INTERNAL = "INTERNAL"  # a bug; the server logged it
+    # The store role (LoadModel with store:sqlite or store:postgres) and the RPCs of each role.
+    LOADED_MODEL_IS_STORE = "LOADED_MODEL_IS_STORE"  # a face RPC, but the loaded model is a store
+    LOADED_MODEL_IS_NOT_STORE = "LOADED_MODEL_IS_NOT_STORE"  # a Stores RPC, but a face model is loaded
+    KEY_INVALID = "KEY_INVALID"  # a store key that is empty or holds NaN or infinity
+    KEY_DIMENSION_MISMATCH = "KEY_DIMENSION_MISMATCH"  # a store key of another length than the stored ones
+    BAD_STORE_REQUEST = "BAD_STORE_REQUEST"  # no keys, keys and values of different counts, TopK < 1
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"  # the store's database cannot be reached or failed
     # LoadModel errors: never on the wire (LoadModel answers Result(success=false) with the
     # message), kept so every domain error has a reason for code and logs to branch on.
     MODEL_FILE_INVALID = "MODEL_FILE_INVALID"
@@ -81,6 +88,12 @@ class ModelOptionError(FaceServiceError):
     """A LoadModel option is unknown or malformed (LoadModel fails)."""
 
     reason = Reason.BAD_MODEL_OPTION
+
+
+class StoreUnavailableError(FaceServiceError):
+    """The store's database cannot be reached or failed the write (UNAVAILABLE: worth a retry)."""
+
+    reason = Reason.STORE_UNAVAILABLE
 
 
 class CallEndedError(FaceServiceError):

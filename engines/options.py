@@ -35,11 +35,18 @@ KNOWN_OPTIONS = {
     "gender_onnx": "gender head file (Cydral gender-v1.onnx)",
     "emotion_onnx": "emotion head file (OpenCV Zoo facial expression recognition, int8 MobileFaceNet)",
     "quality_onnx": "face quality file (LightQNet), reported per face and used by the liveness gate",
+    "store": "sqlite or postgres: serve the host's Stores RPCs (a face gallery) instead of the face RPCs",
+    "store_path": "store:sqlite database file (default face-store.sqlite in ModelPath)",
+    "store_dsn": "store:postgres libpq connection string, e.g. postgresql://user:pw@host/db",
 }
 # Keys whose loss weakens a check silently: the verification threshold and every liveness option.
 # A near miss of one of these fails LoadModel instead of being ignored (a misspelt
 # antispoof_threshold would leave the default cut, a misspelt liveness file one model out).
 SECURITY_OPTIONS = frozenset(key for key in KNOWN_OPTIONS if key == "verify_threshold" or key.startswith("antispoof_"))
+STORE_SQLITE = "sqlite"
+STORE_POSTGRES = "postgres"
+STORE_KINDS = (STORE_SQLITE, STORE_POSTGRES)
+DEFAULT_STORE_FILE = "face-store.sqlite"
 ENGINE_INSIGHTFACE = "insightface"
 ENGINE_ONNX_DIRECT = "onnx_direct"
 # Engine names as the host's own face backend accepts them (any case): its gallery and users'
@@ -99,6 +106,27 @@ class LoadRequest:
     def verify_threshold(self) -> float | None:
         """FaceVerify's default cosine-distance threshold (0 to 2), or None for the recognizer's own."""
         return self.float_in_range("verify_threshold", 0.0, 2.0)
+
+    def store(self) -> str | None:
+        """The store LoadModel makes of this process (STORE_KINDS), or None for a face model."""
+        value = self.options.get("store")
+        if value is None:
+            return None
+        kind = value.strip().lower()
+        if kind not in STORE_KINDS:
+            raise ModelOptionError(f"store must be one of {', '.join(STORE_KINDS)}, got '{value}'")
+        return kind
+
+    def store_path(self) -> str:
+        """The store:sqlite database file, relative names anchored at ModelPath; it may not exist yet."""
+        value = self.options.get("store_path") or DEFAULT_STORE_FILE
+        return value if os.path.isabs(value) else os.path.join(self.model_path or ".", value)
+
+    def store_dsn(self) -> str:
+        value = self.options.get("store_dsn", "")
+        if not value:
+            raise ModelOptionError("store:postgres needs store_dsn:<libpq connection string>")
+        return value
 
     def det_size(self) -> tuple[int, int] | None:
         value = self.options.get("det_size")

@@ -110,6 +110,29 @@ class ClientAgainstServerTest(unittest.TestCase):
         self.assertTrue(cv2.imwrite(path, support.faceless_image()))
         return path
 
+    def test_enroll_and_identify_against_a_store_server(self):
+        store = BackendProcess()
+        self.addCleanup(store.close)
+        directory = support.temp_dir(self)
+        self.ok("load", "-o", "store:sqlite", "--model", "gallery", "--model-path", directory, addr=store.address)
+        image = os.path.join(self.images, "{}.jpg").format
+        enrolled = self.ok("enroll", "Obama", image("obama_1"), image("obama_2"), "--store-addr", store.address)
+        self.assertEqual((enrolled["name"], enrolled["keys"]), ("Obama", 2))
+        self.ok("enroll", "Biden", image("biden_1"), "--store-addr", store.address)
+        self.ok("enroll", "Kit", image("kit_harington_1"), "--store-addr", store.address)
+        found = self.ok("identify", image("obama_3"), "--top", "2", "--store-addr", store.address)
+        self.assertEqual([m["name"] for m in found["matches"]], ["Obama", "Obama"])
+        self.assertGreater(found["matches"][0]["similarity"], found["matches"][1]["similarity"] - 1e-6)
+        self.assertEqual(found["matches"][0]["enrolled"], enrolled["enrolled"])
+        self.assertEqual(self.ok("identify", image("biden_2"), "--top", "1", "--store-addr", store.address)
+                         ["matches"][0]["name"], "Biden")  # fmt: skip
+        # The store role refuses face RPCs, and the face server the Stores RPCs, by reason.
+        line = self.fails(client.EXIT_REFUSED, "embed", image("obama_3"), addr=store.address)
+        self.assertIn("FAILED_PRECONDITION", line)
+        self.assertIn("is a store", line)
+        line = self.fails(client.EXIT_REFUSED, "enroll", "X", image("obama_3"), "--store-addr", self.server.address)
+        self.assertIn("StoresSet: FAILED_PRECONDITION", line)
+
     def fails(self, code: int, *args: str, **kwargs) -> str:
         """Runs a call that must fail with exit `code` and exactly one stderr line; returns it."""
         done = self.client(*args, **kwargs)
