@@ -92,7 +92,7 @@ class SCRFDDetector:
         if not self.has_landmarks:
             raise ModelFileError("SCRFD model without landmarks (bnkps/kps export needed for alignment)")
         self.output_names = self._ordered_outputs()
-        self.input_size = tuple(input_size)
+        self.input_size: tuple[int, int] = (int(input_size[0]), int(input_size[1]))
         self.score_threshold = score_threshold
         self._anchor_cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._anchor_lock = threading.Lock()
@@ -174,7 +174,7 @@ class YuNetDetector:
 
     def __init__(self, path: str, input_size=DEFAULT_DETECTION_SIZE, score_threshold: float = DEFAULT_SCORE_THRESHOLD):
         self.path = path
-        self.input_size = tuple(input_size)
+        self.input_size: tuple[int, int] = (int(input_size[0]), int(input_size[1]))
         self.score_threshold = score_threshold
         self._pool = opencv_pool(
             lambda: cv2.FaceDetectorYN.create(
