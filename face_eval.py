@@ -20,7 +20,7 @@ import numpy as np
 
 from engines import FaceDetection, FaceEngine
 from evaluation import MAX_DISTANCE, labelled_pairs, read_labels
-from face_service import LocatedFaces, best_face
+from face_service import LocatedFaces, best_face, magnification
 from harness.images import read_bytes
 from imaging import EncodedImage
 
@@ -69,7 +69,7 @@ def locate(engine: FaceEngine, path: str) -> LocatedFaces:
 
 def embed_as_served(engine: FaceEngine, located: LocatedFaces, face: FaceDetection) -> np.ndarray:
     """The embedding FaceVerify computes for `face` (full-image pixels) of `located`."""
-    image, (scaled,) = located.pixels_for([face], lambda f: engine.magnification(f, embed=True))
+    image, (scaled,) = located.pixels_for([face], magnification(engine, None, embed=True))
     return engine.embed(image, scaled)
 
 

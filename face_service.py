@@ -216,6 +216,23 @@ def liveness_magnification(liveness: LivenessEnsemble, face: FaceDetection) -> f
     return max(parts)
 
 
+def magnification(
+    engine: FaceEngine,
+    liveness: LivenessEnsemble | None,
+    embed: bool = False,
+    actions: frozenset[str] = frozenset(),
+    quality: bool = False,
+) -> Callable[[FaceDetection], float]:
+    """How many times the stages a request runs on a face enlarge the image's pixels of it: the
+    engine's models (FaceEngine.magnification) and, when given, liveness."""
+
+    def of(face: FaceDetection) -> float:
+        need = engine.magnification(face, embed=embed, actions=actions, quality=quality)
+        return need if liveness is None else max(need, liveness_magnification(liveness, face))
+
+    return of
+
+
 class LocatedFaces:
     """One request image decoded at the coarsest reduction its detector allows
     (imaging.EncodedImage.coarsest_reduction), and the faces found on it, in the full image's
@@ -427,12 +444,9 @@ class FaceService:
         located = LocatedFaces(engine, read_image(encoded, name, self.image_limits))
         checkpoint("detection")
         face = best_face(self._faces(located))
-
-        def magnification(f: FaceDetection) -> float:
-            need = engine.magnification(f, embed=True, quality=liveness is not None)
-            return need if liveness is None else max(need, liveness_magnification(liveness, f))
-
-        pixels, (scaled,) = located.pixels_for([face], magnification)
+        pixels, (scaled,) = located.pixels_for(
+            [face], magnification(engine, liveness, embed=True, quality=liveness is not None)
+        )
         verdict = None
         if liveness is not None:
             checkpoint("liveness")
@@ -458,12 +472,8 @@ class FaceService:
             if not faces:  # the host's contract: a photo without a face is an answer, not an error
                 return []
 
-            def magnification(f: FaceDetection) -> float:
-                need = engine.magnification(f, actions=wanted, quality=True)
-                return need if liveness is None else max(need, liveness_magnification(liveness, f))
-
             # One image for every stage, fine enough for the smallest face.
-            image, scaled = located.pixels_for(faces, magnification)
+            image, scaled = located.pixels_for(faces, magnification(engine, liveness, actions=wanted, quality=True))
 
             def compute_attributes(stage: Checkpoint) -> Sequence[FaceAttributes]:
                 stage("attributes")
@@ -509,7 +519,7 @@ class FaceService:
             checkpoint("detection")
             face = best_face(self._faces(located))
             checkpoint("recognition")
-            image, (scaled,) = located.pixels_for([face], lambda f: model.engine.magnification(f, embed=True))
+            image, (scaled,) = located.pixels_for([face], magnification(model.engine, None, embed=True))
             return Embedding(model.engine.embed(image, scaled), face)
 
     def detect(
