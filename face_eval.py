@@ -1,5 +1,8 @@
 """Labelled-pair evaluation of a face engine: the numbers behind each default threshold.
 
+Photos are decoded and their faces found as the service does for a request's image
+(face_service.LocatedFaces: reduced-scale JPEG decode where the detector allows it).
+
 Two sets of real photos from ../shared/data:
 - calibration: the 13 single-face photos of face-recognition-examples (labels.csv);
 - held out: faces annotated in tests/data/heldout_faces.csv (the multi-face photos, Tom Hanks)
@@ -15,9 +18,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from engines import FaceEngine
+from engines import FaceDetection, FaceEngine
 from evaluation import MAX_DISTANCE, labelled_pairs, read_labels
-from face_service import best_face
+from face_service import LocatedFaces, best_face, magnification
+from harness.images import read_bytes
+from imaging import EncodedImage
 
 HELDOUT_LABELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "heldout_faces.csv")
 
@@ -55,14 +60,26 @@ def read_image(path: str) -> np.ndarray:
     return image
 
 
+def locate(engine: FaceEngine, path: str) -> LocatedFaces:
+    """The faces in the photo at `path`, found as the service finds them in a request's image."""
+    located = LocatedFaces(engine, EncodedImage.from_bytes(read_bytes(path), path))
+    located.detect()
+    return located
+
+
+def embed_as_served(engine: FaceEngine, located: LocatedFaces, face: FaceDetection) -> np.ndarray:
+    """The embedding FaceVerify computes for `face` (full-image pixels) of `located`."""
+    image, (scaled,) = located.pixels_for([face], magnification(engine, None, embed=True))
+    return engine.embed(image, scaled)
+
+
 def calibration_faces(engine: FaceEngine, data_dir: str) -> list[LabelledFace]:
     """The best face of every single-face photo in face-recognition-examples/labels.csv."""
     images, _ = read_labels(os.path.join(data_dir, "face-recognition-examples", "labels.csv"), "identity")
     faces = []
     for item in images:
-        image = read_image(item.path)
-        face = best_face(engine.detect(image))
-        faces.append(LabelledFace(item.label, item.file, engine.embed(image, face)))
+        located = locate(engine, item.path)
+        faces.append(LabelledFace(item.label, item.file, embed_as_served(engine, located, best_face(located.faces))))
     return faces
 
 
@@ -71,20 +88,19 @@ def heldout_faces(engine: FaceEngine, data_dir: str) -> list[LabelledFace]:
     faces = []
     with open(HELDOUT_LABELS, newline="") as f:
         for row in csv.DictReader(f):
-            image = read_image(os.path.join(data_dir, row["file"]))
+            located = locate(engine, os.path.join(data_dir, row["file"]))
             centre = np.array([float(row["centre_x"]), float(row["centre_y"])])
-            detected = engine.detect(image)
+            detected = located.faces
             if not detected:  # SCRFD misses the tightly cropped 112x112 Tom Hanks photo
                 continue
             face = min(
                 detected,
                 key=lambda d: np.linalg.norm(np.array([(d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2]) - centre),
             )
-            faces.append(LabelledFace(row["identity"], row["file"], engine.embed(image, face)))
-    group = os.path.join(data_dir, "insightface-wheel-images", "t1.jpg")
-    image = read_image(group)
-    for i, face in enumerate(sorted(engine.detect(image), key=lambda d: d.box[0])):
-        faces.append(LabelledFace(f"t1_person_{i}", "t1.jpg", engine.embed(image, face)))
+            faces.append(LabelledFace(row["identity"], row["file"], embed_as_served(engine, located, face)))
+    located = locate(engine, os.path.join(data_dir, "insightface-wheel-images", "t1.jpg"))
+    for i, face in enumerate(sorted(located.faces, key=lambda d: d.box[0])):
+        faces.append(LabelledFace(f"t1_person_{i}", "t1.jpg", embed_as_served(engine, located, face)))
     return faces
 
 

@@ -22,14 +22,16 @@ import numpy as np
 import psutil
 
 import catalog
-from antispoof import LIVENESS_MISSING, LivenessEnsemble, LivenessResult, build_liveness
+from antispoof import INPUT_SIZE as MINIFASNET_INPUT_SIZE
+from antispoof import LIVENESS_MISSING, MIN_FACE_PX, LivenessEnsemble, LivenessResult, build_liveness
+from antispoof.celeba_minifas import INPUT_SIZE as CELEBA_INPUT_SIZE
 from core import selection
 from core.concurrency import A, B, run_side_by_side, usable_cpus
 from core.errors import IdentityMismatchError, InvalidInputError, NoFaceError, PreconditionError
 from core.settings import DEFAULT_IMAGE_LIMITS, ImageLimits
 from engines import HOST_ACTIONS, FaceAttributes, FaceDetection, FaceEngine, LoadRequest, build_engine
 from engines.runtime import set_opencv_threads
-from imaging import decode_image
+from imaging import EncodedImage, read_image
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,73 @@ def best_face(faces: Sequence[FaceDetection]) -> FaceDetection:
     return selection.best_face(faces, area=lambda f: f.area, score=lambda f: f.score)
 
 
+def liveness_magnification(liveness: LivenessEnsemble, face: FaceDetection) -> float:
+    """How many times the liveness crops enlarge the image's pixels of `face` (each MiniFASNet's
+    80x80 of its window around the box, the CelebA model's 128x128 of its square), or how far the
+    face falls short of the FACE_TOO_SMALL gate's side: the engines read print grain and screen
+    moire that an enlarged crop does not carry, and the gate must see the face at a size that
+    decides as the full image would."""
+    shorter = max(min(face.width, face.height), 1e-6)
+    longer = max(face.width, face.height, 1e-6)
+    parts = [MIN_FACE_PX / shorter]
+    parts += [MINIFASNET_INPUT_SIZE / (model.scale * shorter) for model in liveness.minifasnets]
+    if liveness.celeba is not None:
+        parts.append(CELEBA_INPUT_SIZE / (liveness.celeba.scale * longer))
+    return max(parts)
+
+
+def magnification(
+    engine: FaceEngine,
+    liveness: LivenessEnsemble | None,
+    embed: bool = False,
+    actions: frozenset[str] = frozenset(),
+    quality: bool = False,
+) -> Callable[[FaceDetection], float]:
+    """How many times the stages a request runs on a face enlarge the image's pixels of it: the
+    engine's models (FaceEngine.magnification) and, when given, liveness."""
+
+    def of(face: FaceDetection) -> float:
+        need = engine.magnification(face, embed=embed, actions=actions, quality=quality)
+        return need if liveness is None else max(need, liveness_magnification(liveness, face))
+
+    return of
+
+
+class LocatedFaces:
+    """One request image decoded at the coarsest reduction its detector allows
+    (imaging.EncodedImage.coarsest_reduction), and the faces found on it, in the full image's
+    pixels.
+
+    `pixels_for` then gives the later stages the image at the coarsest reduction at which none of
+    their models enlarges a face, decoding it again finer when a face is too small for that at
+    detection's: a model never sees fewer pixels of a face than the full image gives it.
+    """
+
+    def __init__(self, engine: FaceEngine, encoded: EncodedImage) -> None:
+        size = engine.detection_size
+        self.engine = engine
+        self.encoded = encoded
+        self.reduction = 1 if size is None else encoded.coarsest_reduction(size)
+        self.pixels = encoded.decode(self.reduction)
+        self.faces: list[FaceDetection] = []
+
+    def detect(self, threshold: float | None = None) -> list[FaceDetection]:
+        """The engine's faces, best score first, in the full image's pixels."""
+        self.faces = [face.scaled(self.reduction) for face in self.engine.detect(self.pixels, threshold)]
+        return self.faces
+
+    def pixels_for(
+        self, faces: Sequence[FaceDetection], magnification: Callable[[FaceDetection], float]
+    ) -> tuple[np.ndarray, list[FaceDetection]]:
+        """The image to run models on `faces` (full-image pixels) with, and the faces in its
+        pixels; `magnification(face)` is how many times the models enlarge the full image."""
+        need = max((magnification(face) for face in faces), default=0.0)
+        reduction = max(r for r in self.encoded.reductions if r <= self.reduction and (r == 1 or need * r <= 1.0))
+        if reduction != self.reduction:
+            self.pixels, self.reduction = self.encoded.decode(reduction), reduction
+        return self.pixels, [face.scaled(1.0 / reduction) for face in faces]
+
+
 class FaceService:
     def __init__(self, helpers: int | None = None, image_limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> None:
         """`helpers`: threads that take the second half of a request (default: one fewer than
@@ -284,9 +353,11 @@ class FaceService:
         return model.liveness
 
     @staticmethod
-    def _faces(engine: FaceEngine, image: np.ndarray, name: str, threshold: float | None = None) -> list[FaceDetection]:
-        faces = engine.detect(image, threshold)
+    def _faces(located: LocatedFaces) -> list[FaceDetection]:
+        """The faces `located` detects; NoFaceError naming its image when there is none."""
+        faces = located.detect()
         if not faces:
+            name = located.encoded.name
             raise NoFaceError(f"no face found in {name}", field=name)
         return faces
 
@@ -369,15 +440,19 @@ class FaceService:
     def _verify_image(
         self, model: LoadedModel, liveness: LivenessEnsemble | None, encoded: str, name: str, checkpoint: Checkpoint
     ) -> VerifiedImage:
-        image = decode_image(encoded, name, self.image_limits)
+        engine = model.engine
+        located = LocatedFaces(engine, read_image(encoded, name, self.image_limits))
         checkpoint("detection")
-        face = best_face(self._faces(model.engine, image, name))
+        face = best_face(self._faces(located))
+        pixels, (scaled,) = located.pixels_for(
+            [face], magnification(engine, liveness, embed=True, quality=liveness is not None)
+        )
         verdict = None
         if liveness is not None:
             checkpoint("liveness")
-            verdict = liveness.score(image, [face], model.engine.face_quality(image, [face]))[0]
+            verdict = liveness.score(pixels, [scaled], engine.face_quality(pixels, [scaled]))[0]
         checkpoint("recognition")
-        return VerifiedImage(face, model.engine.embed(image, face), verdict)
+        return VerifiedImage(face, engine.embed(pixels, scaled), verdict)
 
     def analyze(
         self,
@@ -390,17 +465,21 @@ class FaceService:
         with self._holding(identity) as model:
             liveness = self._require_liveness(model) if anti_spoofing else None
             wanted = self._resolve_actions(model.engine, actions)
-            image = decode_image(img, "img", self.image_limits)
+            engine = model.engine
+            located = LocatedFaces(engine, read_image(img, "img", self.image_limits))
             checkpoint("detection")
-            faces = model.engine.detect(image)
+            faces = located.detect()
             if not faces:  # the host's contract: a photo without a face is an answer, not an error
                 return []
 
+            # One image for every stage, fine enough for the smallest face.
+            image, scaled = located.pixels_for(faces, magnification(engine, liveness, actions=wanted, quality=True))
+
             def compute_attributes(stage: Checkpoint) -> Sequence[FaceAttributes]:
                 stage("attributes")
-                return model.engine.analyze(image, faces, wanted) if wanted else [FaceAttributes()] * len(faces)
+                return engine.analyze(image, scaled, wanted) if wanted else [FaceAttributes()] * len(faces)
 
-            quality = model.engine.face_quality(image, faces)  # None without a quality head
+            quality = engine.face_quality(image, scaled)  # None without a quality head
             qualities: Sequence[float | None] = [None] * len(faces) if quality is None else quality
             if liveness is None:
                 attributes = compute_attributes(checkpoint)
@@ -408,7 +487,7 @@ class FaceService:
 
             def score_liveness(stage: Checkpoint) -> Sequence[LivenessResult]:
                 stage("liveness")
-                return liveness.score(image, faces, quality)
+                return liveness.score(image, scaled, quality)
 
             attributes, verdicts = self._run_halves(model, compute_attributes, score_liveness, checkpoint)
             return [AnalyzedFace(f, a, v, q) for f, a, v, q in zip(faces, attributes, verdicts, qualities)]
@@ -436,11 +515,12 @@ class FaceService:
                 raise InvalidInputError(
                     "Images[0]: no image given (Embedding needs one image)", reason="IMAGE_MISSING", field="Images[0]"
                 )
-            image = decode_image(images[0], "Images[0]", self.image_limits)
+            located = LocatedFaces(model.engine, read_image(images[0], "Images[0]", self.image_limits))
             checkpoint("detection")
-            face = best_face(self._faces(model.engine, image, "Images[0]"))
+            face = best_face(self._faces(located))
             checkpoint("recognition")
-            return Embedding(model.engine.embed(image, face), face)
+            image, (scaled,) = located.pixels_for([face], magnification(model.engine, None, embed=True))
+            return Embedding(model.engine.embed(image, scaled), face)
 
     def detect(
         self, src: str, threshold: float = 0.0, identity: str = "", checkpoint: Checkpoint = _always_continue
@@ -452,9 +532,9 @@ class FaceService:
                     reason="BAD_THRESHOLD",
                     field="threshold",
                 )
-            image = decode_image(src, "src", self.image_limits)
+            located = LocatedFaces(model.engine, read_image(src, "src", self.image_limits))
             checkpoint("detection")
-            return model.engine.detect(image, threshold if threshold > 0 else None)
+            return located.detect(threshold if threshold > 0 else None)
 
 
 # The permissive default set (MIT / Apache-2.0 / CC0 weights), loaded by `make run`: the catalog's

@@ -12,6 +12,8 @@ import binascii
 import io
 import re
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -109,26 +111,91 @@ def check_header(raw: bytes, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMI
     return fmt, width, height
 
 
+# JPEG's DCT decodes straight to 1/2, 1/4 or 1/8 of the size for a fraction of the full decode's
+# cost (libjpeg scale_denom); OpenCV exposes it as these flags, which keep IMREAD_COLOR's
+# conversions and EXIF orientation. A reduced image is ceil(side / reduction) pixels a side.
+JPEG_REDUCTIONS = (1, 2, 4, 8)
+_REDUCED_COLOR_FLAGS = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+# Formats whose decoder can reduce (Pillow's names; MPO is a JPEG).
+_REDUCIBLE_FORMATS = ("JPEG", "MPO")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """A request image whose bytes and header passed the checks, not yet decoded.
+
+    `width` and `height` are the header's, before EXIF orientation (a 90-degree orientation swaps
+    them in the decoded image).
+    """
+
+    raw: bytes
+    name: str
+    format: str
+    width: int
+    height: int
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> EncodedImage:
+        """The encoded image `raw` (a file's bytes), or InvalidInputError naming `name`."""
+        if len(raw) > limits.max_bytes:
+            raise InvalidInputError(
+                f"{name}: image is larger than {limits.max_bytes} bytes", reason="IMAGE_TOO_LARGE", field=name
+            )
+        fmt, width, height = check_header(raw, name, limits)
+        return cls(raw, name, fmt.upper(), width, height)
+
+    @property
+    def reductions(self) -> Sequence[int]:
+        """The fractions of its size this image decodes at: 1, 2, 4, 8 for a JPEG, else only 1."""
+        return JPEG_REDUCTIONS if self.format in _REDUCIBLE_FORMATS else (1,)
+
+    def decode(self, reduction: int = 1) -> np.ndarray:
+        """HxWx3 uint8 BGR, EXIF orientation applied, at 1/`reduction` of the size (one of
+        `reductions`): every output pixel is the mean of a reduction x reduction block."""
+        if reduction not in self.reductions:
+            raise ValueError(f"{self.format} decodes at 1/{list(self.reductions)} of its size, not 1/{reduction}")
+        if self.format == "GIF":
+            image = _decode_with_pillow(self.raw)  # OpenCV builds differ in GIF support
+        else:
+            # IMREAD_COLOR makes grey, palette and alpha images 3-channel BGR and 16-bit ones
+            # 8-bit, and applies the EXIF orientation; the reduced flags do the same.
+            try:
+                image = cv2.imdecode(np.frombuffer(self.raw, dtype=np.uint8), _REDUCED_COLOR_FLAGS[reduction])
+            except cv2.error:  # some malformed headers fail an OpenCV assertion instead of returning None
+                image = None
+        if image is None or image.size == 0:
+            raise InvalidInputError(
+                f"{self.name}: image data is corrupt or truncated", reason="IMAGE_UNDECODABLE", field=self.name
+            )
+        return image
+
+    def coarsest_reduction(self, min_size: tuple[int, int]) -> int:
+        """The largest reduction that leaves the image at least `min_size` (w, h) in at least one
+        dimension, either way round (the EXIF orientation is not read): an image that is then
+        fitted into a min_size box is shrunk, never enlarged, as it would be at full size. 1 when
+        the full image is no larger than that."""
+        box_w, box_h = min_size
+        best = 1
+        for reduction in self.reductions:
+            width, height = -(-self.width // reduction), -(-self.height // reduction)
+            if (width >= box_w or height >= box_h) and (height >= box_w or width >= box_h):
+                best = reduction
+        return best
+
+
+def read_image(data: str, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> EncodedImage:
+    """The base64 image in `data`, checked (bytes, format, pixel count) but not decoded."""
+    return EncodedImage.from_bytes(decode_base64(data, name, limits), name, limits)
+
+
 def decode_image(data: str, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> np.ndarray:
-    """The image in `data` as an HxWx3 uint8 BGR array, EXIF orientation applied."""
-    raw = decode_base64(data, name, limits)
-    if len(raw) > limits.max_bytes:
-        raise InvalidInputError(
-            f"{name}: image is larger than {limits.max_bytes} bytes", reason="IMAGE_TOO_LARGE", field=name
-        )
-    fmt, _, _ = check_header(raw, name, limits)
-    if fmt.upper() == "GIF":
-        image = _decode_with_pillow(raw)  # OpenCV builds differ in GIF support
-    else:
-        # IMREAD_COLOR makes grey, palette and alpha images 3-channel BGR and 16-bit ones 8-bit,
-        # and applies the EXIF orientation.
-        try:
-            image = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), cv2.IMREAD_COLOR)
-        except cv2.error:  # some malformed headers fail an OpenCV assertion instead of returning None
-            image = None
-    if image is None or image.size == 0:
-        raise InvalidInputError(f"{name}: image data is corrupt or truncated", reason="IMAGE_UNDECODABLE", field=name)
-    return image
+    """The image in `data` as an HxWx3 uint8 BGR array at full size, EXIF orientation applied."""
+    return read_image(data, name, limits).decode()
 
 
 def _decode_with_pillow(raw: bytes):

@@ -38,6 +38,13 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return matrix
 
 
+def chip_magnification(landmarks: np.ndarray, template_px: np.ndarray) -> float:
+    """How many times the warp that puts `landmarks` onto `template_px` (in chip pixels) enlarges
+    the image: above 1 the chip interpolates detail the image does not have."""
+    matrix = similarity_transform(landmarks, template_px)
+    return float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+
+
 def similarity_chip(
     image: np.ndarray, landmarks: np.ndarray, template: np.ndarray, size: int, oversample: int = 1
 ) -> np.ndarray:
@@ -56,3 +63,8 @@ def similarity_chip(
 def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = ARCFACE_SIZE) -> np.ndarray:
     """The size x size crop with the 5 landmarks moved onto the ArcFace template."""
     return similarity_chip(image, landmarks, ARCFACE_TEMPLATE / ARCFACE_SIZE, size)
+
+
+def arcface_magnification(landmarks: np.ndarray) -> float:
+    """chip_magnification of align_face's 112x112 chip."""
+    return chip_magnification(landmarks, ARCFACE_TEMPLATE)

@@ -24,7 +24,7 @@ import numpy as np
 
 from core.errors import ModelFileError
 
-from .alignment import ARCFACE_SIZE, align_face, similarity_chip
+from .alignment import ARCFACE_SIZE, align_face, arcface_magnification, chip_magnification, similarity_chip
 from .base import ACTION_AGE, ACTION_EMOTION, ACTION_GENDER, FaceAttributes, FaceDetection
 from .options import LoadRequest
 from .runtime import check_batch_dimension, create_session, run_batched, softmax
@@ -70,6 +70,12 @@ FER_INPUT_STD = 0.5
 FER_EMOTIONS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
 
 
+def box_chip_scale(box: Sequence[float], size: int, box_scale: float) -> float:
+    """How many times box_chip enlarges the image."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return size / (max(x2 - x1, y2 - y1, 1.0) * box_scale)
+
+
 def box_chip(image: np.ndarray, box: Sequence[float], size: int, box_scale: float) -> np.ndarray:
     """insightface face_align.transform(img, centre of box, size, size / (max(w,h) * box_scale), 0)."""
     x1, y1, x2, y2 = (float(v) for v in box)
@@ -113,6 +119,10 @@ class _OnnxHead:
         """The [N,3,H,W] input for `faces` of `image`."""
         raise NotImplementedError
 
+    def magnification(self, face: FaceDetection) -> float:
+        """How many times this head's input enlarges the image's pixels of `face`."""
+        raise NotImplementedError
+
     def attributes_of(self, row: np.ndarray, wanted: frozenset[str]) -> FaceAttributes:
         """The attributes (those `wanted` of this head's) one face's output row gives."""
         raise NotImplementedError
@@ -128,6 +138,10 @@ class _CydralHead(_OnnxHead):
     def __init__(self, path: str, threads: int | None = None):
         super().__init__(create_session(path, threads), f"{self.OPTION} {path}", self.SIZE)
         self.path = path
+
+    def magnification(self, face: FaceDetection) -> float:
+        # Of the SIZE px input: the CYDRAL_OVERSAMPLE warp only anti-aliases its shrinking.
+        return chip_magnification(face.landmarks, CYDRAL_CHIP_TEMPLATE * self.SIZE)
 
     def blob(self, image: np.ndarray, faces: Sequence[FaceDetection]) -> np.ndarray:
         chips = np.stack(
@@ -193,6 +207,9 @@ class InsightFaceGenderAge(_OnnxHead):
         self.input_mean = input_mean
         self.input_std = input_std
 
+    def magnification(self, face: FaceDetection) -> float:
+        return box_chip_scale(face.box, self.size, GENDERAGE_BOX_SCALE)
+
     def blob(self, image: np.ndarray, faces: Sequence[FaceDetection]) -> np.ndarray:
         chips = [box_chip(image, f.box, self.size, GENDERAGE_BOX_SCALE) for f in faces]
         mean = (self.input_mean,) * 3
@@ -219,6 +236,9 @@ class ExpressionHead(_OnnxHead):
         if classes != len(FER_EMOTIONS):
             raise ModelFileError(f"{what}: expected {len(FER_EMOTIONS)} expression scores, the model gives {classes}")
         self.path = path
+
+    def magnification(self, face: FaceDetection) -> float:
+        return arcface_magnification(face.landmarks)
 
     def blob(self, image: np.ndarray, faces: Sequence[FaceDetection]) -> np.ndarray:
         rgb = np.stack([align_face(image, f.landmarks) for f in faces])[..., ::-1].astype(np.float32)

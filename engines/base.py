@@ -7,6 +7,7 @@ dataclasses; the service layer turns those into wire messages.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -51,6 +52,14 @@ class FaceDetection:
         """Top-left corner plus size, the layout of the wire's FacialArea and Detection."""
         return (self.box[0], self.box[1], self.width, self.height)
 
+    def scaled(self, factor: float) -> FaceDetection:
+        """The same face in an image `factor` times the size (box and landmarks scaled)."""
+        if factor == 1.0:
+            return self
+        x1, y1, x2, y2 = self.box
+        landmarks = (self.landmarks * np.float32(factor)).astype(np.float32)
+        return FaceDetection((x1 * factor, y1 * factor, x2 * factor, y2 * factor), self.score, landmarks)
+
 
 @dataclass(frozen=True)
 class FaceAttributes:
@@ -86,6 +95,21 @@ class FaceEngine(abc.ABC):
     @abc.abstractmethod
     def embed(self, image: np.ndarray, face: FaceDetection) -> np.ndarray:
         """L2-normalised float32 embedding of `face` in `image`."""
+
+    @property
+    def detection_size(self) -> tuple[int, int] | None:
+        """The (w, h) box the detector fits every image into (it never needs more pixels than
+        that); None when it looks at the image at whatever size it comes."""
+        return None
+
+    def magnification(
+        self, face: FaceDetection, embed: bool = False, actions: frozenset[str] = frozenset(), quality: bool = False
+    ) -> float:
+        """How many times the models a request runs on `face` enlarge the image's pixels: the
+        recognizer with `embed`, the heads of `actions`, the quality head with `quality`. Above
+        1, a model's input interpolates pixels the image does not have; 0 when none runs. An
+        engine that cannot tell says infinity (always the full-size image)."""
+        return math.inf
 
     @property
     def supported_actions(self) -> frozenset[str]:

@@ -77,7 +77,12 @@ class SCRFDDetector:
         session: ort.InferenceSession,
         input_size=DEFAULT_DETECTION_SIZE,
         score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+        fitted_canvas: bool = True,
     ):
+        """`fitted_canvas`: run on a canvas the fitted image's size (rounded up to the largest
+        stride) instead of insightface's full input_size letterbox, whose padding holds no face
+        and cost a third of the detector's time on 4:3 photos (bench/FINDINGS.md, "SCRFD canvas";
+        False only to measure that)."""
         self.session = session
         self.input_name = session.get_inputs()[0].name
         self.output_names = [o.name for o in session.get_outputs()]
@@ -92,8 +97,9 @@ class SCRFDDetector:
         if not self.has_landmarks:
             raise ModelFileError("SCRFD model without landmarks (bnkps/kps export needed for alignment)")
         self.output_names = self._ordered_outputs()
-        self.input_size = tuple(input_size)
+        self.input_size: tuple[int, int] = (int(input_size[0]), int(input_size[1]))
         self.score_threshold = score_threshold
+        self.fitted_canvas = fitted_canvas
         self._anchor_cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._anchor_lock = threading.Lock()
 
@@ -126,9 +132,17 @@ class SCRFDDetector:
         threshold = self.score_threshold if threshold is None else threshold
         scale = letterbox_scale(image.shape, self.input_size)
         new_w, new_h = (max(1, int(round(image.shape[1] * scale))), max(1, int(round(image.shape[0] * scale))))
-        canvas = np.zeros((self.input_size[1], self.input_size[0], 3), dtype=np.uint8)
+        canvas_w, canvas_h = self.input_size
+        if self.fitted_canvas:
+            # Whole strides, so that every feature map's grid covers the canvas exactly.
+            stride = self.strides[-1]
+            canvas_w = min(canvas_w, -(-new_w // stride) * stride)
+            canvas_h = min(canvas_h, -(-new_h // stride) * stride)
+        canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.uint8)
         canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
-        blob = cv2.dnn.blobFromImage(canvas, 1.0 / self.INPUT_STD, self.input_size, (self.INPUT_MEAN,) * 3, swapRB=True)
+        blob = cv2.dnn.blobFromImage(
+            canvas, 1.0 / self.INPUT_STD, (canvas_w, canvas_h), (self.INPUT_MEAN,) * 3, swapRB=True
+        )
         outputs = self.session.run(self.output_names, {self.input_name: blob})
         fm = self.feature_maps
         boxes_all, scores_all, kps_all = [], [], []
@@ -174,7 +188,7 @@ class YuNetDetector:
 
     def __init__(self, path: str, input_size=DEFAULT_DETECTION_SIZE, score_threshold: float = DEFAULT_SCORE_THRESHOLD):
         self.path = path
-        self.input_size = tuple(input_size)
+        self.input_size: tuple[int, int] = (int(input_size[0]), int(input_size[1]))
         self.score_threshold = score_threshold
         self._pool = opencv_pool(
             lambda: cv2.FaceDetectorYN.create(

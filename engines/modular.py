@@ -17,6 +17,8 @@ from .recognition import RecognizerProfile
 
 
 class Detector(Protocol):
+    input_size: tuple[int, int]  # the (w, h) box every image is fitted into
+
     def detect(self, image: np.ndarray, threshold: float | None = None) -> list[FaceDetection]: ...
 
     def close(self) -> None: ...
@@ -28,6 +30,8 @@ class Recognizer(Protocol):
 
     def embed(self, image: np.ndarray, face: FaceDetection) -> np.ndarray: ...
 
+    def magnification(self, face: FaceDetection) -> float: ...
+
     def close(self) -> None: ...
 
 
@@ -38,6 +42,8 @@ class AttributeHead(Protocol):
     def predict(
         self, image: np.ndarray, faces: Sequence[FaceDetection], actions: frozenset[str]
     ) -> list[FaceAttributes]: ...
+
+    def magnification(self, face: FaceDetection) -> float: ...
 
     def close(self) -> None: ...
 
@@ -70,6 +76,20 @@ class ModularFaceEngine(FaceEngine):
 
     def embed(self, image: np.ndarray, face: FaceDetection) -> np.ndarray:
         return self.recognizer.embed(image, face)
+
+    @property
+    def detection_size(self) -> tuple[int, int] | None:
+        return self.detector.input_size
+
+    def magnification(
+        self, face: FaceDetection, embed: bool = False, actions: frozenset[str] = frozenset(), quality: bool = False
+    ) -> float:
+        parts = [head.magnification(face) for head in self.attribute_heads if actions & head.actions]
+        if embed:
+            parts.append(self.recognizer.magnification(face))
+        if quality and self.quality is not None:
+            parts.append(self.quality.magnification(face))
+        return max(parts, default=0.0)
 
     @property
     def supported_actions(self) -> frozenset[str]:

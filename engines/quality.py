@@ -13,7 +13,7 @@ import numpy as np
 
 from core.errors import ModelFileError
 
-from .alignment import similarity_chip
+from .alignment import chip_magnification, similarity_chip
 from .base import FaceDetection
 from .options import LoadRequest
 from .runtime import check_batch_dimension, create_session, run_batched
@@ -57,6 +57,10 @@ class QualityHead:
             for f in faces
         ]
         return np.ascontiguousarray((np.stack(chips).astype(np.float32) - LIGHTQNET_MEAN) / LIGHTQNET_STD)
+
+    def magnification(self, face: FaceDetection) -> float:
+        """Of the 96 px input: the 160 px chip is shrunk to it."""
+        return chip_magnification(quality_points(face.landmarks), LIGHTQNET_TEMPLATE * LIGHTQNET_SIZE)
 
     def predict(self, image: np.ndarray, faces: Sequence[FaceDetection]) -> list[float]:
         if not faces:

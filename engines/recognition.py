@@ -19,7 +19,7 @@ import catalog
 from catalog import ROLE_RECOGNIZER, ModelFile
 from core.errors import ModelFileError, ModelOptionError
 
-from .alignment import ARCFACE_SIZE, align_face
+from .alignment import ARCFACE_SIZE, align_face, arcface_magnification
 from .base import FaceDetection
 from .runtime import check_batch_dimension, opencv_pool, run_batched
 
@@ -137,6 +137,9 @@ class ArcFaceRecognizer:
         rgb = np.stack(crops_bgr)[..., ::-1].astype(np.float32)
         return (rgb.transpose(0, 3, 1, 2) - self._mean) * self._scale
 
+    def magnification(self, face: FaceDetection) -> float:
+        return arcface_magnification(face.landmarks)
+
     def embed(self, image: np.ndarray, face: FaceDetection) -> np.ndarray:
         crop = align_face(image, face.landmarks)
         crops = [crop, crop[:, ::-1]] if self.profile.flip else [crop]
@@ -159,6 +162,10 @@ class SFaceRecognizer:
 
     def close(self) -> None:
         self._pool.close()
+
+    def magnification(self, face: FaceDetection) -> float:
+        # alignCrop warps onto the same 112x112 ArcFace template (OpenCV face_recognize.cpp).
+        return arcface_magnification(face.landmarks)
 
     def embed(self, image: np.ndarray, face: FaceDetection) -> np.ndarray:
         # FaceRecognizerSF.alignCrop expects a YuNet row: x, y, w, h, 10 landmark coords, score.

@@ -56,3 +56,48 @@ def png_pixel_bomb(width: int = 40000, height: int = 40000) -> bytes:
         + png_chunk(b"IDAT", rows)
         + png_chunk(b"IEND", b"")
     )
+
+
+# A 12-MP phone photo's size, landscape (a portrait source gets it turned to 3000x4000).
+PHONE_PHOTO_SIZE = (4000, 3000)
+PHONE_PHOTO_QUALITY = 90
+
+
+def phone_photo(image: np.ndarray, size: tuple[int, int] = PHONE_PHOTO_SIZE) -> bytes:
+    """`image` enlarged (INTER_CUBIC) to cover `size` and centre-cropped to it, as a quality-90
+    JPEG: a stand-in for a phone camera's photo, made at run time from a real one (the shared data
+    holds no 12-MP photo). `size` is (long side, short side); the source's orientation is kept."""
+    import cv2  # on use, as in b64_image
+
+    long_side, short_side = max(size), min(size)
+    height, width = image.shape[:2]
+    out_w, out_h = (long_side, short_side) if width >= height else (short_side, long_side)
+    scale = max(out_w / width, out_h / height)
+    big = cv2.resize(
+        image, (max(out_w, round(width * scale)), max(out_h, round(height * scale))), interpolation=cv2.INTER_CUBIC
+    )
+    top, left = (big.shape[0] - out_h) // 2, (big.shape[1] - out_w) // 2
+    ok, encoded = cv2.imencode(
+        ".jpg", big[top : top + out_h, left : left + out_w], [cv2.IMWRITE_JPEG_QUALITY, PHONE_PHOTO_QUALITY]
+    )
+    if not ok:
+        raise ValueError("cv2.imencode('.jpg') failed")
+    return encoded.tobytes()
+
+
+def shrunk_photo(raw: bytes, long_side: int = 640) -> bytes:
+    """The JPEG `raw` shrunk (INTER_AREA) to `long_side` px on its longer side, quality 90: the
+    same photo as a phone app would send it downsized."""
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError("cv2.imdecode could not decode the photo")
+    scale = long_side / max(image.shape[:2])
+    small = cv2.resize(
+        image, (round(image.shape[1] * scale), round(image.shape[0] * scale)), interpolation=cv2.INTER_AREA
+    )
+    ok, encoded = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, PHONE_PHOTO_QUALITY])
+    if not ok:
+        raise ValueError("cv2.imencode('.jpg') failed")
+    return encoded.tobytes()
