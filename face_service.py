@@ -22,9 +22,7 @@ import numpy as np
 import psutil
 
 import catalog
-from antispoof import INPUT_SIZE as MINIFASNET_INPUT_SIZE
-from antispoof import LIVENESS_MISSING, MIN_FACE_PX, LivenessEnsemble, LivenessResult, build_liveness
-from antispoof.celeba_minifas import INPUT_SIZE as CELEBA_INPUT_SIZE
+from antispoof import LIVENESS_MISSING, LivenessEnsemble, LivenessResult, build_liveness
 from core import selection
 from core.concurrency import A, B, run_side_by_side, usable_cpus
 from core.errors import IdentityMismatchError, InvalidInputError, NoFaceError, PreconditionError
@@ -201,21 +199,6 @@ def best_face(faces: Sequence[FaceDetection]) -> FaceDetection:
     return selection.best_face(faces, area=lambda f: f.area, score=lambda f: f.score)
 
 
-def liveness_magnification(liveness: LivenessEnsemble, face: FaceDetection) -> float:
-    """How many times the liveness crops enlarge the image's pixels of `face` (each MiniFASNet's
-    80x80 of its window around the box, the CelebA model's 128x128 of its square), or how far the
-    face falls short of the FACE_TOO_SMALL gate's side: the engines read print grain and screen
-    moire that an enlarged crop does not carry, and the gate must see the face at a size that
-    decides as the full image would."""
-    shorter = max(min(face.width, face.height), 1e-6)
-    longer = max(face.width, face.height, 1e-6)
-    parts = [MIN_FACE_PX / shorter]
-    parts += [MINIFASNET_INPUT_SIZE / (model.scale * shorter) for model in liveness.minifasnets]
-    if liveness.celeba is not None:
-        parts.append(CELEBA_INPUT_SIZE / (liveness.celeba.scale * longer))
-    return max(parts)
-
-
 def magnification(
     engine: FaceEngine,
     liveness: LivenessEnsemble | None,
@@ -228,7 +211,7 @@ def magnification(
 
     def of(face: FaceDetection) -> float:
         need = engine.magnification(face, embed=embed, actions=actions, quality=quality)
-        return need if liveness is None else max(need, liveness_magnification(liveness, face))
+        return need if liveness is None else max(need, liveness.magnification(face))
 
     return of
 

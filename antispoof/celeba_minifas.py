@@ -17,6 +17,7 @@ import numpy as np
 
 import catalog
 from catalog import ROLE_ANTISPOOF, CatalogError
+from engines.base import FaceDetection
 from engines.runtime import open_patch_classifier, run_batched, softmax
 
 from .minifasnet import BoxXYWH
@@ -96,6 +97,11 @@ class CelebAMiniFAS:
         self._session, self.dynamic_batch = open_patch_classifier(
             path, threads, INPUT_SIZE, NUM_CLASSES, "CelebA-Spoof MiniFAS liveness"
         )
+
+    def magnification(self, face: FaceDetection) -> float:
+        """How many times the 128x128 input enlarges the face's pixels: the window is a square
+        `scale` times the box's longer side."""
+        return INPUT_SIZE / (self.scale * max(face.width, face.height, 1e-6))
 
     def real_probability(self, image_bgr: np.ndarray, boxes_xywh: Sequence[BoxXYWH]) -> np.ndarray:
         """(len(boxes),) P(real), the softmax of the two logits, for each face box."""

@@ -24,7 +24,7 @@ from engines.base import FaceDetection
 from engines.options import LoadRequest
 
 from .celeba_minifas import CELEBA_CROP_SCALE, CELEBA_OPTION, CelebAMiniFAS
-from .gates import Gate, LivenessStatus, gate
+from .gates import MIN_FACE_PX, Gate, LivenessStatus, gate
 from .minifasnet import (
     INTRA_OP_THREADS,
     MINIFASNET_OPTIONS,
@@ -111,6 +111,14 @@ class LivenessEnsemble:
             if use_helper and len(self.models) > 1 and usable_cpus() > 1
             else None
         )
+
+    def magnification(self, face: FaceDetection) -> float:
+        """How many times the liveness crops enlarge the image's pixels of `face`, or how far the
+        face falls short of the FACE_TOO_SMALL side: the engines read print grain and screen
+        moire that an enlarged crop does not carry, and the gate must see the face at a size
+        that decides as the full image would."""
+        too_small = MIN_FACE_PX / max(min(face.width, face.height), 1e-6)
+        return max(too_small, *(model.magnification(face) for model in self.models))
 
     @property
     def runs_models_side_by_side(self) -> bool:

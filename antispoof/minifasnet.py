@@ -16,6 +16,7 @@ import numpy as np
 
 import catalog
 from catalog import ROLE_ANTISPOOF, CatalogError, ModelFile
+from engines.base import FaceDetection
 from engines.runtime import open_patch_classifier, run_batched, softmax
 
 # Upstream model files are named "<scale>_<h>x<w>_<arch>.pth": 2.7_80x80_MiniFASNetV2 and
@@ -104,6 +105,11 @@ class MiniFASNet:
             path, threads, INPUT_SIZE, NUM_CLASSES, "MiniFASNet liveness"
         )
         self.input_shape: list = self._session.get_inputs()[0].shape
+
+    def magnification(self, face: FaceDetection) -> float:
+        """How many times the 80x80 input enlarges the face's pixels: the window is the box
+        `scale` times on each axis, so its shorter side decides."""
+        return INPUT_SIZE / (self.scale * max(min(face.width, face.height), 1e-6))
 
     def probabilities(self, image_bgr: np.ndarray, boxes_xywh: Sequence[BoxXYWH]) -> np.ndarray:
         """(len(boxes), 3) softmax over (print attack, real, replay attack) for each face box."""
