@@ -77,6 +77,15 @@ class EngineCases(GrpcAssertions):
         status = self.stub.Status(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT)
         self.assertEqual(status.state, backend_pb2.StatusResponse.READY)
         self.assertGreater(status.memory.total, 0)
+        # The breakdown (face_service.FaceService.memory_usage): where the RSS goes.
+        memory = status.memory.breakdown
+        self.assertEqual(memory["rss"], status.memory.total)
+        self.assertLess(0, memory["baseline_rss"])
+        self.assertLessEqual(memory["baseline_rss"], memory["rss"])
+        self.assertEqual(memory["rss_anon"] + memory["rss_file"], memory["rss"])
+        self.assertGreater(memory["heap_in_use"], memory["model_files"])
+        self.assertGreater(memory["model_files"], 1_000_000)  # the loaded weights: MBs, not bytes
+        self.assertEqual(memory["images_in_flight"], 0)  # nothing in flight between tests
 
     def test_health(self):
         self.assert_healthy()
