@@ -62,7 +62,7 @@ class RunSideBySideTest(unittest.TestCase):
         with self.assertRaises(ValueError):
             run_side_by_side(self.helpers, lambda: 1, second)
 
-    def test_an_error_of_second_frees_what_its_frames_held_without_a_garbage_collection(self):
+    def test_an_error_of_second_frees_what_its_frames_held_without_a_garbage_collection(self) -> None:
         # A request's images and model sit in the frames of second's traceback; a reference cycle
         # through the future would keep them until a collection happens to run (issue 14: RSS
         # climbing with every reload until one did).
