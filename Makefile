@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 ADDR ?= 127.0.0.1:50051
 STUBS := backend_pb2.py backend_pb2_grpc.py backend_pb2.pyi
 
-.PHONY: install install-dev models run test lint clean soak bench bench-store
+.PHONY: install install-dev models run test lint clean soak soak-reload bench bench-store
 
 # The server's runtime (requirements.txt) and the generated stubs: all `make run` and run.sh need.
 install: $(VENV)/.installed $(STUBS)
@@ -46,8 +46,15 @@ lint: install-dev
 
 # 30 s of mixed traffic from 8 clients against the real server (bench/soak.py); fails on any
 # unexpected status or RSS growth beyond the stated bound; writes bench/results/soak.json.
+# SOAK_ARGS passes options through (e.g. SOAK_ARGS=--reload-churn).
 soak: install models
-	$(PYTHON) bench/soak.py
+	$(PYTHON) bench/soak.py $(SOAK_ARGS)
+
+# The reload churn (an operator's run, 300 s): 6 clients while LoadModel swaps the default set and
+# buffalo_sc every 2 s; fails on any error, a peak RSS over 400 MB or memory a reload left behind;
+# writes bench/results/soak-reload.json.
+soak-reload: install models
+	$(PYTHON) bench/soak.py --reload-churn $(SOAK_ARGS)
 
 # Speed, side by side with an in-process insightface script (bench/bench.py): prints a table and
 # PASS/FAIL per target, writes bench/results/bench.json, fails on a missed target. Its packages

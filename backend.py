@@ -206,8 +206,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         return response
 
     def Free(self, request, context):
-        self.roles.free()
-        process.return_free_memory()
+        self.roles.free()  # a model's memory returns once no request holds it
         return backend_pb2.Result(success=True, message="model unloaded")
 
     @translate_errors

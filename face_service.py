@@ -13,6 +13,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ import psutil
 
 import catalog
 from antispoof import LIVENESS_MISSING, LivenessEnsemble, LivenessResult, build_liveness
-from core import selection
+from core import process, selection
 from core.concurrency import A, B, run_side_by_side, usable_cpus
 from core.errors import IdentityMismatchError, InvalidInputError, NoFaceError, PreconditionError
 from core.settings import DEFAULT_IMAGE_LIMITS, ImageLimits
@@ -69,6 +70,7 @@ class LoadedModel:
     _retired: bool = field(default=False, init=False, repr=False)
     _closing: bool = field(default=False, init=False, repr=False)
     _closed: bool = field(default=False, init=False, repr=False)
+    file_bytes: int = field(default=0, init=False)
 
     def hold(self) -> bool:
         """Counts one more holder; False, counting nothing, once the model is closing."""
@@ -108,6 +110,19 @@ class LoadedModel:
                 except Exception:
                     log.exception("closing %s of model %r failed", type(part).__name__, self.name)
             self._closed = True
+            # What the sessions, pools and buffers held is free now but still mapped: hand it
+            # back to the system here, when the last request holding the model ends, rather
+            # than at the next LoadModel (bench/FINDINGS.md, "memory under reloads").
+            process.return_free_memory()
+
+    def __post_init__(self) -> None:
+        # Bytes of the model files loaded (engine and liveness), each file once: what the weights
+        # take before onnxruntime's and OpenCV's own copies and buffers. Read at load, while the
+        # files are surely there.
+        paths = set(self.engine.files.values())
+        if self.liveness is not None:
+            paths.update(m.path for m in self.liveness.models)
+        self.file_bytes = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
 
     @property
     def display_name(self) -> str:
@@ -226,12 +241,18 @@ class LocatedFaces:
     detection's: a model never sees fewer pixels of a face than the full image gives it.
     """
 
-    def __init__(self, engine: FaceEngine, encoded: EncodedImage) -> None:
+    def __init__(
+        self,
+        engine: FaceEngine,
+        encoded: EncodedImage,
+        on_decode: Callable[[np.ndarray], np.ndarray] = lambda pixels: pixels,
+    ) -> None:
         size = engine.detection_size
         self.engine = engine
         self.encoded = encoded
+        self._decode = lambda reduction: on_decode(encoded.decode(reduction))
         self.reduction = 1 if size is None else encoded.coarsest_reduction(size)
-        self.pixels = encoded.decode(self.reduction)
+        self.pixels = self._decode(self.reduction)
         self.faces: list[FaceDetection] = []
 
     def detect(self, threshold: float | None = None) -> list[FaceDetection]:
@@ -247,7 +268,7 @@ class LocatedFaces:
         need = max((magnification(face) for face in faces), default=0.0)
         reduction = max(r for r in self.encoded.reductions if r <= self.reduction and (r == 1 or need * r <= 1.0))
         if reduction != self.reduction:
-            self.pixels, self.reduction = self.encoded.decode(reduction), reduction
+            self.pixels, self.reduction = self._decode(reduction), reduction
         return self.pixels, [face.scaled(1.0 / reduction) for face in faces]
 
 
@@ -258,6 +279,13 @@ class FaceService:
         request image accepted (the server's Settings.image_limits)."""
         self.image_limits = image_limits
         self._model: LoadedModel | None = None
+        # Every model loaded and not yet garbage: Status tells the replaced ones still held by a
+        # request (and any a reference cycle keeps) from the loaded one.
+        self._models: weakref.WeakSet[LoadedModel] = weakref.WeakSet()
+        # RSS before any model: the interpreter and the libraries (numpy, OpenCV, onnxruntime, gRPC).
+        self._baseline_rss = psutil.Process().memory_info().rss
+        self._images_lock = threading.Lock()
+        self._images_bytes = 0  # decoded request images not yet freed
         self._load_lock = threading.Lock()  # one LoadModel at a time; requests never wait on it
         self.on_change: Callable[[bool], None] = lambda loaded: None  # told whether a model is loaded
         # FaceVerify's second image, and FaceAnalyze's liveness, run here while the request's
@@ -287,6 +315,7 @@ class FaceService:
                 model_path=request.model_path,
             )
             set_opencv_threads(request.threads)
+            self._models.add(model)
             # A single reference assignment: requests see old or new, whole.
             previous, self._model = self._model, model
         if previous is not None:
@@ -305,10 +334,45 @@ class FaceService:
     def loaded(self) -> LoadedModel | None:
         return self._model
 
-    @staticmethod
-    def memory_usage() -> dict[str, int]:
+    def memory_usage(self) -> dict[str, int]:
+        """Where the process's memory goes, in bytes (Status' MemoryUsageData.breakdown): `rss`
+        and `vms`; `baseline_rss`, the RSS before any model (interpreter and libraries);
+        `rss_anon` / `rss_file`, the RSS allocated by the process / mapped from files (library
+        code); `heap_in_use`, `heap_free`, `heap_mmapped` (core.process.malloc_usage);
+        `model_files`, the loaded model's files; `retired_model_files`, the files of replaced
+        models not yet closed because a request still holds them; `models_alive`, LoadedModel
+        objects not yet freed (1 with a model loaded and no reload in progress: more is a leak);
+        `images_in_flight`, the decoded request images alive now."""
         info = psutil.Process().memory_info()
-        return {"rss": int(info.rss), "vms": int(info.vms)}
+        current = self._model
+        models = list(self._models)
+        return {
+            "rss": int(info.rss),
+            "vms": int(info.vms),
+            "baseline_rss": self._baseline_rss,
+            **process.resident_memory(),
+            **process.malloc_usage(),
+            "model_files": current.file_bytes if current is not None else 0,
+            "retired_model_files": sum(m.file_bytes for m in models if m is not current and not m.closed),
+            "models_alive": len(models),
+            "images_in_flight": self._images_bytes,
+        }
+
+    def _located(self, engine: FaceEngine, data: str, name: str) -> LocatedFaces:
+        """The request image `name`, read and decoded for `engine`'s detector, every decode of it
+        counted in images_in_flight until its array is freed."""
+        return LocatedFaces(engine, read_image(data, name, self.image_limits), self._counted)
+
+    def _counted(self, image: np.ndarray) -> np.ndarray:
+        size = image.nbytes
+        with self._images_lock:
+            self._images_bytes += size
+        weakref.finalize(image, self._image_freed, size)
+        return image
+
+    def _image_freed(self, size: int) -> None:
+        with self._images_lock:
+            self._images_bytes -= size
 
     @contextmanager
     def _holding(self, identity: str) -> Iterator[LoadedModel]:
@@ -424,7 +488,7 @@ class FaceService:
         self, model: LoadedModel, liveness: LivenessEnsemble | None, encoded: str, name: str, checkpoint: Checkpoint
     ) -> VerifiedImage:
         engine = model.engine
-        located = LocatedFaces(engine, read_image(encoded, name, self.image_limits))
+        located = self._located(engine, encoded, name)
         checkpoint("detection")
         face = best_face(self._faces(located))
         pixels, (scaled,) = located.pixels_for(
@@ -449,7 +513,7 @@ class FaceService:
             liveness = self._require_liveness(model) if anti_spoofing else None
             wanted = self._resolve_actions(model.engine, actions)
             engine = model.engine
-            located = LocatedFaces(engine, read_image(img, "img", self.image_limits))
+            located = self._located(engine, img, "img")
             checkpoint("detection")
             faces = located.detect()
             if not faces:  # the host's contract: a photo without a face is an answer, not an error
@@ -498,7 +562,7 @@ class FaceService:
                 raise InvalidInputError(
                     "Images[0]: no image given (Embedding needs one image)", reason="IMAGE_MISSING", field="Images[0]"
                 )
-            located = LocatedFaces(model.engine, read_image(images[0], "Images[0]", self.image_limits))
+            located = self._located(model.engine, images[0], "Images[0]")
             checkpoint("detection")
             face = best_face(self._faces(located))
             checkpoint("recognition")
@@ -515,7 +579,7 @@ class FaceService:
                     reason="BAD_THRESHOLD",
                     field="threshold",
                 )
-            located = LocatedFaces(model.engine, read_image(src, "src", self.image_limits))
+            located = self._located(model.engine, src, "src")
             checkpoint("detection")
             return located.detect(threshold if threshold > 0 else None)
 

@@ -48,7 +48,13 @@ def run_side_by_side(
         raise
     if pending.cancel():
         return first_result, second()
-    return first_result, pending.result()
+    try:
+        return first_result, pending.result()
+    finally:
+        # second's error, re-raised here, holds this frame in its traceback and the future holds
+        # the error: a reference cycle that would keep both halves' images and the model alive
+        # until a garbage collection happens to run.
+        del pending
 
 
 class InstancePool(Generic[T]):

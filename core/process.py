@@ -52,6 +52,54 @@ def return_free_memory() -> None:
         libc.malloc_trim(0)
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (<malloc.h>, glibc >= 2.33): every field a size_t."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            *("arena", "ordblks", "smblks", "hblks", "hblkhd"),
+            *("usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"),
+        )
+    ]
+
+
+def malloc_usage() -> dict[str, int]:
+    """What glibc's malloc holds, in bytes: `heap_in_use` (live allocations: onnxruntime's and
+    OpenCV's buffers, Python objects, images), `heap_free` (freed but still mapped: what
+    malloc_trim would give back, or fragmentation) and `heap_mmapped` (the large blocks malloc
+    maps one by one, counted in heap_in_use too). Empty on another C library."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return {}
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return {
+        "heap_in_use": info.uordblks + info.hblkhd,
+        "heap_free": info.fordblks,
+        "heap_mmapped": info.hblkhd,
+    }
+
+
+def resident_memory() -> dict[str, int]:
+    """The process's resident memory in bytes from /proc/self/smaps_rollup: `rss`, of it
+    `rss_anon` (heap, stacks, arenas: what the process allocated) and `rss_file` (pages of
+    mapped files: the libraries' code and data). Empty where /proc has no smaps_rollup."""
+    fields = {"Rss": "rss", "Anonymous": "rss_anon"}
+    found: dict[str, int] = {}
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in fields:
+                    found[fields[name]] = int(rest.split()[0]) * 1024
+    except OSError:
+        return {}
+    if len(found) == 2:
+        found["rss_file"] = found["rss"] - found["rss_anon"]
+    return found
+
+
 def worker_count(configured: int | None) -> int:
     """gRPC worker threads: `configured` (PYTHON_GRPC_MAX_WORKERS), else one per usable CPU.
 

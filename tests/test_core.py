@@ -3,9 +3,12 @@ environment (no models needed)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
+import time
 import unittest
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
@@ -58,6 +61,36 @@ class RunSideBySideTest(unittest.TestCase):
         self.assertTrue(told.is_set())
         with self.assertRaises(ValueError):
             run_side_by_side(self.helpers, lambda: 1, second)
+
+    def test_an_error_of_second_frees_what_its_frames_held_without_a_garbage_collection(self) -> None:
+        # A request's images and model sit in the frames of second's traceback; a reference cycle
+        # through the future would keep them until a collection happens to run (issue 14: RSS
+        # climbing with every reload until one did).
+        class Image:
+            pass
+
+        second_started = threading.Event()
+        held: list[weakref.ref] = []
+
+        def second():
+            image = Image()
+            held.append(weakref.ref(image))
+            second_started.set()
+            raise ValueError("no face in img2")
+
+        gc.disable()
+        self.addCleanup(gc.enable)
+        try:  # not assertRaises: it clears the traceback's frames, which would hide a cycle
+            run_side_by_side(self.helpers, lambda: second_started.wait(10), second)
+        except ValueError:
+            pass
+        self.assertEqual(len(held), 1)
+        # The helper thread drops its own reference to the finished work item a moment after
+        # handing over the error: wait for that, never for a collection (disabled here).
+        deadline = time.monotonic() + 5.0
+        while held[0]() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertIsNone(held[0]())
 
     def test_without_helpers_or_after_shutdown_both_run_here_in_order(self):
         order = []

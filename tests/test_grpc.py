@@ -8,6 +8,7 @@ host's configurations, test_host's.
 from __future__ import annotations
 
 import threading
+import time
 import unittest
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -77,6 +78,21 @@ class EngineCases(GrpcAssertions):
         status = self.stub.Status(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT)
         self.assertEqual(status.state, backend_pb2.StatusResponse.READY)
         self.assertGreater(status.memory.total, 0)
+        # The breakdown (face_service.FaceService.memory_usage): where the RSS goes.
+        memory = status.memory.breakdown
+        self.assertEqual(memory["rss"], status.memory.total)
+        self.assertLess(0, memory["baseline_rss"])
+        self.assertLessEqual(memory["baseline_rss"], memory["rss"])
+        self.assertEqual(memory["rss_anon"] + memory["rss_file"], memory["rss"])
+        self.assertGreater(memory["heap_in_use"], memory["model_files"])
+        self.assertGreater(memory["model_files"], 1_000_000)  # the loaded weights: MBs, not bytes
+        # Nothing in flight between tests, once a call an earlier test abandoned (a deadline, a
+        # cancel) has stopped at its next stage on the server: decoded images do not outlive it.
+        deadline = time.monotonic() + 10.0
+        while memory["images_in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+            memory = self.stub.Status(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT).memory.breakdown
+        self.assertEqual(memory["images_in_flight"], 0)
 
     def test_health(self):
         self.assert_healthy()
