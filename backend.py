@@ -190,7 +190,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         return backend_pb2.Result(success=True, message=f"loaded {loaded}")
 
     def Status(self, request, context):
-        memory = FaceService.memory_usage()
+        memory = self.roles.faces.memory_usage()
         response = backend_pb2.StatusResponse(
             state=backend_pb2.StatusResponse.READY if self.roles.loaded else backend_pb2.StatusResponse.UNINITIALIZED,
             memory=backend_pb2.MemoryUsageData(total=memory["rss"], breakdown=memory),
