@@ -23,8 +23,10 @@ kernel has not backed yet, so they cost address space, not memory.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numkong
 import numpy as np
@@ -41,6 +43,22 @@ MAX_CODED_DIM = (2**31 - 1) // CODE_LEVEL**2
 SLACK = 1e-5
 EXACT_ROWS = 4096  # rows scored exactly at once: 16 MB of float64 products at 512-d
 QUANTISE_ROWS = 256  # rows quantised at once: their float64 copies stay in the CPU's cache
+SPLIT_ROWS = 65536  # from this many rows, the first pass is split across the cores
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _parts() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _first_pass_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max(1, _parts() - 1), thread_name_prefix="find-scan")
+        return _pool
 
 
 def quantise(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -67,8 +85,10 @@ def quantise(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
 
 
 class MatrixIndex:
-    def __init__(self) -> None:
+    def __init__(self, parts: int | None = None) -> None:
+        """parts: how many threads scan the int8 copy (default: one per core)."""
         self._lock = threading.Lock()
+        self._parts = parts or _parts()
         self._clear()
 
     def _clear(self) -> None:
@@ -254,8 +274,17 @@ class MatrixIndex:
 
     def _dots(self, query_codes: np.ndarray, used: int) -> np.ndarray:
         """The integer dot products of the query's codes with the first `used` rows' codes, as
-        float32. One thread: split across two cores it was slower on a machine shared with other
-        work (bench/FINDINGS.md, "store scaling")."""
+        float32, across the cores for a large index."""
         out = np.empty((1, used), dtype=np.float32)
-        numkong.cdist(query_codes, self._codes[:used], metric="dot", out=out)
+        parts = self._parts if used >= SPLIT_ROWS else 1
+        bounds = np.linspace(0, used, parts + 1).astype(int)
+
+        def scan(part: int) -> None:
+            a, b = bounds[part], bounds[part + 1]
+            numkong.cdist(query_codes, self._codes[a:b], metric="dot", out=out[:, a:b])
+
+        others = [_first_pass_pool().submit(scan, part) for part in range(1, parts)]
+        scan(0)
+        for other in others:
+            other.result()
         return out[0]

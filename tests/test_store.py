@@ -408,8 +408,8 @@ class MatrixIndexTest(unittest.TestCase):
 
     def test_find_is_exact_after_a_load_upserts_and_deletes(self):
         rng = np.random.default_rng(3)
-        index = MatrixIndex()
-        first = random_keys(20000, dim=32, seed=4)
+        index = MatrixIndex(parts=2)
+        first = random_keys(70000, dim=32, seed=4)  # past SPLIT_ROWS: the first pass runs in two threads
         index.replace_all(first, [key_digest(r) for r in first], [b"load-%d" % i for i in range(len(first))])
         for step in range(20):
             rows = rng.standard_normal((150, 32)).astype(np.float32)
@@ -451,9 +451,9 @@ class MatrixIndexTest(unittest.TestCase):
             self.assertTrue(np.all(np.abs(approx - exact) <= bound + 1e-6), np.max(np.abs(approx - exact) - bound))
 
     def test_first_pass_kernel_is_exact_at_the_code_extremes(self):
-        index = MatrixIndex()
+        index = MatrixIndex(parts=2)
         rng = np.random.default_rng(10)
-        codes = rng.integers(-127, 128, size=(20000, 512)).astype(np.int8)
+        codes = rng.integers(-127, 128, size=(70000, 512)).astype(np.int8)
         codes[:4] = 127
         codes[1, ::2] = -127
         codes[2] = -127
