@@ -14,11 +14,14 @@ import unittest
 
 import grpc
 import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import backend_pb2
 from engines.options import DEFAULT_STORE_FILE
 from harness.servers import BackendProcess
-from store.index import MatrixIndex
+from store.base import key_digest
+from store.index import MatrixIndex, quantise
 from store.sqlite import SQLiteStore
 from tests import support
 from tests.support import CALL_TIMEOUT, GrpcAssertions
@@ -335,35 +338,139 @@ class StoreFileTest(unittest.TestCase):
         self.assertEqual(conn.execute("PRAGMA synchronous").fetchone()[0], 2)  # FULL: fsync at every commit
 
 
-class MatrixIndexTest(unittest.TestCase):
-    def test_find_is_exact_after_upserts_and_deletes(self):
-        from store.base import key_digest
+def reference_find(index: MatrixIndex, query: np.ndarray, top_k: int) -> list[tuple[bytes, bytes, float]]:
+    """The plain exact search Find must equal: every row scored, best first, ties in row order."""
+    used = len(index)
+    scores = index.exact_similarities(np.arange(used), query)
+    best = np.lexsort((np.arange(used), -scores))[:top_k]
+    return [(index._matrix[r].tobytes(), index._values[r], float(np.clip(scores[r], -1.0, 1.0))) for r in best]
 
-        rng = np.random.default_rng(3)
+
+def found(index: MatrixIndex, query: np.ndarray, top_k: int) -> list[tuple[bytes, bytes, float]]:
+    return [(key.tobytes(), value, similarity) for key, value, similarity in index.find(query, top_k)]
+
+
+@st.composite
+def galleries(draw: st.DrawFn) -> tuple[np.ndarray, list[int], np.ndarray, int]:
+    """Keys built to defeat a quantised first pass: copies, scaled copies (equal cosines), keys a
+    float32 step apart, zero keys, one-hot keys and keys of very different magnitudes; rows to
+    delete, a query (maybe a stored key or zero) and a K."""
+    dim = draw(st.sampled_from([3, 16, 64]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((draw(st.integers(1, 40)), dim)).astype(np.float32)
+    parts = [base]
+    kinds = st.sampled_from(["copy", "scaled", "ulp", "zero", "onehot", "huge", "tiny"])
+    for kind in draw(st.lists(kinds, max_size=6)):
+        pick = base[rng.integers(len(base), size=draw(st.integers(1, 30)))]
+        if kind == "copy":
+            parts.append(pick.copy())
+        elif kind == "scaled":
+            parts.append(pick * np.float32(rng.choice([0.5, 2.0, 3.0, 1e-3, 1e3])))
+        elif kind == "ulp":
+            parts.append(np.nextafter(pick, np.float32(np.inf) * np.sign(rng.standard_normal(pick.shape))))
+        elif kind == "zero":
+            parts.append(np.zeros((1, dim), np.float32))
+        elif kind == "onehot":
+            parts.append(np.eye(dim, dtype=np.float32)[: len(pick)] * np.float32(rng.choice([1.0, -7.0])))
+        elif kind == "huge":
+            parts.append(pick * np.float32(1e36))
+        else:
+            parts.append(pick * np.float32(1e-30))
+    rows = np.concatenate(parts)
+    deletes = draw(st.lists(st.integers(0, len(rows) - 1), max_size=len(rows) // 2))
+    which = draw(st.sampled_from(["stored", "near", "random", "zero"]))
+    if which == "stored":
+        query = rows[rng.integers(len(rows))].copy()
+    elif which == "near":
+        query = rows[rng.integers(len(rows))] + np.float32(1e-4) * rng.standard_normal(dim).astype(np.float32)
+    elif which == "random":
+        query = rng.standard_normal(dim).astype(np.float32)
+    else:
+        query = np.zeros(dim, np.float32)
+    return rows, deletes, query.astype(np.float32), draw(st.integers(1, 12))
+
+
+class MatrixIndexTest(unittest.TestCase):
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(galleries())
+    def test_find_equals_the_plain_exact_search(self, gallery):
+        rows, deletes, query, top_k = gallery
         index = MatrixIndex()
-        stored: dict[bytes, tuple[np.ndarray, bytes]] = {}
-        for step in range(30):  # grows past INITIAL_ROWS, deletes move rows
-            rows = rng.standard_normal((150, 16)).astype(np.float32)
-            digests = [key_digest(r) for r in rows]
-            vals = [b"%d-%d" % (step, i) for i in range(150)]
-            index.upsert(rows, digests, vals)
-            stored.update({d: (r, v) for d, r, v in zip(digests, rows, vals)})
-            gone = list(stored)[::3][:40]
-            index.delete(gone)
-            for d in gone:
-                del stored[d]
-        self.assertEqual(len(index), len(stored))
-        query = rng.standard_normal(16).astype(np.float32)
-        expected = sorted(stored.values(), key=lambda e: -cosine(e[0], query))[:10]
-        found = index.find(query, 10)
-        self.assertEqual([v for _, v, _ in found], [v for _, v in expected])
-        for (key, _, sim), (want_key, _) in zip(found, expected):
-            self.assertEqual(key.tobytes(), want_key.tobytes())
-            self.assertAlmostEqual(sim, cosine(want_key, query), places=5)
+        digests = [key_digest(r) for r in rows]
+        # in two upserts (the second replaces equal keys' values), then deletes that move rows
+        half = len(rows) // 2
+        for part in (slice(0, half), slice(half, None)):
+            unique = {d: i for i, d in enumerate(digests[part], start=part.start or 0)}
+            index.upsert(rows[list(unique.values())], list(unique), [b"%d" % i for i in unique.values()])
+        index.delete([digests[i] for i in deletes])
+        self.assertEqual(found(index, query, top_k), reference_find(index, query, top_k))
+
+    def test_find_is_exact_after_a_load_upserts_and_deletes(self):
+        rng = np.random.default_rng(3)
+        index = MatrixIndex(parts=2)
+        first = random_keys(70000, dim=32, seed=4)  # past SPLIT_ROWS: the first pass runs in two threads
+        index.replace_all(first, [key_digest(r) for r in first], [b"load-%d" % i for i in range(len(first))])
+        for step in range(20):
+            rows = rng.standard_normal((150, 32)).astype(np.float32)
+            rows[:10] = first[rng.integers(len(first), size=10)] * np.float32(2.0)  # equal cosines
+            index.upsert(rows, [key_digest(r) for r in rows], [b"%d-%d" % (step, i) for i in range(150)])
+            index.delete([key_digest(r) for r in first[rng.integers(len(first), size=40)]])
+        for _ in range(5):
+            query = first[rng.integers(len(first))] + rng.standard_normal(32).astype(np.float32) * 0.3
+            self.assertEqual(found(index, query, 10), reference_find(index, query, 10))
+
+    def test_the_first_pass_leaves_few_rows_to_score_exactly(self):
+        # A bound too loose would still be exact (every row rescored) but as slow as no first pass.
+        rows = random_keys(20000, dim=512, seed=5)
+        index = MatrixIndex()
+        index.replace_all(rows, [key_digest(r) for r in rows], [b""] * len(rows))
+        codes, scales, residuals, _ = quantise(rows[7:8] + np.float32(0.1))
+        self.assertLess(len(index._candidates(codes, scales[0], residuals[0], 5)), 200)
+
+    def test_quantisation_error_is_within_the_bound(self):
+        # Every row's first-pass cosine is within residual_row * (1 + residual_query) +
+        # residual_query of its exact cosine, in exact integer arithmetic.
+        rng = np.random.default_rng(6)
+        rows = np.concatenate(
+            [
+                random_keys(3000, dim=512, seed=6),
+                np.eye(512, dtype=np.float32)[:50] * np.float32(-3.0),
+                random_keys(50, dim=512, seed=7) * np.float32(1e37),
+                random_keys(50, dim=512, seed=8) * np.float32(1e-35),
+                np.abs(random_keys(50, dim=512, seed=9)),
+            ]
+        )
+        codes, scales, residuals, norms = quantise(rows)
+        for query in (rows[5], rows[3010], rng.standard_normal(512).astype(np.float32), rows[3199]):
+            query_codes, query_scales, query_residuals, _ = quantise(query.reshape(1, -1))
+            approx = (codes.astype(np.int64) @ query_codes[0].astype(np.int64)) * scales * query_scales[0]
+            wide = query.astype(np.float64)
+            exact = (rows.astype(np.float64) @ wide) / norms / np.linalg.norm(wide)
+            bound = residuals.astype(np.float64) * (1 + query_residuals[0]) + query_residuals[0]
+            self.assertTrue(np.all(np.abs(approx - exact) <= bound + 1e-6), np.max(np.abs(approx - exact) - bound))
+
+    def test_first_pass_kernel_is_exact_at_the_code_extremes(self):
+        index = MatrixIndex(parts=2)
+        rng = np.random.default_rng(10)
+        codes = rng.integers(-127, 128, size=(70000, 512)).astype(np.int8)
+        codes[:4] = 127
+        codes[1, ::2] = -127
+        codes[2] = -127
+        index._codes, index._digests = codes, [b""] * len(codes)
+        for query in (np.full(512, 127, np.int8), np.full(512, -127, np.int8), codes[9]):
+            want = codes.astype(np.int64) @ query.astype(np.int64)
+            np.testing.assert_array_equal(index._dots(query.reshape(1, -1), len(codes)), want.astype(np.float32))
+
+    def test_similarities_are_the_float64_cosine(self):
+        rows = random_keys(300, dim=64, seed=11)
+        index = MatrixIndex()
+        index.upsert(rows, [key_digest(r) for r in rows], [b""] * len(rows))
+        query = random_keys(1, dim=64, seed=12)[0]
+        want = [cosine(r.astype(np.float64), query.astype(np.float64)) for r in rows]
+        np.testing.assert_allclose(index.exact_similarities(np.arange(len(rows)), query), want, rtol=0, atol=1e-14)
 
     def test_zero_key_has_similarity_zero(self):
-        from store.base import key_digest
-
         index = MatrixIndex()
         rows = np.array([[0.0, 0.0], [1.0, 0.0]], dtype=np.float32)
         index.upsert(rows, [key_digest(r) for r in rows], [b"zero", b"x"])
