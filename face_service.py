@@ -14,9 +14,8 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +25,8 @@ import catalog
 from antispoof import LIVENESS_MISSING, LivenessEnsemble, LivenessResult, build_liveness
 from core import process, selection
 from core.concurrency import A, B, run_side_by_side, usable_cpus
-from core.errors import IdentityMismatchError, InvalidInputError, NoFaceError, PreconditionError
+from core.errors import InvalidInputError, NoFaceError, PreconditionError
+from core.lifecycle import Held, Slot
 from core.settings import DEFAULT_IMAGE_LIMITS, ImageLimits
 from engines import HOST_ACTIONS, FaceAttributes, FaceDetection, FaceEngine, LoadRequest, build_engine
 from engines.runtime import set_opencv_threads
@@ -49,15 +49,11 @@ CONFIDENCE_SLOPE = 12.0
 
 
 @dataclass(eq=False)
-class LoadedModel:
-    """A loaded model and a count of the requests holding it.
+class LoadedModel(Held):
+    """A loaded face model (core.lifecycle.Held: closed once replaced and no request holds it):
+    closing drops the engine's and the liveness ensemble's sessions, instance pools and helper
+    threads, so their memory returns."""
 
-    FaceService retires it when LoadModel replaces it or Free drops it; whichever comes last, the
-    retirement or the release of the last holder, closes it: the engine's and the liveness
-    ensemble's sessions, instance pools and helper threads are dropped, so their memory returns.
-    """
-
-    name: str  # ModelOptions.Model, for the identity guard
     engine: FaceEngine
     liveness: LivenessEnsemble | None
     # False when the host granted a single thread (ModelOptions.Threads = 1): a request then
@@ -65,55 +61,21 @@ class LoadedModel:
     use_helpers: bool = True
     ignored_options: tuple[str, ...] = ()
     model_path: str = ""  # ModelOptions.ModelPath: file names in describe() are relative to it
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    _holders: int = field(default=0, init=False, repr=False)
-    _retired: bool = field(default=False, init=False, repr=False)
-    _closing: bool = field(default=False, init=False, repr=False)
-    _closed: bool = field(default=False, init=False, repr=False)
     file_bytes: int = field(default=0, init=False)
 
-    def hold(self) -> bool:
-        """Counts one more holder; False, counting nothing, once the model is closing."""
-        with self._lock:
-            if self._closing:
-                return False
-            self._holders += 1
-            return True
-
-    def release(self) -> None:
-        """Ends one hold; the last one closes a retired model."""
-        with self._lock:
-            self._holders -= 1
-            self._close_if_unused()
-
-    def retire(self) -> None:
-        """No new request will take this model: close it now if none holds it, else at the last release."""
-        with self._lock:
-            self._retired = True
-            self._close_if_unused()
-
-    @property
-    def closed(self) -> bool:
-        """True once the sessions are dropped."""
-        return self._closed
-
-    def _close_if_unused(self) -> None:
-        if self._retired and self._holders == 0 and not self._closing:
-            self._closing = True  # under the lock: no hold succeeds from here on
-            # Closing runs in whichever request ends last: a failure here is logged, never that
-            # request's error, and one part failing does not keep the other open.
-            for part in (self.engine, self.liveness):
-                if part is None:
-                    continue
-                try:
-                    part.close()
-                except Exception:
-                    log.exception("closing %s of model %r failed", type(part).__name__, self.name)
-            self._closed = True
-            # What the sessions, pools and buffers held is free now but still mapped: hand it
-            # back to the system here, when the last request holding the model ends, rather
-            # than at the next LoadModel (bench/FINDINGS.md, "memory under reloads").
-            process.return_free_memory()
+    def _close(self) -> None:
+        # One part failing does not keep the other open.
+        for part in (self.engine, self.liveness):
+            if part is None:
+                continue
+            try:
+                part.close()
+            except Exception:
+                log.exception("closing %s of model %r failed", type(part).__name__, self.name)
+        # What the sessions, pools and buffers held is free now but still mapped: hand it
+        # back to the system here, when the last request holding the model ends, rather
+        # than at the next LoadModel (bench/FINDINGS.md, "memory under reloads").
+        process.return_free_memory()
 
     def __post_init__(self) -> None:
         # Bytes of the model files loaded (engine and liveness), each file once: what the weights
@@ -278,7 +240,7 @@ class FaceService:
         the usable CPUs; 0 does everything on the request's thread). `image_limits`: the largest
         request image accepted (the server's Settings.image_limits)."""
         self.image_limits = image_limits
-        self._model: LoadedModel | None = None
+        self._slot: Slot[LoadedModel] = Slot()
         # Every model loaded and not yet garbage: Status tells the replaced ones still held by a
         # request (and any a reference cycle keeps) from the loaded one.
         self._models: weakref.WeakSet[LoadedModel] = weakref.WeakSet()
@@ -286,7 +248,6 @@ class FaceService:
         self._baseline_rss = psutil.Process().memory_info().rss
         self._images_lock = threading.Lock()
         self._images_bytes = 0  # decoded request images not yet freed
-        self._load_lock = threading.Lock()  # one LoadModel at a time; requests never wait on it
         self.on_change: Callable[[bool], None] = lambda loaded: None  # told whether a model is loaded
         # FaceVerify's second image, and FaceAnalyze's liveness, run here while the request's
         # thread does the first image or the attributes: one image's models are too small to keep
@@ -299,7 +260,7 @@ class FaceService:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self, request: LoadRequest) -> LoadedModel:
-        with self._load_lock:
+        def build() -> LoadedModel:
             engine = build_engine(request)
             try:
                 liveness = build_liveness(request)
@@ -316,23 +277,19 @@ class FaceService:
             )
             set_opencv_threads(request.threads)
             self._models.add(model)
-            # A single reference assignment: requests see old or new, whole.
-            previous, self._model = self._model, model
-        if previous is not None:
-            previous.retire()
+            return model
+
+        model = self._slot.load(build)
         self.on_change(True)
         return model
 
     def free(self) -> None:
-        with self._load_lock:
-            previous, self._model = self._model, None
-        if previous is not None:
-            previous.retire()
+        self._slot.free()
         self.on_change(False)
 
     @property
     def loaded(self) -> LoadedModel | None:
-        return self._model
+        return self._slot.current
 
     def memory_usage(self) -> dict[str, int]:
         """Where the process's memory goes, in bytes (Status' MemoryUsageData.breakdown): `rss`
@@ -344,7 +301,7 @@ class FaceService:
         objects not yet freed (1 with a model loaded and no reload in progress: more is a leak);
         `images_in_flight`, the decoded request images alive now."""
         info = psutil.Process().memory_info()
-        current = self._model
+        current = self._slot.current
         models = list(self._models)
         return {
             "rss": int(info.rss),
@@ -374,25 +331,6 @@ class FaceService:
         with self._images_lock:
             self._images_bytes -= size
 
-    @contextmanager
-    def _holding(self, identity: str) -> Iterator[LoadedModel]:
-        """The loaded model, held until the block ends, once `identity` (when given) names it."""
-        while True:
-            model = self._model
-            if model is None:
-                raise PreconditionError("no model is loaded: call LoadModel first", reason="NO_MODEL_LOADED")
-            if model.hold():
-                break
-            # Replaced and closed between the read and the hold: read the new one.
-        try:
-            if identity and model.name and identity != model.name:
-                raise IdentityMismatchError(
-                    f"model identity mismatch: loaded '{model.name}', requested '{identity}'", field="ModelIdentity"
-                )
-            yield model
-        finally:
-            model.release()
-
     @staticmethod
     def _require_liveness(model: LoadedModel) -> LivenessEnsemble:
         if model.liveness is None:
@@ -419,7 +357,7 @@ class FaceService:
         checkpoint: Checkpoint = _always_continue,
     ) -> VerifyResult:
         started = time.perf_counter()
-        with self._holding(identity) as model:
+        with self._slot.holding(identity) as model:
             liveness = self._require_liveness(model) if anti_spoofing else None
             if threshold < 0 or not math.isfinite(threshold):
                 raise InvalidInputError(
@@ -509,7 +447,7 @@ class FaceService:
         identity: str = "",
         checkpoint: Checkpoint = _always_continue,
     ) -> list[AnalyzedFace]:
-        with self._holding(identity) as model:
+        with self._slot.holding(identity) as model:
             liveness = self._require_liveness(model) if anti_spoofing else None
             wanted = self._resolve_actions(model.engine, actions)
             engine = model.engine
@@ -557,7 +495,7 @@ class FaceService:
         return frozenset(requested) & engine.supported_actions
 
     def embed(self, images: Sequence[str], identity: str = "", checkpoint: Checkpoint = _always_continue) -> Embedding:
-        with self._holding(identity) as model:
+        with self._slot.holding(identity) as model:
             if not images:
                 raise InvalidInputError(
                     "Images[0]: no image given (Embedding needs one image)", reason="IMAGE_MISSING", field="Images[0]"
@@ -572,7 +510,7 @@ class FaceService:
     def detect(
         self, src: str, threshold: float = 0.0, identity: str = "", checkpoint: Checkpoint = _always_continue
     ) -> list[FaceDetection]:
-        with self._holding(identity) as model:
+        with self._slot.holding(identity) as model:
             if threshold < 0 or threshold > 1 or not math.isfinite(threshold):
                 raise InvalidInputError(
                     f"threshold must be a detector score in [0, 1], got {threshold}",

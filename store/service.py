@@ -8,14 +8,14 @@ previous one serving); a store replaced or freed is closed once the last request
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from core.errors import IdentityMismatchError, InvalidInputError, PreconditionError
+from core.errors import InvalidInputError
+from core.lifecycle import Held, Slot
 from engines.options import STORE_POSTGRES, STORE_SQLITE, LoadRequest
 from store.base import Entry, Match, Store, key_rows
 
@@ -37,45 +37,14 @@ def open_store(request: LoadRequest) -> Store:
 
 
 @dataclass(eq=False)
-class LoadedStore:
-    """A loaded store and a count of the requests holding it (face_service.LoadedModel's rule)."""
+class LoadedStore(Held):
+    """A loaded store (core.lifecycle.Held: closed once replaced and no request holds it)."""
 
-    name: str  # ModelOptions.Model, for the identity guard
     store: Store
     ignored_options: tuple[str, ...] = ()
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    _holders: int = field(default=0, init=False, repr=False)
-    _retired: bool = field(default=False, init=False, repr=False)
-    _closed: bool = field(default=False, init=False, repr=False)
 
-    def hold(self) -> bool:
-        with self._lock:
-            if self._closed:
-                return False
-            self._holders += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self._holders -= 1
-            self._close_if_unused()
-
-    def retire(self) -> None:
-        with self._lock:
-            self._retired = True
-            self._close_if_unused()
-
-    def _close_if_unused(self) -> None:
-        if self._retired and self._holders == 0 and not self._closed:
-            self._closed = True
-            try:
-                self.store.close()
-            except Exception:
-                log.exception("closing store %r failed", self.name)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    def _close(self) -> None:
+        self.store.close()
 
     def describe(self) -> str:
         ignored = f"; ignored options: {', '.join(self.ignored_options)}" if self.ignored_options else ""
@@ -84,47 +53,27 @@ class LoadedStore:
 
 class StoreService:
     def __init__(self) -> None:
-        self._store: LoadedStore | None = None
-        self._load_lock = threading.Lock()
+        self._slot: Slot[LoadedStore] = Slot()
         self.on_change: Callable[[bool], None] = lambda loaded: None  # told whether a store is loaded
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self, request: LoadRequest) -> LoadedStore:
-        with self._load_lock:
-            loaded = LoadedStore(request.model_name, open_store(request), tuple(request.ignored))
-            previous, self._store = self._store, loaded
-        if previous is not None:
-            previous.retire()
+        loaded = self._slot.load(lambda: LoadedStore(request.model_name, open_store(request), tuple(request.ignored)))
         self.on_change(True)
         return loaded
 
     def free(self) -> None:
-        with self._load_lock:
-            previous, self._store = self._store, None
-        if previous is not None:
-            previous.retire()
+        self._slot.free()
         self.on_change(False)
 
     @property
     def loaded(self) -> LoadedStore | None:
-        return self._store
+        return self._slot.current
 
     @contextmanager
     def _holding(self, identity: str) -> Iterator[Store]:
-        while True:
-            loaded = self._store
-            if loaded is None:
-                raise PreconditionError("no model is loaded: call LoadModel first", reason="NO_MODEL_LOADED")
-            if loaded.hold():
-                break
-        try:
-            if identity and loaded.name and identity != loaded.name:
-                raise IdentityMismatchError(
-                    f"model identity mismatch: loaded '{loaded.name}', requested '{identity}'", field="ModelIdentity"
-                )
+        with self._slot.holding(identity) as loaded:
             yield loaded.store
-        finally:
-            loaded.release()
 
     # -- requests ----------------------------------------------------------------------------
     def set(self, keys: Sequence[Sequence[float]], values: Sequence[bytes], identity: str = "") -> int:
