@@ -63,7 +63,7 @@ class QualityTest(unittest.TestCase):
         cls.plain.load(parse_load_request("default", support.MODELS_DIR, 0, list(DEFAULT_MODEL_OPTIONS)))
 
     def engine(self):
-        model = self.service._model
+        model = self.service.loaded
         assert model is not None
         return model.engine
 
