@@ -1,4 +1,4 @@
-"""Face detectors: SCRFD through onnxruntime, YuNet through OpenCV's FaceDetectorYN.
+"""Face detectors: SCRFD and YuNet, both through onnxruntime.
 
 Both return FaceDetection in original-image pixels with the 5 landmarks in SCRFD order.
 """
@@ -15,7 +15,7 @@ import onnxruntime as ort
 from core.errors import ModelFileError
 
 from .base import FaceDetection
-from .runtime import opencv_pool
+from .runtime import create_session
 
 DEFAULT_DETECTION_SIZE = (640, 640)  # insightface FaceAnalysis default det_size
 DEFAULT_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh
@@ -175,30 +175,43 @@ class SCRFDDetector:
 
 
 class YuNetDetector:
-    """YuNet through cv2.FaceDetectorYN (OpenCV Zoo face_detection_yunet).
+    """YuNet (OpenCV Zoo face_detection_yunet) on onnxruntime, decoded as OpenCV's
+    cv2.FaceDetectorYN decodes it (modules/objdetect/src/face_detect.cpp, 4.x): the image padded
+    with zeros to whole strides, BGR 0-255, score sqrt(cls * obj) with both clamped to [0, 1],
+    boxes and landmarks from the cell's corner, NMSBoxes on the boxes truncated to integers.
 
-    FaceDetectorYN keeps per-input-size state, so threads borrow instances from a pool. Images are
+    One session serves every thread: FaceDetectorYN instances (one per thread at a time) held
+    ~26 MB each for OpenCV's per-layer buffers (bench/FINDINGS.md, "memory", round 2). Images are
     shrunk to fit `input_size` first: YuNet's cost grows with the pixel count and the host sends
     phone-sized photos, while faces that matter for verification stay large enough at 640 px.
     """
 
     NMS_IOU_THRESHOLD = 0.3  # OpenCV Zoo yunet demo default
     TOP_K = 5000
-    MIN_INPUT_SIDE = 32  # YuNet's largest stride
+    STRIDES = (8, 16, 32)
+    MIN_INPUT_SIDE = STRIDES[-1]
 
-    def __init__(self, path: str, input_size=DEFAULT_DETECTION_SIZE, score_threshold: float = DEFAULT_SCORE_THRESHOLD):
+    def __init__(
+        self,
+        path: str,
+        input_size=DEFAULT_DETECTION_SIZE,
+        score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+        threads: int | None = None,
+    ):
         self.path = path
         self.input_size: tuple[int, int] = (int(input_size[0]), int(input_size[1]))
         self.score_threshold = score_threshold
-        self._pool = opencv_pool(
-            lambda: cv2.FaceDetectorYN.create(
-                path, "", self.input_size, score_threshold, self.NMS_IOU_THRESHOLD, self.TOP_K
-            ),
-            f"YuNet model {path}",
+        self.session: ort.InferenceSession | None = create_session(
+            path, threads, free_dims={2: "height", 3: "width"}, memory_pattern=False
         )
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [f"{kind}_{stride}" for kind in ("cls", "obj", "bbox", "kps") for stride in self.STRIDES]
+        missing = set(self.output_names) - {o.name for o in self.session.get_outputs()}
+        if missing:
+            raise ModelFileError(f"{path} is not a YuNet model: no output {', '.join(sorted(missing))}")
 
     def close(self) -> None:
-        self._pool.close()
+        self.session = None
 
     def detect(self, image: np.ndarray, threshold: float | None = None) -> list[FaceDetection]:
         threshold = self.score_threshold if threshold is None else threshold
@@ -211,16 +224,8 @@ class YuNetDetector:
                 interpolation=cv2.INTER_AREA,
             )
         if min(image.shape[:2]) < self.MIN_INPUT_SIDE:
-            # A strip this thin holds no face YuNet can find, and FaceDetectorYN answers such
-            # inputs with rows of uninitialised memory scored up to 1.0 (seen on 640x1 and 1x640,
-            # even padded to 32): no detection is the only right answer.
-            return []
-        with self._pool.borrow() as detector:
-            detector.setScoreThreshold(threshold)
-            detector.setInputSize((image.shape[1], image.shape[0]))
-            _, rows = detector.detect(image)
-        if rows is None:
-            return []
+            return []  # a strip thinner than YuNet's largest stride holds no face it can find
+        rows = self._rows(image, threshold)
         faces = []
         for row in rows:
             x, y, w, h = (float(v) / scale for v in row[:4])
@@ -228,3 +233,51 @@ class YuNetDetector:
             faces.append(FaceDetection((x, y, x + w, y + h), float(row[14]), landmarks))
         faces.sort(key=lambda f: f.score, reverse=True)
         return plausible_faces(faces, original_shape)
+
+    def _rows(self, image: np.ndarray, threshold: float) -> np.ndarray:
+        """FaceDetectorYN.detect's rows: x, y, w, h, 5 landmarks (x, y), score."""
+        session = self.session
+        if session is None:
+            raise RuntimeError("detector closed")
+        height, width = image.shape[:2]
+        stride = self.STRIDES[-1]
+        padded_h, padded_w = -(-height // stride) * stride, -(-width // stride) * stride
+        blob = np.zeros((1, 3, padded_h, padded_w), np.float32)
+        blob[0, :, :height, :width] = image.transpose(2, 0, 1)
+        outputs = dict(zip(self.output_names, session.run(self.output_names, {self.input_name: blob})))
+        found = []
+        for stride in self.STRIDES:
+            cols = padded_w // stride
+            cls = np.clip(outputs[f"cls_{stride}"].reshape(-1), 0.0, 1.0)
+            obj = np.clip(outputs[f"obj_{stride}"].reshape(-1), 0.0, 1.0)
+            scores = np.sqrt(cls * obj)
+            keep = np.flatnonzero(scores >= threshold)
+            if keep.size == 0:
+                continue
+            col = (keep % cols).astype(np.float32)[:, None]
+            row = (keep // cols).astype(np.float32)[:, None]
+            bbox = outputs[f"bbox_{stride}"].reshape(-1, 4)[keep]
+            kps = outputs[f"kps_{stride}"].reshape(-1, 5, 2)[keep]
+            centre_x = (col[:, 0] + bbox[:, 0]) * stride
+            centre_y = (row[:, 0] + bbox[:, 1]) * stride
+            w = np.exp(bbox[:, 2]) * stride
+            h = np.exp(bbox[:, 3]) * stride
+            landmarks = np.stack([(kps[:, :, 0] + col) * stride, (kps[:, :, 1] + row) * stride], axis=-1)
+            found.append(
+                np.concatenate(
+                    [
+                        np.stack([centre_x - w / 2, centre_y - h / 2, w, h], axis=-1),
+                        landmarks.reshape(-1, 10),
+                        scores[keep, None],
+                    ],
+                    axis=1,
+                ).astype(np.float32)
+            )
+        if not found:
+            return np.zeros((0, 15), np.float32)
+        rows = np.concatenate(found)
+        if len(rows) == 1:
+            return rows
+        boxes = [[int(v) for v in box] for box in rows[:, :4]]
+        kept = cv2.dnn.NMSBoxes(boxes, rows[:, 14].tolist(), threshold, self.NMS_IOU_THRESHOLD, 1.0, self.TOP_K)
+        return rows[np.asarray(kept, dtype=np.int64).reshape(-1)]

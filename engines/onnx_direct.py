@@ -1,6 +1,6 @@
 """The `onnx_direct` engine: a detector ONNX plus a recognizer ONNX named by LoadModel options.
 
-The detector is YuNet (run by OpenCV's FaceDetectorYN) or SCRFD (run by onnxruntime); the
+The detector is YuNet or SCRFD (both run by onnxruntime); the
 recognizer is SFace (run by OpenCV's FaceRecognizerSF) or any ArcFace-style 112x112 model.
 Which is which is read from the file itself.
 """
@@ -36,9 +36,12 @@ def build_detector(path: str, request: LoadRequest):
     output_names = [o.name for o in session.get_outputs()]
     size = request.det_size() or DEFAULT_DETECTION_SIZE
     if is_yunet(output_names):
-        del session  # OpenCV runs YuNet itself
+        del session  # exported at 640x640: YuNetDetector opens it for any input size
         return YuNetDetector(
-            path, input_size=size, score_threshold=request.float_in_range("det_thresh", 0.0, 1.0, YUNET_SCORE_THRESHOLD)
+            path,
+            input_size=size,
+            score_threshold=request.float_in_range("det_thresh", 0.0, 1.0, YUNET_SCORE_THRESHOLD),
+            threads=request.threads or None,
         )
     if len(output_names) in (9, 15):
         return SCRFDDetector(

@@ -15,6 +15,8 @@ import onnxruntime as ort
 from core.concurrency import InstancePool, usable_cpus
 from core.errors import ModelFileError
 
+from .onnx_graph import first_input_name, with_free_dims
+
 # Threads each session may use for one Run when ModelOptions.Threads is 0: every usable CPU, up
 # to 4, never spinning. More than one makes a lone request faster and costs nothing under load,
 # where requests side by side share the cores either way (bench/FINDINGS.md, "threads per Run").
@@ -77,10 +79,24 @@ def _register_shared_arena() -> None:
         _shared_arena_registered = True
 
 
-def create_session(path: str, threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session for `path`; a missing or unreadable file is a ModelFileError."""
+def create_session(
+    path: str, threads: int | None = None, free_dims: dict[int, str] | None = None, memory_pattern: bool = True
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session for `path`; a missing or unreadable file is a ModelFileError.
+    `free_dims` (index -> symbol) makes those dims of the first input symbolic, for a graph
+    exported at one fixed size that works at any (onnx_graph.with_free_dims). `memory_pattern`
+    False: each Run allocates its tensors one by one as they come alive instead of one block
+    for all of them, for models whose intermediate tensors are large (a detector at 640 px)."""
     if not os.path.isfile(path):
         raise ModelFileError(f"model file not found: {path}")
+    model: str | bytes = path
+    if free_dims:
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            model = with_free_dims(data, first_input_name(data), free_dims)
+        except (ValueError, IndexError, StopIteration) as exc:
+            raise ModelFileError(f"cannot load ONNX model {path}: not a readable ONNX file") from exc
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
@@ -91,10 +107,11 @@ def create_session(path: str, threads: int | None = None) -> ort.InferenceSessio
     # Run take the cores from the next model's Run (bench/FINDINGS.md, "spinning").
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
+    options.enable_mem_pattern = memory_pattern
     _register_shared_arena()
     options.add_session_config_entry("session.use_env_allocators", "1")
     try:
-        return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated types for bad files
         raise ModelFileError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0][:200]}") from exc
 

@@ -20,7 +20,7 @@ from core.errors import ModelFileError, ModelOptionError
 from engines import build_engine, parse_load_request
 from engines.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face, similarity_transform
 from engines.base import FaceDetection, FaceEngine
-from engines.detection import SCRFDDetector, YuNetDetector
+from engines.detection import SCRFDDetector, YuNetDetector, letterbox_scale
 from engines.runtime import MAX_RUN_BATCH, check_batch_dimension, create_session, run_batched
 from tests import support
 
@@ -190,6 +190,51 @@ class DetectorTest(unittest.TestCase):
             with self.subTest(label):
                 with self.assertRaises(ModelFileError):
                     build("wrong", options)
+
+
+class YuNetMatchesOpenCVTest(unittest.TestCase):
+    """YuNetDetector runs the YuNet file on onnxruntime with its own decoding: on every photo of
+    ../shared/data, shrunk as detect() shrinks it, it must find what cv2.FaceDetectorYN finds on
+    the same pixels, to a hundredth of a pixel."""
+
+    def test_same_faces_as_face_detector_yn(self):
+        import cv2
+
+        path = support.model_path(YUNET)
+        photos = sorted(
+            os.path.join(folder, name)
+            for folder, _, names in os.walk(support.DATA)
+            for name in names
+            if name.lower().endswith((".jpg", ".jpeg", ".png"))
+        )
+        self.assertGreater(len(photos), 30)
+        faces_seen = 0
+        for threshold in (0.5, 0.8):
+            detector = YuNetDetector(path, score_threshold=threshold)
+            for photo in photos:
+                image = support.read_image(photo)
+                scale = min(1.0, letterbox_scale(image.shape, detector.input_size))
+                if scale < 1.0:
+                    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+                    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+                opencv = cv2.FaceDetectorYN.create(
+                    path, "", (image.shape[1], image.shape[0]), threshold, detector.NMS_IOU_THRESHOLD, detector.TOP_K
+                )
+                _, expected = opencv.detect(image)
+                expected = np.zeros((0, 15), np.float32) if expected is None else expected
+                found = detector._rows(image, threshold)
+                with self.subTest(photo=os.path.relpath(photo, support.DATA), threshold=threshold):
+                    self.assertEqual(len(found), len(expected))
+                    order = np.argsort(-expected[:, 14]), np.argsort(-found[:, 14])
+                    np.testing.assert_allclose(found[order[1]][:, :14], expected[order[0]][:, :14], atol=0.01)
+                    np.testing.assert_allclose(found[order[1]][:, 14], expected[order[0]][:, 14], atol=1e-4)
+                faces_seen += len(found)
+        self.assertGreater(faces_seen, 50)
+
+    def test_thin_strips_find_nothing(self):
+        detector = YuNetDetector(support.model_path(YUNET))
+        for shape in ((1, 640, 3), (640, 1, 3), (31, 640, 3)):
+            self.assertEqual(detector.detect(np.full(shape, 128, np.uint8)), [])
 
 
 class RunBatchedTest(unittest.TestCase):

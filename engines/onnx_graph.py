@@ -1,0 +1,132 @@
+"""Edits of an ONNX file's declared shapes, on the protobuf wire format itself: the `onnx` package
+(and its protobuf classes) is not a runtime dependency, and these edits touch three fields.
+
+Field numbers from onnx.proto: ModelProto.graph = 7; GraphProto.input = 11, output = 12,
+value_info = 13; ValueInfoProto.name = 1, type = 2; TypeProto.tensor_type = 1;
+TypeProto.Tensor.shape = 2; TensorShapeProto.dim = 1; Dimension.dim_param = 2.
+(TensorShapeProto has no field but dim.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+_VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
+    """(field number, wire type, the field's whole encoding, its payload for length-delimited
+    fields) of each field of a serialized message, in order."""
+    pos = 0
+    while pos < len(data):
+        start = pos
+        key, pos = _read_varint(data, pos)
+        number, wire = key >> 3, key & 7
+        payload = b""
+        if wire == _VARINT:
+            _, pos = _read_varint(data, pos)
+        elif wire == _FIXED64:
+            pos += 8
+        elif wire == _FIXED32:
+            pos += 4
+        elif wire == _BYTES:
+            length, pos = _read_varint(data, pos)
+            payload = data[pos : pos + length]
+            pos += length
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield number, wire, data[start:pos], payload
+
+
+def _message(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | _BYTES) + _varint(len(payload)) + payload
+
+
+def _replace(data: bytes, edits: dict[int, object]) -> bytes:
+    """`data` with each length-delimited field whose number is in `edits` passed through
+    edits[number] (payload -> new payload, or None to drop the field)."""
+    out = bytearray()
+    for number, wire, whole, payload in _fields(data):
+        edit = edits.get(number)
+        if edit is None or wire != _BYTES:
+            out += whole
+            continue
+        new = edit(payload)  # type: ignore[operator]
+        if new is not None:
+            out += _message(number, new)
+    return bytes(out)
+
+
+def _name(value_info: bytes) -> str:
+    return next((p.decode() for n, w, _, p in _fields(value_info) if n == 1 and w == _BYTES), "")
+
+
+def _free_dims(shape: bytes, names: dict[int, str] | None) -> bytes:
+    """The dims `names` maps made symbolic; every dim unknown for None."""
+    out = bytearray()
+    dims = [whole for number, _, whole, _ in _fields(shape) if number == 1]
+    for index, whole in enumerate(dims):
+        if names is None:
+            out += _message(1, b"")
+        else:
+            out += _message(1, _message(2, names[index].encode())) if index in names else whole
+    return bytes(out)
+
+
+def with_free_dims(model: bytes, input_name: str, names: dict[int, str]) -> bytes:
+    """`model` (a serialized ONNX ModelProto) with the dimensions `names` maps (index -> symbol)
+    of input `input_name` made symbolic, the outputs' dims unknown and the shapes declared for the
+    intermediate values (which follow from a fixed input) dropped: the graph itself must already
+    work for any size (reshapes to -1, resizes by scale), as onnxruntime then checks it."""
+
+    def tensor_shape(edit):
+        return lambda type_: _replace(type_, {1: lambda tensor: _replace(tensor, {2: edit})})
+
+    def graph(payload: bytes) -> bytes:
+        def an_input(value_info: bytes) -> bytes:
+            if _name(value_info) != input_name:
+                return value_info
+            return _replace(value_info, {2: tensor_shape(lambda shape: _free_dims(shape, names))})
+
+        def an_output(value_info: bytes) -> bytes:
+            return _replace(value_info, {2: tensor_shape(lambda shape: _free_dims(shape, None))})
+
+        return _replace(payload, {11: an_input, 12: an_output, 13: lambda value_info: None})
+
+    return _replace(model, {7: graph})
+
+
+def first_input_name(model: bytes) -> str:
+    """The name of the model's first graph input that is not an initializer (older exports list
+    the weights among the inputs too); GraphProto.initializer = 5, TensorProto.name = 8."""
+    graph = next(payload for number, wire, _, payload in _fields(model) if number == 7 and wire == _BYTES)
+    inputs, weights = [], set()
+    for number, wire, _, payload in _fields(graph):
+        if number == 11 and wire == _BYTES:
+            inputs.append(_name(payload))
+        elif number == 5 and wire == _BYTES:
+            weights.add(next((p.decode() for n, w, _, p in _fields(payload) if n == 8 and w == _BYTES), ""))
+    return next(name for name in inputs if name not in weights)
