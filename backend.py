@@ -44,7 +44,7 @@ from core.errors import (
 )
 from core.settings import Settings
 from engines import parse_load_request
-from face_service import DEFAULT_MODEL_OPTIONS, AnalyzedFace, FaceService
+from face_service import DEFAULT_MODEL_OPTIONS, AnalyzedFace, FaceService, return_free_memory
 from roles import Roles
 from store import Entry, Match, StoreService
 
@@ -186,7 +186,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             log.exception("LoadModel failed")
             return backend_pb2.Result(success=False, message=f"LoadModel failed: {type(error).__name__}")
         finally:
-            process.return_free_memory()
+            return_free_memory()
         return backend_pb2.Result(success=True, message=f"loaded {loaded}")
 
     def Status(self, request, context):

@@ -29,7 +29,7 @@ from core.errors import InvalidInputError, NoFaceError, PreconditionError
 from core.lifecycle import Held, Slot
 from core.settings import DEFAULT_IMAGE_LIMITS, ImageLimits
 from engines import HOST_ACTIONS, FaceAttributes, FaceDetection, FaceEngine, LoadRequest, build_engine
-from engines.runtime import set_opencv_threads
+from engines.runtime import set_opencv_threads, shrink_shared_arena
 from imaging import EncodedImage, read_image
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,13 @@ def _always_continue(stage: str) -> None:
 # Slope of the logistic that maps distance to `confidence`: 50 at the threshold, about 95 at
 # 0.25 below it and about 5 at 0.25 above it.
 CONFIDENCE_SLOPE = 12.0
+
+
+def return_free_memory() -> None:
+    """onnxruntime's shared arena's unused blocks to malloc, then malloc's free pages to the
+    system: after a LoadModel, a Free, a replaced model's close."""
+    shrink_shared_arena()
+    process.return_free_memory()
 
 
 @dataclass(eq=False)
@@ -75,7 +82,7 @@ class LoadedModel(Held):
         # What the sessions, pools and buffers held is free now but still mapped: hand it
         # back to the system here, when the last request holding the model ends, rather
         # than at the next LoadModel (bench/FINDINGS.md, "memory under reloads").
-        process.return_free_memory()
+        return_free_memory()
 
     def __post_init__(self) -> None:
         # Bytes of the model files loaded (engine and liveness), each file once: what the weights

@@ -130,3 +130,21 @@ def first_input_name(model: bytes) -> str:
         elif number == 5 and wire == _BYTES:
             weights.add(next((p.decode() for n, w, _, p in _fields(payload) if n == 8 and w == _BYTES), ""))
     return next(name for name in inputs if name not in weights)
+
+
+def _field_varint(number: int, value: int) -> bytes:
+    return _varint(number << 3 | _VARINT) + _varint(value)
+
+
+def identity_model() -> bytes:
+    """A serialized ONNX model (IR 7, opset 13) whose output "y" is its input "x", a float[1]."""
+
+    def value_info(name: str) -> bytes:
+        dim = _message(1, _field_varint(1, 1))
+        tensor = _field_varint(1, 1) + _message(2, dim)  # elem_type FLOAT, shape [1]
+        return _message(1, name.encode()) + _message(2, _message(1, tensor))
+
+    node = _message(1, b"x") + _message(2, b"y") + _message(4, b"Identity")
+    graph = _message(1, node) + _message(2, b"identity") + _message(11, value_info("x")) + _message(12, value_info("y"))
+    opset = _message(1, b"") + _field_varint(2, 13)
+    return _field_varint(1, 7) + _message(7, graph) + _message(8, opset)

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from core.concurrency import InstancePool, usable_cpus
 from core.errors import ModelFileError
 
-from .onnx_graph import first_input_name, with_free_dims
+from .onnx_graph import first_input_name, identity_model, with_free_dims
 
 # Threads each session may use for one Run when ModelOptions.Threads is 0: every usable CPU, up
 # to 4, never spinning. More than one makes a lone request faster and costs nothing under load,
@@ -77,6 +77,36 @@ def _register_shared_arena() -> None:
         # chunk (-1 = onnxruntime's defaults)).
         ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, ARENA_EXTEND_SAME_AS_REQUESTED, -1, -1))
         _shared_arena_registered = True
+
+
+_shrinker: tuple[ort.InferenceSession, ort.IOBinding, ort.RunOptions] | None = None
+
+
+def shrink_shared_arena() -> None:
+    """Hand the shared arena's unused blocks back to malloc. The arena keeps its high-water mark
+    for good otherwise, so after reloads (one set's Runs, then the other's) the process would hold
+    the largest of both (bench/FINDINGS.md, "memory (issue 14)", round 2). onnxruntime shrinks an
+    arena only at the end of a Run that asks for it; this Run, of an Identity graph on the shared
+    arena with its input and output in buffers of ours, takes no block itself, so every block no
+    other Run holds goes. Shrinking on every Run instead raised the peak under load (same
+    section)."""
+    global _shrinker
+    if not _shared_arena_registered:
+        return
+    with _shared_arena_lock:
+        if _shrinker is None:
+            options = ort.SessionOptions()
+            options.add_session_config_entry("session.use_env_allocators", "1")
+            session = ort.InferenceSession(identity_model(), sess_options=options, providers=["CPUExecutionProvider"])
+            value = np.zeros(1, np.float32)
+            binding = session.io_binding()
+            binding.bind_cpu_input("x", value)
+            binding.bind_output("y", "cpu", 0, np.float32, [1], value.ctypes.data)
+            run_options = ort.RunOptions()
+            run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+            _shrinker = (session, binding, run_options)
+        session, binding, run_options = _shrinker
+        session.run_with_iobinding(binding, run_options)
 
 
 def create_session(

@@ -13,6 +13,7 @@ import types
 import unittest
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 
 import face_eval
@@ -21,7 +22,7 @@ from engines import build_engine, parse_load_request
 from engines.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face, similarity_transform
 from engines.base import FaceDetection, FaceEngine
 from engines.detection import SCRFDDetector, YuNetDetector, letterbox_scale
-from engines.runtime import MAX_RUN_BATCH, check_batch_dimension, create_session, run_batched
+from engines.runtime import MAX_RUN_BATCH, check_batch_dimension, create_session, run_batched, shrink_shared_arena
 from tests import support
 
 YUNET = "face_detection_yunet_2023mar.onnx"
@@ -198,8 +199,6 @@ class YuNetMatchesOpenCVTest(unittest.TestCase):
     the same pixels, to a hundredth of a pixel."""
 
     def test_same_faces_as_face_detector_yn(self):
-        import cv2
-
         path = support.model_path(YUNET)
         photos = sorted(
             os.path.join(folder, name)
@@ -235,6 +234,22 @@ class YuNetMatchesOpenCVTest(unittest.TestCase):
         detector = YuNetDetector(support.model_path(YUNET))
         for shape in ((1, 640, 3), (640, 1, 3), (31, 640, 3)):
             self.assertEqual(detector.detect(np.full(shape, 128, np.uint8)), [])
+
+
+class SharedArenaTest(unittest.TestCase):
+    def test_shrink_hands_the_arenas_free_blocks_back(self):
+        from core.process import malloc_usage
+
+        if not malloc_usage():
+            self.skipTest("malloc_usage needs glibc's mallinfo2")
+        detector = YuNetDetector(support.model_path(YUNET))
+        image = cv2.resize(support.read_image(support.data_path(support.IMAGES, "obama_1.jpg")), (640, 480))
+        self.assertEqual(len(detector.detect(image)), 1)
+        before = malloc_usage()["heap_in_use"]
+        shrink_shared_arena()
+        # YuNet's tensors at 640x480 take ~10 MB of arena blocks, free once its Run is over.
+        self.assertGreater(before - malloc_usage()["heap_in_use"], 4 * 2**20)
+        self.assertEqual(len(detector.detect(image)), 1)  # the arena grows again as needed
 
 
 class RunBatchedTest(unittest.TestCase):
