@@ -61,7 +61,7 @@ class InstancePool(Generic[T]):
     """Lends out at most `size` instances made by `factory`, creating them on demand.
 
     For objects one thread at a time may use (OpenCV's model objects). One instance per gRPC
-    worker thread would keep every worker's buffers alive (bench/FINDINGS.md, "YuNet instances");
+    worker thread would keep every worker's buffers alive (bench/FINDINGS.md, "OpenCV instances");
     more instances than CPUs buy no speed for compute-bound work.
     """
 

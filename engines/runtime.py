@@ -25,13 +25,13 @@ from .onnx_graph import first_input_name, identity_model, with_free_dims
 # measured: this machine has 2 CPUs). ModelOptions.Threads (the `threads` argument of
 # create_session) overrides it.
 #
-# OpenCV's own pool (YuNet, SFace) is left at its default, one thread per CPU: one thread was
+# OpenCV's own pool (SFace, resizes, warps) is left at its default, one thread per CPU: one thread was
 # slower alone and no faster under load (bench/FINDINGS.md, "OpenCV threads").
 MAX_DEFAULT_INTRA_OP_THREADS = 4
 
 
 def set_opencv_threads(threads: int) -> None:
-    """Grant OpenCV's pool (YuNet, SFace) `threads` threads, or its default (one per CPU) for 0.
+    """Grant OpenCV's pool (SFace, resizes, warps) `threads` threads, or its default (one per CPU) for 0.
     The pool is process-wide, so this follows the loaded model's ModelOptions.Threads."""
     cv2.setNumThreads(threads if threads > 0 else -1)
 
