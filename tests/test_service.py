@@ -559,8 +559,7 @@ class LoadModelTest(unittest.TestCase):
         service = FaceService()
         first = load(service, *self.setups[support.ENGINE_ONNX_DIRECT])
         sessions = [weakref.ref(session) for session in sessions_in(first)]
-        self.assertGreaterEqual(len(sessions), 5)  # recognizer, age, gender, emotion, liveness
-        self.assertEqual([pool.idle for pool in instances_in(first, InstancePool)], [1])  # YuNet's
+        self.assertGreaterEqual(len(sessions), 6)  # YuNet, recognizer, age, gender, emotion, liveness
         self.assertFalse(first.closed)
         second = load(service, *self.setups[support.ENGINE_INSIGHTFACE])
         self.assert_closed(first)
