@@ -22,16 +22,6 @@ DEFAULT_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh
 NMS_IOU_THRESHOLD = 0.4  # insightface SCRFD.nms_thresh
 
 
-def open_detector_session(
-    path: str, threads: int | None, free_dims: dict[int, str] | None = None
-) -> ort.InferenceSession:
-    """A session for a detector. Its Runs allocate their tensors one by one as they come alive
-    rather than one block for all of them (onnxruntime's memory pattern): a 640 px input's
-    tensors take 10-20 MB, and each Run in flight held such a block in the shared arena, which
-    keeps its high-water mark (bench/FINDINGS.md, "memory (issue 14)", round 2)."""
-    return create_session(path, threads, free_dims=free_dims, memory_pattern=False)
-
-
 def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
     """Indices of the boxes kept, best score first (greedy NMS as in insightface SCRFD.nms)."""
     x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
@@ -77,7 +67,7 @@ def plausible_faces(faces: list[FaceDetection], image_shape: Sequence[int]) -> l
 
 class SCRFDDetector:
     """SCRFD (insightface `model_zoo/scrfd.py`): anchor-free distances at strides 8/16/32, on a
-    session from open_detector_session."""
+    session from create_session."""
 
     # insightface SCRFD: RGB, (x - 127.5) / 128.
     INPUT_MEAN = 127.5
@@ -212,9 +202,7 @@ class YuNetDetector:
         self.path = path
         self.input_size: tuple[int, int] = (int(input_size[0]), int(input_size[1]))
         self.score_threshold = score_threshold
-        self.session: ort.InferenceSession | None = open_detector_session(
-            path, threads, free_dims={2: "height", 3: "width"}
-        )
+        self.session: ort.InferenceSession | None = create_session(path, threads, free_dims={2: "height", 3: "width"})
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [f"{kind}_{stride}" for kind in ("cls", "obj", "bbox", "kps") for stride in self.STRIDES]
         missing = set(self.output_names) - {o.name for o in self.session.get_outputs()}

@@ -25,7 +25,7 @@ from catalog import ROLE_RECOGNIZER, ModelPack, file_sha256
 from core.errors import ModelFileError, ModelOptionError
 
 from .attributes import build_attribute_heads
-from .detection import DEFAULT_DETECTION_SIZE, DEFAULT_SCORE_THRESHOLD, SCRFDDetector, open_detector_session
+from .detection import DEFAULT_DETECTION_SIZE, DEFAULT_SCORE_THRESHOLD, SCRFDDetector
 from .modular import ModularFaceEngine
 from .options import LoadRequest
 from .quality import build_quality_head
@@ -178,7 +178,7 @@ def build_insightface_engine(request: LoadRequest) -> ModularFaceEngine:
     # The session that told the roles apart is dropped: a detector's is set up differently.
     detector_path = roles.pop(ROLE_DETECTOR)[0]
     detector = SCRFDDetector(
-        open_detector_session(detector_path, request.threads or None),
+        create_session(detector_path, request.threads or None),
         input_size=request.det_size() or DEFAULT_DETECTION_SIZE,
         score_threshold=request.float_in_range("det_thresh", 0.0, 1.0, DEFAULT_SCORE_THRESHOLD),
     )

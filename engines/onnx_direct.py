@@ -13,7 +13,7 @@ from catalog import file_sha256
 from core.errors import ModelFileError, ModelOptionError
 
 from .attributes import build_attribute_heads
-from .detection import DEFAULT_DETECTION_SIZE, SCRFDDetector, YuNetDetector, open_detector_session
+from .detection import DEFAULT_DETECTION_SIZE, SCRFDDetector, YuNetDetector
 from .modular import ModularFaceEngine
 from .options import LoadRequest
 from .quality import build_quality_head
@@ -46,7 +46,7 @@ def build_detector(path: str, request: LoadRequest):
     if len(output_names) in (9, 15):
         del session  # the probe; the detector's own session is set up differently
         return SCRFDDetector(
-            open_detector_session(path, request.threads or None),
+            create_session(path, request.threads or None),
             input_size=size,
             score_threshold=request.float_in_range("det_thresh", 0.0, 1.0, SCRFD_SCORE_THRESHOLD),
         )

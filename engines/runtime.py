@@ -110,13 +110,11 @@ def shrink_shared_arena() -> None:
 
 
 def create_session(
-    path: str, threads: int | None = None, free_dims: dict[int, str] | None = None, memory_pattern: bool = True
+    path: str, threads: int | None = None, free_dims: dict[int, str] | None = None
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for `path`; a missing or unreadable file is a ModelFileError.
     `free_dims` (index -> symbol) makes those dims of the first input symbolic, for a graph
-    exported at one fixed size that works at any (onnx_graph.with_free_dims). `memory_pattern`
-    False: each Run allocates its tensors one by one as they come alive instead of one block
-    for all of them, for models whose intermediate tensors are large (a detector at 640 px)."""
+    exported at one fixed size that works at any (onnx_graph.with_free_dims)."""
     if not os.path.isfile(path):
         raise ModelFileError(f"model file not found: {path}")
     model: str | bytes = path
@@ -137,7 +135,11 @@ def create_session(
     # Run take the cores from the next model's Run (bench/FINDINGS.md, "spinning").
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
-    options.enable_mem_pattern = memory_pattern
+    # Each Run allocates its tensors one by one as they come alive, not one block for all of them
+    # (onnxruntime's memory pattern): every Run in flight held such a block in the shared arena,
+    # which keeps its high-water mark; off for every session, the default set's server entered
+    # the 4-client load 45 MB lower at the same speed (bench/FINDINGS.md, "memory (issue 14)").
+    options.enable_mem_pattern = False
     _register_shared_arena()
     options.add_session_config_entry("session.use_env_allocators", "1")
     try:
