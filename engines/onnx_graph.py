@@ -61,7 +61,8 @@ def _fields(data: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
         yield number, wire, data[start:pos], payload
 
 
-def _message(number: int, payload: bytes) -> bytes:
+def bytes_field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (a message, a string, bytes) in wire format."""
     return _varint(number << 3 | _BYTES) + _varint(len(payload)) + payload
 
 
@@ -76,7 +77,7 @@ def _replace(data: bytes, edits: dict[int, object]) -> bytes:
             continue
         new = edit(payload)  # type: ignore[operator]
         if new is not None:
-            out += _message(number, new)
+            out += bytes_field(number, new)
     return bytes(out)
 
 
@@ -90,9 +91,9 @@ def _free_dims(shape: bytes, names: dict[int, str] | None) -> bytes:
     dims = [whole for number, _, whole, _ in _fields(shape) if number == 1]
     for index, whole in enumerate(dims):
         if names is None:
-            out += _message(1, b"")
+            out += bytes_field(1, b"")
         else:
-            out += _message(1, _message(2, names[index].encode())) if index in names else whole
+            out += bytes_field(1, bytes_field(2, names[index].encode())) if index in names else whole
     return bytes(out)
 
 
@@ -132,7 +133,8 @@ def first_input_name(model: bytes) -> str:
     return next(name for name in inputs if name not in weights)
 
 
-def _field_varint(number: int, value: int) -> bytes:
+def varint_field(number: int, value: int) -> bytes:
+    """One varint protobuf field (an integer, a bool, an enum) in wire format."""
     return _varint(number << 3 | _VARINT) + _varint(value)
 
 
@@ -140,11 +142,16 @@ def identity_model() -> bytes:
     """A serialized ONNX model (IR 7, opset 13) whose output "y" is its input "x", a float[1]."""
 
     def value_info(name: str) -> bytes:
-        dim = _message(1, _field_varint(1, 1))
-        tensor = _field_varint(1, 1) + _message(2, dim)  # elem_type FLOAT, shape [1]
-        return _message(1, name.encode()) + _message(2, _message(1, tensor))
+        dim = bytes_field(1, varint_field(1, 1))
+        tensor = varint_field(1, 1) + bytes_field(2, dim)  # elem_type FLOAT, shape [1]
+        return bytes_field(1, name.encode()) + bytes_field(2, bytes_field(1, tensor))
 
-    node = _message(1, b"x") + _message(2, b"y") + _message(4, b"Identity")
-    graph = _message(1, node) + _message(2, b"identity") + _message(11, value_info("x")) + _message(12, value_info("y"))
-    opset = _message(1, b"") + _field_varint(2, 13)
-    return _field_varint(1, 7) + _message(7, graph) + _message(8, opset)
+    node = bytes_field(1, b"x") + bytes_field(2, b"y") + bytes_field(4, b"Identity")
+    graph = (
+        bytes_field(1, node)
+        + bytes_field(2, b"identity")
+        + bytes_field(11, value_info("x"))
+        + bytes_field(12, value_info("y"))
+    )
+    opset = bytes_field(1, b"") + varint_field(2, 13)
+    return varint_field(1, 7) + bytes_field(7, graph) + bytes_field(8, opset)

@@ -19,6 +19,7 @@ import numpy as np
 
 import backend_pb2
 import catalog
+from engines.onnx_graph import bytes_field, varint_field
 from harness.servers import BackendProcess
 from tests import support
 from tests.support import CALL_TIMEOUT, GrpcAssertions, photo
@@ -29,24 +30,11 @@ DIFFERENT = ("obama_1.jpg", "biden_1.jpg")
 NEIGHBOURS = tuple(f.name for f in catalog.default().expand(["default"]))
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _field(number: int, value) -> bytes:
     """One protobuf field in wire format: varint for ints and bools, length-delimited for text."""
     if isinstance(value, (bool, int)):
-        return _varint(number << 3) + _varint(int(value))
-    data = value.encode()
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
+        return varint_field(number, int(value))
+    return bytes_field(number, value.encode())
 
 
 # ModelOptions fields the host fills for every model (field numbers of the host's backend.proto)
