@@ -1,14 +1,17 @@
-"""Edits of an ONNX file's declared shapes, on the protobuf wire format itself: the `onnx` package
-(and its protobuf classes) is not a runtime dependency, and these edits touch three fields.
+"""Edits of an ONNX file on the protobuf wire format itself: the `onnx` package (and its protobuf
+classes) is not a runtime dependency, and these edits touch a few fields.
 
-Field numbers from onnx.proto: ModelProto.graph = 7; GraphProto.input = 11, output = 12,
-value_info = 13; ValueInfoProto.name = 1, type = 2; TypeProto.tensor_type = 1;
-TypeProto.Tensor.shape = 2; TensorShapeProto.dim = 1; Dimension.dim_param = 2.
-(TensorShapeProto has no field but dim.)
+Field numbers from onnx.proto: ModelProto.graph = 7, opset_import = 8; OperatorSetIdProto.domain
+= 1, version = 2; GraphProto.node = 1, initializer = 5, input = 11, output = 12, value_info = 13;
+NodeProto.input = 1, output = 2, name = 3, op_type = 4, domain = 7; TensorProto.dims = 1,
+data_type = 2, float_data = 4, name = 8, raw_data = 9; ValueInfoProto.name = 1, type = 2;
+TypeProto.tensor_type = 1; TypeProto.Tensor.shape = 2; TensorShapeProto.dim = 1;
+Dimension.dim_param = 2. (TensorShapeProto has no field but dim.)
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 
 _VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
@@ -155,3 +158,85 @@ def identity_model() -> bytes:
     )
     opset = bytes_field(1, b"") + varint_field(2, 13)
     return varint_field(1, 7) + bytes_field(7, graph) + bytes_field(8, opset)
+
+
+# TensorProto.DataType FLOAT.
+_FLOAT = 1
+# Mul broadcasts numpy-style from opset 7 on (before, only with a `broadcast` attribute).
+_MIN_OPSET_MUL_BROADCASTS = 7
+
+
+def _strings(message: bytes, number: int) -> list[str]:
+    return [p.decode() for n, w, _, p in _fields(message) if n == number and w == _BYTES]
+
+
+def _float_values(tensor: bytes) -> list[float] | None:
+    """The values of a float TensorProto, from raw_data or float_data (packed or not); None for
+    any other type."""
+    data_type = next((_read_varint(whole, 1)[0] for n, w, whole, _ in _fields(tensor) if n == 2 and w == _VARINT), 0)
+    if data_type != _FLOAT:
+        return None
+    values: list[float] = []
+    for number, wire, whole, payload in _fields(tensor):
+        if number in (4, 9) and wire == _BYTES:
+            values += struct.unpack(f"<{len(payload) // 4}f", payload)
+        elif number == 4 and wire == _FIXED32:
+            values += struct.unpack("<f", whole[-4:])
+    return values
+
+
+def _default_opset(model: bytes) -> int:
+    for number, wire, _, payload in _fields(model):
+        if number == 8 and wire == _BYTES:
+            domain = "".join(_strings(payload, 1))
+            if domain in ("", "ai.onnx"):
+                return next((_read_varint(w, 1)[0] for n, t, w, _ in _fields(payload) if n == 2 and t == _VARINT), 0)
+    return 0
+
+
+def prelu_as_max(model: bytes) -> bytes:
+    """`model` with each PRelu whose slopes are constants no greater than 1 computed as
+    Max(x, slope * x), the same function then (slope * x <= x exactly where x >= 0), value for
+    value. onnxruntime's CPU PRelu is a slow broadcast kernel; Mul and Max take a fraction of
+    its time (bench/FINDINGS.md, "PRelu").
+    A model without such a PRelu, or that does not parse, comes back unchanged (onnxruntime
+    then says what is wrong with it)."""
+    try:
+        return _prelu_as_max(model)
+    except (ValueError, IndexError, struct.error, UnicodeDecodeError):
+        return model
+
+
+def _prelu_as_max(model: bytes) -> bytes:
+    graph = next((p for n, w, _, p in _fields(model) if n == 7 and w == _BYTES), None)
+    if graph is None or b"PRelu" not in graph or _default_opset(model) < _MIN_OPSET_MUL_BROADCASTS:
+        return model
+    slopes_at_most_one = set()
+    for number, wire, _, payload in _fields(graph):
+        if number == 5 and wire == _BYTES:
+            values = _float_values(payload)
+            if values and max(values) <= 1.0:
+                slopes_at_most_one.update(_strings(payload, 8))
+    rewritten = 0
+    out = bytearray()
+    for number, wire, whole, payload in _fields(graph):
+        if number != 1 or wire != _BYTES:
+            out += whole
+            continue
+        is_prelu = _strings(payload, 4) == ["PRelu"] and "".join(_strings(payload, 7)) in ("", "ai.onnx")
+        inputs, outputs = _strings(payload, 1), _strings(payload, 2)
+        if not is_prelu or len(inputs) != 2 or inputs[1] not in slopes_at_most_one:
+            out += whole
+            continue
+        rewritten += 1
+        x, slope = inputs
+        scaled = f"{outputs[0]}/prelu_as_max/scaled"
+        name = "".join(_strings(payload, 3)) or f"prelu_as_max_{rewritten}"
+        mul = bytes_field(1, x.encode()) + bytes_field(1, slope.encode()) + bytes_field(2, scaled.encode())
+        mul += bytes_field(3, f"{name}/mul".encode()) + bytes_field(4, b"Mul")
+        max_ = bytes_field(1, x.encode()) + bytes_field(1, scaled.encode()) + bytes_field(2, outputs[0].encode())
+        max_ += bytes_field(3, f"{name}/max".encode()) + bytes_field(4, b"Max")
+        out += bytes_field(1, mul) + bytes_field(1, max_)
+    if not rewritten:
+        return model
+    return _replace(model, {7: lambda _: bytes(out)})

@@ -3,9 +3,11 @@ same threading policy and a model file that cannot be read is the same error."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import cv2
@@ -15,7 +17,7 @@ import onnxruntime as ort
 from core.concurrency import InstancePool, usable_cpus
 from core.errors import ModelFileError
 
-from .onnx_graph import first_input_name, identity_model, with_free_dims
+from .onnx_graph import first_input_name, identity_model, prelu_as_max, with_free_dims
 
 # Threads each session may use for one Run when ModelOptions.Threads is 0: every usable CPU, up
 # to 4, never spinning. More than one makes a lone request faster and costs nothing under load,
@@ -114,17 +116,20 @@ def create_session(
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for `path`; a missing or unreadable file is a ModelFileError.
     `free_dims` (index -> symbol) makes those dims of the first input symbolic, for a graph
-    exported at one fixed size that works at any (onnx_graph.with_free_dims)."""
+    exported at one fixed size that works at any (onnx_graph.with_free_dims). PRelu activations
+    run as the equivalent Max where that is exact (onnx_graph.prelu_as_max)."""
     if not os.path.isfile(path):
         raise ModelFileError(f"model file not found: {path}")
     model: str | bytes = path
-    if free_dims:
+    if free_dims or _mentions(path, b"PRelu"):
         with open(path, "rb") as f:
-            data = f.read()
-        try:
-            model = with_free_dims(data, first_input_name(data), free_dims)
-        except (ValueError, IndexError, StopIteration) as exc:
-            raise ModelFileError(f"cannot load ONNX model {path}: not a readable ONNX file") from exc
+            model = f.read()
+        if free_dims:
+            try:
+                model = with_free_dims(model, first_input_name(model), free_dims)
+            except (ValueError, IndexError, StopIteration) as exc:
+                raise ModelFileError(f"cannot load ONNX model {path}: not a readable ONNX file") from exc
+        model = prelu_as_max(model)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
@@ -143,9 +148,37 @@ def create_session(
     _register_shared_arena()
     options.add_session_config_entry("session.use_env_allocators", "1")
     try:
-        return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+        with _as_file(model) as model_file:
+            return ort.InferenceSession(model_file, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated types for bad files
         raise ModelFileError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0][:200]}") from exc
+
+
+def _mentions(path: str, needle: bytes) -> bool:
+    """Whether the file holds `needle`, read through the page cache (no copy on the heap)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return False
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return mapped.find(needle) != -1
+
+
+@contextmanager
+def _as_file(model: str | bytes) -> Iterator[str | bytes]:
+    """A path for an edited model: onnxruntime's Python session keeps the bytes it was created
+    from for its whole life (a second copy of the weights), but not a path. The bytes go into an
+    anonymous in-memory file, closed once the session has read it; where the system has none
+    (memfd_create is Linux's), the bytes themselves."""
+    if isinstance(model, str) or not hasattr(os, "memfd_create"):
+        yield model
+        return
+    fd = os.memfd_create("onnx-model", os.MFD_CLOEXEC)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            f.write(model)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def takes_any_batch(session: ort.InferenceSession) -> bool:

@@ -15,13 +15,15 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
+import onnxruntime as ort
 
 import face_eval
 from core.errors import ModelFileError, ModelOptionError
-from engines import build_engine, parse_load_request
+from engines import build_engine, onnx_graph, parse_load_request
 from engines.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face, similarity_transform
 from engines.base import FaceDetection, FaceEngine
 from engines.detection import SCRFDDetector, YuNetDetector, letterbox_scale
+from engines.onnx_graph import bytes_field, varint_field
 from engines.runtime import MAX_RUN_BATCH, check_batch_dimension, create_session, run_batched, shrink_shared_arena
 from tests import support
 
@@ -234,6 +236,69 @@ class YuNetMatchesOpenCVTest(unittest.TestCase):
         detector = YuNetDetector(support.model_path(YUNET))
         for shape in ((1, 640, 3), (640, 1, 3), (31, 640, 3)):
             self.assertEqual(detector.detect(np.full(shape, 128, np.uint8)), [])
+
+
+def prelu_model(slopes: Sequence[float]) -> bytes:
+    """A serialized ONNX model (IR 7, opset 13): y = PRelu(x, slope), x float[1, C, 2, 2]."""
+
+    def value_info(name: str) -> bytes:
+        dims = b"".join(bytes_field(1, varint_field(1, d)) for d in (1, len(slopes), 2, 2))
+        tensor = varint_field(1, 1) + bytes_field(2, dims)  # elem_type FLOAT
+        return bytes_field(1, name.encode()) + bytes_field(2, bytes_field(1, tensor))
+
+    slope = b"".join(varint_field(1, d) for d in (len(slopes), 1, 1)) + varint_field(2, 1)
+    slope += bytes_field(8, b"slope") + bytes_field(9, np.asarray(slopes, "<f4").tobytes())
+    node = bytes_field(1, b"x") + bytes_field(1, b"slope") + bytes_field(2, b"y") + bytes_field(4, b"PRelu")
+    graph = bytes_field(1, node) + bytes_field(2, b"prelu") + bytes_field(5, slope)
+    graph += bytes_field(11, value_info("x")) + bytes_field(12, value_info("y"))
+    return varint_field(1, 7) + bytes_field(7, graph) + bytes_field(8, bytes_field(1, b"") + varint_field(2, 13))
+
+
+class PReluAsMaxTest(unittest.TestCase):
+    """create_session runs PRelu as Max(x, slope * x) where the slopes allow it: the outputs must
+    be the original graph's, bit for bit."""
+
+    @staticmethod
+    def op_types(model: bytes) -> list[bytes]:
+        graph = next(p for n, _, _, p in onnx_graph._fields(model) if n == 7)
+        nodes = [p for n, _, _, p in onnx_graph._fields(graph) if n == 1]
+        return [next(p for n, _, _, p in onnx_graph._fields(node) if n == 4) for node in nodes]
+
+    def test_the_models_with_prelu_give_the_same_outputs(self):
+        real_crop = support.read_image(support.data_path(support.IMAGES, "obama_1.jpg"))
+        # (file, input side, pixel scale) of every catalog model with PRelu activations.
+        for name, side, scale in (
+            ("MiniFASNetV2.onnx", 80, 1.0),
+            ("MiniFASNetV1SE.onnx", 80, 1.0),
+            ("antispoof-celeba-minifas-97.80.onnx", 128, 1 / 255),
+            (os.path.join("buffalo_sc", "w600k_mbf.onnx"), 112, 1 / 127.5),
+        ):
+            with self.subTest(model=name):
+                path = support.model_path(name)
+                with open(path, "rb") as f:
+                    original = f.read()
+                self.assertIn(b"PRelu", self.op_types(original))
+                self.assertNotIn(b"PRelu", self.op_types(onnx_graph.prelu_as_max(original)))
+                crop = cv2.resize(real_crop, (side, side)).transpose(2, 0, 1)[None].astype(np.float32) * scale
+                reference = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+                feed = {reference.get_inputs()[0].name: crop}
+                expected = reference.run(None, feed)[0]
+                np.testing.assert_array_equal(create_session(path, threads=1).run(None, feed)[0], expected)
+
+    def test_a_slope_above_one_keeps_its_prelu(self):
+        x = np.array([-2.0, -0.5, 0.0, 3.0] * 2, np.float32).reshape(1, 2, 2, 2)
+        for slopes, rewritten in (((0.25, 1.0), True), ((-0.5, 0.1), True), ((0.25, 1.5), False)):
+            with self.subTest(slopes=slopes):
+                model = prelu_model(slopes)
+                edited = onnx_graph.prelu_as_max(model)
+                self.assertEqual(b"PRelu" not in self.op_types(edited), rewritten)
+                session = ort.InferenceSession(edited, providers=["CPUExecutionProvider"])
+                expected = np.where(x > 0, x, x * np.asarray(slopes, np.float32).reshape(1, 2, 1, 1))
+                np.testing.assert_array_equal(session.run(None, {"x": x})[0], expected)
+
+    def test_a_file_that_does_not_parse_comes_back_unchanged(self):
+        for data in (b"", b"\xff\xff\xff", b"not an onnx file at all"):
+            self.assertEqual(onnx_graph.prelu_as_max(data), data)
 
 
 class SharedArenaTest(unittest.TestCase):
