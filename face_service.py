@@ -14,8 +14,9 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,9 +49,14 @@ def _always_continue(stage: str) -> None:
 CONFIDENCE_SLOPE = 12.0
 
 
+# Seconds without a request in flight before the memory requests left behind is returned: longer
+# than the gap between a client's back-to-back requests (bench/FINDINGS.md, "idle return").
+IDLE_RETURN_SECONDS = 0.5
+
+
 def return_free_memory() -> None:
     """onnxruntime's shared arena's unused blocks to malloc, then malloc's free pages to the
-    system: after a LoadModel, a Free, a replaced model's close."""
+    system: after a LoadModel, a Free, a replaced model's close, and once requests stop."""
     shrink_shared_arena()
     process.return_free_memory()
 
@@ -256,6 +262,9 @@ class FaceService:
         self._images_lock = threading.Lock()
         self._images_bytes = 0  # decoded request images not yet freed
         self.on_change: Callable[[bool], None] = lambda loaded: None  # told whether a model is loaded
+        # The arena blocks and heap pages a burst of requests (a 12-MP photo, a crowd) grew go
+        # back once the service rests, so the process does not carry its highest moment for good.
+        self._idle = process.WhenIdle(return_free_memory, IDLE_RETURN_SECONDS)
         # FaceVerify's second image, and FaceAnalyze's liveness, run here while the request's
         # thread does the first image or the attributes: one image's models are too small to keep
         # two cores busy (bench/FINDINGS.md, "request helpers"). Under load the helpers are often
@@ -297,6 +306,16 @@ class FaceService:
     @property
     def loaded(self) -> LoadedModel | None:
         return self._slot.current
+
+    @contextmanager
+    def _holding(self, identity: str) -> Iterator[LoadedModel]:
+        """The loaded model, held for one request, which counts as activity for the idle return."""
+        self._idle.started()
+        try:
+            with self._slot.holding(identity) as model:
+                yield model
+        finally:
+            self._idle.ended()
 
     def memory_usage(self) -> dict[str, int]:
         """Where the process's memory goes, in bytes (Status' MemoryUsageData.breakdown): `rss`
@@ -364,7 +383,7 @@ class FaceService:
         checkpoint: Checkpoint = _always_continue,
     ) -> VerifyResult:
         started = time.perf_counter()
-        with self._slot.holding(identity) as model:
+        with self._holding(identity) as model:
             liveness = self._require_liveness(model) if anti_spoofing else None
             if threshold < 0 or not math.isfinite(threshold):
                 raise InvalidInputError(
@@ -454,7 +473,7 @@ class FaceService:
         identity: str = "",
         checkpoint: Checkpoint = _always_continue,
     ) -> list[AnalyzedFace]:
-        with self._slot.holding(identity) as model:
+        with self._holding(identity) as model:
             liveness = self._require_liveness(model) if anti_spoofing else None
             wanted = self._resolve_actions(model.engine, actions)
             engine = model.engine
@@ -502,7 +521,7 @@ class FaceService:
         return frozenset(requested) & engine.supported_actions
 
     def embed(self, images: Sequence[str], identity: str = "", checkpoint: Checkpoint = _always_continue) -> Embedding:
-        with self._slot.holding(identity) as model:
+        with self._holding(identity) as model:
             if not images:
                 raise InvalidInputError(
                     "Images[0]: no image given (Embedding needs one image)", reason="IMAGE_MISSING", field="Images[0]"
@@ -517,7 +536,7 @@ class FaceService:
     def detect(
         self, src: str, threshold: float = 0.0, identity: str = "", checkpoint: Checkpoint = _always_continue
     ) -> list[FaceDetection]:
-        with self._slot.holding(identity) as model:
+        with self._holding(identity) as model:
             if threshold < 0 or threshold > 1 or not math.isfinite(threshold):
                 raise InvalidInputError(
                     f"threshold must be a detector score in [0, 1], got {threshold}",

@@ -67,7 +67,7 @@ from antispoof import LIVENESS_OPTIONS, MINIFASNET_OPTIONS  # noqa: E402
 from engines.alignment import align_face  # noqa: E402
 from engines.onnx_direct import YUNET_SCORE_THRESHOLD  # noqa: E402
 from engines.recognition import recognizer_profile  # noqa: E402
-from face_service import DEFAULT_MODEL_OPTIONS  # noqa: E402
+from face_service import DEFAULT_MODEL_OPTIONS, IDLE_RETURN_SECONDS  # noqa: E402
 from harness.images import b64, phone_photo, read_bytes, shrunk_photo  # noqa: E402
 from harness.paths import DATA, GROUP_PHOTO, IDENTITY_DIR, MODELS_DIR  # noqa: E402
 from harness.procfs import RssSampler, reset_peak_rss, status_field  # noqa: E402
@@ -539,6 +539,9 @@ def concurrent_load(
     conservative). Peak RSS: VmHWM reset before the first window, plus VmRSS polled every 50 ms.
     """
     stubs = [new_stub(server) for _ in range(clients)]
+    # The load starts from the server at rest: what the phases before it grew (12-MP photos, six
+    # faces with every head) is handed back once no request has run for IDLE_RETURN_SECONDS.
+    time.sleep(IDLE_RETURN_SECONDS + SETTLE_SECONDS)
     reset = reset_peak_rss(server.pid)
     rss_base_kb = status_field("VmRSS", server.pid)
     sampler = RssSampler(server.pid, 0.05)

@@ -154,3 +154,50 @@ def wait_for_stop(parent_watch_interval: float | None) -> None:
         watch_parent(stopped.set, parent_watch_interval)
     while not stopped.wait(0.5):  # a timed wait lets the signal handlers run promptly
         pass
+
+
+class WhenIdle:
+    """Runs `action` once the process has had no request in flight for `quiet_seconds`, and again
+    only after another request: what requests leave behind (onnxruntime's arena blocks, malloc's
+    free pages) goes back to the system while nobody needs it, not between back-to-back requests,
+    which would each pay to fault the pages in again."""
+
+    def __init__(self, action: Callable[[], None], quiet_seconds: float) -> None:
+        self._action = action
+        self._quiet_seconds = quiet_seconds
+        self._changed = threading.Condition()
+        self._in_flight = 0
+        self._pending = False  # a request ended since the last action
+        self._last_end = 0.0
+        self._thread: threading.Thread | None = None
+
+    def started(self) -> None:
+        with self._changed:
+            self._in_flight += 1
+
+    def ended(self) -> None:
+        with self._changed:
+            self._in_flight -= 1
+            self._pending = True
+            self._last_end = time.monotonic()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="idle-memory-return", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while True:
+                    if not self._pending or self._in_flight:
+                        self._changed.wait()
+                        continue
+                    left = self._last_end + self._quiet_seconds - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._changed.wait(left)
+                self._pending = False
+            try:
+                self._action()
+            except Exception:
+                log.exception("returning memory while idle failed")

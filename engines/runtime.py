@@ -60,11 +60,12 @@ def default_threads() -> int:
     return min(usable_cpus(), MAX_DEFAULT_INTRA_OP_THREADS)
 
 
-# Every session draws its working memory from one arena that grows by exactly what is asked
-# (kSameAsRequested) instead of one arena per session that grows in powers of two: models that
-# run at different moments reuse the same blocks, which lowers the peak at no cost in speed
-# (bench/FINDINGS.md, "shared onnxruntime arena").
-ARENA_EXTEND_SAME_AS_REQUESTED = 1
+# Every session draws its working memory from one arena instead of one arena per session: models
+# that run at different moments reuse the same blocks, which lowers the peak at no cost in speed.
+# It grows in regions of doubling size (kNextPowerOfTwo): with requests side by side, regions of
+# exactly each tensor's size (kSameAsRequested) left free blocks too small for the next image's
+# tensors, and the arena grew further (bench/FINDINGS.md, "shared onnxruntime arena").
+ARENA_EXTEND_NEXT_POWER_OF_TWO = 0
 _shared_arena_lock = threading.Lock()
 _shared_arena_registered = False
 
@@ -77,7 +78,7 @@ def _register_shared_arena() -> None:
         memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
         # OrtArenaCfg(max_mem (0 = no cap), extend strategy, initial chunk, max dead bytes per
         # chunk (-1 = onnxruntime's defaults)).
-        ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, ARENA_EXTEND_SAME_AS_REQUESTED, -1, -1))
+        ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, ARENA_EXTEND_NEXT_POWER_OF_TWO, -1, -1))
         _shared_arena_registered = True
 
 

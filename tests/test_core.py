@@ -13,7 +13,78 @@ from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
 from core.concurrency import InstancePool, run_side_by_side
+from core.process import WhenIdle
 from core.settings import ImageLimits, Settings
+
+
+class WhenIdleTest(unittest.TestCase):
+    """WhenIdle, which returns memory once requests stop (face_service.IDLE_RETURN_SECONDS)."""
+
+    QUIET = 0.1
+
+    def setUp(self) -> None:
+        self.calls: list[float] = []
+        self.idle = WhenIdle(lambda: self.calls.append(time.monotonic()), self.QUIET)
+
+    def wait_for_calls(self, count: int, limit: float = 5.0) -> None:
+        deadline = time.monotonic() + limit
+        while len(self.calls) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def test_runs_once_after_the_quiet_period(self) -> None:
+        self.idle.started()
+        self.idle.ended()
+        ended = time.monotonic()
+        self.wait_for_calls(1)
+        self.assertEqual(len(self.calls), 1)
+        self.assertGreaterEqual(self.calls[0] - ended, self.QUIET * 0.9)
+        time.sleep(3 * self.QUIET)
+        self.assertEqual(len(self.calls), 1, "ran again without another request")
+        self.idle.started()
+        self.idle.ended()
+        self.wait_for_calls(2)
+        self.assertEqual(len(self.calls), 2)
+
+    def test_never_while_a_request_is_in_flight(self) -> None:
+        self.idle.started()
+        self.idle.started()
+        self.idle.ended()  # one of two ends: still busy
+        time.sleep(4 * self.QUIET)
+        self.assertEqual(self.calls, [])
+        self.idle.ended()
+        self.wait_for_calls(1)
+        self.assertEqual(len(self.calls), 1)
+
+    def test_requests_back_to_back_postpone_it(self) -> None:
+        for _ in range(6):
+            self.idle.started()
+            time.sleep(self.QUIET / 4)
+            self.idle.ended()
+        self.assertEqual(self.calls, [])
+        self.wait_for_calls(1)
+        self.assertEqual(len(self.calls), 1)
+
+    def test_a_failing_action_does_not_stop_later_ones(self) -> None:
+        failures = []
+
+        def action() -> None:
+            failures.append(1)
+            if len(failures) == 1:
+                raise RuntimeError("first return failed")
+
+        idle = WhenIdle(action, self.QUIET)
+        with self.assertLogs("face-backend", level="ERROR"):
+            idle.started()
+            idle.ended()
+            deadline = time.monotonic() + 5
+            while not failures and time.monotonic() < deadline:
+                time.sleep(0.01)
+        idle.started()
+        idle.ended()
+        deadline = time.monotonic() + 5
+        while len(failures) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(len(failures), 2)
 
 
 class RunSideBySideTest(unittest.TestCase):

@@ -7,14 +7,16 @@ from a finer one, EXIF orientation applied at every scale.
 from __future__ import annotations
 
 import io
+import time
 import unittest
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from core.process import malloc_usage
 from engines import parse_load_request
-from face_service import FaceService, LocatedFaces, best_face
+from face_service import IDLE_RETURN_SECONDS, FaceService, LocatedFaces, best_face
 from harness.images import b64, faceless_image, phone_photo
 from imaging import EncodedImage
 from tests import support
@@ -125,6 +127,17 @@ class PhonePhotoTest(unittest.TestCase):
     def assert_same_face(self, got, want) -> None:
         shift = np.abs(np.asarray(got.box) - np.asarray(want.box)).max()
         self.assertLessEqual(shift, MAX_BOX_SHIFT_PX, (got.box, want.box))
+
+    def test_memory_a_phone_photo_grew_is_returned_once_requests_stop(self) -> None:
+        if not malloc_usage():
+            self.skipTest("malloc_usage needs glibc's mallinfo2")
+        photos = b64(self.photos["obama_1.jpg"]), b64(self.photos["obama_2.jpg"])
+        self.service.verify(*photos, anti_spoofing=True)
+        after_request = malloc_usage()["heap_in_use"]
+        time.sleep(IDLE_RETURN_SECONDS + 1.0)
+        # The arena's blocks for YuNet's, MobileFaceNet's and the liveness models' tensors.
+        self.assertGreater(after_request - malloc_usage()["heap_in_use"], 4 * 2**20)
+        self.assertLess(self.service.verify(*photos).distance, 0.5)
 
     def test_phone_photos_decode_at_a_quarter(self) -> None:
         engine = self.full.engine
