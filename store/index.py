@@ -28,7 +28,6 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import numkong
 import numpy as np
 
 INITIAL_ROWS = 1024
@@ -275,6 +274,9 @@ class MatrixIndex:
     def _dots(self, query_codes: np.ndarray, used: int) -> np.ndarray:
         """The integer dot products of the query's codes with the first `used` rows' codes, as
         float32, across the cores for a large index."""
+        # Imported on the first Find: a server that only serves faces does not map its kernels.
+        import numkong
+
         out = np.empty((1, used), dtype=np.float32)
         parts = self._parts if used >= SPLIT_ROWS else 1
         bounds = np.linspace(0, used, parts + 1).astype(int)
