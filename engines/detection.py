@@ -15,7 +15,7 @@ import onnxruntime as ort
 from core.errors import ModelFileError
 
 from .base import FaceDetection
-from .runtime import create_session
+from .runtime import create_session, runs_in_flight
 
 DEFAULT_DETECTION_SIZE = (640, 640)  # insightface FaceAnalysis default det_size
 DEFAULT_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh
@@ -103,6 +103,7 @@ class SCRFDDetector:
         self.fitted_canvas = fitted_canvas
         self._anchor_cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._anchor_lock = threading.Lock()
+        self._in_flight = runs_in_flight(session)
 
     def close(self) -> None:
         self.session = None
@@ -144,7 +145,8 @@ class SCRFDDetector:
         blob = cv2.dnn.blobFromImage(
             canvas, 1.0 / self.INPUT_STD, (canvas_w, canvas_h), (self.INPUT_MEAN,) * 3, swapRB=True
         )
-        outputs = self.session.run(self.output_names, {self.input_name: blob})
+        with self._in_flight:
+            outputs = self.session.run(self.output_names, {self.input_name: blob})
         fm = self.feature_maps
         boxes_all, scores_all, kps_all = [], [], []
         for i, stride in enumerate(self.strides):
@@ -208,6 +210,7 @@ class YuNetDetector:
         missing = set(self.output_names) - {o.name for o in self.session.get_outputs()}
         if missing:
             raise ModelFileError(f"{path} is not a YuNet model: no output {', '.join(sorted(missing))}")
+        self._in_flight = runs_in_flight(self.session)
 
     def close(self) -> None:
         self.session = None
@@ -243,7 +246,8 @@ class YuNetDetector:
         padded_h, padded_w = -(-height // stride) * stride, -(-width // stride) * stride
         blob = np.zeros((1, 3, padded_h, padded_w), np.float32)
         blob[0, :, :height, :width] = image.transpose(2, 0, 1)
-        outputs = dict(zip(self.output_names, session.run(self.output_names, {self.input_name: blob})))
+        with self._in_flight:
+            outputs = dict(zip(self.output_names, session.run(self.output_names, {self.input_name: blob})))
         found = []
         for stride in self.STRIDES:
             cols = padded_w // stride

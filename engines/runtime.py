@@ -182,6 +182,15 @@ def _as_file(model: str | bytes) -> Iterator[str | bytes]:
         os.close(fd)
 
 
+def runs_in_flight(session: ort.InferenceSession) -> threading.BoundedSemaphore:
+    """A limit on the session's Runs at once: as many as its intra-op threads fill the usable
+    CPUs with, at least one. For a detector, whose tensors at a photo's size are the biggest a
+    request allocates (YuNet at 640x512: ~15 MB), more Runs side by side only share the same
+    cores while each holds its own tensors (bench/FINDINGS.md, "detections in flight")."""
+    threads = session.get_session_options().intra_op_num_threads or default_threads()
+    return threading.BoundedSemaphore(max(1, usable_cpus() // threads))
+
+
 def takes_any_batch(session: ort.InferenceSession) -> bool:
     """True when the first input's batch dimension is symbolic or unknown, not a fixed number."""
     batch = session.get_inputs()[0].shape[0]

@@ -9,15 +9,19 @@ import itertools
 import os
 import shutil
 import tempfile
+import threading
+import time
 import types
 import unittest
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
 import onnxruntime as ort
 
 import face_eval
+from core.concurrency import usable_cpus
 from core.errors import ModelFileError, ModelOptionError
 from engines import build_engine, onnx_graph, parse_load_request
 from engines.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face, similarity_transform
@@ -299,6 +303,54 @@ class PReluAsMaxTest(unittest.TestCase):
     def test_a_file_that_does_not_parse_comes_back_unchanged(self):
         for data in (b"", b"\xff\xff\xff", b"not an onnx file at all"):
             self.assertEqual(onnx_graph.prelu_as_max(data), data)
+
+
+class DetectionsInFlightTest(unittest.TestCase):
+    """A detector runs at most as many Runs at once as its threads fill the usable CPUs with:
+    more only share the same cores while each holds its tensors."""
+
+    class CountingSession:
+        """The session's run, counting the calls in flight at once."""
+
+        def __init__(self, session) -> None:
+            self.session = session
+            self.lock = threading.Lock()
+            self.now = self.most = 0
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def run(self, *args, **kwargs):
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            try:
+                time.sleep(0.02)
+                return self.session.run(*args, **kwargs)
+            finally:
+                with self.lock:
+                    self.now -= 1
+
+    def most_at_once(self, detector) -> int:
+        counting = self.CountingSession(detector.session)
+        detector.session = counting
+        image = cv2.resize(support.read_image(support.data_path(support.IMAGES, "obama_1.jpg")), (320, 240))
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            found = list(pool.map(lambda _: detector.detect(image), range(12)))
+        self.assertTrue(all(len(faces) == 1 for faces in found))
+        return counting.most
+
+    def test_yunet(self) -> None:
+        for threads in (1, 2):
+            with self.subTest(threads=threads):
+                detector = YuNetDetector(support.model_path(YUNET), threads=threads)
+                self.assertEqual(self.most_at_once(detector), max(1, usable_cpus() // threads))
+
+    def test_scrfd(self) -> None:
+        for threads in (1, 2):
+            with self.subTest(threads=threads):
+                detector = SCRFDDetector(create_session(support.model_path(SCRFD), threads=threads))
+                self.assertEqual(self.most_at_once(detector), max(1, usable_cpus() // threads))
 
 
 class SharedArenaTest(unittest.TestCase):
