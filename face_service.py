@@ -436,9 +436,12 @@ class FaceService:
         def second_holding_the_model() -> B:
             if not model.hold():  # the request failed and the model was closed before this started
                 raise _Abandoned("start")
+            # It may outlive a request that failed first: still a request's work for the idle return.
+            self._idle.started()
             try:
                 return second(second_checkpoint)
             finally:
+                self._idle.ended()
                 model.release()
 
         return run_side_by_side(

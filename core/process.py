@@ -41,7 +41,8 @@ def limit_malloc_arenas(arenas: int = 1) -> None:
 
 
 def return_free_memory() -> None:
-    """Give the heap's free pages back to the system after a model (re)load or unload.
+    """Give the heap's free pages back to the system after a model (re)load or unload, and once
+    requests stop (WhenIdle).
 
     Parsing an ONNX file and optimising its graph frees several times the model's size again,
     and a replaced model frees all of its own; glibc keeps such pages mapped, so the process

@@ -11,8 +11,9 @@ Dimension.dim_param = 2. (TensorShapeProto has no field but dim.)
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
+
+import numpy as np
 
 _VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
 
@@ -84,8 +85,21 @@ def _replace(data: bytes, edits: dict[int, object]) -> bytes:
     return bytes(out)
 
 
+def _strings(message: bytes, number: int) -> list[str]:
+    """The values of a repeated (or single) string field."""
+    return [p.decode() for n, w, _, p in _fields(message) if n == number and w == _BYTES]
+
+
+def _varint_value(message: bytes, number: int, default: int = 0) -> int:
+    """The value of a varint field, or `default` when the message does not set it."""
+    for n, w, whole, _ in _fields(message):
+        if n == number and w == _VARINT:
+            return _read_varint(whole, len(_varint(number << 3 | _VARINT)))[0]
+    return default
+
+
 def _name(value_info: bytes) -> str:
-    return next((p.decode() for n, w, _, p in _fields(value_info) if n == 1 and w == _BYTES), "")
+    return "".join(_strings(value_info, 1))
 
 
 def _free_dims(shape: bytes, names: dict[int, str] | None) -> bytes:
@@ -132,7 +146,7 @@ def first_input_name(model: bytes) -> str:
         if number == 11 and wire == _BYTES:
             inputs.append(_name(payload))
         elif number == 5 and wire == _BYTES:
-            weights.add(next((p.decode() for n, w, _, p in _fields(payload) if n == 8 and w == _BYTES), ""))
+            weights.add("".join(_strings(payload, 8)))
     return next(name for name in inputs if name not in weights)
 
 
@@ -141,13 +155,18 @@ def varint_field(number: int, value: int) -> bytes:
     return _varint(number << 3 | _VARINT) + _varint(value)
 
 
+def float_value_info(name: str, dims: tuple[int, ...]) -> bytes:
+    """A serialized ValueInfoProto: a float tensor `name` of shape `dims`."""
+    shape = b"".join(bytes_field(1, varint_field(1, d)) for d in dims)
+    tensor = varint_field(1, _FLOAT) + bytes_field(2, shape)
+    return bytes_field(1, name.encode()) + bytes_field(2, bytes_field(1, tensor))
+
+
 def identity_model() -> bytes:
     """A serialized ONNX model (IR 7, opset 13) whose output "y" is its input "x", a float[1]."""
 
     def value_info(name: str) -> bytes:
-        dim = bytes_field(1, varint_field(1, 1))
-        tensor = varint_field(1, 1) + bytes_field(2, dim)  # elem_type FLOAT, shape [1]
-        return bytes_field(1, name.encode()) + bytes_field(2, bytes_field(1, tensor))
+        return float_value_info(name, (1,))
 
     node = bytes_field(1, b"x") + bytes_field(2, b"y") + bytes_field(4, b"Identity")
     graph = (
@@ -164,33 +183,27 @@ def identity_model() -> bytes:
 _FLOAT = 1
 # Mul broadcasts numpy-style from opset 7 on (before, only with a `broadcast` attribute).
 _MIN_OPSET_MUL_BROADCASTS = 7
+_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
-def _strings(message: bytes, number: int) -> list[str]:
-    return [p.decode() for n, w, _, p in _fields(message) if n == number and w == _BYTES]
-
-
-def _float_values(tensor: bytes) -> list[float] | None:
-    """The values of a float TensorProto, from raw_data or float_data (packed or not); None for
-    any other type."""
-    data_type = next((_read_varint(whole, 1)[0] for n, w, whole, _ in _fields(tensor) if n == 2 and w == _VARINT), 0)
-    if data_type != _FLOAT:
+def _float_values(tensor: bytes) -> np.ndarray | None:
+    """The values of a float TensorProto held in the file (raw_data or float_data, packed or
+    not); None for any other type or for data stored outside the file."""
+    if _varint_value(tensor, 2) != _FLOAT:
         return None
-    values: list[float] = []
+    parts = []
     for number, wire, whole, payload in _fields(tensor):
         if number in (4, 9) and wire == _BYTES:
-            values += struct.unpack(f"<{len(payload) // 4}f", payload)
+            parts.append(np.frombuffer(payload, "<f4"))
         elif number == 4 and wire == _FIXED32:
-            values += struct.unpack("<f", whole[-4:])
-    return values
+            parts.append(np.frombuffer(whole[-4:], "<f4"))
+    return np.concatenate(parts) if parts else None
 
 
 def _default_opset(model: bytes) -> int:
     for number, wire, _, payload in _fields(model):
-        if number == 8 and wire == _BYTES:
-            domain = "".join(_strings(payload, 1))
-            if domain in ("", "ai.onnx"):
-                return next((_read_varint(w, 1)[0] for n, t, w, _ in _fields(payload) if n == 2 and t == _VARINT), 0)
+        if number == 8 and wire == _BYTES and "".join(_strings(payload, 1)) in _DEFAULT_DOMAINS:
+            return _varint_value(payload, 2)
     return 0
 
 
@@ -199,42 +212,54 @@ def prelu_as_max(model: bytes) -> bytes:
     Max(x, slope * x), the same function then (slope * x <= x exactly where x >= 0), value for
     value. onnxruntime's CPU PRelu is a slow broadcast kernel; Mul and Max take a fraction of
     its time (bench/FINDINGS.md, "PRelu").
-    A model without such a PRelu, or that does not parse, comes back unchanged (onnxruntime
-    then says what is wrong with it)."""
+    A model without such a PRelu, or that does not parse, comes back unchanged (the same object:
+    onnxruntime then says what is wrong with it)."""
     try:
         return _prelu_as_max(model)
-    except (ValueError, IndexError, struct.error, UnicodeDecodeError):
+    except (ValueError, IndexError, UnicodeDecodeError):
         return model
+
+
+def _is_prelu(node: bytes) -> bool:
+    return _strings(node, 4) == ["PRelu"] and "".join(_strings(node, 7)) in _DEFAULT_DOMAINS
 
 
 def _prelu_as_max(model: bytes) -> bytes:
     graph = next((p for n, w, _, p in _fields(model) if n == 7 and w == _BYTES), None)
     if graph is None or b"PRelu" not in graph or _default_opset(model) < _MIN_OPSET_MUL_BROADCASTS:
         return model
+    nodes = [p for n, w, _, p in _fields(graph) if n == 1 and w == _BYTES]
+    slopes = {_strings(node, 1)[1] for node in nodes if _is_prelu(node) and len(_strings(node, 1)) == 2}
+    # A slope a caller may feed (listed among the graph inputs) is not a constant.
+    fed = {_name(p) for n, w, _, p in _fields(graph) if n == 11 and w == _BYTES}
+    taken = {name for node in nodes for name in _strings(node, 2)} | fed
     slopes_at_most_one = set()
     for number, wire, _, payload in _fields(graph):
         if number == 5 and wire == _BYTES:
-            values = _float_values(payload)
-            if values and max(values) <= 1.0:
-                slopes_at_most_one.update(_strings(payload, 8))
+            name = "".join(_strings(payload, 8))
+            taken.add(name)
+            if name in slopes and name not in fed:
+                values = _float_values(payload)
+                if values is not None and values.size and bool(np.all(values <= 1.0)):
+                    slopes_at_most_one.add(name)
     rewritten = 0
     out = bytearray()
     for number, wire, whole, payload in _fields(graph):
-        if number != 1 or wire != _BYTES:
-            out += whole
-            continue
-        is_prelu = _strings(payload, 4) == ["PRelu"] and "".join(_strings(payload, 7)) in ("", "ai.onnx")
-        inputs, outputs = _strings(payload, 1), _strings(payload, 2)
-        if not is_prelu or len(inputs) != 2 or inputs[1] not in slopes_at_most_one:
+        inputs = _strings(payload, 1) if number == 1 and wire == _BYTES else []
+        if not inputs or not _is_prelu(payload) or len(inputs) != 2 or inputs[1] not in slopes_at_most_one:
             out += whole
             continue
         rewritten += 1
         x, slope = inputs
-        scaled = f"{outputs[0]}/prelu_as_max/scaled"
+        (y,) = _strings(payload, 2)
+        scaled = f"{y}/prelu_as_max/scaled"
+        while scaled in taken:
+            scaled += "_"
+        taken.add(scaled)
         name = "".join(_strings(payload, 3)) or f"prelu_as_max_{rewritten}"
         mul = bytes_field(1, x.encode()) + bytes_field(1, slope.encode()) + bytes_field(2, scaled.encode())
         mul += bytes_field(3, f"{name}/mul".encode()) + bytes_field(4, b"Mul")
-        max_ = bytes_field(1, x.encode()) + bytes_field(1, scaled.encode()) + bytes_field(2, outputs[0].encode())
+        max_ = bytes_field(1, x.encode()) + bytes_field(1, scaled.encode()) + bytes_field(2, y.encode())
         max_ += bytes_field(3, f"{name}/max".encode()) + bytes_field(4, b"Max")
         out += bytes_field(1, mul) + bytes_field(1, max_)
     if not rewritten:

@@ -122,15 +122,18 @@ def create_session(
     if not os.path.isfile(path):
         raise ModelFileError(f"model file not found: {path}")
     model: str | bytes = path
-    if free_dims or _mentions(path, b"PRelu"):
-        with open(path, "rb") as f:
-            model = f.read()
-        if free_dims:
-            try:
-                model = with_free_dims(model, first_input_name(model), free_dims)
-            except (ValueError, IndexError, StopIteration) as exc:
-                raise ModelFileError(f"cannot load ONNX model {path}: not a readable ONNX file") from exc
-        model = prelu_as_max(model)
+    try:
+        if free_dims or _mentions(path, b"PRelu"):
+            with open(path, "rb") as f:
+                data = f.read()
+            edited = with_free_dims(data, first_input_name(data), free_dims) if free_dims else data
+            edited = prelu_as_max(edited)
+            # An unchanged file goes by its path: onnxruntime finds any external data next to it.
+            model = path if edited is data else edited
+    except OSError as exc:
+        raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+    except (ValueError, IndexError, StopIteration) as exc:
+        raise ModelFileError(f"cannot load ONNX model {path}: not a readable ONNX file") from exc
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
@@ -148,11 +151,17 @@ def create_session(
     options.enable_mem_pattern = False
     _register_shared_arena()
     options.add_session_config_entry("session.use_env_allocators", "1")
+    model_file = path
     try:
         with _as_file(model) as model_file:
-            return ort.InferenceSession(model_file, sess_options=options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(model_file, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated types for bad files
-        raise ModelFileError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0][:200]}") from exc
+        message = str(exc).splitlines()[0][:200].replace(model_file, path)
+        raise ModelFileError(f"cannot load ONNX model {path}: {message}") from exc
+    if model_file != path:
+        # Its fallback would create the session again from a descriptor closed by now.
+        session.disable_fallback()
+    return session
 
 
 def _mentions(path: str, needle: bytes) -> bool:
@@ -165,12 +174,11 @@ def _mentions(path: str, needle: bytes) -> bool:
 
 
 @contextmanager
-def _as_file(model: str | bytes) -> Iterator[str | bytes]:
+def _as_file(model: str | bytes) -> Iterator[str]:
     """A path for an edited model: onnxruntime's Python session keeps the bytes it was created
     from for its whole life (a second copy of the weights), but not a path. The bytes go into an
-    anonymous in-memory file, closed once the session has read it; where the system has none
-    (memfd_create is Linux's), the bytes themselves."""
-    if isinstance(model, str) or not hasattr(os, "memfd_create"):
+    anonymous in-memory file (Linux's memfd), closed once the session has read it."""
+    if isinstance(model, str):
         yield model
         return
     fd = os.memfd_create("onnx-model", os.MFD_CLOEXEC)
@@ -185,8 +193,8 @@ def _as_file(model: str | bytes) -> Iterator[str | bytes]:
 def runs_in_flight(session: ort.InferenceSession) -> threading.BoundedSemaphore:
     """A limit on the session's Runs at once: as many as its intra-op threads fill the usable
     CPUs with, at least one. For a detector, whose tensors at a photo's size are the biggest a
-    request allocates (YuNet at 640x512: ~15 MB), more Runs side by side only share the same
-    cores while each holds its own tensors (bench/FINDINGS.md, "detections in flight")."""
+    request allocates, more Runs side by side only share the same cores while each holds its own
+    tensors (bench/FINDINGS.md, "detections in flight")."""
     threads = session.get_session_options().intra_op_num_threads or default_threads()
     return threading.BoundedSemaphore(max(1, usable_cpus() // threads))
 
@@ -231,9 +239,10 @@ def check_batch_dimension(session: ort.InferenceSession, what: str) -> bool:
     return False
 
 
-# The most faces one Run takes. The shared arena keeps the blocks of the largest Run for good, so
-# an unbounded batch would let one crowd photo raise the resting memory of the process
-# (bench/FINDINGS.md, "batch size"); beyond a few faces a bigger batch buys no speed on a CPU.
+# The most faces one Run takes. The shared arena keeps the blocks of the largest Run until the
+# service rests (face_service.IDLE_RETURN_SECONDS), so an unbounded batch would let one crowd
+# photo raise the memory of a busy process (bench/FINDINGS.md, "batch size"); beyond a few faces
+# a bigger batch buys no speed on a CPU.
 MAX_RUN_BATCH = 8
 
 

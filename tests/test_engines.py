@@ -27,7 +27,7 @@ from engines import build_engine, onnx_graph, parse_load_request
 from engines.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face, similarity_transform
 from engines.base import FaceDetection, FaceEngine
 from engines.detection import SCRFDDetector, YuNetDetector, letterbox_scale
-from engines.onnx_graph import bytes_field, varint_field
+from engines.onnx_graph import bytes_field, float_value_info, varint_field
 from engines.runtime import MAX_RUN_BATCH, check_batch_dimension, create_session, run_batched, shrink_shared_arena
 from tests import support
 
@@ -242,20 +242,25 @@ class YuNetMatchesOpenCVTest(unittest.TestCase):
             self.assertEqual(detector.detect(np.full(shape, 128, np.uint8)), [])
 
 
-def prelu_model(slopes: Sequence[float]) -> bytes:
-    """A serialized ONNX model (IR 7, opset 13): y = PRelu(x, slope), x float[1, C, 2, 2]."""
-
-    def value_info(name: str) -> bytes:
-        dims = b"".join(bytes_field(1, varint_field(1, d)) for d in (1, len(slopes), 2, 2))
-        tensor = varint_field(1, 1) + bytes_field(2, dims)  # elem_type FLOAT
-        return bytes_field(1, name.encode()) + bytes_field(2, bytes_field(1, tensor))
-
-    slope = b"".join(varint_field(1, d) for d in (len(slopes), 1, 1)) + varint_field(2, 1)
-    slope += bytes_field(8, b"slope") + bytes_field(9, np.asarray(slopes, "<f4").tobytes())
+def prelu_model(slopes: Sequence[float], storage: str = "raw", opset: int = 13, slope_fed: bool = False) -> bytes:
+    """A serialized ONNX model: y = PRelu(x, slope), x float[1, C, 2, 2], the slope an initializer
+    of shape [C, 1, 1] stored as `storage` ("raw" raw_data, "packed" or "unpacked" float_data),
+    also listed among the graph inputs when `slope_fed`."""
+    values = np.asarray(slopes, "<f4")
+    slope = b"".join(varint_field(1, d) for d in (len(slopes), 1, 1)) + varint_field(2, 1) + bytes_field(8, b"slope")
+    if storage == "raw":
+        slope += bytes_field(9, values.tobytes())
+    elif storage == "packed":
+        slope += bytes_field(4, values.tobytes())
+    else:  # one fixed32 field (number 4, wire type 5) per value
+        slope += b"".join(bytes([4 << 3 | 5]) + v.tobytes() for v in values)
     node = bytes_field(1, b"x") + bytes_field(1, b"slope") + bytes_field(2, b"y") + bytes_field(4, b"PRelu")
     graph = bytes_field(1, node) + bytes_field(2, b"prelu") + bytes_field(5, slope)
-    graph += bytes_field(11, value_info("x")) + bytes_field(12, value_info("y"))
-    return varint_field(1, 7) + bytes_field(7, graph) + bytes_field(8, bytes_field(1, b"") + varint_field(2, 13))
+    graph += bytes_field(11, float_value_info("x", (1, len(slopes), 2, 2)))
+    if slope_fed:
+        graph += bytes_field(11, float_value_info("slope", (len(slopes), 1, 1)))
+    graph += bytes_field(12, float_value_info("y", (1, len(slopes), 2, 2)))
+    return varint_field(1, 7) + bytes_field(7, graph) + bytes_field(8, bytes_field(1, b"") + varint_field(2, opset))
 
 
 class PReluAsMaxTest(unittest.TestCase):
@@ -289,20 +294,47 @@ class PReluAsMaxTest(unittest.TestCase):
                 expected = reference.run(None, feed)[0]
                 np.testing.assert_array_equal(create_session(path, threads=1).run(None, feed)[0], expected)
 
-    def test_a_slope_above_one_keeps_its_prelu(self):
+    def test_only_constant_slopes_up_to_one_are_rewritten(self):
         x = np.array([-2.0, -0.5, 0.0, 3.0] * 2, np.float32).reshape(1, 2, 2, 2)
-        for slopes, rewritten in (((0.25, 1.0), True), ((-0.5, 0.1), True), ((0.25, 1.5), False)):
-            with self.subTest(slopes=slopes):
-                model = prelu_model(slopes)
+        cases = (
+            (dict(slopes=(0.25, 1.0)), True),
+            (dict(slopes=(-0.5, 0.1)), True),
+            (dict(slopes=(0.25, 0.5), storage="packed"), True),
+            (dict(slopes=(0.25, 0.5), storage="unpacked"), True),
+            (dict(slopes=(0.25, 1.5)), False),  # Max(x, 1.5 x) is not PRelu
+            (dict(slopes=(1.5, float("nan"))), False),
+            (dict(slopes=(0.25, 0.5), slope_fed=True), False),  # a caller may feed another slope
+            (dict(slopes=(0.25, 0.5), opset=6), False),  # Mul without numpy broadcasting
+        )
+        for case, rewritten in cases:
+            with self.subTest(**case):
+                model = prelu_model(**case)
                 edited = onnx_graph.prelu_as_max(model)
+                self.assertEqual(edited is not model, rewritten)
                 self.assertEqual(b"PRelu" not in self.op_types(edited), rewritten)
-                session = ort.InferenceSession(edited, providers=["CPUExecutionProvider"])
-                expected = np.where(x > 0, x, x * np.asarray(slopes, np.float32).reshape(1, 2, 1, 1))
-                np.testing.assert_array_equal(session.run(None, {"x": x})[0], expected)
+                if case.get("opset", 13) < 7 or any(np.isnan(case["slopes"])):
+                    continue
+                options = ort.SessionOptions()
+                options.log_severity_level = 3  # the fed slope's warning that it is not a constant
+                session = ort.InferenceSession(edited, options, providers=["CPUExecutionProvider"])
+                slopes = np.asarray(case["slopes"], np.float32).reshape(1, 2, 1, 1)
+                np.testing.assert_array_equal(session.run(None, {"x": x})[0], np.where(x > 0, x, x * slopes))
 
     def test_a_file_that_does_not_parse_comes_back_unchanged(self):
-        for data in (b"", b"\xff\xff\xff", b"not an onnx file at all"):
-            self.assertEqual(onnx_graph.prelu_as_max(data), data)
+        with open(support.model_path("MiniFASNetV2.onnx"), "rb") as f:
+            truncated = f.read()[:500_000]
+        for data in (b"", b"\xff\xff\xff", b"not an onnx file at all, PRelu", truncated):
+            self.assertIs(onnx_graph.prelu_as_max(data), data)
+
+    def test_a_truncated_file_is_a_model_file_error_naming_it(self):
+        folder = support.temp_dir(self)
+        path = os.path.join(folder, "liveness.onnx")
+        with open(support.model_path("MiniFASNetV2.onnx"), "rb") as f, open(path, "wb") as out:
+            out.write(f.read()[:500_000])
+        with self.assertRaises(ModelFileError) as caught:
+            create_session(path)
+        self.assertIn(path, str(caught.exception))
+        self.assertNotIn("/proc/self/fd", str(caught.exception))
 
 
 class DetectionsInFlightTest(unittest.TestCase):
@@ -335,8 +367,8 @@ class DetectionsInFlightTest(unittest.TestCase):
         counting = self.CountingSession(detector.session)
         detector.session = counting
         image = cv2.resize(support.read_image(support.data_path(support.IMAGES, "obama_1.jpg")), (320, 240))
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            found = list(pool.map(lambda _: detector.detect(image), range(12)))
+        with ThreadPoolExecutor(max_workers=usable_cpus() + 2) as pool:
+            found = list(pool.map(lambda _: detector.detect(image), range(4 * usable_cpus() + 8)))
         self.assertTrue(all(len(faces) == 1 for faces in found))
         return counting.most
 
