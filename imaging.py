@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import pybase64
 from PIL import Image
 
 from core.errors import InvalidInputError
@@ -51,7 +52,11 @@ def decode_base64(data: str, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMI
             f"{name}: image is larger than {limits.max_bytes} bytes", reason="IMAGE_TOO_LARGE", field=name
         )
     try:
-        raw = base64.b64decode(data, validate=True)
+        # pybase64 decodes with SIMD: a phone photo's base64 no longer holds the GIL for a
+        # measurable part of a request (bench/FINDINGS.md, "base64"). It is stricter about surplus
+        # padding: what it refuses goes the standard library's way below, so the same strings are
+        # accepted as before.
+        raw = pybase64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         # MIME-style base64 wraps lines; stripping whitespace only on this rarer path keeps the
         # regex scan (several times the cost of the decode itself) off the common one.

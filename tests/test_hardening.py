@@ -459,6 +459,40 @@ def mutated_images(draw, seeds):
     return bytes(data)
 
 
+class Base64Test(unittest.TestCase):
+    """decode_base64 decodes with pybase64 and accepts exactly what the standard library's strict
+    decoder accepts (whitespace stripped when the first try fails), with the same bytes."""
+
+    @staticmethod
+    def standard_library(data: str) -> bytes | None:
+        for text in (data, "".join(data.split())):
+            try:
+                return base64.b64decode(text, validate=True)
+            except ValueError:  # binascii.Error is one
+                continue
+        return None
+
+    def check(self, data: str) -> None:
+        expected = self.standard_library(data)
+        if not expected:  # refused, or no bytes at all: both are the caller's error
+            with self.assertRaises(InvalidInputError):
+                imaging.decode_base64(data, "img")
+        else:
+            self.assertEqual(imaging.decode_base64(data, "img"), expected)
+
+    def test_surplus_padding_is_accepted_as_before(self):
+        for data in ("QUJD====", "ABAA=", "QUJDRA==", "QUJD\nRA==", "QU JD"):
+            with self.subTest(data=data):
+                self.check(data)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.text(alphabet="ABCDab01+/=-_ \n\u00e9", max_size=24))
+    def test_the_same_strings_as_the_standard_library(self, data):
+        if data.startswith("data:"):
+            return
+        self.check(data)
+
+
 class DecodeFuzzTest(unittest.TestCase):
     """Whatever the bytes, decode_image returns an HxWx3 uint8 image or raises InvalidInputError."""
 
