@@ -270,6 +270,10 @@ class FaceService:
         # two cores busy (bench/FINDINGS.md, "request helpers"). Under load the helpers are often
         # busy; a request then does both parts itself.
         helpers = usable_cpus() - 1 if helpers is None else helpers
+        # Request images worked on at once (decoded, detected, run through the models): one per
+        # usable CPU. More only share the same cores while each holds its decoded pixels and its
+        # models' tensors (bench/FINDINGS.md, "images at once").
+        self._image_slots = threading.BoundedSemaphore(max(1, usable_cpus()))
         self._helpers = (
             ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="request-helper") if helpers > 0 else None
         )
@@ -455,18 +459,19 @@ class FaceService:
         self, model: LoadedModel, liveness: LivenessEnsemble | None, encoded: str, name: str, checkpoint: Checkpoint
     ) -> VerifiedImage:
         engine = model.engine
-        located = self._located(engine, encoded, name)
-        checkpoint("detection")
-        face = best_face(self._faces(located))
-        pixels, (scaled,) = located.pixels_for(
-            [face], magnification(engine, liveness, embed=True, quality=liveness is not None)
-        )
-        verdict = None
-        if liveness is not None:
-            checkpoint("liveness")
-            verdict = liveness.score(pixels, [scaled], engine.face_quality(pixels, [scaled]))[0]
-        checkpoint("recognition")
-        return VerifiedImage(face, engine.embed(pixels, scaled), verdict)
+        with self._image_slots:
+            located = self._located(engine, encoded, name)
+            checkpoint("detection")
+            face = best_face(self._faces(located))
+            pixels, (scaled,) = located.pixels_for(
+                [face], magnification(engine, liveness, embed=True, quality=liveness is not None)
+            )
+            verdict = None
+            if liveness is not None:
+                checkpoint("liveness")
+                verdict = liveness.score(pixels, [scaled], engine.face_quality(pixels, [scaled]))[0]
+            checkpoint("recognition")
+            return VerifiedImage(face, engine.embed(pixels, scaled), verdict)
 
     def analyze(
         self,
@@ -476,7 +481,7 @@ class FaceService:
         identity: str = "",
         checkpoint: Checkpoint = _always_continue,
     ) -> list[AnalyzedFace]:
-        with self._holding(identity) as model:
+        with self._holding(identity) as model, self._image_slots:
             liveness = self._require_liveness(model) if anti_spoofing else None
             wanted = self._resolve_actions(model.engine, actions)
             engine = model.engine
@@ -524,7 +529,7 @@ class FaceService:
         return frozenset(requested) & engine.supported_actions
 
     def embed(self, images: Sequence[str], identity: str = "", checkpoint: Checkpoint = _always_continue) -> Embedding:
-        with self._holding(identity) as model:
+        with self._holding(identity) as model, self._image_slots:
             if not images:
                 raise InvalidInputError(
                     "Images[0]: no image given (Embedding needs one image)", reason="IMAGE_MISSING", field="Images[0]"
@@ -539,7 +544,7 @@ class FaceService:
     def detect(
         self, src: str, threshold: float = 0.0, identity: str = "", checkpoint: Checkpoint = _always_continue
     ) -> list[FaceDetection]:
-        with self._holding(identity) as model:
+        with self._holding(identity) as model, self._image_slots:
             if threshold < 0 or threshold > 1 or not math.isfinite(threshold):
                 raise InvalidInputError(
                     f"threshold must be a detector score in [0, 1], got {threshold}",

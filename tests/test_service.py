@@ -92,6 +92,37 @@ class ServiceCases(ErrorAssertions):
         cls.group = support.b64_file(cls.group_path)
         cls.faceless = support.b64_image(support.faceless_image())
 
+    # -- images at once ----------------------------------------------------------------------
+    def test_images_worked_on_at_once_are_capped_at_the_cpus(self):
+        """Every RPC's image holds one of usable_cpus() slots from its decode to its last model;
+        FaceVerify's halves each hold their own and never wait for one while holding one."""
+        lock, counts = threading.Lock(), {"now": 0, "most": 0}
+        located = FaceService._located
+
+        def counting(service, *args, **kwargs):
+            with lock:
+                counts["now"] += 1
+                counts["most"] = max(counts["most"], counts["now"])
+            try:
+                time.sleep(0.01)
+                return located(service, *args, **kwargs)
+            finally:
+                with lock:
+                    counts["now"] -= 1
+
+        calls = [
+            lambda: self.service.verify(self.obama1, self.obama2),
+            lambda: self.service.analyze(self.obama1),
+            lambda: self.service.embed([self.biden1]),
+            lambda: self.service.detect(self.group),
+        ]
+        with mock.patch.object(FaceService, "_located", counting):
+            with ThreadPoolExecutor(max_workers=2 * usable_cpus() + 4) as pool:
+                results = list(pool.map(lambda i: calls[i % len(calls)](), range(6 * len(calls))))
+        self.assertEqual(len(results), 6 * len(calls))
+        self.assertLessEqual(counts["most"], usable_cpus())
+        self.assertGreaterEqual(counts["most"], min(2, usable_cpus()))
+
     # -- verify ------------------------------------------------------------------------------
     def check_result_fields(self, result) -> None:
         self.assertTrue(0.0 <= result.distance <= 2.0, result.distance)
