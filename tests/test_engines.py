@@ -281,6 +281,8 @@ class PReluAsMaxTest(unittest.TestCase):
             ("MiniFASNetV1SE.onnx", 80, 1.0),
             ("antispoof-celeba-minifas-97.80.onnx", 128, 1 / 255),
             (os.path.join("buffalo_sc", "w600k_mbf.onnx"), 112, 1 / 127.5),
+            # int8 convolutions with float PRelu between them
+            ("facial_expression_recognition_mobilefacenet_2022july_int8.onnx", 112, 1 / 255),
         ):
             with self.subTest(model=name):
                 path = support.model_path(name)
