@@ -16,9 +16,10 @@ from collections.abc import Iterator
 import numpy as np
 
 _VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
+Buffer = bytes | memoryview
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+def _read_varint(data: Buffer, pos: int) -> tuple[int, int]:
     value, shift = 0, 0
     while True:
         byte = data[pos]
@@ -41,15 +42,16 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _fields(data: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
+def _fields(data: Buffer) -> Iterator[tuple[int, int, Buffer, Buffer]]:
     """(field number, wire type, the field's whole encoding, its payload for length-delimited
-    fields) of each field of a serialized message, in order."""
+    fields) of each field of a serialized message, in order; slices of a memoryview are views,
+    not copies (a model's weights are most of its bytes)."""
     pos = 0
     while pos < len(data):
         start = pos
         key, pos = _read_varint(data, pos)
         number, wire = key >> 3, key & 7
-        payload = b""
+        payload: Buffer = b""
         if wire == _VARINT:
             _, pos = _read_varint(data, pos)
         elif wire == _FIXED64:
@@ -85,12 +87,12 @@ def _replace(data: bytes, edits: dict[int, object]) -> bytes:
     return bytes(out)
 
 
-def _strings(message: bytes, number: int) -> list[str]:
+def _strings(message: Buffer, number: int) -> list[str]:
     """The values of a repeated (or single) string field."""
-    return [p.decode() for n, w, _, p in _fields(message) if n == number and w == _BYTES]
+    return [bytes(p).decode() for n, w, _, p in _fields(message) if n == number and w == _BYTES]
 
 
-def _varint_value(message: bytes, number: int, default: int = 0) -> int:
+def _varint_value(message: Buffer, number: int, default: int = 0) -> int:
     """The value of a varint field, or `default` when the message does not set it."""
     for n, w, whole, _ in _fields(message):
         if n == number and w == _VARINT:
@@ -98,7 +100,7 @@ def _varint_value(message: bytes, number: int, default: int = 0) -> int:
     return default
 
 
-def _name(value_info: bytes) -> str:
+def _name(value_info: Buffer) -> str:
     return "".join(_strings(value_info, 1))
 
 
@@ -186,7 +188,7 @@ _MIN_OPSET_MUL_BROADCASTS = 7
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
-def _float_values(tensor: bytes) -> np.ndarray | None:
+def _float_values(tensor: Buffer) -> np.ndarray | None:
     """The values of a float TensorProto held in the file (raw_data or float_data, packed or
     not); None for any other type or for data stored outside the file."""
     if _varint_value(tensor, 2) != _FLOAT:
@@ -200,7 +202,7 @@ def _float_values(tensor: bytes) -> np.ndarray | None:
     return np.concatenate(parts) if parts else None
 
 
-def _default_opset(model: bytes) -> int:
+def _default_opset(model: Buffer) -> int:
     for number, wire, _, payload in _fields(model):
         if number == 8 and wire == _BYTES and "".join(_strings(payload, 1)) in _DEFAULT_DOMAINS:
             return _varint_value(payload, 2)
@@ -214,20 +216,30 @@ def prelu_as_max(model: bytes) -> bytes:
     its time (bench/FINDINGS.md, "PRelu").
     A model without such a PRelu, or that does not parse, comes back unchanged (the same object:
     onnxruntime then says what is wrong with it)."""
+    parts = prelu_as_max_parts(model)
+    return model if parts is None else b"".join(parts)
+
+
+def prelu_as_max_parts(model: bytes) -> list[Buffer] | None:
+    """prelu_as_max's file as consecutive pieces, most of them views of `model` (to be written
+    out without joining them: a model is mostly weights); None where it leaves `model` as is."""
     try:
         return _prelu_as_max(model)
     except (ValueError, IndexError, UnicodeDecodeError):
-        return model
+        return None
 
 
-def _is_prelu(node: bytes) -> bool:
+def _is_prelu(node: Buffer) -> bool:
     return _strings(node, 4) == ["PRelu"] and "".join(_strings(node, 7)) in _DEFAULT_DOMAINS
 
 
-def _prelu_as_max(model: bytes) -> bytes:
-    graph = next((p for n, w, _, p in _fields(model) if n == 7 and w == _BYTES), None)
-    if graph is None or b"PRelu" not in graph or _default_opset(model) < _MIN_OPSET_MUL_BROADCASTS:
-        return model
+def _prelu_as_max(model: bytes) -> list[Buffer] | None:
+    if b"PRelu" not in model:
+        return None
+    view = memoryview(model)
+    graph = next((p for n, w, _, p in _fields(view) if n == 7 and w == _BYTES), None)
+    if graph is None or _default_opset(view) < _MIN_OPSET_MUL_BROADCASTS:
+        return None
     nodes = [p for n, w, _, p in _fields(graph) if n == 1 and w == _BYTES]
     slopes = {_strings(node, 1)[1] for node in nodes if _is_prelu(node) and len(_strings(node, 1)) == 2}
     # A slope a caller may feed (listed among the graph inputs) is not a constant.
@@ -243,11 +255,11 @@ def _prelu_as_max(model: bytes) -> bytes:
                 if values is not None and values.size and bool(np.all(values <= 1.0)):
                     slopes_at_most_one.add(name)
     rewritten = 0
-    out = bytearray()
+    graph_parts: list[Buffer] = []
     for number, wire, whole, payload in _fields(graph):
         inputs = _strings(payload, 1) if number == 1 and wire == _BYTES else []
         if not inputs or not _is_prelu(payload) or len(inputs) != 2 or inputs[1] not in slopes_at_most_one:
-            out += whole
+            graph_parts.append(whole)
             continue
         rewritten += 1
         x, slope = inputs
@@ -261,7 +273,13 @@ def _prelu_as_max(model: bytes) -> bytes:
         mul += bytes_field(3, f"{name}/mul".encode()) + bytes_field(4, b"Mul")
         max_ = bytes_field(1, x.encode()) + bytes_field(1, scaled.encode()) + bytes_field(2, y.encode())
         max_ += bytes_field(3, f"{name}/max".encode()) + bytes_field(4, b"Max")
-        out += bytes_field(1, mul) + bytes_field(1, max_)
+        graph_parts.append(bytes_field(1, mul) + bytes_field(1, max_))
     if not rewritten:
-        return model
-    return _replace(model, {7: lambda _: bytes(out)})
+        return None
+    parts: list[Buffer] = []
+    for number, wire, whole, _ in _fields(view):
+        if number == 7 and wire == _BYTES:
+            parts += [_varint(7 << 3 | _BYTES), _varint(sum(len(part) for part in graph_parts)), *graph_parts]
+        else:
+            parts.append(whole)
+    return parts

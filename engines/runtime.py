@@ -17,7 +17,7 @@ import onnxruntime as ort
 from core.concurrency import InstancePool, usable_cpus
 from core.errors import ModelFileError
 
-from .onnx_graph import first_input_name, identity_model, prelu_as_max, with_free_dims
+from .onnx_graph import Buffer, first_input_name, identity_model, prelu_as_max_parts, with_free_dims
 
 # Threads each session may use for one Run when ModelOptions.Threads is 0: every usable CPU, up
 # to 4, never spinning. More than one makes a lone request faster and costs nothing under load,
@@ -121,15 +121,19 @@ def create_session(
     run as the equivalent Max where that is exact (onnx_graph.prelu_as_max)."""
     if not os.path.isfile(path):
         raise ModelFileError(f"model file not found: {path}")
-    model: str | bytes = path
+    # An unchanged file goes by its path: onnxruntime finds any external data next to it.
+    model: str | list[Buffer] = path
     try:
         if free_dims or _mentions(path, b"PRelu"):
             with open(path, "rb") as f:
                 data = f.read()
-            edited = with_free_dims(data, first_input_name(data), free_dims) if free_dims else data
-            edited = prelu_as_max(edited)
-            # An unchanged file goes by its path: onnxruntime finds any external data next to it.
-            model = path if edited is data else edited
+            if free_dims:
+                data = with_free_dims(data, first_input_name(data), free_dims)
+            parts = prelu_as_max_parts(data)
+            if parts is not None:
+                model = parts
+            elif free_dims:
+                model = [data]
     except OSError as exc:
         raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
     except (ValueError, IndexError, StopIteration) as exc:
@@ -174,17 +178,19 @@ def _mentions(path: str, needle: bytes) -> bool:
 
 
 @contextmanager
-def _as_file(model: str | bytes) -> Iterator[str]:
-    """A path for an edited model: onnxruntime's Python session keeps the bytes it was created
-    from for its whole life (a second copy of the weights), but not a path. The bytes go into an
-    anonymous in-memory file (Linux's memfd), closed once the session has read it."""
+def _as_file(model: str | list[Buffer]) -> Iterator[str]:
+    """A path for an edited model, given as its consecutive pieces: onnxruntime's Python session
+    keeps the bytes it was created from for its whole life (a second copy of the weights), but
+    not a path. The pieces go into an anonymous in-memory file (Linux's memfd), closed once the
+    session has read it."""
     if isinstance(model, str):
         yield model
         return
     fd = os.memfd_create("onnx-model", os.MFD_CLOEXEC)
     try:
         with os.fdopen(fd, "wb", closefd=False) as f:
-            f.write(model)
+            for part in model:
+                f.write(part)
         yield f"/proc/self/fd/{fd}"
     finally:
         os.close(fd)

@@ -271,7 +271,7 @@ class PReluAsMaxTest(unittest.TestCase):
     def op_types(model: bytes) -> list[bytes]:
         graph = next(p for n, _, _, p in onnx_graph._fields(model) if n == 7)
         nodes = [p for n, _, _, p in onnx_graph._fields(graph) if n == 1]
-        return [next(p for n, _, _, p in onnx_graph._fields(node) if n == 4) for node in nodes]
+        return [bytes(next(p for n, _, _, p in onnx_graph._fields(node) if n == 4)) for node in nodes]
 
     def test_the_models_with_prelu_give_the_same_outputs(self):
         real_crop = support.read_image(support.data_path(support.IMAGES, "obama_1.jpg"))
