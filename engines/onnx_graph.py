@@ -96,7 +96,8 @@ def _varint_value(message: Buffer, number: int, default: int = 0) -> int:
     """The value of a varint field, or `default` when the message does not set it."""
     for n, w, whole, _ in _fields(message):
         if n == number and w == _VARINT:
-            return _read_varint(whole, len(_varint(number << 3 | _VARINT)))[0]
+            _, value_at = _read_varint(whole, 0)  # past the field's key
+            return _read_varint(whole, value_at)[0]
     return default
 
 

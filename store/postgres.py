@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core.errors import InvalidInputError, ModelFileError, StoreUnavailableError
+
+if TYPE_CHECKING:
+    import psycopg
+
 from store.base import STORE_FORMAT, STORE_VERSION, Store, check_dimension, key_digest, last_of_each
 
 log = logging.getLogger(__name__)
@@ -101,14 +107,21 @@ class PostgresStore(Store):
                     f" {STORE_VERSION} store; they were left as they are"
                 )
 
-    def _reload(self) -> None:
-        """The whole table into the index, and the change it is current to, from one snapshot."""
+    @contextmanager
+    def _snapshot(self) -> Iterator[psycopg.Cursor[Any]]:
+        """A cursor of one repeatable-read transaction on the reader connection: its queries all
+        see the same state of the tables. Callers hold _sync_lock."""
         import psycopg
 
+        conn = self._reader
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with conn.transaction(), conn.cursor() as cur:
+            yield cur
+
+    def _reload(self) -> None:
+        """The whole table into the index, and the change it is current to, from one snapshot."""
         with self._sync_lock:
-            conn = self._reader
-            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            with conn.transaction(), conn.cursor() as cur:
+            with self._snapshot() as cur:
                 cur.execute("SELECT coalesce(max(seq), 0) FROM face_store_changes")
                 seen = (cur.fetchone() or (0,))[0]
                 cur.execute("SELECT count(*), max(length(key)) FROM face_store_entries")
@@ -126,15 +139,11 @@ class PostgresStore(Store):
 
     def _catch_up(self) -> None:
         """Applies every change after the last one applied, in order; reloads if the log was pruned past it."""
-        import psycopg
-
         with self._sync_lock:
-            conn = self._reader
-            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            with conn.transaction(), conn.cursor() as cur:
+            with self._snapshot() as cur:
                 cur.execute("SELECT min(seq), max(seq) FROM face_store_changes")
                 first, last = cur.fetchone() or (None, None)
-                if last is None or last <= self._seen:
+                if first is None or last is None or last <= self._seen:
                     return
                 if first > self._seen + 1:
                     reload = True
