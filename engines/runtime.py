@@ -17,7 +17,8 @@ import onnxruntime as ort
 from core.concurrency import InstancePool, usable_cpus
 from core.errors import ModelFileError
 
-from .onnx_graph import Buffer, first_input_name, identity_model, prelu_as_max_parts, with_free_dims
+from .cpu_tuning import tuned_for_cpu_parts
+from .onnx_graph import Buffer, first_input_name, identity_model, with_free_dims
 
 # Threads each session may use for one Run when ModelOptions.Threads is 0: every usable CPU, up
 # to 4, never spinning. More than one makes a lone request faster and costs nothing under load,
@@ -117,27 +118,10 @@ def create_session(
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for `path`; a missing or unreadable file is a ModelFileError.
     `free_dims` (index -> symbol) makes those dims of the first input symbolic, for a graph
-    exported at one fixed size that works at any (onnx_graph.with_free_dims). PRelu activations
-    run as the equivalent Max where that is exact (onnx_graph.prelu_as_max)."""
+    exported at one fixed size that works at any (onnx_graph.with_free_dims). The graph runs as
+    cpu_tuning rewrites it: the same function in ops onnxruntime's CPU kernels run faster."""
     if not os.path.isfile(path):
         raise ModelFileError(f"model file not found: {path}")
-    # An unchanged file goes by its path: onnxruntime finds any external data next to it.
-    model: str | list[Buffer] = path
-    try:
-        if free_dims or _mentions(path, b"PRelu"):
-            with open(path, "rb") as f:
-                data = f.read()
-            if free_dims:
-                data = with_free_dims(data, first_input_name(data), free_dims)
-            parts = prelu_as_max_parts(data)
-            if parts is not None:
-                model = parts
-            elif free_dims:
-                model = [data]
-    except OSError as exc:
-        raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
-    except (ValueError, IndexError, StopIteration) as exc:
-        raise ModelFileError(f"cannot load ONNX model {path}: not a readable ONNX file") from exc
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
@@ -157,8 +141,12 @@ def create_session(
     options.add_session_config_entry("session.use_env_allocators", "1")
     model_file = path
     try:
-        with _as_file(model) as model_file:
+        with _model_file(path, free_dims) as model_file:
             session = ort.InferenceSession(model_file, sess_options=options, providers=["CPUExecutionProvider"])
+    except OSError as exc:
+        raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+    except (ValueError, IndexError, StopIteration) as exc:
+        raise ModelFileError(f"cannot load ONNX model {path}: not a readable ONNX file") from exc
     except Exception as exc:  # onnxruntime raises several unrelated types for bad files
         message = str(exc).splitlines()[0][:200].replace(model_file, path)
         raise ModelFileError(f"cannot load ONNX model {path}: {message}") from exc
@@ -168,32 +156,51 @@ def create_session(
     return session
 
 
-def _mentions(path: str, needle: bytes) -> bool:
-    """Whether the file holds `needle`, read through the page cache (no copy on the heap)."""
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return False
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return mapped.find(needle) != -1
-
-
 @contextmanager
-def _as_file(model: str | list[Buffer]) -> Iterator[str]:
-    """A path for an edited model, given as its consecutive pieces: onnxruntime's Python session
-    keeps the bytes it was created from for its whole life (a second copy of the weights), but
-    not a path. The pieces go into an anonymous in-memory file (Linux's memfd), closed once the
-    session has read it."""
-    if isinstance(model, str):
-        yield model
+def _model_file(path: str, free_dims: dict[int, str] | None) -> Iterator[str]:
+    """A path to the model onnxruntime is to load: `path` itself when nothing in it changes
+    (onnxruntime then finds any external data next to it), else an anonymous in-memory file
+    (Linux's memfd) holding the edited model, closed once the session has read it. onnxruntime's
+    Python session keeps the bytes it was created from for its whole life (a second copy of the
+    weights), but not a path."""
+    fd = None
+    if os.path.getsize(path):  # an empty file goes to onnxruntime, which says what is wrong
+        # Read through the page cache: a model left as it is never lands on the heap.
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            fd = _edited_copy(memoryview(mapped), free_dims)
+    if fd is None:
+        yield path
         return
-    fd = os.memfd_create("onnx-model", os.MFD_CLOEXEC)
     try:
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            for part in model:
-                f.write(part)
         yield f"/proc/self/fd/{fd}"
     finally:
         os.close(fd)
+
+
+def _edited_copy(model: memoryview, free_dims: dict[int, str] | None) -> int | None:
+    """A memfd holding `model` with `free_dims` and cpu_tuning's rewrites, written piece by piece
+    (the pieces are mostly views of `model`: the weights are never joined); None when the model
+    stays as it is."""
+    data: Buffer = model
+    parts: list[Buffer] | None = None
+    try:
+        if free_dims:
+            data = with_free_dims(bytes(model), first_input_name(model), free_dims)
+        parts = tuned_for_cpu_parts(data)
+        if parts is None and not free_dims:
+            return None
+        fd = os.memfd_create("onnx-model", os.MFD_CLOEXEC)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                for part in parts if parts is not None else [data]:
+                    f.write(part)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    finally:
+        # Views of the mapping must not outlive it, not even in a traceback.
+        del model, data, parts
 
 
 def runs_in_flight(session: ort.InferenceSession) -> threading.BoundedSemaphore:

@@ -23,7 +23,7 @@ import onnxruntime as ort
 import face_eval
 from core.concurrency import usable_cpus
 from core.errors import ModelFileError, ModelOptionError
-from engines import build_engine, onnx_graph, parse_load_request
+from engines import build_engine, cpu_tuning, onnx_graph, parse_load_request
 from engines.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face, similarity_transform
 from engines.base import FaceDetection, FaceEngine
 from engines.detection import SCRFDDetector, YuNetDetector, letterbox_scale
@@ -260,43 +260,181 @@ def prelu_model(slopes: Sequence[float], storage: str = "raw", opset: int = 13, 
     if slope_fed:
         graph += bytes_field(11, float_value_info("slope", (len(slopes), 1, 1)))
     graph += bytes_field(12, float_value_info("y", (1, len(slopes), 2, 2)))
+    return model_with(graph, opset)
+
+
+def model_with(graph: bytes, opset: int = 13) -> bytes:
+    """A serialized ModelProto (IR 7) of `graph` importing the default operator set `opset`."""
     return varint_field(1, 7) + bytes_field(7, graph) + bytes_field(8, bytes_field(1, b"") + varint_field(2, opset))
 
 
-class PReluAsMaxTest(unittest.TestCase):
-    """create_session runs PRelu as Max(x, slope * x) where the slopes allow it: the outputs must
-    be the original graph's, bit for bit."""
+def ints_attribute(name: str, values: Sequence[int]) -> bytes:
+    """An AttributeProto of type INTS (7); `ints` is field 8."""
+    return bytes_field(1, name.encode()) + b"".join(varint_field(8, v) for v in values) + varint_field(20, 7)
 
-    @staticmethod
-    def op_types(model: bytes) -> list[bytes]:
-        graph = next(p for n, _, _, p in onnx_graph._fields(model) if n == 7)
-        nodes = [p for n, _, _, p in onnx_graph._fields(graph) if n == 1]
-        return [bytes(next(p for n, _, _, p in onnx_graph._fields(node) if n == 4)) for node in nodes]
 
-    def test_the_models_with_prelu_give_the_same_outputs(self):
+def conv_node(inputs: Sequence[str], output: str, group: int = 1, pad: int = 0) -> bytes:
+    node = b"".join(bytes_field(1, name.encode()) for name in inputs) + bytes_field(2, output.encode())
+    node += bytes_field(4, b"Conv") + bytes_field(
+        5, bytes_field(1, b"group") + varint_field(3, group) + varint_field(20, 2)
+    )
+    return node + bytes_field(5, ints_attribute("pads", [pad] * 4))
+
+
+def plain_node(op: str, inputs: Sequence[str], output: str) -> bytes:
+    return (
+        b"".join(bytes_field(1, name.encode()) for name in inputs)
+        + bytes_field(2, output.encode())
+        + bytes_field(4, op.encode())
+    )
+
+
+def pruned_block(channels: int = 13, output_at: str = "y") -> bytes:
+    """A MiniFASNet-like block with `channels` (not a whole NCHWc block) in its middle:
+    x[1,3,6,6] -> Conv 3->C -> PRelu -> depthwise 3x3 Conv -> Add (residual) -> squeeze-excite
+    (GlobalAveragePool, Conv C->4, Relu, Conv 4->C, Sigmoid, Mul) -> Conv C->8 -> y. `output_at`
+    names the graph's output: "y", or "mid" to expose the C-channel tensor too."""
+    rng = np.random.default_rng(7)
+
+    def weights(name: str, *shape: int) -> bytes:
+        return bytes_field(5, onnx_graph.float_tensor(name, rng.normal(0, 0.5, shape).astype(np.float32)))
+
+    c = channels
+    nodes = [
+        conv_node(["x", "w1", "b1"], "a"),
+        plain_node("PRelu", ["a", "slope"], "p"),
+        conv_node(["p", "w_dw", "b_dw"], "d", group=c, pad=1),
+        plain_node("Add", ["d", "p"], "mid"),
+        plain_node("GlobalAveragePool", ["mid"], "pooled"),
+        conv_node(["pooled", "w_sq"], "sq"),
+        plain_node("Relu", ["sq"], "sq_relu"),
+        conv_node(["sq_relu", "w_ex", "b_ex"], "ex"),
+        plain_node("Sigmoid", ["ex"], "gate"),
+        plain_node("Mul", ["mid", "gate"], "excited"),
+        conv_node(["excited", "w_out"], "y"),
+    ]
+    graph = b"".join(bytes_field(1, node) for node in nodes) + bytes_field(2, b"block")
+    graph += weights("w1", c, 3, 1, 1) + weights("b1", c) + weights("slope", c, 1, 1)
+    graph += weights("w_dw", c, 1, 3, 3) + weights("b_dw", c) + weights("w_sq", 4, c, 1, 1)
+    graph += weights("w_ex", c, 4, 1, 1) + weights("b_ex", c) + weights("w_out", 8, c, 1, 1)
+    graph += bytes_field(11, float_value_info("x", (1, 3, 6, 6)))
+    graph += bytes_field(12, float_value_info("y", (1, 8, 6, 6)))
+    if output_at == "mid":
+        graph += bytes_field(12, float_value_info("mid", (1, c, 6, 6)))
+    graph += bytes_field(13, float_value_info("a", (1, c, 6, 6)))  # a declared shape the padding changes
+    return model_with(graph)
+
+
+def nodes_of(model: bytes) -> list[bytes]:
+    graph = onnx_graph.graph_field(model)
+    assert graph is not None
+    return [bytes(p) for n, _, _, p in onnx_graph.fields(graph) if n == 1]
+
+
+def op_types(model: bytes) -> list[str]:
+    return ["".join(onnx_graph.strings(node, 4)) for node in nodes_of(model)]
+
+
+def weight_dims(model: bytes) -> dict[str, tuple[int, ...]]:
+    graph = onnx_graph.graph_field(model)
+    assert graph is not None
+    tensors = [p for n, _, _, p in onnx_graph.fields(graph) if n == 5]
+    return {"".join(onnx_graph.strings(t, 8)): onnx_graph.tensor_dims(t) for t in tensors}
+
+
+def run_model(model: bytes, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # a fed slope's warning that it is not a constant
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+class CpuTuningTest(unittest.TestCase):
+    """create_session runs every graph as cpu_tuning rewrites it: PRelu as Relu + Mul + Add after a
+    float convolution and as Max(x, slope * x) elsewhere, bit for bit; channels padded to whole
+    NCHWc blocks where they are not, the same outputs up to the order of summation."""
+
+    def test_the_catalog_models_give_the_same_outputs(self):
         real_crop = support.read_image(support.data_path(support.IMAGES, "obama_1.jpg"))
-        # (file, input side, pixel scale) of every catalog model with PRelu activations.
-        for name, side, scale in (
-            ("MiniFASNetV2.onnx", 80, 1.0),
-            ("MiniFASNetV1SE.onnx", 80, 1.0),
-            ("antispoof-celeba-minifas-97.80.onnx", 128, 1 / 255),
-            (os.path.join("buffalo_sc", "w600k_mbf.onnx"), 112, 1 / 127.5),
-            # int8 convolutions with float PRelu between them
-            ("facial_expression_recognition_mobilefacenet_2022july_int8.onnx", 112, 1 / 255),
+        # (file, input side, pixel scale, whether channels get padded) of every catalog model the
+        # rewrite changes.
+        for name, side, scale, padded in (
+            ("MiniFASNetV2.onnx", 80, 1.0, True),
+            ("MiniFASNetV1SE.onnx", 80, 1.0, True),
+            ("antispoof-celeba-minifas-97.80.onnx", 128, 1 / 255, True),
+            (os.path.join("buffalo_sc", "w600k_mbf.onnx"), 112, 1 / 127.5, False),
+            # int8 convolutions with float PRelu between them: the Max form
+            ("facial_expression_recognition_mobilefacenet_2022july_int8.onnx", 112, 1 / 255, False),
         ):
             with self.subTest(model=name):
                 path = support.model_path(name)
                 with open(path, "rb") as f:
                     original = f.read()
-                self.assertIn(b"PRelu", self.op_types(original))
-                self.assertNotIn(b"PRelu", self.op_types(onnx_graph.prelu_as_max(original)))
+                edited = cpu_tuning.tuned_for_cpu(original)
+                self.assertIn("PRelu", op_types(original))
+                self.assertNotIn("PRelu", op_types(edited))
+                dims = weight_dims(edited)
+                convs = [
+                    onnx_graph.strings(node, 1)[1]
+                    for node in nodes_of(edited)
+                    if op_types(model_with(bytes_field(1, node))) == ["Conv"]
+                ]
+                odd = [dims[w][0] for w in convs if w in dims and dims[w][0] % cpu_tuning.NCHWC_BLOCK]
+                self.assertEqual(odd, [], "convolutions left with channels off the block")
                 crop = cv2.resize(real_crop, (side, side)).transpose(2, 0, 1)[None].astype(np.float32) * scale
                 reference = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
                 feed = {reference.get_inputs()[0].name: crop}
                 expected = reference.run(None, feed)[0]
-                np.testing.assert_array_equal(create_session(path, threads=1).run(None, feed)[0], expected)
+                got = create_session(path, threads=1).run(None, feed)[0]
+                if padded:
+                    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+                else:
+                    np.testing.assert_array_equal(got, expected)
 
-    def test_only_constant_slopes_up_to_one_are_rewritten(self):
+    def test_prelu_after_a_convolution_is_exact_for_any_finite_slope(self):
+        rng = np.random.default_rng(3)
+        slopes = np.array([0.25, -0.5, 1.5, 0.0] * 4, np.float32).reshape(16, 1, 1)
+        weights = rng.normal(size=(16, 3, 1, 1)).astype(np.float32)
+
+        def conv_then(activation: bytes) -> bytes:
+            graph = bytes_field(1, conv_node(["x", "w"], "a")) + bytes_field(1, activation)
+            graph += bytes_field(5, onnx_graph.float_tensor("w", weights))
+            graph += bytes_field(5, onnx_graph.float_tensor("slope", slopes))
+            graph += bytes_field(11, float_value_info("x", (1, 3, 6, 6)))
+            return model_with(graph + bytes_field(12, float_value_info("y", (1, 16, 6, 6))))
+
+        model = conv_then(plain_node("PRelu", ["a", "slope"], "y"))
+        edited = cpu_tuning.tuned_for_cpu(model)
+        self.assertEqual(op_types(edited), ["Conv", "Relu", "Mul", "Relu", "Mul", "Add"])
+        x = rng.normal(size=(1, 3, 6, 6)).astype(np.float32)
+        a = run_model(conv_then(plain_node("Identity", ["a"], "y")), {"x": x})[0]
+        self.assertTrue((a < 0).any() and (a > 0).any())
+        np.testing.assert_array_equal(run_model(edited, {"x": x})[0], np.where(a > 0, a, a * slopes))
+
+    def test_channels_are_padded_to_whole_blocks(self):
+        x = np.random.default_rng(4).normal(size=(1, 3, 6, 6)).astype(np.float32)
+        model = pruned_block(channels=13)
+        edited = cpu_tuning.tuned_for_cpu(model)
+        dims = weight_dims(edited)
+        # Made: zero filters; read: zero weights; the squeeze's 4 channels stay (below a block).
+        self.assertEqual(dims["w1"], (16, 3, 1, 1))
+        self.assertEqual(dims["b1"], (16,))
+        self.assertEqual(dims["w_dw"], (16, 1, 3, 3))
+        self.assertEqual(dims["w_sq"], (4, 16, 1, 1))
+        self.assertEqual(dims["w_ex"], (16, 4, 1, 1))
+        self.assertEqual(dims["w_out"], (8, 16, 1, 1))
+        depthwise = next(node for node in nodes_of(edited) if onnx_graph.strings(node, 2) == ["d"])
+        self.assertEqual(onnx_graph.int_attribute(depthwise, "group"), 16)
+        np.testing.assert_allclose(run_model(edited, {"x": x})[0], run_model(model, {"x": x})[0], rtol=1e-5, atol=1e-6)
+
+    def test_channels_a_caller_sees_are_not_padded(self):
+        model = pruned_block(channels=13, output_at="mid")
+        edited = cpu_tuning.tuned_for_cpu(model)
+        self.assertEqual(weight_dims(edited)["w1"], (13, 3, 1, 1))
+        x = np.random.default_rng(5).normal(size=(1, 3, 6, 6)).astype(np.float32)
+        for got, expected in zip(run_model(edited, {"x": x}), run_model(model, {"x": x}), strict=True):
+            np.testing.assert_array_equal(got, expected)
+
+    def test_prelu_elsewhere_needs_constant_slopes_up_to_one(self):
         x = np.array([-2.0, -0.5, 0.0, 3.0] * 2, np.float32).reshape(1, 2, 2, 2)
         cases = (
             (dict(slopes=(0.25, 1.0)), True),
@@ -311,22 +449,19 @@ class PReluAsMaxTest(unittest.TestCase):
         for case, rewritten in cases:
             with self.subTest(**case):
                 model = prelu_model(**case)
-                edited = onnx_graph.prelu_as_max(model)
+                edited = cpu_tuning.tuned_for_cpu(model)
                 self.assertEqual(edited is not model, rewritten)
-                self.assertEqual(b"PRelu" not in self.op_types(edited), rewritten)
+                self.assertEqual("PRelu" not in op_types(edited), rewritten)
                 if case.get("opset", 13) < 7 or any(np.isnan(case["slopes"])):
                     continue
-                options = ort.SessionOptions()
-                options.log_severity_level = 3  # the fed slope's warning that it is not a constant
-                session = ort.InferenceSession(edited, options, providers=["CPUExecutionProvider"])
                 slopes = np.asarray(case["slopes"], np.float32).reshape(1, 2, 1, 1)
-                np.testing.assert_array_equal(session.run(None, {"x": x})[0], np.where(x > 0, x, x * slopes))
+                np.testing.assert_array_equal(run_model(edited, {"x": x})[0], np.where(x > 0, x, x * slopes))
 
     def test_a_file_that_does_not_parse_comes_back_unchanged(self):
         with open(support.model_path("MiniFASNetV2.onnx"), "rb") as f:
             truncated = f.read()[:500_000]
         for data in (b"", b"\xff\xff\xff", b"not an onnx file at all, PRelu", truncated):
-            self.assertIs(onnx_graph.prelu_as_max(data), data)
+            self.assertIs(cpu_tuning.tuned_for_cpu(data), data)
 
     def test_a_truncated_file_is_a_model_file_error_naming_it(self):
         folder = support.temp_dir(self)
