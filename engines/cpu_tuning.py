@@ -1,27 +1,32 @@
 """Rewrites of an ONNX graph into the same function in ops that onnxruntime's CPU kernels run fast.
 
-onnxruntime runs a float convolution in MLAS's blocked NCHWc layout when its channel counts are
-whole blocks, and otherwise in the plain NCHW layout (a depthwise convolution then takes an
-im2col per channel), reordering tensors between the two; its PRelu is a slow broadcast kernel
-that the blocked layout does not take either. Two rewrites, made on the protobuf wire format
-(onnx_graph):
+On x86, onnxruntime runs a float convolution in MLAS's blocked NCHWc layout when its channel
+counts are whole blocks, and otherwise in the plain NCHW layout (a depthwise convolution then
+takes an im2col per channel), reordering tensors between the two; its PRelu is a slow broadcast
+kernel that the blocked layout does not take either. Two rewrites, made on the protobuf wire
+format (onnx_graph):
 
 * Channel padding. A run of tensors whose channel count is not a whole block (the pruned
   MiniFASNets' 103, 231, 77, 13 ...) gets zero channels up to one: the convolutions that make
   them get zero filters and zero biases, those that read them zero weights for the new
-  channels, per-channel constants zeros. The new channels stay finite through every op allowed
-  in the run and are read only through zero weights, so the real channels get the same sums (in
-  another order of summation, as between any two convolution kernels).
-* PRelu. After a float convolution, as Relu(x) + (-slope) * Relu(-x): a Relu, a per-channel Mul
-  and an Add the blocked layout keeps, where the next convolution reads the result without a
-  reorder. Elsewhere (after a quantized convolution, say) as Max(x, slope * x), for slopes up to
-  1. Both are PRelu value for value: one of the two terms is exactly zero.
+  channels, per-channel constants zeros. The new channels hold zeros through the ops allowed in
+  the run and are read only through zero weights, so the real channels get the same sums, in
+  another order of summation (as between any two convolution kernels).
+* PRelu. After a float convolution, as Relu(x) + (-slope) * Relu(-x): two Relus, two per-channel
+  Muls and an Add, which onnxruntime runs as two blocked 1x1 depthwise convolutions with the
+  second Relu and the Add fused in, so the next convolution reads the result without a reorder.
+  Elsewhere (after a quantized convolution, or off x86) as Max(x, slope * x), for slopes up to 1.
+  Both give PRelu's values: one of the two terms is zero.
 
-bench/FINDINGS.md ("PRelu", "channel padding") has the measurements.
+A graph with subgraphs (If, Loop, Scan: their bodies read tensors by name) or with weights in
+external files is left as it is. bench/FINDINGS.md ("PRelu", "channel padding") has the
+measurements.
 """
 
 from __future__ import annotations
 
+import functools
+import platform
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -37,19 +42,19 @@ from .onnx_graph import (
     float_tensor,
     float_values,
     graph_field,
+    has_subgraph,
     int_attribute,
-    strings,
+    is_external,
+    node_proto,
     tensor_dims,
+    tensor_name,
     value_info_name,
     with_graph,
     with_int_attribute,
 )
 
-# MLAS's NCHWc block with AVX2 (MlasNchwcGetBlockSize; 16 with AVX-512, where a count padded to
-# a multiple of 8 but not of 16 still runs in the plain layout, as before the padding).
-NCHWC_BLOCK = 8
 # Ops whose output channel c is a function of channel c of their inputs (and of scalar or
-# per-channel constants) that is finite for finite inputs: a padded channel may run through them.
+# per-channel constants) that maps zeros to finite values: padded channels may run through them.
 _CHANNELWISE = frozenset(
     {
         "Relu",
@@ -73,6 +78,20 @@ _CHANNELWISE = frozenset(
 _MIN_OPSET_MUL_BROADCASTS = 7
 
 
+@functools.lru_cache(maxsize=1)
+def nchwc_block() -> int:
+    """MLAS's NCHWc block on this CPU (MlasNchwcGetBlockSize): 16 with AVX-512, else 8 on x86;
+    0 where onnxruntime has no blocked layout (other architectures)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return 0
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return 16 if "avx512f" in flags else 8
+
+
 def tuned_for_cpu(model: bytes) -> bytes:
     """`model` rewritten as above; a model with nothing to rewrite, or that does not parse, comes
     back unchanged (the same object: onnxruntime then says what is wrong with it)."""
@@ -81,11 +100,11 @@ def tuned_for_cpu(model: bytes) -> bytes:
 
 
 def tuned_for_cpu_parts(model: Buffer) -> list[Buffer] | None:
-    """tuned_for_cpu's file as consecutive pieces, most of them views of `model` (to be written
-    out without joining them: a model is mostly weights); None where it leaves `model` as is."""
+    """tuned_for_cpu's file as consecutive pieces, most of them views of `model`, to be written
+    out one by one; None where it leaves `model` as it is."""
     try:
-        return _Rewrite(memoryview(model)).run()
-    except (ValueError, IndexError, UnicodeDecodeError):
+        return _Rewrite(memoryview(model), nchwc_block()).run()
+    except (ValueError, IndexError):
         return None
 
 
@@ -108,14 +127,18 @@ class _Node:
         return _Node(payload, op, values[1], values[2], "".join(values[3]))
 
 
-class _Classes:
-    """Union-find over tensor names: tensors that must have the same channels."""
+class _UnionFind:
+    """Tensor names joined into classes: tensors that must have the same channels."""
 
     def __init__(self) -> None:
         self.parent: dict[str, str] = {}
 
+    def add(self, name: str) -> None:
+        self.parent.setdefault(name, name)
+
     def find(self, name: str) -> str:
-        root = self.parent.setdefault(name, name)
+        self.add(name)
+        root = name
         while root != self.parent[root]:
             root = self.parent[root]
         self.parent[name] = root
@@ -128,6 +151,7 @@ class _Classes:
 @dataclass
 class _Rewrite:
     model: memoryview
+    block: int  # nchwc_block(); 0: no padding, and PRelu only as Max
     nodes: list[_Node] = field(default_factory=list)
     constants: dict[str, Buffer] = field(default_factory=dict)  # initializers no caller may feed
     boundary: set[str] = field(default_factory=set)  # graph inputs and outputs
@@ -147,14 +171,19 @@ class _Rewrite:
         initializers: dict[str, Buffer] = {}
         for number, _, _, payload in fields(graph):
             if number == 1:
+                if has_subgraph(payload):
+                    return None
                 self.nodes.append(_Node.parse(payload))
             elif number == 5:
-                initializers["".join(strings(payload, 8))] = payload
+                if is_external(payload):
+                    return None
+                initializers[tensor_name(payload)] = payload
             elif number in (11, 12):
                 self.boundary.add(value_info_name(payload))
         self.constants = {name: tensor for name, tensor in initializers.items() if name not in self.boundary}
         self.taken = {*initializers, *self.boundary, *(name for node in self.nodes for name in node.outputs)}
-        self._pad_channels()
+        if self.block:
+            self._pad_channels()
         if default_opset(self.model) >= _MIN_OPSET_MUL_BROADCASTS:
             self._rewrite_prelus()
         if not self.new_nodes and not self.new_constants:
@@ -176,7 +205,7 @@ class _Rewrite:
         values = self._values(name)
         return tensor_dims(self.constants[name]) if values is None else values.shape
 
-    def _set(self, name: str, values: np.ndarray) -> None:
+    def _replace_constant(self, name: str, values: np.ndarray) -> None:
         self.new_constants[name] = float_tensor(name, values)
 
     def _fresh(self, name: str) -> str:
@@ -185,6 +214,9 @@ class _Rewrite:
         self.taken.add(name)
         return name
 
+    def _constant_uses(self) -> Counter[str]:
+        return Counter(name for node in self.nodes for name in node.inputs if name in self.constants)
+
     def _graph_parts(self, graph: Buffer) -> list[Buffer]:
         parts: list[Buffer] = []
         index = 0
@@ -192,8 +224,8 @@ class _Rewrite:
             if number == 1:
                 replacement = self.new_nodes.get(index)
                 index += 1
-                parts += [whole] if replacement is None else [bytes_field(1, node) for node in replacement]
-            elif number == 5 and (name := "".join(strings(payload, 8))) in self.new_constants:
+                parts += [whole] if replacement is None else [bytes_field(1, encoding) for encoding in replacement]
+            elif number == 5 and (name := tensor_name(payload)) in self.new_constants:
                 tensor = self.new_constants[name]
                 if tensor is not None:
                     parts.append(bytes_field(5, tensor))
@@ -222,21 +254,23 @@ class _Rewrite:
         return "depthwise" if group == dims[0] and dims[1] == 1 else None
 
     def _pad_channels(self) -> None:
-        uses = Counter(name for node in self.nodes for name in node.inputs if name in self.constants)
-        classes = _Classes()
+        uses = self._constant_uses()
+        classes = _UnionFind()
         cut = set(self.boundary)  # tensors whose channels must stay as they are
-        made: dict[str, int] = {}  # a convolution's output -> its channels
+        conv_channels: dict[str, int] = {}  # a convolution's output -> its channels
         convs: list[tuple[int, _Node, str]] = []
         channelwise: list[tuple[int, _Node]] = []
         for index, node in enumerate(self.nodes):
             tensors = [name for name in (*node.inputs, *node.outputs) if name and name not in self.constants]
             kind = self._conv_kind(node, uses)
             if kind is not None:
-                made[node.outputs[0]] = self._dims(node.inputs[1])[0]
+                conv_channels[node.outputs[0]] = self._dims(node.inputs[1])[0]
+                # A depthwise convolution keeps each channel apart: its input and output are
+                # padded together. A dense one mixes them: each side is padded on its own.
                 if kind == "depthwise":
                     classes.union(node.inputs[0], node.outputs[0])
-                classes.find(node.inputs[0])
-                classes.find(node.outputs[0])
+                classes.add(node.inputs[0])
+                classes.add(node.outputs[0])
                 convs.append((index, node, kind))
             elif node.op in _CHANNELWISE and len(node.outputs) == 1 and len(tensors) > 1:
                 for name in tensors:
@@ -245,37 +279,37 @@ class _Rewrite:
             else:
                 cut.update(tensors)
         channels: dict[str, set[int]] = {}
-        for name, count in made.items():
+        for name, count in conv_channels.items():
             channels.setdefault(classes.find(name), set()).add(count)
         refused = {classes.find(name) for name in cut}
         for _, node in channelwise:
             root = classes.find(node.outputs[0])
             counts = channels.get(root, set())
-            if len(counts) != 1 or not all(self._per_channel(name, next(iter(counts)), uses) for name in node.inputs):
+            if len(counts) != 1 or not all(self._per_channel(name, max(counts), uses) for name in node.inputs):
                 refused.add(root)
         padded: dict[str, int] = {}  # class -> its channels padded to whole blocks
         for root, counts in channels.items():
             count = max(counts)
-            if root not in refused and len(counts) == 1 and count >= NCHWC_BLOCK and count % NCHWC_BLOCK:
-                padded[root] = -(-count // NCHWC_BLOCK) * NCHWC_BLOCK
+            if root not in refused and len(counts) == 1 and count >= self.block and count % self.block:
+                padded[root] = -(-count // self.block) * self.block
         if not padded:
             return
         for index, node, kind in convs:
-            into = padded.get(classes.find(node.inputs[0])) if kind == "dense" else None
-            out = padded.get(classes.find(node.outputs[0]))
-            if into is None and out is None:
+            in_padded = padded.get(classes.find(node.inputs[0])) if kind == "dense" else None
+            out_padded = padded.get(classes.find(node.outputs[0]))
+            if in_padded is None and out_padded is None:
                 continue
             weights = self._values(node.inputs[1])
             assert weights is not None
-            if out is not None:
-                weights = _padded(weights, 0, out)
+            if out_padded is not None:
+                weights = _padded(weights, 0, out_padded)
                 if len(node.inputs) > 2 and node.inputs[2]:
                     bias = self._values(node.inputs[2])
                     assert bias is not None
-                    self._set(node.inputs[2], _padded(bias, 0, out))
-            if into is not None:
-                weights = _padded(weights, 1, into)
-            self._set(node.inputs[1], weights)
+                    self._replace_constant(node.inputs[2], _padded(bias, 0, out_padded))
+            if in_padded is not None:
+                weights = _padded(weights, 1, in_padded)
+            self._replace_constant(node.inputs[1], weights)
             if kind == "depthwise":
                 self.new_nodes[index] = [with_int_attribute(node.encoding, "group", weights.shape[0])]
         for _, node in channelwise:
@@ -285,7 +319,7 @@ class _Rewrite:
             for name in node.inputs:
                 values = self._values(name) if name in self.constants else None
                 if values is not None and values.size > 1:
-                    self._set(name, _padded(values, values.ndim - 3, size))
+                    self._replace_constant(name, _padded(values, values.ndim - 3, size))
         self.reshaped = {name for name in classes.parent if classes.find(name) in padded}
 
     def _per_channel(self, name: str, channels: int, uses: Counter[str]) -> bool:
@@ -301,7 +335,7 @@ class _Rewrite:
 
     # -- PRelu ---------------------------------------------------------------------------------
     def _rewrite_prelus(self) -> None:
-        uses = Counter(name for node in self.nodes for name in node.inputs)
+        slope_uses = self._constant_uses()
         producers = {name: node for node in self.nodes for name in node.outputs}
         for index, node in enumerate(self.nodes):
             if node.op != "PRelu" or len(node.inputs) != 2 or len(node.outputs) != 1:
@@ -312,16 +346,16 @@ class _Rewrite:
                 continue
             producer = producers.get(x)
             name = node.name or node.outputs[0]
-            if producer is not None and producer.op == "Conv":
+            if self.block and producer is not None and producer.op == "Conv":
                 self.new_nodes[index] = self._relu_form(name, x, slopes, node.outputs[0])
-                if uses[slope] == 1:
+                if slope_uses[slope] == 1:
                     self.new_constants[slope] = None
             elif np.all(slopes <= 1.0):
                 self.new_nodes[index] = self._max_form(name, x, slope, node.outputs[0])
 
     def _relu_form(self, name: str, x: str, slopes: np.ndarray, y: str) -> list[bytes]:
-        """Relu(x) + (-slopes) * Relu(-x); -x as x times -1 per channel, which onnxruntime runs
-        as a blocked 1x1 depthwise convolution, like the slopes' Mul."""
+        """Relu(x) + (-slopes) * Relu(-x), -x as x times -1 per channel (a Neg or a Sub would
+        leave the blocked layout)."""
         minus_one = self._fresh(f"{y}/prelu/minus_one")
         minus_slopes = self._fresh(f"{y}/prelu/minus_slopes")
         self.added += [float_tensor(minus_one, np.full_like(slopes, -1.0)), float_tensor(minus_slopes, -slopes)]
@@ -329,22 +363,20 @@ class _Rewrite:
             self._fresh(f"{y}/prelu/{part}") for part in ("positive", "negated", "negative", "scaled")
         )
         return [
-            _node("Relu", [x], positive, f"{name}/positive"),
-            _node("Mul", [x, minus_one], negated, f"{name}/negated"),
-            _node("Relu", [negated], negative, f"{name}/negative"),
-            _node("Mul", [negative, minus_slopes], scaled, f"{name}/scaled"),
-            _node("Add", [positive, scaled], y, f"{name}/sum"),
+            node_proto("Relu", [x], positive, f"{name}/positive"),
+            node_proto("Mul", [x, minus_one], negated, f"{name}/negated"),
+            node_proto("Relu", [negated], negative, f"{name}/negative"),
+            node_proto("Mul", [negative, minus_slopes], scaled, f"{name}/scaled"),
+            node_proto("Add", [positive, scaled], y, f"{name}/sum"),
         ]
 
     def _max_form(self, name: str, x: str, slope: str, y: str) -> list[bytes]:
         """Max(x, slope * x): slope * x <= x exactly where x >= 0, as the slopes are <= 1."""
         scaled = self._fresh(f"{y}/prelu/scaled")
-        return [_node("Mul", [x, slope], scaled, f"{name}/scaled"), _node("Max", [x, scaled], y, f"{name}/max")]
-
-
-def _node(op: str, inputs: list[str], output: str, name: str) -> bytes:
-    encoding = b"".join(bytes_field(1, value.encode()) for value in inputs) + bytes_field(2, output.encode())
-    return encoding + bytes_field(3, name.encode()) + bytes_field(4, op.encode())
+        return [
+            node_proto("Mul", [x, slope], scaled, f"{name}/scaled"),
+            node_proto("Max", [x, scaled], y, f"{name}/max"),
+        ]
 
 
 def _shaped(tensor: Buffer) -> np.ndarray | None:

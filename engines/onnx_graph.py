@@ -4,8 +4,8 @@ classes) is not a runtime dependency, and these edits touch a few fields.
 Field numbers from onnx.proto: ModelProto.graph = 7, opset_import = 8; OperatorSetIdProto.domain
 = 1, version = 2; GraphProto.node = 1, initializer = 5, input = 11, output = 12, value_info = 13;
 NodeProto.input = 1, output = 2, name = 3, op_type = 4, attribute = 5, domain = 7;
-AttributeProto.name = 1, i = 3, type = 20; TensorProto.dims = 1,
-data_type = 2, float_data = 4, name = 8, raw_data = 9; ValueInfoProto.name = 1, type = 2;
+AttributeProto.name = 1, i = 3, type = 20; TensorProto.dims = 1, data_type = 2, float_data = 4,
+name = 8, raw_data = 9, data_location = 14; ValueInfoProto.name = 1, type = 2;
 TypeProto.tensor_type = 1; TypeProto.Tensor.shape = 2; TensorShapeProto.dim = 1;
 Dimension.dim_param = 2. (TensorShapeProto has no field but dim.)
 """
@@ -99,13 +99,22 @@ def varint_value(message: Buffer, number: int, default: int = 0) -> int:
     """The value of a varint field, or `default` when the message does not set it."""
     for n, w, whole, _ in fields(message):
         if n == number and w == _VARINT:
-            _, value_at = _read_varint(whole, 0)  # past the field's key
-            return _read_varint(whole, value_at)[0]
+            return _field_varint(whole)
     return default
+
+
+def _field_varint(whole: Buffer) -> int:
+    """The value of one varint field, given its whole encoding."""
+    _, value_at = _read_varint(whole, 0)  # past the field's key
+    return _read_varint(whole, value_at)[0]
 
 
 def value_info_name(value_info: Buffer) -> str:
     return "".join(strings(value_info, 1))
+
+
+def tensor_name(tensor: Buffer) -> str:
+    return "".join(strings(tensor, 8))
 
 
 def _free_dims(shape: bytes, names: dict[int, str] | None) -> bytes:
@@ -145,7 +154,7 @@ def with_free_dims(model: bytes, input_name: str, names: dict[int, str]) -> byte
 
 def first_input_name(model: Buffer) -> str:
     """The name of the model's first graph input that is not an initializer (older exports list
-    the weights among the inputs too); GraphProto.initializer = 5, TensorProto.name = 8."""
+    the weights among the inputs too)."""
     graph = graph_field(model)
     if graph is None:
         raise ValueError("not an ONNX model: no graph")
@@ -154,8 +163,11 @@ def first_input_name(model: Buffer) -> str:
         if number == 11 and wire == BYTES:
             inputs.append(value_info_name(payload))
         elif number == 5 and wire == BYTES:
-            weights.add("".join(strings(payload, 8)))
-    return next(name for name in inputs if name not in weights)
+            weights.add(tensor_name(payload))
+    name = next((name for name in inputs if name not in weights), None)
+    if name is None:
+        raise ValueError("the graph has no input that is not an initializer")
+    return name
 
 
 def varint_field(number: int, value: int) -> bytes:
@@ -170,21 +182,23 @@ def float_value_info(name: str, dims: tuple[int, ...]) -> bytes:
     return bytes_field(1, name.encode()) + bytes_field(2, bytes_field(1, tensor))
 
 
+def node_proto(op: str, inputs: list[str], output: str, name: str = "") -> bytes:
+    """A serialized NodeProto of the default domain with one output."""
+    encoding = b"".join(bytes_field(1, value.encode()) for value in inputs) + bytes_field(2, output.encode())
+    return encoding + (bytes_field(3, name.encode()) if name else b"") + bytes_field(4, op.encode())
+
+
+def model(graph: bytes, opset: int = 13) -> bytes:
+    """A serialized ModelProto (IR 7) of the serialized GraphProto `graph`, importing the default
+    operator set at `opset`."""
+    return varint_field(1, 7) + bytes_field(7, graph) + bytes_field(8, bytes_field(1, b"") + varint_field(2, opset))
+
+
 def identity_model() -> bytes:
     """A serialized ONNX model (IR 7, opset 13) whose output "y" is its input "x", a float[1]."""
-
-    def value_info(name: str) -> bytes:
-        return float_value_info(name, (1,))
-
-    node = bytes_field(1, b"x") + bytes_field(2, b"y") + bytes_field(4, b"Identity")
-    graph = (
-        bytes_field(1, node)
-        + bytes_field(2, b"identity")
-        + bytes_field(11, value_info("x"))
-        + bytes_field(12, value_info("y"))
-    )
-    opset = bytes_field(1, b"") + varint_field(2, 13)
-    return varint_field(1, 7) + bytes_field(7, graph) + bytes_field(8, opset)
+    graph = bytes_field(1, node_proto("Identity", ["x"], "y")) + bytes_field(2, b"identity")
+    graph += bytes_field(11, float_value_info("x", (1,))) + bytes_field(12, float_value_info("y", (1,)))
+    return model(graph)
 
 
 # TensorProto.DataType FLOAT.
@@ -221,7 +235,7 @@ def tensor_dims(tensor: Buffer) -> tuple[int, ...]:
                 value, pos = _read_varint(payload, pos)
                 dims.append(value)
         elif wire == _VARINT:
-            dims.append(_read_varint(whole, _read_varint(whole, 0)[1])[0])
+            dims.append(_field_varint(whole))
     return tuple(dims)
 
 
@@ -240,34 +254,56 @@ def default_opset(model: Buffer) -> int:
     return 0
 
 
+# AttributeProto.type: INT, GRAPH, GRAPHS.
+_ATTRIBUTE_INT, _ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS = 2, 5, 10
+
+
+def _is_attribute(number: int, wire: int, payload: Buffer, name: str | None = None) -> bool:
+    """Whether a NodeProto field is an attribute (named `name`, when given)."""
+    return number == 5 and wire == BYTES and (name is None or "".join(strings(payload, 1)) == name)
+
+
 def int_attribute(node: Buffer, name: str) -> int | None:
-    """The integer attribute `name` of a NodeProto (attribute = 5; AttributeProto.name = 1, i = 3),
-    None when the node does not set it."""
-    for number, wire, _, payload in fields(node):
-        if number == 5 and wire == BYTES and "".join(strings(payload, 1)) == name:
-            return varint_value(payload, 3)
-    return None
+    """The integer attribute `name` of a NodeProto, None when the node does not set it."""
+    found = (varint_value(p, 3) for number, wire, _, p in fields(node) if _is_attribute(number, wire, p, name))
+    return next(found, None)
 
 
 def with_int_attribute(node: Buffer, name: str, value: int) -> bytes:
-    """A NodeProto with its integer attribute `name` set to `value` (AttributeProto.type = 20,
-    INT = 2)."""
-    attribute = bytes_field(1, name.encode()) + varint_field(3, value) + varint_field(20, 2)
+    """A NodeProto with its integer attribute `name` set to `value`."""
     out = bytearray()
     for number, wire, whole, payload in fields(node):
-        if not (number == 5 and wire == BYTES and "".join(strings(payload, 1)) == name):
+        if not _is_attribute(number, wire, payload, name):
             out += whole
+    attribute = bytes_field(1, name.encode()) + varint_field(3, value) + varint_field(20, _ATTRIBUTE_INT)
     return bytes(out + bytes_field(5, attribute))
 
 
+def has_subgraph(node: Buffer) -> bool:
+    """Whether a NodeProto carries a graph (If, Loop, Scan): its body may read any tensor of the
+    enclosing graph by name, without listing it among the node's inputs."""
+    return any(
+        _is_attribute(number, wire, payload) and varint_value(payload, 20) in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS)
+        for number, wire, _, payload in fields(node)
+    )
+
+
+def is_external(tensor: Buffer) -> bool:
+    """Whether a TensorProto's data lies in another file (data_location = 14, EXTERNAL = 1): an
+    edited model, loaded from memory, could not find it."""
+    return varint_value(tensor, 14) == 1
+
+
 def graph_field(model: Buffer) -> Buffer | None:
-    """The serialized GraphProto of a ModelProto (field 7), None when there is none."""
-    return next((payload for number, wire, _, payload in fields(model) if number == 7 and wire == BYTES), None)
+    """The serialized GraphProto of a ModelProto, None when there is none or (legal, but never
+    written by an exporter) when it comes in several pieces to be merged."""
+    graphs = [payload for number, wire, _, payload in fields(model) if number == 7 and wire == BYTES]
+    return graphs[0] if len(graphs) == 1 else None
 
 
 def with_graph(model: Buffer, graph_parts: list[Buffer]) -> list[Buffer]:
     """The ModelProto `model` with its graph replaced by the concatenation of `graph_parts`, as
-    consecutive pieces (views of `model` and of the parts, not joined: a model is mostly weights)."""
+    consecutive pieces."""
     parts: list[Buffer] = []
     for number, wire, whole, _ in fields(model):
         if number == 7 and wire == BYTES:

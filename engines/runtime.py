@@ -143,10 +143,10 @@ def create_session(
     try:
         with _model_file(path, free_dims) as model_file:
             session = ort.InferenceSession(model_file, sess_options=options, providers=["CPUExecutionProvider"])
+    except ModelFileError:
+        raise
     except OSError as exc:
         raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
-    except (ValueError, IndexError, StopIteration) as exc:
-        raise ModelFileError(f"cannot load ONNX model {path}: not a readable ONNX file") from exc
     except Exception as exc:  # onnxruntime raises several unrelated types for bad files
         message = str(exc).splitlines()[0][:200].replace(model_file, path)
         raise ModelFileError(f"cannot load ONNX model {path}: {message}") from exc
@@ -163,11 +163,7 @@ def _model_file(path: str, free_dims: dict[int, str] | None) -> Iterator[str]:
     (Linux's memfd) holding the edited model, closed once the session has read it. onnxruntime's
     Python session keeps the bytes it was created from for its whole life (a second copy of the
     weights), but not a path."""
-    fd = None
-    if os.path.getsize(path):  # an empty file goes to onnxruntime, which says what is wrong
-        # Read through the page cache: a model left as it is never lands on the heap.
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            fd = _edited_copy(memoryview(mapped), free_dims)
+    fd = _edited_copy(path, free_dims)
     if fd is None:
         yield path
         return
@@ -177,30 +173,34 @@ def _model_file(path: str, free_dims: dict[int, str] | None) -> Iterator[str]:
         os.close(fd)
 
 
-def _edited_copy(model: memoryview, free_dims: dict[int, str] | None) -> int | None:
-    """A memfd holding `model` with `free_dims` and cpu_tuning's rewrites, written piece by piece
-    (the pieces are mostly views of `model`: the weights are never joined); None when the model
+def _edited_copy(path: str, free_dims: dict[int, str] | None) -> int | None:
+    """A memfd holding the model at `path` with `free_dims` and cpu_tuning's rewrites, written
+    piece by piece (mostly views of the file: the weights are never joined); None when the model
     stays as it is."""
-    data: Buffer = model
-    parts: list[Buffer] | None = None
-    try:
-        if free_dims:
-            data = with_free_dims(bytes(model), first_input_name(model), free_dims)
-        parts = tuned_for_cpu_parts(data)
-        if parts is None and not free_dims:
-            return None
-        fd = os.memfd_create("onnx-model", os.MFD_CLOEXEC)
+    if not os.path.getsize(path):
+        return None  # onnxruntime says what is wrong with an empty file
+    with open(path, "rb") as f:
+        # Read through the page cache, so a model left as it is never lands on the heap. The
+        # mapping goes with the last view of it (an exception's traceback may hold one a while).
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    data: Buffer = memoryview(mapped)
+    if free_dims:
         try:
-            with os.fdopen(fd, "wb", closefd=False) as f:
-                for part in parts if parts is not None else [data]:
-                    f.write(part)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-    finally:
-        # Views of the mapping must not outlive it, not even in a traceback.
-        del model, data, parts
+            data = with_free_dims(bytes(data), first_input_name(data), free_dims)
+        except (ValueError, IndexError) as exc:
+            raise ModelFileError(f"cannot load ONNX model {path}: not a readable ONNX file ({exc})") from exc
+    parts = tuned_for_cpu_parts(data)
+    if parts is None and not free_dims:
+        return None
+    fd = os.memfd_create("onnx-model", os.MFD_CLOEXEC)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            for part in parts if parts is not None else [data]:
+                f.write(part)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def runs_in_flight(session: ort.InferenceSession) -> threading.BoundedSemaphore:
