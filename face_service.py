@@ -314,12 +314,8 @@ class FaceService:
     @contextmanager
     def _holding(self, identity: str) -> Iterator[LoadedModel]:
         """The loaded model, held for one request, which counts as activity for the idle return."""
-        self._idle.started()
-        try:
-            with self._slot.holding(identity) as model:
-                yield model
-        finally:
-            self._idle.ended()
+        with self._idle.busy(), self._slot.holding(identity) as model:
+            yield model
 
     def memory_usage(self) -> dict[str, int]:
         """Where the process's memory goes, in bytes (Status' MemoryUsageData.breakdown): `rss`
@@ -440,12 +436,11 @@ class FaceService:
         def second_holding_the_model() -> B:
             if not model.hold():  # the request failed and the model was closed before this started
                 raise _Abandoned("start")
-            # It may outlive a request that failed first: still a request's work for the idle return.
-            self._idle.started()
             try:
-                return second(second_checkpoint)
+                # It may outlive a request that failed first: still a request's work for the idle return.
+                with self._idle.busy():
+                    return second(second_checkpoint)
             finally:
-                self._idle.ended()
                 model.release()
 
         return run_side_by_side(

@@ -10,7 +10,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from .concurrency import usable_cpus
 
@@ -171,6 +172,15 @@ class WhenIdle:
         self._pending = False  # a request ended since the last action
         self._last_end = 0.0
         self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """One request's work: started() at its start, ended() at its end, whatever happens."""
+        self.started()
+        try:
+            yield
+        finally:
+            self.ended()
 
     def started(self) -> None:
         with self._changed:

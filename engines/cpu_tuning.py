@@ -162,6 +162,7 @@ class _Rewrite:
     added: list[bytes] = field(default_factory=list)
     reshaped: set[str] = field(default_factory=set)
     taken: set[str] = field(default_factory=set)
+    uses: Counter[str] = field(default_factory=Counter)  # nodes reading each constant
     _original: dict[str, np.ndarray | None] = field(default_factory=dict)  # _values of the file's constants
 
     def run(self) -> list[Buffer] | None:
@@ -182,6 +183,7 @@ class _Rewrite:
                 self.boundary.add(value_info_name(payload))
         self.constants = {name: tensor for name, tensor in initializers.items() if name not in self.boundary}
         self.taken = {*initializers, *self.boundary, *(name for node in self.nodes for name in node.outputs)}
+        self.uses = Counter(name for node in self.nodes for name in node.inputs if name in self.constants)
         if self.block:
             self._pad_channels()
         if default_opset(self.model) >= _MIN_OPSET_MUL_BROADCASTS:
@@ -214,9 +216,6 @@ class _Rewrite:
         self.taken.add(name)
         return name
 
-    def _constant_uses(self) -> Counter[str]:
-        return Counter(name for node in self.nodes for name in node.inputs if name in self.constants)
-
     def _graph_parts(self, graph: Buffer) -> list[Buffer]:
         parts: list[Buffer] = []
         index = 0
@@ -236,14 +235,14 @@ class _Rewrite:
         return parts + [bytes_field(5, tensor) for tensor in self.added]
 
     # -- channel padding -----------------------------------------------------------------------
-    def _conv_kind(self, node: _Node, uses: Counter[str]) -> str | None:
+    def _conv_kind(self, node: _Node) -> str | None:
         """The kind of a float convolution whose weights (and bias) are constants of its own:
         "dense" (group 1) or "depthwise" (a group per channel); None for any other node."""
         if node.op != "Conv" or len(node.inputs) < 2 or len(node.outputs) != 1 or node.inputs[0] in self.constants:
             return None
         weights, bias = node.inputs[1], (node.inputs[2] if len(node.inputs) > 2 else "")
         own = [name for name in (weights, bias) if name]
-        if any(name not in self.constants or uses[name] != 1 or self._values(name) is None for name in own):
+        if any(name not in self.constants or self.uses[name] != 1 or self._values(name) is None for name in own):
             return None
         dims = self._dims(weights)
         if len(dims) != 4 or (bias and self._dims(bias) != dims[:1]):
@@ -254,7 +253,6 @@ class _Rewrite:
         return "depthwise" if group == dims[0] and dims[1] == 1 else None
 
     def _pad_channels(self) -> None:
-        uses = self._constant_uses()
         classes = _UnionFind()
         cut = set(self.boundary)  # tensors whose channels must stay as they are
         conv_channels: dict[str, int] = {}  # a convolution's output -> its channels
@@ -262,7 +260,7 @@ class _Rewrite:
         channelwise: list[tuple[int, _Node]] = []
         for index, node in enumerate(self.nodes):
             tensors = [name for name in (*node.inputs, *node.outputs) if name and name not in self.constants]
-            kind = self._conv_kind(node, uses)
+            kind = self._conv_kind(node)
             if kind is not None:
                 conv_channels[node.outputs[0]] = self._dims(node.inputs[1])[0]
                 # A depthwise convolution keeps each channel apart: its input and output are
@@ -285,7 +283,7 @@ class _Rewrite:
         for _, node in channelwise:
             root = classes.find(node.outputs[0])
             counts = channels.get(root, set())
-            if len(counts) != 1 or not all(self._per_channel(name, max(counts), uses) for name in node.inputs):
+            if len(counts) != 1 or not all(self._per_channel(name, max(counts)) for name in node.inputs):
                 refused.add(root)
         padded: dict[str, int] = {}  # class -> its channels padded to whole blocks
         for root, counts in channels.items():
@@ -322,7 +320,7 @@ class _Rewrite:
                     self._replace_constant(name, _padded(values, values.ndim - 3, size))
         self.reshaped = {name for name in classes.parent if classes.find(name) in padded}
 
-    def _per_channel(self, name: str, channels: int, uses: Counter[str]) -> bool:
+    def _per_channel(self, name: str, channels: int) -> bool:
         """Whether input `name` of a channelwise op can follow its tensors' padding: a tensor, a
         scalar constant, or a float constant of its own laid out per channel (C x 1 x 1)."""
         if not name or name not in self.constants:
@@ -331,11 +329,10 @@ class _Rewrite:
         if int(np.prod(dims, dtype=np.int64)) == 1 and len(dims) <= 4:
             return True
         per_channel = len(dims) in (3, 4) and dims[-3] == channels and int(np.prod(dims)) == channels
-        return per_channel and uses[name] == 1 and self._values(name) is not None
+        return per_channel and self.uses[name] == 1 and self._values(name) is not None
 
     # -- PRelu ---------------------------------------------------------------------------------
     def _rewrite_prelus(self) -> None:
-        slope_uses = self._constant_uses()
         producers = {name: node for node in self.nodes for name in node.outputs}
         for index, node in enumerate(self.nodes):
             if node.op != "PRelu" or len(node.inputs) != 2 or len(node.outputs) != 1:
@@ -348,7 +345,7 @@ class _Rewrite:
             name = node.name or node.outputs[0]
             if self.block and producer is not None and producer.op == "Conv":
                 self.new_nodes[index] = self._relu_form(name, x, slopes, node.outputs[0])
-                if slope_uses[slope] == 1:
+                if self.uses[slope] == 1:
                     self.new_constants[slope] = None
             elif np.all(slopes <= 1.0):
                 self.new_nodes[index] = self._max_form(name, x, slope, node.outputs[0])

@@ -189,13 +189,13 @@ def _edited_copy(path: str, free_dims: dict[int, str] | None) -> int | None:
             data = with_free_dims(bytes(data), first_input_name(data), free_dims)
         except (ValueError, IndexError) as exc:
             raise ModelFileError(f"cannot load ONNX model {path}: not a readable ONNX file ({exc})") from exc
-    parts = tuned_for_cpu_parts(data)
-    if parts is None and not free_dims:
+    parts = tuned_for_cpu_parts(data) or ([data] if free_dims else None)
+    if parts is None:
         return None
     fd = os.memfd_create("onnx-model", os.MFD_CLOEXEC)
     try:
         with os.fdopen(fd, "wb", closefd=False) as f:
-            for part in parts if parts is not None else [data]:
+            for part in parts:
                 f.write(part)
     except BaseException:
         os.close(fd)

@@ -322,20 +322,15 @@ def conv_then(after: list[bytes], extra: bytes = b"", slopes: np.ndarray | None 
     return onnx_graph.model(graph + extra)
 
 
-def nodes_of(model: bytes) -> list[bytes]:
-    graph = onnx_graph.graph_field(model)
-    assert graph is not None
-    return [bytes(p) for n, _, _, p in onnx_graph.fields(graph) if n == 1]
-
-
-def op_types(model: bytes) -> list[str]:
-    return ["".join(onnx_graph.strings(node, 4)) for node in nodes_of(model)]
-
-
 def graph_items(model: bytes, number: int) -> list[bytes]:
+    """The GraphProto fields `number` of a model (1: nodes, 5: initializers, 13: value_info)."""
     graph = onnx_graph.graph_field(model)
     assert graph is not None
     return [bytes(p) for n, _, _, p in onnx_graph.fields(graph) if n == number]
+
+
+def op_types(model: bytes) -> list[str]:
+    return ["".join(onnx_graph.strings(node, 4)) for node in graph_items(model, 1)]
 
 
 def weight_dims(model: bytes) -> dict[str, tuple[int, ...]]:
@@ -375,7 +370,9 @@ class CpuTuningTest(unittest.TestCase):
                 self.assertIn("PRelu", op_types(original))
                 self.assertNotIn("PRelu", op_types(edited))
                 dims = weight_dims(edited)
-                convs = [onnx_graph.strings(n, 1)[1] for n in nodes_of(edited) if onnx_graph.strings(n, 4) == ["Conv"]]
+                convs = [
+                    onnx_graph.strings(n, 1)[1] for n in graph_items(edited, 1) if onnx_graph.strings(n, 4) == ["Conv"]
+                ]
                 odd = [dims[w][0] for w in convs if w in dims and dims[w][0] % block]
                 self.assertEqual(odd, [], "convolutions left with channels off the block")
                 crop = cv2.resize(real_crop, (side, side)).transpose(2, 0, 1)[None].astype(np.float32) * scale
@@ -420,7 +417,7 @@ class CpuTuningTest(unittest.TestCase):
         self.assertEqual(dims["w_sq"], (4, block, 1, 1))
         self.assertEqual(dims["w_ex"], (block, 4, 1, 1))
         self.assertEqual(dims["w_out"], (8, block, 1, 1))
-        depthwise = next(node for node in nodes_of(edited) if onnx_graph.strings(node, 2) == ["d"])
+        depthwise = next(node for node in graph_items(edited, 1) if onnx_graph.strings(node, 2) == ["d"])
         self.assertEqual(onnx_graph.int_attribute(depthwise, "group"), block)
         self.assertEqual([onnx_graph.value_info_name(v) for v in graph_items(edited, 13)], [])  # "a" is 16 wide now
         np.testing.assert_allclose(run_model(edited, {"x": x})[0], run_model(model, {"x": x})[0], rtol=1e-5, atol=1e-6)
