@@ -3,6 +3,10 @@
 Every byte of a request image is attacker controlled, so sizes are checked from the image header
 before any pixel is decoded: a few-KB PNG that claims 40000x40000 pixels is refused without
 allocating them.
+
+JPEG and PNG headers (nearly every request) are read here; other formats and any header this
+reader is not sure of go to Pillow, imported on first use: the server otherwise never carries it
+(bench/FINDINGS.md, "Pillow off the request path").
 """
 
 from __future__ import annotations
@@ -11,14 +15,15 @@ import base64
 import binascii
 import io
 import re
+import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import pybase64
-from PIL import Image
 
 from core.errors import InvalidInputError
 from core.settings import DEFAULT_IMAGE_LIMITS, ImageLimits
@@ -71,23 +76,8 @@ def decode_base64(data: str, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMI
 
 def check_header(raw: bytes, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> tuple[str, int, int]:
     """Format, width and height from the header alone; refuses unknown formats and pixel bombs."""
-    try:
-        with warnings.catch_warnings():
-            # PIL warns (and past 2x its own limit raises) on huge images; we apply our own limit.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(raw)) as header:
-                fmt, (width, height) = header.format or "", header.size
-    except Image.DecompressionBombError:
-        raise InvalidInputError(
-            f"{name}: image has more than {limits.max_pixels} pixels", reason="IMAGE_TOO_LARGE", field=name
-        ) from None
-    except Exception:
-        # Pillow's format plugins raise many types on malformed headers (UnidentifiedImageError,
-        # OSError, SyntaxError, but also NotImplementedError, EOFError, struct.error, ...): whatever
-        # the bytes, a header Pillow cannot read is the caller's error, never an internal one.
-        raise InvalidInputError(
-            f"{name}: not a decodable image (JPEG, PNG, WebP, BMP, TIFF)", reason="IMAGE_UNDECODABLE", field=name
-        ) from None
+    header = _jpeg_header(raw) or _png_header(raw)
+    fmt, width, height = header if header is not None else _pillow_header(raw, name, limits)
     if fmt.upper() not in SUPPORTED_FORMATS:
         raise InvalidInputError(
             f"{name}: unsupported image format {fmt or 'unknown'}; send JPEG, PNG, WebP, BMP or TIFF",
@@ -114,6 +104,91 @@ def check_header(raw: bytes, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMI
             field=name,
         )
     return fmt, width, height
+
+
+# JPEG markers that start a frame header (SOF0-3, 5-7, 9-11, 13-15: ITU T.81 table B.1); C4
+# (DHT), C8 (JPG) and CC (DAC) share the range but are not frames.
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_SCAN = 0xDA  # SOS: entropy-coded data follows
+# Markers without a length field: TEM and RST0-7 (T.81 B.1.1.3); SOI and EOI end the search here.
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def _jpeg_header(raw: bytes) -> tuple[str, int, int] | None:
+    """("JPEG", width, height) from the one frame header before the first scan, as libjpeg will
+    decode it; None for anything else (not a JPEG, truncated before the scan, two frame headers,
+    a height left to a DNL marker), which Pillow then judges."""
+    if raw[:3] != b"\xff\xd8\xff":
+        return None
+    size = None
+    i, end = 2, len(raw)
+    while i + 4 <= end:
+        if raw[i] != 0xFF:
+            return None
+        marker = raw[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            i += 2
+            continue
+        (length,) = struct.unpack_from(">H", raw, i + 2)
+        if length < 2 or i + 2 + length > end:
+            return None
+        if marker == _JPEG_SCAN:
+            return ("JPEG", *size) if size is not None else None
+        if marker in _JPEG_FRAME_MARKERS:
+            if size is not None or length < 8:
+                return None
+            height, width = struct.unpack_from(">HH", raw, i + 5)
+            if not (width and height):
+                return None
+            size = (width, height)
+        elif marker in (0xD8, 0xD9):  # SOI again, or EOI before any scan
+            return None
+        i += 2 + length
+    return None
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# (colour type, allowed bit depths) of PNG's IHDR (PNG spec 11.2.2).
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+
+
+def _png_header(raw: bytes) -> tuple[str, int, int] | None:
+    """("PNG", width, height) from a well-formed IHDR chunk (its CRC checked); None otherwise."""
+    if not raw.startswith(_PNG_SIGNATURE) or len(raw) < 33:
+        return None
+    length, kind, width, height, depth, colour = struct.unpack_from(">I4sIIBB", raw, 8)
+    (crc,) = struct.unpack_from(">I", raw, 29)
+    if length != 13 or kind != b"IHDR" or zlib.crc32(raw[12:29]) != crc:
+        return None
+    if not (0 < width < 2**31 and 0 < height < 2**31) or depth not in _PNG_DEPTHS.get(colour, ()):
+        return None
+    return "PNG", width, height
+
+
+def _pillow_header(raw: bytes, name: str, limits: ImageLimits) -> tuple[str, int, int]:
+    """Format, width and height as Pillow reads them, for every format the readers above leave."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and past 2x its own limit raises) on huge images; we apply our own limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as header:
+                return header.format or "", *header.size
+    except Image.DecompressionBombError:
+        raise InvalidInputError(
+            f"{name}: image has more than {limits.max_pixels} pixels", reason="IMAGE_TOO_LARGE", field=name
+        ) from None
+    except Exception:
+        # Pillow's format plugins raise many types on malformed headers (UnidentifiedImageError,
+        # OSError, SyntaxError, but also NotImplementedError, EOFError, struct.error, ...): whatever
+        # the bytes, a header Pillow cannot read is the caller's error, never an internal one.
+        raise InvalidInputError(
+            f"{name}: not a decodable image (JPEG, PNG, WebP, BMP, TIFF)", reason="IMAGE_UNDECODABLE", field=name
+        ) from None
 
 
 # JPEG's DCT decodes straight to 1/2, 1/4 or 1/8 of the size for a fraction of the full decode's
@@ -204,6 +279,8 @@ def decode_image(data: str, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMIT
 
 
 def _decode_with_pillow(raw: bytes):
+    from PIL import Image
+
     try:
         with Image.open(io.BytesIO(raw)) as picture:
             rgb = np.asarray(picture.convert("RGB"))

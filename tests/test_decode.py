@@ -1,24 +1,34 @@
 """Reduced-scale decoding of request images (imaging.EncodedImage, face_service.LocatedFaces) on
 12-MP JPEGs made at run time from real photos (harness.images.phone_photo): the same best face
 and distance as decoding every pixel, a face too small for the coarse scale found and verified
-from a finer one, EXIF orientation applied at every scale.
+from a finer one, EXIF orientation applied at every scale; and the image headers read without Pillow (JPEG, PNG)
+as Pillow reads them.
 """
 
 from __future__ import annotations
 
+import glob
 import io
+import os
+import struct
+import subprocess
+import sys
 import time
 import unittest
+import zlib
+from unittest import mock
 
 import cv2
 import numpy as np
 from PIL import Image
 
+import imaging
+from core.errors import InvalidInputError
 from core.process import malloc_usage
 from engines import parse_load_request
 from face_service import IDLE_RETURN_SECONDS, FaceService, LocatedFaces, best_face
 from harness.images import b64, faceless_image, phone_photo
-from imaging import EncodedImage
+from imaging import EncodedImage, check_header
 from tests import support
 from tests.support import IMAGES
 
@@ -45,6 +55,31 @@ def exif_rotated(raw: bytes) -> bytes:
     out = io.BytesIO()
     Image.fromarray(stored[..., ::-1]).save(out, "JPEG", quality=90, exif=exif)
     return out.getvalue()
+
+
+def pillow_header(raw: bytes) -> tuple[str, int, int]:
+    with Image.open(io.BytesIO(raw)) as image:
+        return image.format or "", *image.size
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **kwargs)
+    return out.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def jpeg_segments(raw: bytes) -> list[tuple[int, bytes]]:
+    """(marker, whole segment) of a JPEG from SOI up to its first scan's header; then the rest."""
+    out, i = [(0xD8, raw[:2])], 2
+    while raw[i + 1] != 0xDA:
+        (length,) = struct.unpack_from(">H", raw, i + 2)
+        out.append((raw[i + 1], raw[i : i + 2 + length]))
+        i += 2 + length
+    return out + [(0xDA, raw[i:])]
 
 
 class FullDecode:
@@ -104,6 +139,101 @@ class EncodedImageTest(unittest.TestCase):
             self.assertEqual(got.shape, want.shape)
             # The same picture (JPEG re-encoding aside), not a turned one.
             self.assertLess(float(np.abs(got.astype(np.int16) - want).mean()), 3.0)
+
+
+class HeaderTest(unittest.TestCase):
+    """JPEG and PNG headers are read without Pillow (imaging._jpeg_header, _png_header): the same
+    format and size as Pillow reads, or, for anything they are not sure of, Pillow's answer."""
+
+    def photos(self) -> dict[str, bytes]:
+        paths = glob.glob(os.path.join(support.data_path(), "**", "*.*"), recursive=True)
+        files = {os.path.relpath(p, support.data_path()): p for p in paths if p.lower().endswith((".jpg", ".png"))}
+        self.assertGreater(len(files), 30)
+        photo = Image.open(support.data_path(IMAGES, "obama_1.jpg")).convert("RGB")
+        grey = photo.convert("L")
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        made = {
+            "progressive JPEG": encoded(photo, "JPEG", progressive=True),
+            "CMYK JPEG": encoded(photo.convert("CMYK"), "JPEG"),
+            "grey JPEG": encoded(grey, "JPEG"),
+            "EXIF-rotated JPEG": encoded(photo, "JPEG", exif=exif.tobytes()),
+            "MPO": encoded(photo, "MPO", save_all=True, append_images=[photo.resize((64, 48))]),
+            "12-MP JPEG": phone_photo(np.asarray(photo)[..., ::-1]),
+            "RGBA PNG": encoded(photo.convert("RGBA"), "PNG"),
+            "palette PNG": encoded(photo.convert("P"), "PNG"),
+            "1-bit PNG": encoded(photo.convert("1"), "PNG"),
+            "16-bit PNG": cv2.imencode(".png", np.asarray(photo).astype(np.uint16) * 257)[1].tobytes(),
+        }
+        return {**{name: open(path, "rb").read() for name, path in files.items()}, **made}
+
+    def test_same_format_and_size_as_pillow(self) -> None:
+        for name, raw in self.photos().items():
+            with self.subTest(name):
+                fmt, width, height = pillow_header(raw)
+                got = check_header(raw, name)
+                self.assertEqual(got, ("JPEG" if fmt == "MPO" else fmt, width, height))
+
+    def test_unsure_headers_are_left_to_pillow(self) -> None:
+        photo = Image.open(support.data_path(IMAGES, "kit_harington_2.jpg")).convert("RGB")
+        jpeg_bytes, png_bytes = encoded(photo, "JPEG"), encoded(photo, "PNG")
+        segments = jpeg_segments(jpeg_bytes)
+        frame = next(seg for marker, seg in segments if marker == 0xC0)
+        before_scan = b"".join(seg for marker, seg in segments if marker != 0xDA)
+        ihdr = png_bytes[8:33]
+        cases = {
+            "JPEG cut before its scan": before_scan,
+            "JPEG cut inside its frame header": jpeg_bytes[: jpeg_bytes.index(frame) + 6],
+            "JPEG with two frame headers": before_scan.replace(
+                frame, frame + frame[:5] + struct.pack(">HH", 9000, 9000) + frame[9:]
+            )
+            + jpeg_bytes[len(before_scan) :],
+            "JPEG with a height left to a DNL marker": jpeg_bytes.replace(frame, frame[:5] + b"\x00\x00" + frame[7:]),
+            "JPEG with junk between segments": jpeg_bytes[:2] + b"junk" + jpeg_bytes[2:],
+            "PNG with a bad IHDR CRC": png_bytes[:29] + b"\0\0\0\0" + png_bytes[33:],
+            "PNG with a bit depth its colour type has not": png_bytes[:8]
+            + png_chunk(b"IHDR", ihdr[8:16] + bytes([3]) + ihdr[17:21])
+            + png_bytes[33:],
+            "PNG cut inside IHDR": png_bytes[:30],
+        }
+
+        def outcome(raw: bytes) -> object:
+            try:
+                return check_header(raw, "img")
+            except InvalidInputError as error:
+                return error.reason.name
+
+        for name, raw in cases.items():
+            with self.subTest(name):
+                self.assertIsNone(imaging._jpeg_header(raw))
+                self.assertIsNone(imaging._png_header(raw))
+                with (
+                    mock.patch.object(imaging, "_jpeg_header", return_value=None),
+                    mock.patch.object(imaging, "_png_header", return_value=None),
+                ):
+                    pillow_only = outcome(raw)
+                self.assertEqual(outcome(raw), pillow_only)
+
+    def test_pillow_is_imported_only_for_other_formats(self) -> None:
+        photo = Image.open(support.data_path(IMAGES, "kit_harington_2.jpg")).convert("RGB")
+        samples = {fmt: encoded(photo, fmt) for fmt in ("JPEG", "PNG", "WEBP")}
+        script = (
+            "import sys, imaging\n"
+            "for name in sys.argv[1:]:\n"
+            "    imaging.EncodedImage.from_bytes(open(name, 'rb').read(), name).decode()\n"
+            "    print('PIL' in sys.modules)\n"
+        )
+        directory = support.temp_dir(self)
+        names = []
+        for fmt, raw in samples.items():
+            names.append(os.path.join(directory, fmt))
+            with open(names[-1], "wb") as f:
+                f.write(raw)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        run = subprocess.run(
+            [sys.executable, "-c", script, *names], cwd=root, capture_output=True, text=True, timeout=120, check=True
+        )
+        self.assertEqual(run.stdout.split(), ["False", "False", "True"])
 
 
 class PhonePhotoTest(unittest.TestCase):
