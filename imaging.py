@@ -110,14 +110,20 @@ def check_header(raw: bytes, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMI
 # (DHT), C8 (JPG) and CC (DAC) share the range but are not frames.
 _JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_SCAN = 0xDA  # SOS: entropy-coded data follows
-# Markers without a length field: TEM and RST0-7 (T.81 B.1.1.3); SOI and EOI end the search here.
+# The other segments libjpeg reads before the first scan, each skipped by its length: DHT, DAC,
+# DQT, DRI, APP0-15, COM. The reader must split the file exactly as libjpeg does: any other
+# marker (FF 00 above all, which libjpeg reads as stuffed data and scans past) could hide a frame
+# header from one of the two, so it leaves the file to Pillow.
+_JPEG_TABLES = frozenset({0xC4, 0xCC, 0xDB, 0xDD, *range(0xE0, 0xF0), 0xFE})
+# Markers without a length field, which libjpeg skips: TEM and RST0-7 (T.81 B.1.1.3).
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 
 
 def _jpeg_header(raw: bytes) -> tuple[str, int, int] | None:
     """("JPEG", width, height) from the one frame header before the first scan, as libjpeg will
     decode it; None for anything else (not a JPEG, truncated before the scan, two frame headers,
-    a height left to a DNL marker), which Pillow then judges."""
+    a height left to a DNL marker, a marker libjpeg would not read as a segment), which Pillow
+    then judges."""
     if raw[:3] != b"\xff\xd8\xff":
         return None
     size = None
@@ -132,6 +138,8 @@ def _jpeg_header(raw: bytes) -> tuple[str, int, int] | None:
         if marker in _JPEG_STANDALONE:
             i += 2
             continue
+        if marker != _JPEG_SCAN and marker not in _JPEG_FRAME_MARKERS and marker not in _JPEG_TABLES:
+            return None
         (length,) = struct.unpack_from(">H", raw, i + 2)
         if length < 2 or i + 2 + length > end:
             return None
@@ -144,8 +152,6 @@ def _jpeg_header(raw: bytes) -> tuple[str, int, int] | None:
             if not (width and height):
                 return None
             size = (width, height)
-        elif marker in (0xD8, 0xD9):  # SOI again, or EOI before any scan
-            return None
         i += 2 + length
     return None
 

@@ -1,5 +1,5 @@
-"""Images as the host sends them (base64 strings), and the two synthetic ones the suites need:
-a photo without a face and a pixel bomb."""
+"""Images as the host sends them (base64 strings), and the synthetic ones the suites need: a
+photo without a face and pixel bombs."""
 
 from __future__ import annotations
 
@@ -34,6 +34,15 @@ def b64_image(image: np.ndarray, ext: str = ".jpg") -> str:
     return b64(encoded.tobytes())
 
 
+def encode(image, fmt: str, **kwargs) -> bytes:
+    """A Pillow image's bytes in `fmt` (Pillow's format name; kwargs are Image.save's)."""
+    import io
+
+    out = io.BytesIO()
+    image.save(out, fmt, **kwargs)
+    return out.getvalue()
+
+
 def faceless_image(width: int = 640, height: int = 480) -> np.ndarray:
     """A smooth colour gradient: a valid photo in which no detector finds a face."""
     image = np.zeros((height, width, 3), np.uint8)
@@ -56,6 +65,28 @@ def png_pixel_bomb(width: int = 40000, height: int = 40000) -> bytes:
         + png_chunk(b"IDAT", rows)
         + png_chunk(b"IEND", b"")
     )
+
+
+def jpeg_segments(jpeg: bytes) -> list[tuple[int, bytes]]:
+    """(marker, whole segment) of a well-formed JPEG from SOI to its first scan's header, then
+    (0xDA, everything from there on)."""
+    segments, i = [(0xD8, jpeg[:2])], 2
+    while jpeg[i + 1] != 0xDA:
+        (length,) = struct.unpack_from(">H", jpeg, i + 2)
+        segments.append((jpeg[i + 1], jpeg[i : i + 2 + length]))
+        i += 2 + length
+    return segments + [(0xDA, jpeg[i:])]
+
+
+def jpeg_pixel_bomb(jpeg: bytes, width: int = 40000, height: int = 40000) -> bytes:
+    """`jpeg` (baseline, as OpenCV and Pillow write it) with its frame header (SOF0) claiming
+    width x height pixels."""
+    out = []
+    for marker, segment in jpeg_segments(jpeg):
+        if marker == 0xC0:
+            segment = segment[:5] + struct.pack(">HH", height, width) + segment[9:]
+        out.append(segment)
+    return b"".join(out)
 
 
 # A 12-MP phone photo's size, landscape (a portrait source gets it turned to 3000x4000).

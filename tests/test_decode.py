@@ -15,8 +15,6 @@ import subprocess
 import sys
 import time
 import unittest
-import zlib
-from unittest import mock
 
 import cv2
 import numpy as np
@@ -27,7 +25,7 @@ from core.errors import InvalidInputError
 from core.process import malloc_usage
 from engines import parse_load_request
 from face_service import IDLE_RETURN_SECONDS, FaceService, LocatedFaces, best_face
-from harness.images import b64, faceless_image, phone_photo
+from harness.images import b64, encode, faceless_image, jpeg_segments, phone_photo, png_chunk, read_bytes
 from imaging import EncodedImage, check_header
 from tests import support
 from tests.support import IMAGES
@@ -62,24 +60,10 @@ def pillow_header(raw: bytes) -> tuple[str, int, int]:
         return image.format or "", *image.size
 
 
-def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    out = io.BytesIO()
-    image.save(out, fmt, **kwargs)
-    return out.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def jpeg_segments(raw: bytes) -> list[tuple[int, bytes]]:
-    """(marker, whole segment) of a JPEG from SOI up to its first scan's header; then the rest."""
-    out, i = [(0xD8, raw[:2])], 2
-    while raw[i + 1] != 0xDA:
-        (length,) = struct.unpack_from(">H", raw, i + 2)
-        out.append((raw[i + 1], raw[i : i + 2 + length]))
-        i += 2 + length
-    return out + [(0xDA, raw[i:])]
+def decoded_size(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) OpenCV decodes `raw` to, before any EXIF orientation; None if it cannot."""
+    image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    return None if image is None else (image.shape[1], image.shape[0])
 
 
 class FullDecode:
@@ -142,93 +126,111 @@ class EncodedImageTest(unittest.TestCase):
 
 
 class HeaderTest(unittest.TestCase):
-    """JPEG and PNG headers are read without Pillow (imaging._jpeg_header, _png_header): the same
-    format and size as Pillow reads, or, for anything they are not sure of, Pillow's answer."""
+    """JPEG and PNG headers are read without Pillow (imaging._jpeg_header, _png_header): the size
+    OpenCV decodes and Pillow reads; anything the readers are not sure of is left to Pillow."""
 
     def photos(self) -> dict[str, bytes]:
         paths = glob.glob(os.path.join(support.data_path(), "**", "*.*"), recursive=True)
         files = {os.path.relpath(p, support.data_path()): p for p in paths if p.lower().endswith((".jpg", ".png"))}
         self.assertGreater(len(files), 30)
-        photo = Image.open(support.data_path(IMAGES, "obama_1.jpg")).convert("RGB")
+        with Image.open(support.data_path(IMAGES, "obama_1.jpg")) as source:
+            photo = source.convert("RGB")
         grey = photo.convert("L")
         exif = Image.Exif()
         exif[0x0112] = 6
         made = {
-            "progressive JPEG": encoded(photo, "JPEG", progressive=True),
-            "CMYK JPEG": encoded(photo.convert("CMYK"), "JPEG"),
-            "grey JPEG": encoded(grey, "JPEG"),
-            "EXIF-rotated JPEG": encoded(photo, "JPEG", exif=exif.tobytes()),
-            "MPO": encoded(photo, "MPO", save_all=True, append_images=[photo.resize((64, 48))]),
+            "progressive JPEG": encode(photo, "JPEG", progressive=True),
+            "CMYK JPEG": encode(photo.convert("CMYK"), "JPEG"),
+            "grey JPEG": encode(grey, "JPEG"),
+            "EXIF-rotated JPEG": encode(photo, "JPEG", exif=exif.tobytes()),
+            "MPO": encode(photo, "MPO", save_all=True, append_images=[photo.resize((64, 48))]),
             "12-MP JPEG": phone_photo(np.asarray(photo)[..., ::-1]),
-            "RGBA PNG": encoded(photo.convert("RGBA"), "PNG"),
-            "palette PNG": encoded(photo.convert("P"), "PNG"),
-            "1-bit PNG": encoded(photo.convert("1"), "PNG"),
-            "16-bit PNG": cv2.imencode(".png", np.asarray(photo).astype(np.uint16) * 257)[1].tobytes(),
+            "RGBA PNG": encode(photo.convert("RGBA"), "PNG"),
+            "palette PNG": encode(photo.convert("P"), "PNG"),
+            "1-bit PNG": encode(photo.convert("1"), "PNG"),
+            "interlaced 16-bit PNG": encode(
+                Image.fromarray(np.asarray(grey).astype(np.uint16) * 257), "PNG", interlace=1
+            ),
         }
-        return {**{name: open(path, "rb").read() for name, path in files.items()}, **made}
+        return {**{name: read_bytes(path) for name, path in files.items()}, **made}
 
-    def test_same_format_and_size_as_pillow(self) -> None:
+    def test_the_size_opencv_decodes_and_pillow_reads(self) -> None:
         for name, raw in self.photos().items():
             with self.subTest(name):
                 fmt, width, height = pillow_header(raw)
-                got = check_header(raw, name)
-                self.assertEqual(got, ("JPEG" if fmt == "MPO" else fmt, width, height))
+                read = imaging._jpeg_header(raw) or imaging._png_header(raw)
+                self.assertEqual(read, ("JPEG" if fmt == "MPO" else fmt, width, height))
+                self.assertEqual(decoded_size(raw), (width, height))
+                self.assertEqual(check_header(raw, name), read)
 
     def test_unsure_headers_are_left_to_pillow(self) -> None:
-        photo = Image.open(support.data_path(IMAGES, "kit_harington_2.jpg")).convert("RGB")
-        jpeg_bytes, png_bytes = encoded(photo, "JPEG"), encoded(photo, "PNG")
+        with Image.open(support.data_path(IMAGES, "kit_harington_2.jpg")) as source:
+            photo = source.convert("RGB")
+        jpeg_bytes, png_bytes = encode(photo, "JPEG"), encode(photo, "PNG")
         segments = jpeg_segments(jpeg_bytes)
         frame = next(seg for marker, seg in segments if marker == 0xC0)
         before_scan = b"".join(seg for marker, seg in segments if marker != 0xDA)
+        at_frame = jpeg_bytes.index(frame)
         ihdr = png_bytes[8:33]
+        big_frame = frame[:5] + struct.pack(">HH", 9000, 9000) + frame[9:]
+        # libjpeg reads FF 00 as stuffed data and scans on to the next marker, so a reader taking it
+        # for a segment would skip the big frame header inside it, while libjpeg's APP1 here
+        # swallows the small one: the decoder would see only the 9000x9000 frame.
+        swallow_small = b"\xff\xe1" + struct.pack(">H", 2 + len(frame))
+        hidden = b"\xff\x00" + struct.pack(">H", 2 + len(big_frame + swallow_small)) + big_frame + swallow_small
         cases = {
-            "JPEG cut before its scan": before_scan,
-            "JPEG cut inside its frame header": jpeg_bytes[: jpeg_bytes.index(frame) + 6],
-            "JPEG with two frame headers": before_scan.replace(
-                frame, frame + frame[:5] + struct.pack(">HH", 9000, 9000) + frame[9:]
-            )
-            + jpeg_bytes[len(before_scan) :],
-            "JPEG with a height left to a DNL marker": jpeg_bytes.replace(frame, frame[:5] + b"\x00\x00" + frame[7:]),
-            "JPEG with junk between segments": jpeg_bytes[:2] + b"junk" + jpeg_bytes[2:],
-            "PNG with a bad IHDR CRC": png_bytes[:29] + b"\0\0\0\0" + png_bytes[33:],
-            "PNG with a bit depth its colour type has not": png_bytes[:8]
-            + png_chunk(b"IHDR", ihdr[8:16] + bytes([3]) + ihdr[17:21])
-            + png_bytes[33:],
-            "PNG cut inside IHDR": png_bytes[:30],
+            # name: (bytes, the reason check_header must refuse them for, None if Pillow reads them)
+            "JPEG cut before its scan": (before_scan, "IMAGE_UNDECODABLE"),
+            "JPEG cut inside its frame header": (jpeg_bytes[: at_frame + 6], "IMAGE_UNDECODABLE"),
+            "JPEG with two frame headers": (
+                jpeg_bytes[:at_frame] + big_frame + jpeg_bytes[at_frame:],
+                None,  # Pillow reads the last one; libjpeg refuses the second
+            ),
+            "JPEG frame header hidden behind FF 00": (
+                jpeg_bytes[:at_frame] + hidden + jpeg_bytes[at_frame:],
+                "IMAGE_TOO_LARGE",
+            ),
+            "JPEG with a height left to a DNL marker": (
+                jpeg_bytes.replace(frame, frame[:5] + b"\x00\x00" + frame[7:]),
+                "IMAGE_UNDECODABLE",
+            ),
+            "JPEG with junk between segments": (jpeg_bytes[:2] + b"junk" + jpeg_bytes[2:], "IMAGE_UNDECODABLE"),
+            "PNG with a bad IHDR CRC": (png_bytes[:29] + b"\0\0\0\0" + png_bytes[33:], "IMAGE_UNDECODABLE"),
+            "PNG with a bit depth its colour type has not": (
+                png_bytes[:8] + png_chunk(b"IHDR", ihdr[8:16] + bytes([3]) + ihdr[17:21]) + png_bytes[33:],
+                "IMAGE_UNDECODABLE",
+            ),
+            "PNG cut inside IHDR": (png_bytes[:30], "IMAGE_UNDECODABLE"),
         }
-
-        def outcome(raw: bytes) -> object:
-            try:
-                return check_header(raw, "img")
-            except InvalidInputError as error:
-                return error.reason.name
-
-        for name, raw in cases.items():
+        for name, (raw, reason) in cases.items():
             with self.subTest(name):
                 self.assertIsNone(imaging._jpeg_header(raw))
                 self.assertIsNone(imaging._png_header(raw))
-                with (
-                    mock.patch.object(imaging, "_jpeg_header", return_value=None),
-                    mock.patch.object(imaging, "_png_header", return_value=None),
-                ):
-                    pillow_only = outcome(raw)
-                self.assertEqual(outcome(raw), pillow_only)
+                try:
+                    got = check_header(raw, "img")
+                except InvalidInputError as error:
+                    self.assertEqual(error.reason.name, reason)
+                    continue
+                self.assertIsNone(reason, f"accepted as {got}")
+                self.assertEqual(got, pillow_header(raw))
+                self.assertIn(decoded_size(raw), (None, got[1:]))
 
     def test_pillow_is_imported_only_for_other_formats(self) -> None:
-        photo = Image.open(support.data_path(IMAGES, "kit_harington_2.jpg")).convert("RGB")
-        samples = {fmt: encoded(photo, fmt) for fmt in ("JPEG", "PNG", "WEBP")}
+        with Image.open(support.data_path(IMAGES, "kit_harington_2.jpg")) as source:
+            photo = source.convert("RGB")
+        directory = support.temp_dir(self)
+        names = []
+        for fmt in ("JPEG", "PNG", "WEBP"):
+            names.append(os.path.join(directory, fmt))
+            with open(names[-1], "wb") as f:
+                f.write(encode(photo, fmt))
         script = (
             "import sys, imaging\n"
             "for name in sys.argv[1:]:\n"
-            "    imaging.EncodedImage.from_bytes(open(name, 'rb').read(), name).decode()\n"
+            "    with open(name, 'rb') as f:\n"
+            "        imaging.EncodedImage.from_bytes(f.read(), name).decode()\n"
             "    print('PIL' in sys.modules)\n"
         )
-        directory = support.temp_dir(self)
-        names = []
-        for fmt, raw in samples.items():
-            names.append(os.path.join(directory, fmt))
-            with open(names[-1], "wb") as f:
-                f.write(raw)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         run = subprocess.run(
             [sys.executable, "-c", script, *names], cwd=root, capture_output=True, text=True, timeout=120, check=True

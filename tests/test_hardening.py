@@ -47,7 +47,7 @@ from core.process import watch_parent
 from core.settings import ImageLimits
 from engines import parse_load_request
 from face_service import DEFAULT_MODEL_OPTIONS, FaceService
-from harness.images import b64, png_pixel_bomb
+from harness.images import b64, encode, jpeg_pixel_bomb, png_pixel_bomb
 from harness.procfs import reset_peak_rss, status_field
 from harness.servers import (
     BackendProcess,
@@ -71,25 +71,6 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 # -- fixtures ------------------------------------------------------------------------------------
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def jpeg_pixel_bomb(jpeg: bytes, width: int = 40000, height: int = 40000) -> bytes:
-    """`jpeg` with its frame header (SOFn) claiming width x height pixels."""
-    data = bytearray(jpeg)
-    i = 2
-    while i + 9 < len(data):
-        marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            data[i + 5 : i + 9] = struct.pack(">HH", height, width)
-            return bytes(data)
-        i += 2 + length
-    raise AssertionError("no SOF marker in the JPEG")
-
-
 def dds_with_unknown_pixel_format() -> bytes:
     """A DDS file whose pixel format has no known flag: Pillow raises NotImplementedError on open."""
     raw = bytearray(encode(Image.new("RGBA", (32, 32)), "DDS"))
