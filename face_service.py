@@ -50,8 +50,9 @@ CONFIDENCE_SLOPE = 12.0
 
 
 # Seconds without a request in flight before the memory requests left behind is returned: longer
-# than the gap between a client's back-to-back requests (bench/FINDINGS.md, "idle return").
-IDLE_RETURN_SECONDS = 0.5
+# than the pauses within a burst of requests, so a burst does not shrink and regrow its arena and
+# heap at every pause, which fragments the heap (bench/FINDINGS.md, "idle return").
+IDLE_RETURN_SECONDS = 3.0
 
 
 def return_free_memory() -> None:
