@@ -333,7 +333,8 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
     server = start_server(os.path.join(RESULTS, f"server-{name}.log"), server_env, args.backend)
     try:
         report = SetReport(name, "")
-        # LoadModel: the first call (pays lazy imports), then the median of several more.
+        # LoadModel: the first call (builds every session, pays lazy imports), then the median of
+        # several more (which share the sessions of the unchanged files: engines.runtime).
         loads = [
             load_model(server, spec.model, spec.options, args.threads)
             for _ in range(1 + (args.load_repeats if name == "default" else 0))
@@ -343,7 +344,8 @@ def run_set(name: str, args, inputs: Inputs, server_env: dict[str, str]) -> SetR
             report.values["load_median_s"] = round(float(np.median(loads[1:])), 3)
             report.values["load_all_s"] = [round(x, 3) for x in loads]
         # After the last LoadModel, before any request: what the libraries and the model take
-        # (after several loads for the default set: what a reload leaves behind counts too).
+        # (after several loads for the default set: what a reload of the same files leaves behind
+        # counts too; `make soak-reload` measures reloads that swap sets).
         report.values["rss_after_load_mb"] = round(status_field("VmRSS", server.pid) / 1024, 1)
         report.values["memory_after_load_mb"] = memory_breakdown_mb(server)
 
@@ -818,11 +820,11 @@ def targets(reports: dict[str, SetReport]) -> list[dict]:
             )
         if "load_median_s" in v:
             add(
-                "LoadModel of the default set (median)",
+                "LoadModel of the default set (the first: every session built)",
                 name,
-                v["load_median_s"],
+                v["load_first_s"],
                 f"< {TARGET_LOAD_S:.0f}",
-                v["load_median_s"] < TARGET_LOAD_S,
+                v["load_first_s"] < TARGET_LOAD_S,
                 "s",
             )
     return rows

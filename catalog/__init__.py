@@ -450,33 +450,46 @@ def default() -> Catalog:
 
 # ---- hashing ---------------------------------------------------------------------------------
 
-_sha_cache: dict[tuple[str, int, int, int, int], str] = {}
+FileVersion = tuple[str, int, int, int, int]  # (realpath, device, inode, size, mtime in ns)
+
+_sha_cache: dict[FileVersion, str] = {}
 _sha_lock = threading.Lock()
-# A file modified within the filesystem's timestamp granularity of an earlier hash can keep its
-# size and mtime; like git's "racy" rule, results for files this fresh are not cached.
+# A file modified within the filesystem's timestamp granularity of an earlier read can keep its
+# size and mtime; like git's "racy" rule, what is derived from files this fresh is not cached.
 _RACY_SECONDS = 2.0
 
 
+def file_version(path: str) -> FileVersion:
+    """What caches of a file's contents are keyed by: the same version, the same bytes (once
+    `settled`). Raises OSError when the file cannot be read."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def settled(version: FileVersion) -> bool:
+    """False while the file was modified too recently for its version to vouch for its bytes."""
+    return time.time() - version[4] / 1e9 > _RACY_SECONDS
+
+
 def file_sha256(path: str) -> str:
-    """sha256 hex digest of the file at `path`, cached by (realpath, device, inode, size, mtime).
+    """sha256 hex digest of the file at `path`, cached by its file_version.
 
     Raises OSError when the file cannot be read.
     """
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    key = (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    version = file_version(path)
     with _sha_lock:
-        cached = _sha_cache.get(key)
+        cached = _sha_cache.get(version)
     if cached is not None:
         return cached
     h = hashlib.sha256()
-    with open(real, "rb") as f:
+    with open(version[0], "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     digest = h.hexdigest()
-    if time.time() - st.st_mtime > _RACY_SECONDS:
+    if settled(version):
         with _sha_lock:
-            _sha_cache[key] = digest
+            _sha_cache[version] = digest
     return digest
 
 

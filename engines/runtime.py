@@ -6,6 +6,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -14,6 +15,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from catalog import file_version, settled
 from core.concurrency import InstancePool, usable_cpus
 from core.errors import ModelFileError
 
@@ -113,17 +115,44 @@ def shrink_shared_arena() -> None:
         session.run_with_iobinding(binding, run_options)
 
 
+# Sessions alive, by the file version and settings each was made from. A LoadModel of a file the
+# loaded model already runs (the same set loaded again) shares its session instead of building a
+# second one beside it: a session is read-only once made and serves Runs from any thread, and the
+# copy built while the old one still lived scattered its blocks among the old one's, pinning heap
+# pages once the old one was freed (bench/FINDINGS.md, "sessions shared across reloads").
+_live_sessions: weakref.WeakValueDictionary[tuple, ort.InferenceSession] = weakref.WeakValueDictionary()
+_live_sessions_lock = threading.Lock()
+
+
 def create_session(
     path: str, threads: int | None = None, free_dims: dict[int, str] | None = None
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for `path`; a missing or unreadable file is a ModelFileError.
     `free_dims` (index -> symbol) makes those dims of the first input symbolic, for a graph
     exported at one fixed size that works at any (onnx_graph.with_free_dims). The graph runs as
-    cpu_tuning rewrites it: the same function in ops onnxruntime's CPU kernels run faster."""
+    cpu_tuning rewrites it: the same function in ops onnxruntime's CPU kernels run faster. A
+    session alive for the same file, unchanged, and the same settings is returned, not rebuilt."""
     if not os.path.isfile(path):
         raise ModelFileError(f"model file not found: {path}")
+    threads = threads or default_threads()
+    try:
+        version = file_version(path)
+    except OSError as exc:
+        raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+    key = (version, threads, tuple(sorted((free_dims or {}).items())))
+    with _live_sessions_lock:
+        session = _live_sessions.get(key)
+    if session is None:
+        session = _new_session(path, threads, free_dims)
+        if settled(version):
+            with _live_sessions_lock:
+                _live_sessions[key] = session
+    return session
+
+
+def _new_session(path: str, threads: int, free_dims: dict[int, str] | None) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or default_threads()
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -9,6 +9,7 @@ import itertools
 import math
 import os
 import re
+import shutil
 import threading
 import time
 import unittest
@@ -588,7 +589,14 @@ class LoadModelTest(unittest.TestCase):
 
     def test_a_replaced_model_no_request_holds_is_closed_and_its_sessions_freed(self):
         service = FaceService()
-        first = load(service, *self.setups[support.ENGINE_ONNX_DIRECT])
+        # Files of its own: sessions of files another loaded model runs are shared with it.
+        name, options = self.setups[support.ENGINE_ONNX_DIRECT]
+        directory = support.temp_dir(self)
+        for option in options:
+            value = option.split(":", 1)[1]
+            if value.endswith(".onnx"):
+                shutil.copyfile(support.model_path(value), os.path.join(directory, value))
+        first = load(service, name, options, model_path=directory)
         sessions = [weakref.ref(session) for session in sessions_in(first)]
         self.assertGreaterEqual(len(sessions), 6)  # YuNet, recognizer, age, gender, emotion, liveness
         self.assertFalse(first.closed)
@@ -599,6 +607,42 @@ class LoadModelTest(unittest.TestCase):
         self.assertTrue(service.verify(self.obama1, self.obama2).verified)
         service.free()
         self.assert_closed(second)
+
+    def test_a_reload_of_unchanged_files_shares_their_sessions(self):
+        service = FaceService()
+        self.addCleanup(service.free)  # no session of this test outlives it into another's count
+        name, options = self.setups[support.ENGINE_ONNX_DIRECT]
+        # The detector from a copy of its own, set a minute into the past, so that it can change.
+        directory = support.temp_dir(self)
+        detector = os.path.join(directory, "yunet.onnx")
+        shutil.copyfile(support.model_path("face_detection_yunet_2023mar.onnx"), detector)
+        a_minute_ago = time.time_ns() - 60 * 10**9
+        os.utime(detector, ns=(a_minute_ago, a_minute_ago))
+        options = [o for o in options if not o.startswith("detector_onnx:")] + [f"detector_onnx:{detector}"]
+
+        first = load(service, name, options)
+        first_sessions = sessions_in(first)  # held here, so no later session can take their ids
+        shared = {id(s) for s in first_sessions}
+        second = load(service, name, options)
+        self.assert_closed(first)
+        self.assertEqual({id(s) for s in sessions_in(second)}, shared)
+        self.assertTrue(service.verify(self.obama1, self.obama2, anti_spoofing=True).verified)
+
+        # The detector's file changed (a new mtime): its session is built again, the others shared.
+        os.utime(detector, ns=(a_minute_ago + 10**9, a_minute_ago + 10**9))
+        third = load(service, name, options)
+        rebuilt = {id(s) for s in sessions_in(third)} - shared
+        self.assertEqual(rebuilt, {id(third.engine.detector.session)})
+        # A file modified this moment is not vouched for by its mtime: never shared.
+        os.utime(detector)
+        fresh = [load(service, name, options).engine.detector.session for _ in range(2)]
+        self.assertIsNot(fresh[0], fresh[1])
+        # Other settings make other sessions: ModelOptions.Threads = 1 for the models that run on
+        # the granted threads (the liveness models run on one thread either way).
+        one_thread = service.load(parse_load_request(name, support.MODELS_DIR, 1, list(options)))
+        for session in (one_thread.engine.detector.session, one_thread.engine.recognizer.session):
+            self.assertNotIn(id(session), shared | {id(s) for s in fresh})
+        self.assertTrue(service.verify(self.obama1, self.obama2).verified)
 
     def test_a_request_in_flight_finishes_on_the_old_model_which_closes_right_after(self):
         service = FaceService(helpers=0)
