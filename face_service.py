@@ -75,7 +75,7 @@ class LoadedModel(Held):
     use_helpers: bool = True
     ignored_options: tuple[str, ...] = ()
     model_path: str = ""  # ModelOptions.ModelPath: file names in describe() are relative to it
-    file_bytes: int = field(default=0, init=False)
+    files: dict[str, int] = field(default_factory=dict, init=False)  # bytes of each model file, by real path
 
     def _close(self) -> None:
         # One part failing does not keep the other open.
@@ -98,7 +98,11 @@ class LoadedModel(Held):
         paths = set(self.engine.files.values())
         if self.liveness is not None:
             paths.update(m.path for m in self.liveness.models)
-        self.file_bytes = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+        self.files = {os.path.realpath(p): os.path.getsize(p) for p in paths if os.path.isfile(p)}
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(self.files.values())
 
     @property
     def display_name(self) -> str:
@@ -324,12 +328,22 @@ class FaceService:
         `rss_anon` / `rss_file`, the RSS allocated by the process / mapped from files (library
         code); `heap_in_use`, `heap_free`, `heap_mmapped` (core.process.malloc_usage);
         `model_files`, the loaded model's files; `retired_model_files`, the files of replaced
-        models not yet closed because a request still holds them; `models_alive`, LoadedModel
+        models not yet closed because a request still holds them (each once, and not those the
+        loaded model runs too); `models_alive`, LoadedModel
         objects not yet freed (1 with a model loaded and no reload in progress: more is a leak);
         `images_in_flight`, the decoded request images alive now."""
         info = psutil.Process().memory_info()
         current = self._slot.current
         models = list(self._models)
+        # A file the loaded model runs too is one session shared, not a second copy.
+        loaded_files = current.files if current is not None else {}
+        retired_files = {
+            path: size
+            for model in models
+            if model is not current and not model.closed
+            for path, size in model.files.items()
+            if path not in loaded_files
+        }
         return {
             "rss": int(info.rss),
             "vms": int(info.vms),
@@ -337,7 +351,7 @@ class FaceService:
             **process.resident_memory(),
             **process.malloc_usage(),
             "model_files": current.file_bytes if current is not None else 0,
-            "retired_model_files": sum(m.file_bytes for m in models if m is not current and not m.closed),
+            "retired_model_files": sum(retired_files.values()),
             "models_alive": len(models),
             "images_in_flight": self._images_bytes,
         }

@@ -114,7 +114,7 @@ _JPEG_SCAN = 0xDA  # SOS: entropy-coded data follows
 # DQT, DRI, APP0-15, COM. The reader must split the file exactly as libjpeg does: any other
 # marker (FF 00 above all, which libjpeg reads as stuffed data and scans past) could hide a frame
 # header from one of the two, so it leaves the file to Pillow.
-_JPEG_TABLES = frozenset({0xC4, 0xCC, 0xDB, 0xDD, *range(0xE0, 0xF0), 0xFE})
+_JPEG_SKIPPED_SEGMENTS = frozenset({0xC4, 0xCC, 0xDB, 0xDD, *range(0xE0, 0xF0), 0xFE})
 # Markers without a length field, which libjpeg skips: TEM and RST0-7 (T.81 B.1.1.3).
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 
@@ -138,7 +138,7 @@ def _jpeg_header(raw: bytes) -> tuple[str, int, int] | None:
         if marker in _JPEG_STANDALONE:
             i += 2
             continue
-        if marker != _JPEG_SCAN and marker not in _JPEG_FRAME_MARKERS and marker not in _JPEG_TABLES:
+        if marker != _JPEG_SCAN and marker not in _JPEG_FRAME_MARKERS and marker not in _JPEG_SKIPPED_SEGMENTS:
             return None
         (length,) = struct.unpack_from(">H", raw, i + 2)
         if length < 2 or i + 2 + length > end:

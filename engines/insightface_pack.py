@@ -175,10 +175,9 @@ def build_insightface_engine(request: LoadRequest) -> ModularFaceEngine:
         if needed not in roles:
             raise ModelFileError(f"model pack '{pack}' in {found.directory} has no {needed} ONNX file")
 
-    # The session that told the roles apart is dropped: a detector's is set up differently.
-    detector_path = roles.pop(ROLE_DETECTOR)[0]
+    detector_path, detector_session = roles.pop(ROLE_DETECTOR)
     detector = SCRFDDetector(
-        create_session(detector_path, request.threads or None),
+        detector_session,
         input_size=request.det_size() or DEFAULT_DETECTION_SIZE,
         score_threshold=request.float_in_range("det_thresh", 0.0, 1.0, DEFAULT_SCORE_THRESHOLD),
     )

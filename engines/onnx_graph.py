@@ -12,6 +12,7 @@ Dimension.dim_param = 2. (TensorShapeProto has no field but dim.)
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 
 import numpy as np
@@ -292,6 +293,18 @@ def is_external(tensor: Buffer) -> bool:
     """Whether a TensorProto's data lies in another file (data_location = 14, EXTERNAL = 1): an
     edited model, loaded from memory, could not find it."""
     return varint_value(tensor, 14) == 1
+
+
+# ExternalDataInfo's first entry as an exporter writes it: StringStringEntryProto field 1 (key),
+# "location", the file the data is in.
+_EXTERNAL_LOCATION_KEY = b"\x0a\x08location"
+
+
+def names_external_data(model: bytes | mmap.mmap) -> bool:
+    """Whether the serialized model may keep tensor data in other files. A byte scan, not a parse
+    (an initializer, a Constant's attribute or a sparse tensor may hold the reference): it can
+    say True of a model that does not, never False of one that does."""
+    return model.find(_EXTERNAL_LOCATION_KEY) != -1
 
 
 def graph_field(model: Buffer) -> Buffer | None:

@@ -15,12 +15,12 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from catalog import file_version, settled
+from catalog import FileVersion, file_version, settled
 from core.concurrency import InstancePool, usable_cpus
 from core.errors import ModelFileError
 
 from .cpu_tuning import tuned_for_cpu_parts
-from .onnx_graph import Buffer, first_input_name, identity_model, with_free_dims
+from .onnx_graph import Buffer, first_input_name, identity_model, names_external_data, with_free_dims
 
 # Threads each session may use for one Run when ModelOptions.Threads is 0: every usable CPU, up
 # to 4, never spinning. More than one makes a lone request faster and costs nothing under load,
@@ -119,7 +119,9 @@ def shrink_shared_arena() -> None:
 # loaded model already runs (the same set loaded again) shares its session instead of building a
 # second one beside it: a session is read-only once made and serves Runs from any thread, and the
 # copy built while the old one still lived scattered its blocks among the old one's, pinning heap
-# pages once the old one was freed (bench/FINDINGS.md, "sessions shared across reloads").
+# pages once the old one was freed (bench/FINDINGS.md, "sessions shared across reloads"). Only a
+# session whose file says all it holds is shared: one with weights in other files, or built from a
+# file modified too recently (or during the build) for its version to vouch for its bytes, is not.
 _live_sessions: weakref.WeakValueDictionary[tuple, ort.InferenceSession] = weakref.WeakValueDictionary()
 _live_sessions_lock = threading.Lock()
 
@@ -135,19 +137,35 @@ def create_session(
     if not os.path.isfile(path):
         raise ModelFileError(f"model file not found: {path}")
     threads = threads or default_threads()
-    try:
-        version = file_version(path)
-    except OSError as exc:
-        raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+    version = _file_version(path)
     key = (version, threads, tuple(sorted((free_dims or {}).items())))
     with _live_sessions_lock:
         session = _live_sessions.get(key)
-    if session is None:
-        session = _new_session(path, threads, free_dims)
-        if settled(version):
-            with _live_sessions_lock:
-                _live_sessions[key] = session
+    if session is not None:
+        return session
+    shareable = settled(version) and not _names_other_files(path)
+    session = _new_session(path, threads, free_dims)
+    if shareable and _file_version(path) == version:
+        with _live_sessions_lock:
+            _live_sessions[key] = session
     return session
+
+
+def _file_version(path: str) -> FileVersion:
+    try:
+        return file_version(path)
+    except OSError as exc:
+        raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+
+
+def _names_other_files(path: str) -> bool:
+    """Whether the model at `path` may keep weights in files beside it (onnxruntime reads them
+    from the directory of `path`, which the file's version does not cover)."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return names_external_data(mapped)
+    except (OSError, ValueError):  # an empty file cannot be mapped; onnxruntime will say what is wrong
+        return True
 
 
 def _new_session(path: str, threads: int, free_dims: dict[int, str] | None) -> ort.InferenceSession:

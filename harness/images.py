@@ -4,6 +4,7 @@ photo without a face and pixel bombs."""
 from __future__ import annotations
 
 import base64
+import io
 import struct
 import zlib
 
@@ -36,8 +37,6 @@ def b64_image(image: np.ndarray, ext: str = ".jpg") -> str:
 
 def encode(image, fmt: str, **kwargs) -> bytes:
     """A Pillow image's bytes in `fmt` (Pillow's format name; kwargs are Image.save's)."""
-    import io
-
     out = io.BytesIO()
     image.save(out, fmt, **kwargs)
     return out.getvalue()
@@ -81,12 +80,13 @@ def jpeg_segments(jpeg: bytes) -> list[tuple[int, bytes]]:
 def jpeg_pixel_bomb(jpeg: bytes, width: int = 40000, height: int = 40000) -> bytes:
     """`jpeg` (baseline, as OpenCV and Pillow write it) with its frame header (SOF0) claiming
     width x height pixels."""
-    out = []
-    for marker, segment in jpeg_segments(jpeg):
-        if marker == 0xC0:
-            segment = segment[:5] + struct.pack(">HH", height, width) + segment[9:]
-        out.append(segment)
-    return b"".join(out)
+    segments = jpeg_segments(jpeg)
+    if not any(marker == 0xC0 for marker, _ in segments):
+        raise ValueError("not a baseline JPEG: no SOF0 frame header")
+    return b"".join(
+        segment[:5] + struct.pack(">HH", height, width) + segment[9:] if marker == 0xC0 else segment
+        for marker, segment in segments
+    )
 
 
 # A 12-MP phone photo's size, landscape (a portrait source gets it turned to 3000x4000).

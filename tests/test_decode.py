@@ -8,7 +8,6 @@ as Pillow reads them.
 from __future__ import annotations
 
 import glob
-import io
 import os
 import struct
 import subprocess
@@ -23,6 +22,7 @@ from PIL import Image
 import imaging
 from core.errors import InvalidInputError
 from core.process import malloc_usage
+from core.settings import DEFAULT_IMAGE_LIMITS
 from engines import parse_load_request
 from face_service import IDLE_RETURN_SECONDS, FaceService, LocatedFaces, best_face
 from harness.images import b64, encode, faceless_image, jpeg_segments, phone_photo, png_chunk, read_bytes
@@ -50,14 +50,12 @@ def exif_rotated(raw: bytes) -> bytes:
     stored = cv2.rotate(upright, cv2.ROTATE_90_COUNTERCLOCKWISE)
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation
-    out = io.BytesIO()
-    Image.fromarray(stored[..., ::-1]).save(out, "JPEG", quality=90, exif=exif)
-    return out.getvalue()
+    return encode(Image.fromarray(stored[..., ::-1]), "JPEG", quality=90, exif=exif)
 
 
 def pillow_header(raw: bytes) -> tuple[str, int, int]:
-    with Image.open(io.BytesIO(raw)) as image:
-        return image.format or "", *image.size
+    """Format, width and height as Pillow reads the header (what check_header used before)."""
+    return imaging._pillow_header(raw, "img", DEFAULT_IMAGE_LIMITS)
 
 
 def decoded_size(raw: bytes) -> tuple[int, int] | None:
@@ -195,6 +193,15 @@ class HeaderTest(unittest.TestCase):
                 "IMAGE_UNDECODABLE",
             ),
             "JPEG with junk between segments": (jpeg_bytes[:2] + b"junk" + jpeg_bytes[2:], "IMAGE_UNDECODABLE"),
+            # Markers libjpeg does not read as a skipped segment before the scan: a DNL and a JPGn.
+            "JPEG with a DNL marker before its scan": (
+                jpeg_bytes[:at_frame] + b"\xff\xdc\x00\x04\x00\x10" + jpeg_bytes[at_frame:],
+                None,
+            ),
+            "JPEG with a JPG0 (F0) segment": (
+                jpeg_bytes[:at_frame] + b"\xff\xf0\x00\x0b" + big_frame[4:11] + jpeg_bytes[at_frame:],
+                None,
+            ),
             "PNG with a bad IHDR CRC": (png_bytes[:29] + b"\0\0\0\0" + png_bytes[33:], "IMAGE_UNDECODABLE"),
             "PNG with a bit depth its colour type has not": (
                 png_bytes[:8] + png_chunk(b"IHDR", ihdr[8:16] + bytes([3]) + ihdr[17:21]) + png_bytes[33:],

@@ -343,6 +343,59 @@ def run_model(model: bytes, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]).run(None, feed)
 
 
+def add_model(weight: bytes) -> bytes:
+    """y = x + w for x[1], with the serialized TensorProto `weight` as w."""
+    graph = bytes_field(1, node_proto("Add", ["x", "w"], "y")) + bytes_field(5, weight)
+    graph += bytes_field(11, float_value_info("x", (1,))) + bytes_field(12, float_value_info("y", (1,)))
+    return onnx_graph.model(graph)
+
+
+def external_weight(location: str) -> bytes:
+    """A float TensorProto "w" of dims [1] whose data is the first 4 bytes of file `location`."""
+    entry = bytes_field(1, b"location") + bytes_field(2, location.encode())
+    return varint_field(1, 1) + varint_field(2, 1) + bytes_field(8, b"w") + bytes_field(13, entry) + varint_field(14, 1)
+
+
+class SessionSharingTest(unittest.TestCase):
+    """create_session hands out the live session of an unchanged, self-contained file with the
+    same settings (engines.runtime), and never one whose file names weights kept elsewhere."""
+
+    def write(self, name: str, data: bytes, age_seconds: int = 60) -> str:
+        path = os.path.join(self.directory, name)
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)  # a new inode, as a deploy would put it
+        then = time.time_ns() - age_seconds * 10**9
+        os.utime(path, ns=(then, then))
+        return path
+
+    def setUp(self) -> None:
+        self.directory = support.temp_dir(self)
+
+    def test_an_unchanged_file_is_shared_and_a_changed_one_is_not(self) -> None:
+        path = self.write("add.onnx", add_model(onnx_graph.float_tensor("w", np.ones(1, np.float32))))
+        first = create_session(path, 1)
+        self.assertIs(create_session(path, 1), first)
+        self.assertIsNot(create_session(path, 2), first)
+        self.write("add.onnx", add_model(onnx_graph.float_tensor("w", np.full(1, 2.0, np.float32))))
+        second = create_session(path, 1)
+        self.assertIsNot(second, first)
+        self.assertEqual(second.run(None, {"x": np.zeros(1, np.float32)})[0][0], 2.0)
+
+    def test_weights_in_another_file_are_read_again(self) -> None:
+        path = self.write("add.onnx", add_model(external_weight("w.bin")))
+        with open(path, "rb") as f:
+            self.assertTrue(onnx_graph.names_external_data(f.read()))
+        zero = {"x": np.zeros(1, np.float32)}
+        self.write("w.bin", np.ones(1, np.float32).tobytes())
+        first = create_session(path, 1)
+        self.assertEqual(first.run(None, zero)[0][0], 1.0)
+        self.write("w.bin", np.full(1, 2.0, np.float32).tobytes())  # the .onnx itself unchanged
+        second = create_session(path, 1)
+        self.assertIsNot(second, first)
+        self.assertEqual(second.run(None, zero)[0][0], 2.0)
+
+
 @unittest.skipUnless(cpu_tuning.nchwc_block(), "onnxruntime has no blocked layout on this CPU")
 class CpuTuningTest(unittest.TestCase):
     """create_session runs every graph as cpu_tuning rewrites it: PRelu as Relu + Mul + Add after a
@@ -578,12 +631,17 @@ class SharedArenaTest(unittest.TestCase):
             self.skipTest("malloc_usage needs glibc's mallinfo2")
         detector = YuNetDetector(support.model_path(YUNET))
         image = cv2.resize(support.read_image(support.data_path(support.IMAGES, "obama_1.jpg")), (640, 480))
-        self.assertEqual(len(detector.detect(image)), 1)
-        before = malloc_usage()["heap_in_use"]
-        shrink_shared_arena()
-        # YuNet's tensors at 640x480 take ~10 MB of arena blocks, free once its Run is over.
-        self.assertGreater(before - malloc_usage()["heap_in_use"], 4 * 2**20)
-        self.assertEqual(len(detector.detect(image)), 1)  # the arena grows again as needed
+        # YuNet's tensors at 640x480 take ~10 MB of arena blocks, free once its Run is over. The
+        # idle return of a service another test left loaded may shrink the arena between the
+        # detect and the reading: one of three tries sees the blocks whole.
+        for _ in range(3):
+            self.assertEqual(len(detector.detect(image)), 1)  # the arena grows again as needed
+            before = malloc_usage()["heap_in_use"]
+            shrink_shared_arena()
+            freed = before - malloc_usage()["heap_in_use"]
+            if freed > 4 * 2**20:
+                break
+        self.assertGreater(freed, 4 * 2**20)
 
 
 class RunBatchedTest(unittest.TestCase):

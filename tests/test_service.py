@@ -589,14 +589,8 @@ class LoadModelTest(unittest.TestCase):
 
     def test_a_replaced_model_no_request_holds_is_closed_and_its_sessions_freed(self):
         service = FaceService()
-        # Files of its own: sessions of files another loaded model runs are shared with it.
         name, options = self.setups[support.ENGINE_ONNX_DIRECT]
-        directory = support.temp_dir(self)
-        for option in options:
-            value = option.split(":", 1)[1]
-            if value.endswith(".onnx"):
-                shutil.copyfile(support.model_path(value), os.path.join(directory, value))
-        first = load(service, name, options, model_path=directory)
+        first = load(service, name, options, model_path=private_models(self, options))
         sessions = [weakref.ref(session) for session in sessions_in(first)]
         self.assertGreaterEqual(len(sessions), 6)  # YuNet, recognizer, age, gender, emotion, liveness
         self.assertFalse(first.closed)
@@ -610,38 +604,30 @@ class LoadModelTest(unittest.TestCase):
 
     def test_a_reload_of_unchanged_files_shares_their_sessions(self):
         service = FaceService()
-        self.addCleanup(service.free)  # no session of this test outlives it into another's count
+        self.addCleanup(service.free)
         name, options = self.setups[support.ENGINE_ONNX_DIRECT]
-        # The detector from a copy of its own, set a minute into the past, so that it can change.
-        directory = support.temp_dir(self)
-        detector = os.path.join(directory, "yunet.onnx")
-        shutil.copyfile(support.model_path("face_detection_yunet_2023mar.onnx"), detector)
-        a_minute_ago = time.time_ns() - 60 * 10**9
-        os.utime(detector, ns=(a_minute_ago, a_minute_ago))
-        options = [o for o in options if not o.startswith("detector_onnx:")] + [f"detector_onnx:{detector}"]
+        models = private_models(self, options)
+        detector = os.path.join(models, next(o for o in options if o.startswith("detector_onnx:")).split(":", 1)[1])
 
-        first = load(service, name, options)
+        first = load(service, name, options, model_path=models)
         first_sessions = sessions_in(first)  # held here, so no later session can take their ids
         shared = {id(s) for s in first_sessions}
-        second = load(service, name, options)
+        second = load(service, name, options, model_path=models)
         self.assert_closed(first)
         self.assertEqual({id(s) for s in sessions_in(second)}, shared)
         self.assertTrue(service.verify(self.obama1, self.obama2, anti_spoofing=True).verified)
 
         # The detector's file changed (a new mtime): its session is built again, the others shared.
-        os.utime(detector, ns=(a_minute_ago + 10**9, a_minute_ago + 10**9))
-        third = load(service, name, options)
+        then = os.stat(detector).st_mtime_ns + 10**9
+        os.utime(detector, ns=(then, then))
+        third = load(service, name, options, model_path=models)
         rebuilt = {id(s) for s in sessions_in(third)} - shared
         self.assertEqual(rebuilt, {id(third.engine.detector.session)})
         # A file modified this moment is not vouched for by its mtime: never shared.
         os.utime(detector)
-        fresh = [load(service, name, options).engine.detector.session for _ in range(2)]
+        fresh = [load(service, name, options, model_path=models).engine.detector.session for _ in range(2)]
         self.assertIsNot(fresh[0], fresh[1])
-        # Other settings make other sessions: ModelOptions.Threads = 1 for the models that run on
-        # the granted threads (the liveness models run on one thread either way).
-        one_thread = service.load(parse_load_request(name, support.MODELS_DIR, 1, list(options)))
-        for session in (one_thread.engine.detector.session, one_thread.engine.recognizer.session):
-            self.assertNotIn(id(session), shared | {id(s) for s in fresh})
+        # (Other settings, another thread count, make other sessions: test_engines.SessionSharingTest.)
         self.assertTrue(service.verify(self.obama1, self.obama2).verified)
 
     def test_a_request_in_flight_finishes_on_the_old_model_which_closes_right_after(self):
@@ -716,6 +702,21 @@ class LoadModelTest(unittest.TestCase):
         self.assertEqual(sessions_in(built[0]), [], "the engine of a failed load kept its sessions")
         self.assertIs(service.loaded, previous)
         self.assertFalse(previous.closed)
+
+
+def private_models(test: unittest.TestCase, options: Sequence[str], age_seconds: int = 60) -> str:
+    """A temporary ModelPath with copies of the files `options` name, modified `age_seconds` ago:
+    sessions of this test's own (sessions are shared between models of the same file), settled
+    enough to be shared between its own loads."""
+    directory = support.temp_dir(test)
+    then = time.time_ns() - age_seconds * 10**9
+    for option in options:
+        value = option.split(":", 1)[1]
+        if value.endswith(".onnx"):
+            copy = os.path.join(directory, value)
+            shutil.copyfile(support.model_path(value), copy)
+            os.utime(copy, ns=(then, then))
+    return directory
 
 
 def sessions_in(root) -> list[ort.InferenceSession]:
