@@ -358,7 +358,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # decoder warnings are expected on hostile input
     settings = Settings.from_environ()
-    process.limit_malloc_arenas()
+    process.tune_malloc()
 
     service = FaceService(image_limits=settings.image_limits)
     if args.preload_default:

@@ -17,7 +17,21 @@ from .concurrency import usable_cpus
 
 log = logging.getLogger("face-backend")
 
-M_ARENA_MAX = -8  # glibc <malloc.h>
+# mallopt parameters (glibc <malloc.h>).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+# Blocks of this size and up (a phone photo's pixels, a detector input at full size, the
+# onnxruntime arena's larger regions) get a mapping of their own, unmapped when freed. glibc's
+# default threshold rises to the largest block ever freed (up to 32 MiB: the arena's shrink frees
+# such regions), after which these blocks come from the heap, where they leave free pages that stay
+# resident under load: 4-5 MB lower peaks under 4 clients at the same speed. Fixing it also fixes
+# the trim threshold, at 128 KiB unless set: the heap's top is then given back and faulted in again
+# all the time (8% fewer verifications per second), so it is set where glibc's own rule lets it
+# rise; malloc_trim after loads and once requests stop still returns the free pages
+# (bench/FINDINGS.md, "mmap threshold").
+MMAP_THRESHOLD_BYTES = 4 << 20
+TRIM_THRESHOLD_BYTES = 64 << 20
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,15 +44,22 @@ def _glibc():
         return None
 
 
-def limit_malloc_arenas(arenas: int = 1) -> None:
-    """Cap glibc's malloc arenas: by default every gRPC, onnxruntime and OpenCV thread may get
-    its own arena, each keeping its own high-water mark and its own free pages that the other
-    threads never reuse. One arena peaks lowest at the same throughput (bench/FINDINGS.md,
-    "malloc arenas"): the models' threads allocate once per Run, not in their inner loops, so
-    they do not queue on one arena's lock. Must run before the worker threads start."""
+def tune_malloc(arenas: int = 1) -> None:
+    """Cap glibc's malloc arenas and fix its mmap and trim thresholds (MMAP_THRESHOLD_BYTES; an
+    operator's MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ stand). By default every gRPC,
+    onnxruntime and OpenCV thread may get its own arena, each keeping its own high-water mark and
+    its own free pages that the other threads never reuse. One arena peaks lowest at the same
+    throughput (bench/FINDINGS.md, "malloc arenas"): the models' threads allocate once per Run,
+    not in their inner loops, so they do not queue on one arena's lock. Must run before the
+    worker threads start."""
     libc = _glibc()
-    if libc is not None:
-        libc.mallopt(M_ARENA_MAX, arenas)
+    if libc is None:
+        return
+    libc.mallopt(M_ARENA_MAX, arenas)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
 
 
 def return_free_memory() -> None:
