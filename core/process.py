@@ -23,12 +23,11 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 # Blocks of this size and up (a phone photo's pixels, a detector input at full size, the
 # onnxruntime arena's larger regions) get a mapping of their own, unmapped when freed. glibc's
-# default threshold rises to the largest block ever freed (up to 32 MiB: the arena's shrink frees
-# such regions), after which these blocks come from the heap, where they leave free pages that stay
-# resident under load: 4-5 MB lower peaks under 4 clients at the same speed. Fixing it also fixes
-# the trim threshold, at 128 KiB unless set: the heap's top is then given back and faulted in again
-# all the time (8% fewer verifications per second), so it is set where glibc's own rule lets it
-# rise; malloc_trim after loads and once requests stop still returns the free pages
+# default threshold rises to the largest block ever freed (the arena's shrink frees such regions),
+# after which these blocks come from the heap, where they leave free pages that stay resident
+# under load. Fixing it also fixes the trim threshold, at 128 KiB unless set, and the heap's top is
+# then given back and faulted in again all the time; so that is set where glibc's own rule lets
+# it rise, and malloc_trim after loads and once requests stop still returns the free pages
 # (bench/FINDINGS.md, "mmap threshold").
 MMAP_THRESHOLD_BYTES = 4 << 20
 TRIM_THRESHOLD_BYTES = 64 << 20
