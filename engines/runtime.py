@@ -143,9 +143,9 @@ def create_session(
         session = _live_sessions.get(key)
     if session is not None:
         return session
-    shareable = settled(version) and not _names_other_files(path)
-    session = _new_session(path, threads, free_dims)
-    if shareable and _file_version(path) == version:
+    settled_when_read = settled(version)
+    session, names_other_files = _new_session(path, threads, free_dims)
+    if settled_when_read and not names_other_files and _file_version(path) == version:
         with _live_sessions_lock:
             _live_sessions[key] = session
     return session
@@ -158,17 +158,9 @@ def _file_version(path: str) -> FileVersion:
         raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
 
 
-def _names_other_files(path: str) -> bool:
-    """Whether the model at `path` may keep weights in files beside it (onnxruntime reads them
-    from the directory of `path`, which the file's version does not cover)."""
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return names_external_data(mapped)
-    except (OSError, ValueError):  # an empty file cannot be mapped; onnxruntime will say what is wrong
-        return True
-
-
-def _new_session(path: str, threads: int, free_dims: dict[int, str] | None) -> ort.InferenceSession:
+def _new_session(path: str, threads: int, free_dims: dict[int, str] | None) -> tuple[ort.InferenceSession, bool]:
+    """A new session for `path`, and whether the model may keep weights in files beside it
+    (onnxruntime reads them from the directory of `path`, which the file's version does not cover)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -188,7 +180,7 @@ def _new_session(path: str, threads: int, free_dims: dict[int, str] | None) -> o
     options.add_session_config_entry("session.use_env_allocators", "1")
     model_file = path
     try:
-        with _model_file(path, free_dims) as model_file:
+        with _model_file(path, free_dims) as (model_file, names_other_files):
             session = ort.InferenceSession(model_file, sess_options=options, providers=["CPUExecutionProvider"])
     except ModelFileError:
         raise
@@ -200,36 +192,38 @@ def _new_session(path: str, threads: int, free_dims: dict[int, str] | None) -> o
     if model_file != path:
         # Its fallback would create the session again from a descriptor closed by now.
         session.disable_fallback()
-    return session
+    return session, names_other_files
 
 
 @contextmanager
-def _model_file(path: str, free_dims: dict[int, str] | None) -> Iterator[str]:
+def _model_file(path: str, free_dims: dict[int, str] | None) -> Iterator[tuple[str, bool]]:
     """A path to the model onnxruntime is to load: `path` itself when nothing in it changes
     (onnxruntime then finds any external data next to it), else an anonymous in-memory file
-    (Linux's memfd) holding the edited model, closed once the session has read it. onnxruntime's
-    Python session keeps the bytes it was created from for its whole life (a second copy of the
+    (Linux's memfd) holding the edited model, closed once the session has read it; and whether
+    the model names data in other files (onnx_graph.names_external_data). onnxruntime's Python
+    session keeps the bytes it was created from for its whole life (a second copy of the
     weights), but not a path."""
-    fd = _edited_copy(path, free_dims)
+    fd, names_other_files = _edited_copy(path, free_dims)
     if fd is None:
-        yield path
+        yield path, names_other_files
         return
     try:
-        yield f"/proc/self/fd/{fd}"
+        yield f"/proc/self/fd/{fd}", names_other_files
     finally:
         os.close(fd)
 
 
-def _edited_copy(path: str, free_dims: dict[int, str] | None) -> int | None:
+def _edited_copy(path: str, free_dims: dict[int, str] | None) -> tuple[int | None, bool]:
     """A memfd holding the model at `path` with `free_dims` and cpu_tuning's rewrites, written
-    piece by piece (mostly views of the file: the weights are never joined); None when the model
-    stays as it is."""
+    piece by piece (mostly views of the file: the weights are never joined), None when the model
+    stays as it is; and whether the model names data in other files."""
     if not os.path.getsize(path):
-        return None  # onnxruntime says what is wrong with an empty file
+        return None, True  # onnxruntime says what is wrong with an empty file
     with open(path, "rb") as f:
         # Read through the page cache, so a model left as it is never lands on the heap. The
         # mapping goes with the last view of it (an exception's traceback may hold one a while).
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    names_other_files = names_external_data(mapped)
     data: Buffer = memoryview(mapped)
     if free_dims:
         try:
@@ -238,7 +232,7 @@ def _edited_copy(path: str, free_dims: dict[int, str] | None) -> int | None:
             raise ModelFileError(f"cannot load ONNX model {path}: not a readable ONNX file ({exc})") from exc
     parts = tuned_for_cpu_parts(data) or ([data] if free_dims else None)
     if parts is None:
-        return None
+        return None, names_other_files
     fd = os.memfd_create("onnx-model", os.MFD_CLOEXEC)
     try:
         with os.fdopen(fd, "wb", closefd=False) as f:
@@ -247,7 +241,7 @@ def _edited_copy(path: str, free_dims: dict[int, str] | None) -> int | None:
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, names_other_files
 
 
 def runs_in_flight(session: ort.InferenceSession) -> threading.BoundedSemaphore:
