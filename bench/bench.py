@@ -818,7 +818,7 @@ def targets(reports: dict[str, SetReport]) -> list[dict]:
                 v["group_liveness_ratio_to_pair"] <= TARGET_GROUP_LIVENESS_RATIO,
                 "x",
             )
-        if "load_median_s" in v:
+        if name == "default":
             add(
                 "LoadModel of the default set (the first: every session built)",
                 name,

@@ -23,8 +23,10 @@ from .cpu_tuning import tuned_for_cpu_parts
 from .onnx_graph import Buffer, first_input_name, identity_model, names_external_data, with_free_dims
 
 # Threads each session may use for one Run when ModelOptions.Threads is 0: every usable CPU, up
-# to 4, never spinning. More than one makes a lone request faster and costs nothing under load,
-# where requests side by side share the cores either way (bench/FINDINGS.md, "threads per Run").
+# to 4, never spinning. More than one makes a lone request faster; under load a Run's threads
+# then wait for each other, which costs some throughput that one thread per Run wins back only
+# with slower lone requests or a higher peak (bench/FINDINGS.md, "threads per Run" and "threads
+# under load and the cores' worth ceiling").
 # The cap keeps small models (112x112 recognizers, 80x80 liveness nets) from spreading one Run
 # over many cores on big hosts, where the loop overhead outgrows the work (a judgement, not
 # measured: this machine has 2 CPUs). ModelOptions.Threads (the `threads` argument of
