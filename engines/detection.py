@@ -20,13 +20,21 @@ from .runtime import create_session, runs_in_flight
 DEFAULT_DETECTION_SIZE = (640, 640)  # insightface FaceAnalysis default det_size
 DEFAULT_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh
 NMS_IOU_THRESHOLD = 0.4  # insightface SCRFD.nms_thresh
+# The most candidates, best first, that suppression considers. Its greedy loop grows with the square
+# of their number, and a threshold near 0 (Detect takes any above 0) makes every anchor a
+# candidate: seconds of CPU for one call. Real photos give a handful of candidates per face, so
+# this bound only ever meets such thresholds (YuNet's TOP_K bounds OpenCV's suppression the same way).
+MAX_NMS_CANDIDATES = 2000
 
 
-def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
-    """Indices of the boxes kept, best score first (greedy NMS as in insightface SCRFD.nms)."""
+def non_max_suppression(
+    boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_candidates: int = MAX_NMS_CANDIDATES
+) -> list[int]:
+    """Indices of the boxes kept, best score first (greedy NMS as in insightface SCRFD.nms), among
+    the `max_candidates` best-scored boxes."""
     x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = scores.argsort()[::-1]
+    order = scores.argsort()[::-1][:max_candidates]
     keep = []
     while order.size > 0:
         i = order[0]

@@ -26,7 +26,7 @@ from core.errors import ModelFileError, ModelOptionError
 from engines import build_engine, cpu_tuning, onnx_graph, parse_load_request
 from engines.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face, similarity_transform
 from engines.base import FaceDetection, FaceEngine
-from engines.detection import SCRFDDetector, YuNetDetector, letterbox_scale
+from engines.detection import MAX_NMS_CANDIDATES, SCRFDDetector, YuNetDetector, letterbox_scale, non_max_suppression
 from engines.onnx_graph import bytes_field, float_value_info, node_proto, varint_field
 from engines.runtime import MAX_RUN_BATCH, check_batch_dimension, create_session, run_batched, shrink_shared_arena
 from tests import support
@@ -130,6 +130,16 @@ class DetectorTest(unittest.TestCase):
                 self.assertEqual(len(kept), 2)
                 self.assertTrue(all(f.score >= cut for f in kept))
 
+    def test_a_threshold_near_zero_keeps_suppression_bounded(self):
+        # Every anchor of a noise image passes 1e-6; suppression sees only the best-scored bound.
+        noise = np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)
+        for label, engine in self.engines.items():
+            with self.subTest(label):
+                faces = engine.detect(noise, 1e-6)
+                limit = YuNetDetector.TOP_K if label == "yunet" else MAX_NMS_CANDIDATES
+                self.assertGreater(len(faces), 100)
+                self.assertLessEqual(len(faces), limit)
+
     def test_det_thresh_option_is_honoured(self):
         for label, options in DETECTOR_SETUPS:
             with self.subTest(label):
@@ -197,6 +207,21 @@ class DetectorTest(unittest.TestCase):
             with self.subTest(label):
                 with self.assertRaises(ModelFileError):
                     build("wrong", options)
+
+
+class NonMaxSuppressionTest(unittest.TestCase):
+    def test_only_the_best_scored_candidates_are_considered(self):
+        # Disjoint boxes: all of them survive suppression, so the bound alone decides.
+        boxes = np.array([[10.0 * i, 0.0, 10.0 * i + 5.0, 5.0] for i in range(50)], np.float32)
+        scores = np.random.default_rng(1).permutation(50).astype(np.float32)
+        kept = non_max_suppression(boxes, scores, 0.4, max_candidates=20)
+        self.assertEqual(kept, list(np.argsort(-scores)[:20]))
+        self.assertEqual(len(non_max_suppression(boxes, scores, 0.4)), 50)
+
+    def test_overlapping_boxes_are_suppressed_greedily(self):
+        boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], np.float32)
+        self.assertEqual(non_max_suppression(boxes, np.array([0.9, 0.8, 0.7], np.float32), 0.4), [0, 2])
+        self.assertEqual(non_max_suppression(boxes, np.array([0.8, 0.9, 0.7], np.float32), 0.4), [1, 2])
 
 
 class YuNetMatchesOpenCVTest(unittest.TestCase):
