@@ -95,6 +95,9 @@ SFACE_PROFILE = next(p for p in KNOWN_RECOGNIZERS.values() if p.runner == SFACE_
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    # A NaN would survive normalising, and FaceVerify's distance clamp turns NaN into 0: a match.
+    if not np.isfinite(vectors).all():
+        raise ValueError("the recognizer's output is not finite (NaN or infinity): the model is broken")
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 

@@ -254,3 +254,24 @@ class GrpcAssertions(TestCaseMixin):
 
     def state(self) -> int:
         return self.stub.Status(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT).state
+
+
+class NotFiniteSession:
+    """A session that answers like `session` with every output value NaN (a broken export)."""
+
+    def __init__(self, session) -> None:
+        self._session = session
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+    def run(self, output_names, feeds):
+        return [np.full_like(output, np.nan) for output in self._session.run(output_names, feeds)]
+
+
+def not_finite_recognizer(engine):
+    """`engine`'s ArcFace recognizer with its session answering NaN."""
+    from engines.recognition import ArcFaceRecognizer
+
+    recognizer = engine.recognizer
+    return ArcFaceRecognizer(NotFiniteSession(recognizer.session), recognizer.profile)

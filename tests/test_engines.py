@@ -738,6 +738,12 @@ class RecognizerTest(unittest.TestCase):
                 off_diagonal = similarity[~np.eye(GROUP_FACES, dtype=bool)]
                 self.assertLess(off_diagonal.max(), 1 - engine.default_threshold)
 
+    def test_a_recognizer_giving_nan_fails_loud(self):
+        face = self.engines[support.ENGINE_ONNX_DIRECT].detect(self.group)[0]
+        recognizer = support.not_finite_recognizer(self.engines[support.ENGINE_ONNX_DIRECT])
+        with self.assertRaisesRegex(ValueError, "not finite"):
+            recognizer.embed(self.group, face)
+
     def test_embedding_is_deterministic(self):
         for kind, engine in self.engines.items():
             with self.subTest(kind):
