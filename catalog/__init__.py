@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 CATALOG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "catalog.json")
 CHUNK = 1 << 20  # 1 MiB: large enough to hash at disk speed, small enough to never hold a model in memory
@@ -450,7 +450,19 @@ def default() -> Catalog:
 
 # ---- hashing ---------------------------------------------------------------------------------
 
-FileVersion = tuple[str, int, int, int, int]  # (realpath, device, inode, size, mtime in ns)
+
+class FileVersion(NamedTuple):
+    """A file's identity and last change as the filesystem reports them. The change time is in
+    because a copy that keeps the old timestamps (`cp -p`, `rsync -t --inplace`, archives) can
+    keep the inode, the size and mtime too; nothing but a change sets ctime (to now)."""
+
+    path: str  # realpath
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
 
 _sha_cache: dict[FileVersion, str] = {}
 _sha_lock = threading.Lock()
@@ -464,12 +476,12 @@ def file_version(path: str) -> FileVersion:
     `settled`). Raises OSError when the file cannot be read."""
     real = os.path.realpath(path)
     st = os.stat(real)
-    return (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return FileVersion(real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def settled(version: FileVersion) -> bool:
-    """False while the file was modified too recently for its version to vouch for its bytes."""
-    return time.time() - version[4] / 1e9 > _RACY_SECONDS
+    """False while the file was changed too recently for its version to vouch for its bytes."""
+    return time.time() - max(version.mtime_ns, version.ctime_ns) / 1e9 > _RACY_SECONDS
 
 
 def file_sha256(path: str) -> str:
@@ -483,7 +495,7 @@ def file_sha256(path: str) -> str:
     if cached is not None:
         return cached
     h = hashlib.sha256()
-    with open(version[0], "rb") as f:
+    with open(version.path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     digest = h.hexdigest()

@@ -14,6 +14,7 @@ import tempfile
 import unittest
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+from unittest import mock
 
 import grpc
 import numpy as np
@@ -65,6 +66,13 @@ def data_path(*parts: str) -> str:
     path = os.path.join(DATA, *parts)
     require_files(path)
     return path
+
+
+def files_settled_at_once():
+    """A context in which a file counts as settled (catalog.settled) as soon as it is written, so
+    caches keyed by file versions take files a test has just written; otherwise they count only
+    after catalog's racy-file interval (a file's change time cannot be set back)."""
+    return mock.patch.object(catalog, "_RACY_SECONDS", 0.0)
 
 
 def temp_dir(owner: unittest.TestCase | type[unittest.TestCase], prefix: str | None = None) -> str:

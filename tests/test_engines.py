@@ -385,17 +385,29 @@ class SessionSharingTest(unittest.TestCase):
     """create_session hands out the live session of an unchanged, self-contained file with the
     same settings (engines.runtime), and never one whose file names weights kept elsewhere."""
 
-    def write(self, name: str, data: bytes, age_seconds: int = 60) -> str:
+    def write(self, name: str, data: bytes) -> str:
         path = os.path.join(self.directory, name)
         with open(path + ".tmp", "wb") as f:
             f.write(data)
         os.replace(path + ".tmp", path)  # a new inode, as a deploy would put it
-        then = time.time_ns() - age_seconds * 10**9
-        os.utime(path, ns=(then, then))
         return path
 
     def setUp(self) -> None:
         self.directory = support.temp_dir(self)
+        self.enterContext(support.files_settled_at_once())
+
+    def test_a_copy_over_the_file_keeping_its_timestamps_is_not_shared(self) -> None:
+        # `cp -p` onto the old file: same inode, size and mtime; only its change time tells.
+        path = self.write("add.onnx", add_model(onnx_graph.float_tensor("w", np.ones(1, np.float32))))
+        first = create_session(path, 1)
+        mtime_ns = os.stat(path).st_mtime_ns
+        time.sleep(0.01)  # past the filesystem's clock tick, as any later copy is
+        with open(path, "r+b") as f:
+            f.write(add_model(onnx_graph.float_tensor("w", np.full(1, 2.0, np.float32))))
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+        second = create_session(path, 1)
+        self.assertIsNot(second, first)
+        self.assertEqual(second.run(None, {"x": np.zeros(1, np.float32)})[0][0], 2.0)
 
     def test_an_unchanged_file_is_shared_and_a_changed_one_is_not(self) -> None:
         path = self.write("add.onnx", add_model(onnx_graph.float_tensor("w", np.ones(1, np.float32))))

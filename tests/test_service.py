@@ -622,21 +622,22 @@ class LoadModelTest(unittest.TestCase):
         models = private_models(self, options)
         detector = os.path.join(models, next(o for o in options if o.startswith("detector_onnx:")).split(":", 1)[1])
 
-        first = load(service, name, options, model_path=models)
-        first_sessions = sessions_in(first)  # held here, so no later session can take their ids
-        shared = {id(s) for s in first_sessions}
-        second = load(service, name, options, model_path=models)
-        self.assert_closed(first)
-        self.assertEqual({id(s) for s in sessions_in(second)}, shared)
-        self.assertTrue(service.verify(self.obama1, self.obama2, anti_spoofing=True).verified)
+        with support.files_settled_at_once():
+            first = load(service, name, options, model_path=models)
+            first_sessions = sessions_in(first)  # held here, so no later session can take their ids
+            shared = {id(s) for s in first_sessions}
+            second = load(service, name, options, model_path=models)
+            self.assert_closed(first)
+            self.assertEqual({id(s) for s in sessions_in(second)}, shared)
+            self.assertTrue(service.verify(self.obama1, self.obama2, anti_spoofing=True).verified)
 
-        # The detector's file changed (a new mtime): its session is built again, the others shared.
-        then = os.stat(detector).st_mtime_ns + 10**9
-        os.utime(detector, ns=(then, then))
-        third = load(service, name, options, model_path=models)
-        rebuilt = {id(s) for s in sessions_in(third)} - shared
-        self.assertEqual(rebuilt, {id(third.engine.detector.session)})
-        # A file modified this moment is not vouched for by its mtime: never shared.
+            # The detector's file changed (a new mtime): its session is built again, the others shared.
+            then = os.stat(detector).st_mtime_ns + 10**9
+            os.utime(detector, ns=(then, then))
+            third = load(service, name, options, model_path=models)
+            rebuilt = {id(s) for s in sessions_in(third)} - shared
+            self.assertEqual(rebuilt, {id(third.engine.detector.session)})
+        # A file changed this moment is not vouched for by its version: never shared.
         os.utime(detector)
         fresh = [load(service, name, options, model_path=models).engine.detector.session for _ in range(2)]
         self.assertIsNot(fresh[0], fresh[1])
@@ -717,18 +718,14 @@ class LoadModelTest(unittest.TestCase):
         self.assertFalse(previous.closed)
 
 
-def private_models(test: unittest.TestCase, options: Sequence[str], age_seconds: int = 60) -> str:
-    """A temporary ModelPath with copies of the files `options` name, modified `age_seconds` ago:
-    sessions of this test's own (sessions are shared between models of the same file), settled
-    enough to be shared between its own loads."""
+def private_models(test: unittest.TestCase, options: Sequence[str]) -> str:
+    """A temporary ModelPath with copies of the files `options` name: sessions of this test's own
+    (sessions are shared between models of the same file)."""
     directory = support.temp_dir(test)
-    then = time.time_ns() - age_seconds * 10**9
     for option in options:
         value = option.split(":", 1)[1]
         if value.endswith(".onnx"):
-            copy = os.path.join(directory, value)
-            shutil.copyfile(support.model_path(value), copy)
-            os.utime(copy, ns=(then, then))
+            shutil.copyfile(support.model_path(value), os.path.join(directory, value))
     return directory
 
 
