@@ -8,6 +8,7 @@ role that is.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from core.errors import PreconditionError
@@ -20,20 +21,25 @@ class Roles:
     def __init__(self, faces: FaceService, stores: StoreService | None = None) -> None:
         self.faces = faces
         self.stores = StoreService() if stores is None else stores
+        # One LoadModel or Free at a time across both roles: a face load and a store load side by
+        # side would each free the other's role after loading its own, leaving neither.
+        self._lock = threading.Lock()
 
     def load(self, request: LoadRequest) -> str:
         """Loads what the request names and frees the other role; what was loaded, for LoadModel's message."""
-        if request.store() is not None:
-            store = self.stores.load(request)
-            self.faces.free()
-            return store.describe()
-        model = self.faces.load(request)
-        self.stores.free()
-        return model.describe()
+        with self._lock:
+            if request.store() is not None:
+                store = self.stores.load(request)
+                self.faces.free()
+                return store.describe()
+            model = self.faces.load(request)
+            self.stores.free()
+            return model.describe()
 
     def free(self) -> None:
-        self.faces.free()
-        self.stores.free()
+        with self._lock:
+            self.faces.free()
+            self.stores.free()
 
     @property
     def loaded(self) -> bool:

@@ -10,6 +10,7 @@ import os
 import signal
 import sqlite3
 import threading
+import types
 import unittest
 
 import grpc
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 import backend_pb2
 from engines.options import DEFAULT_STORE_FILE
 from harness.servers import BackendProcess
+from roles import Roles
 from store.base import key_digest
 from store.index import MatrixIndex, quantise
 from store.sqlite import SQLiteStore
@@ -477,6 +479,45 @@ class MatrixIndexTest(unittest.TestCase):
         self.assertEqual(
             [(v, s) for _, v, s in index.find(np.array([1.0, 0.0], np.float32), 2)], [(b"x", 1.0), (b"zero", 0.0)]
         )
+
+
+class FakeRole:
+    """One role of roles.Roles: `load` marks it loaded and `free` unloads it; `during_free` runs
+    at the start of each free (the moment another LoadModel could slip in)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.loaded, self.on_change = name, None, None
+        self.during_free = lambda: None
+
+    def load(self, request):
+        self.loaded = types.SimpleNamespace(describe=lambda: self.name)
+        return self.loaded
+
+    def free(self) -> None:
+        self.during_free()
+        self.loaded = None
+
+
+class RolesTest(unittest.TestCase):
+    def test_a_face_load_and_a_store_load_side_by_side_leave_one_role_loaded(self):
+        faces, stores = FakeRole("faces"), FakeRole("stores")
+        roles = Roles(faces, stores)  # type: ignore[arg-type]
+        face_request = types.SimpleNamespace(store=lambda: None)
+        store_request = types.SimpleNamespace(store=lambda: "sqlite")
+        store_loaded = threading.Event()
+
+        def store_load_in_between() -> None:
+            # The face load has loaded its model and is about to free the stores: a store load now.
+            stores.during_free = lambda: None
+            other = threading.Thread(target=lambda: (roles.load(store_request), store_loaded.set()))
+            other.start()
+            store_loaded.wait(0.5)  # returns at once without the lock, times out with it
+
+        stores.during_free = store_load_in_between
+        roles.load(face_request)
+        self.assertTrue(store_loaded.wait(5))
+        self.assertTrue(roles.loaded, "a face load and a store load side by side left nothing loaded")
+        self.assertEqual((faces.loaded, stores.loaded is not None), (None, True))
 
 
 class KillDuringSetTest(unittest.TestCase):
