@@ -425,7 +425,7 @@ class NotFiniteEmbeddingTest(unittest.TestCase):
     def test_a_recognizer_giving_nan_never_verifies(self):
         # FaceVerify's clamp of the distance to [0, 2] read NaN as 0, a match of any two faces.
         service = loaded_service(support.ENGINE_ONNX_DIRECT)
-        engine = service.loaded.engine  # type: ignore[union-attr]
+        engine = service.loaded.engine
         engine.recognizer = support.not_finite_recognizer(engine)
         obama, biden = photo("obama_1.jpg"), photo("biden_1.jpg")
         with self.assertRaisesRegex(ValueError, "not finite"):

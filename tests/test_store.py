@@ -501,7 +501,7 @@ class FakeRole:
 class RolesTest(unittest.TestCase):
     def test_a_face_load_and_a_store_load_side_by_side_leave_one_role_loaded(self):
         faces, stores = FakeRole("faces"), FakeRole("stores")
-        roles = Roles(faces, stores)  # type: ignore[arg-type]
+        roles = Roles(faces, stores)
         face_request = types.SimpleNamespace(store=lambda: None)
         store_request = types.SimpleNamespace(store=lambda: "sqlite")
         store_loaded = threading.Event()
