@@ -50,7 +50,6 @@ from store import Entry, Match, StoreService
 
 log = logging.getLogger("face-backend")
 
-MAX_MESSAGE_BYTES = 50 * 1024 * 1024
 ERROR_DOMAIN = "faceverify"  # ErrorInfo.domain: whose reasons these are
 
 ERROR_STATUS = {
@@ -326,8 +325,8 @@ def create_server(
         maximum_concurrent_rpcs=process.max_concurrent_rpcs(workers, settings.max_concurrent_rpcs),
         interceptors=[BearerTokenInterceptor(settings.auth_token)] if settings.auth_token else [],
         options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", service.image_limits.message_bytes()),
+            ("grpc.max_receive_message_length", service.image_limits.message_bytes()),
         ],
     )
     roles = Roles(service, stores)

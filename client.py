@@ -38,6 +38,7 @@ import backend_pb2_grpc
 import catalog
 import evaluation
 from core.selection import best_face
+from core.settings import DEFAULT_IMAGE_LIMITS
 from evaluation import LabelledImage
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -84,8 +85,8 @@ class Connection:
         self.channel = grpc.insecure_channel(
             addr,
             options=[
-                ("grpc.max_send_message_length", 50 * 1024 * 1024),
-                ("grpc.max_receive_message_length", 50 * 1024 * 1024),
+                ("grpc.max_send_message_length", DEFAULT_IMAGE_LIMITS.message_bytes()),
+                ("grpc.max_receive_message_length", DEFAULT_IMAGE_LIMITS.message_bytes()),
             ],
         )
         self._wait_connected(connect_timeout)

@@ -24,10 +24,22 @@ T = TypeVar("T")
 class ImageLimits:
     """How big a request image may be (imaging.py refuses larger ones before decoding them)."""
 
-    # Encoded bytes of one image after base64 decoding (the gRPC message limit is 50 MiB in all).
+    # Encoded bytes of one image after base64 decoding (the gRPC message limit follows: message_bytes).
     max_bytes: int = 20 * 1024 * 1024  # FACE_MAX_IMAGE_BYTES
     # Decoded pixels of one image: 50 MP covers 48 MP phone photos; 3 bytes a pixel is 150 MB.
     max_pixels: int = 50_000_000  # FACE_MAX_IMAGE_PIXELS
+
+    def message_bytes(self) -> int:
+        """The gRPC message size these limits need: FaceVerify's two images at max_bytes, in
+        base64, and room for the rest of the message; never less than MIN_MESSAGE_BYTES."""
+        base64_image = 4 * -(-self.max_bytes // 3)
+        return max(MIN_MESSAGE_BYTES, 2 * base64_image + MESSAGE_ROOM_BYTES)
+
+
+# The gRPC message cap never goes below this: the Stores RPCs carry many vectors at once.
+MIN_MESSAGE_BYTES = 50 * 1024 * 1024
+# What a message carries besides its images (field tags, threshold, identity, actions).
+MESSAGE_ROOM_BYTES = 1024 * 1024
 
 
 DEFAULT_IMAGE_LIMITS = ImageLimits()

@@ -42,14 +42,15 @@ def free_port() -> int:
 
 
 def open_channel(address: str) -> grpc.Channel:
-    """A channel to `address` whose messages may be as large as the server accepts."""
-    from backend import MAX_MESSAGE_BYTES
+    """A channel to `address` whose messages may be as large as a server with the default image
+    limits accepts."""
+    from core.settings import DEFAULT_IMAGE_LIMITS
 
     return grpc.insecure_channel(
         address,
         options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", DEFAULT_IMAGE_LIMITS.message_bytes()),
+            ("grpc.max_receive_message_length", DEFAULT_IMAGE_LIMITS.message_bytes()),
         ],
     )
 

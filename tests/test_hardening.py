@@ -37,7 +37,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import backend
 import backend_pb2 as pb
 import backend_pb2_grpc
 import client
@@ -228,8 +227,15 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
                     self.assertLess(time.perf_counter() - started, 1.0, f"{label} {kind}: refused too slowly")
                     self.assert_serving(f"after {label} {kind}")
 
+    def test_two_images_at_the_size_limit_reach_the_service(self):
+        # Each the JPEG padded to exactly FACE_MAX_IMAGE_BYTES (bytes after its end are ignored).
+        largest = b64(self.photo_bytes + bytes(ImageLimits().max_bytes - len(self.photo_bytes)))
+        reply = self.stub.FaceVerify(pb.FaceVerifyRequest(img1=largest, img2=largest), timeout=CALL_TIMEOUT)
+        self.assertTrue(reply.verified)
+        self.assert_serving()
+
     def test_a_message_over_the_grpc_limit_is_refused_by_the_transport(self):
-        too_big = "A" * (backend.MAX_MESSAGE_BYTES + 1024)
+        too_big = "A" * (ImageLimits().message_bytes() + 1024)
         self.assert_status(
             lambda: self.stub.Detect(pb.DetectOptions(src=too_big), timeout=CALL_TIMEOUT),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
