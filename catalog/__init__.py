@@ -466,8 +466,8 @@ class FileVersion(NamedTuple):
 
 _sha_cache: dict[FileVersion, str] = {}
 _sha_lock = threading.Lock()
-# A file modified within the filesystem's timestamp granularity of an earlier read can keep its
-# size and mtime; like git's "racy" rule, what is derived from files this fresh is not cached.
+# A file changed within the filesystem's timestamp granularity of an earlier read can keep its
+# whole version; like git's "racy" rule, what is derived from files this fresh is not cached.
 _RACY_SECONDS = 2.0
 
 
