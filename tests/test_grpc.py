@@ -18,6 +18,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 import backend_pb2
+from harness.procfs import status_field
 from harness.servers import InProcessServer
 from tests import support
 from tests.support import CALL_TIMEOUT, GARBAGE_BASE64, NOT_BASE64, GrpcAssertions, photo
@@ -82,7 +83,9 @@ class EngineCases(GrpcAssertions):
         memory = status.memory.breakdown
         self.assertEqual(memory["rss"], status.memory.total)
         self.assertLess(0, memory["baseline_rss"])
-        self.assertLessEqual(memory["baseline_rss"], memory["rss"])
+        # Not below it: LoadModel trims heap pages the process held before the service existed,
+        # and this test process (the server runs in it) holds many from earlier tests.
+        self.assertLessEqual(memory["baseline_rss"], status_field("VmHWM") * 1024)
         self.assertEqual(memory["rss_anon"] + memory["rss_file"], memory["rss"])
         self.assertGreater(memory["heap_in_use"], memory["model_files"])
         self.assertGreater(memory["model_files"], 1_000_000)  # the loaded weights: MBs, not bytes
