@@ -324,10 +324,7 @@ def create_server(
         # at once instead of waiting in an unbounded queue.
         maximum_concurrent_rpcs=process.max_concurrent_rpcs(workers, settings.max_concurrent_rpcs),
         interceptors=[BearerTokenInterceptor(settings.auth_token)] if settings.auth_token else [],
-        options=[
-            ("grpc.max_send_message_length", service.image_limits.message_bytes()),
-            ("grpc.max_receive_message_length", service.image_limits.message_bytes()),
-        ],
+        options=service.image_limits.grpc_message_options(),
     )
     roles = Roles(service, stores)
     backend_pb2_grpc.add_BackendServicer_to_server(BackendServicer(roles), server)

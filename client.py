@@ -38,7 +38,7 @@ import backend_pb2_grpc
 import catalog
 import evaluation
 from core.selection import best_face
-from core.settings import DEFAULT_IMAGE_LIMITS
+from core.settings import ImageLimits
 from evaluation import LabelledImage
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -82,13 +82,9 @@ class Connection:
         self.timeout = timeout
         self.identity = identity
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.channel = grpc.insecure_channel(
-            addr,
-            options=[
-                ("grpc.max_send_message_length", DEFAULT_IMAGE_LIMITS.message_bytes()),
-                ("grpc.max_receive_message_length", DEFAULT_IMAGE_LIMITS.message_bytes()),
-            ],
-        )
+        # Messages as large as a server with this environment's image limits accepts (an operator
+        # who raises FACE_MAX_IMAGE_BYTES for the server sets it here too).
+        self.channel = grpc.insecure_channel(addr, options=ImageLimits.from_environ().grpc_message_options())
         self._wait_connected(connect_timeout)
         self.stub = backend_pb2_grpc.BackendStub(self.channel)
 

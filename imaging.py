@@ -52,7 +52,7 @@ def decode_base64(data: str, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMI
                 f"{name}: data URI must be of the form data:<mime>;base64,<data>", reason="IMAGE_NOT_BASE64", field=name
             )
     # Allowed lengths are checked before the string is copied or decoded.
-    if len(data) > limits.max_bytes * 4 // 3 + 1024:
+    if len(data) > limits.max_base64_chars() + 1024:
         raise InvalidInputError(
             f"{name}: image is larger than {limits.max_bytes} bytes", reason="IMAGE_TOO_LARGE", field=name
         )

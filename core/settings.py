@@ -29,15 +29,38 @@ class ImageLimits:
     # Decoded pixels of one image: 50 MP covers 48 MP phone photos; 3 bytes a pixel is 150 MB.
     max_pixels: int = 50_000_000  # FACE_MAX_IMAGE_PIXELS
 
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> ImageLimits:
+        """The limits `environ` (default: this process's environment) sets; a variable unset,
+        empty or malformed keeps its default."""
+        env = os.environ if environ is None else environ
+        return cls(
+            max_bytes=_number(env, "FACE_MAX_IMAGE_BYTES", _at_least_one) or cls.max_bytes,
+            max_pixels=_number(env, "FACE_MAX_IMAGE_PIXELS", _at_least_one) or cls.max_pixels,
+        )
+
+    def max_base64_chars(self) -> int:
+        """The length of max_bytes bytes in base64."""
+        return 4 * -(-self.max_bytes // 3)
+
     def message_bytes(self) -> int:
         """The gRPC message size these limits need: FaceVerify's two images at max_bytes, in
-        base64, and room for the rest of the message; never less than MIN_MESSAGE_BYTES."""
-        base64_image = 4 * -(-self.max_bytes // 3)
-        return max(MIN_MESSAGE_BYTES, 2 * base64_image + MESSAGE_ROOM_BYTES)
+        base64, and room for the rest of the message; at least MIN_MESSAGE_BYTES, at most what
+        gRPC's options hold."""
+        return min(MAX_MESSAGE_BYTES, max(MIN_MESSAGE_BYTES, 2 * self.max_base64_chars() + MESSAGE_ROOM_BYTES))
+
+    def grpc_message_options(self) -> list[tuple[str, int]]:
+        """gRPC channel and server options that carry messages up to message_bytes both ways."""
+        return [
+            ("grpc.max_send_message_length", self.message_bytes()),
+            ("grpc.max_receive_message_length", self.message_bytes()),
+        ]
 
 
 # The gRPC message cap never goes below this: the Stores RPCs carry many vectors at once.
 MIN_MESSAGE_BYTES = 50 * 1024 * 1024
+# gRPC's message length options are C ints.
+MAX_MESSAGE_BYTES = 2**31 - 1
 # What a message carries besides its images (field tags, threshold, identity, actions).
 MESSAGE_ROOM_BYTES = 1024 * 1024
 
@@ -77,10 +100,7 @@ class Settings:
             parent_watch_interval=parent_watch_interval(
                 env.get("LOCALAI_BACKEND_PARENT_WATCH", ""), env.get("LOCALAI_BACKEND_PARENT_WATCH_INTERVAL", "")
             ),
-            image_limits=ImageLimits(
-                max_bytes=_number(env, "FACE_MAX_IMAGE_BYTES", _at_least_one) or defaults.image_limits.max_bytes,
-                max_pixels=_number(env, "FACE_MAX_IMAGE_PIXELS", _at_least_one) or defaults.image_limits.max_pixels,
-            ),
+            image_limits=ImageLimits.from_environ(env),
         )
 
 

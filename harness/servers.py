@@ -1,8 +1,9 @@
 """The backend for tests and benchmarks: in this process, or as the host runs it, a subprocess.
 
-Both give a channel sized like the server's message limit and the two stubs the wire contract
-has (backend.Backend and grpc.health.v1.Health); neither takes LOCALAI_GRPC_AUTH_TOKEN from the
-calling environment: a token is always passed explicitly.
+Both give a channel sized like the server's message limit (for a subprocess, that of the default
+image limits) and the two stubs the wire contract has (backend.Backend and grpc.health.v1.Health);
+neither takes LOCALAI_GRPC_AUTH_TOKEN from the calling environment: a token is always passed
+explicitly.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 import backend_pb2
 import backend_pb2_grpc
+from core.settings import DEFAULT_IMAGE_LIMITS, ImageLimits
 from harness.paths import BACKEND, PYTHON, REPO
 
 if TYPE_CHECKING:
@@ -41,18 +43,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def open_channel(address: str) -> grpc.Channel:
-    """A channel to `address` whose messages may be as large as a server with the default image
-    limits accepts."""
-    from core.settings import DEFAULT_IMAGE_LIMITS
-
-    return grpc.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_send_message_length", DEFAULT_IMAGE_LIMITS.message_bytes()),
-            ("grpc.max_receive_message_length", DEFAULT_IMAGE_LIMITS.message_bytes()),
-        ],
-    )
+def open_channel(address: str, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> grpc.Channel:
+    """A channel to `address` whose messages may be as large as a server with `limits` accepts."""
+    return grpc.insecure_channel(address, options=limits.grpc_message_options())
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -65,8 +58,8 @@ class _Connected:
 
     address: str
 
-    def _connect(self) -> None:
-        self.channel = open_channel(self.address)
+    def _connect(self, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> None:
+        self.channel = open_channel(self.address, limits)
         self.stub = backend_pb2_grpc.BackendStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -96,7 +89,7 @@ class InProcessServer(_Connected):
         self.server, self.port = backend.create_server(self.service, "127.0.0.1:0", settings)
         self.server.start()
         self.address = f"127.0.0.1:{self.port}"
-        self._connect()
+        self._connect(self.service.image_limits)
 
     def close(self) -> None:
         super().close()

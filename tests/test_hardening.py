@@ -236,11 +236,16 @@ class HostileInputTest(GrpcAssertions, unittest.TestCase):
 
     def test_a_message_over_the_grpc_limit_is_refused_by_the_transport(self):
         too_big = "A" * (ImageLimits().message_bytes() + 1024)
-        self.assert_status(
-            lambda: self.stub.Detect(pb.DetectOptions(src=too_big), timeout=CALL_TIMEOUT),
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            label="over the message limit",
-        )
+        # A client allowed to send it, so that the server's own limit is what refuses it.
+        with grpc.insecure_channel(
+            self.running.address, options=[("grpc.max_send_message_length", 2 * len(too_big))]
+        ) as channel:
+            stub = backend_pb2_grpc.BackendStub(channel)
+            self.assert_status(
+                lambda: stub.Detect(pb.DetectOptions(src=too_big), timeout=CALL_TIMEOUT),
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                label="over the message limit",
+            )
         self.assert_serving()
 
     def test_embedding_without_images_is_invalid_argument(self):
