@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engines import build_engine, parse_load_request
 from engines.alignment import align_face
 from engines.detection import SCRFDDetector
-from engines.runtime import create_session
+from engines.runtime import create_session, run_batched
 from face_service import DEFAULT_MODEL_OPTIONS, best_face
 from harness.images import phone_photo, read_bytes
 from harness.paths import GROUP_PHOTO, IDENTITY_DIR, MODELS_DIR
@@ -107,7 +107,6 @@ def recognizer_batching(repeats: int) -> None:
         crop = align_face(image, best_face(engine.detect(image)).landmarks)
         crops.append(recognizer._blob([crop, crop[:, ::-1]]))
     session = recognizer.session
-    input_name, output_names = session.get_inputs()[0].name, [session.get_outputs()[0].name]
 
     model = onnx.load(os.path.join(MODELS_DIR, "MobileFaceNet.onnx"))
     reshapes = [node for node in model.graph.node if node.op_type == "Reshape"]
@@ -116,18 +115,17 @@ def recognizer_batching(repeats: int) -> None:
     if onnx.numpy_helper.to_array(shape).tolist() != [1, -1]:
         raise SystemExit("MobileFaceNet.onnx changed: its last Reshape is not to [1, -1]")
     shape.CopyFrom(onnx.numpy_helper.from_array(np.array([0, -1], np.int64)))
-    for value in (model.graph.input[0], model.graph.output[0]):
-        value.type.tensor_type.shape.dim[0].dim_param = "batch"
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "MobileFaceNet-any-batch.onnx")
         onnx.save(model, path)
-        batched = create_session(path, session.get_session_options().intra_op_num_threads)
+        threads = session.get_session_options().intra_op_num_threads
+        batched = create_session(path, threads, free_dims={0: "batch"})
 
     def per_crop(blob: np.ndarray) -> np.ndarray:
-        return np.concatenate([session.run(output_names, {input_name: blob[i : i + 1]})[0] for i in range(len(blob))])
+        return run_batched(session, blob)  # one Run per crop: the shipped file's batch is 1
 
     def one_run(blob: np.ndarray) -> np.ndarray:
-        return batched.run(output_names, {input_name: blob})[0]
+        return run_batched(batched, blob)  # one Run: at most MAX_RUN_BATCH crops
 
     both = np.concatenate(crops)
     if not np.array_equal(per_crop(both), one_run(both)):
