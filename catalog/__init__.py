@@ -453,7 +453,7 @@ def default() -> Catalog:
 
 class FileVersion(NamedTuple):
     """A file's identity and last change as the filesystem reports them. The change time is in
-    because a copy that keeps the old timestamps (`cp -p`, `rsync -t --inplace`, archives) can
+    because a copy that keeps the old timestamps (`cp -p`, `rsync -t --inplace`, an archive) can
     keep the inode, the size and mtime too; nothing but a change sets ctime (to now)."""
 
     path: str  # realpath

@@ -22,8 +22,8 @@ DEFAULT_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh
 NMS_IOU_THRESHOLD = 0.4  # insightface SCRFD.nms_thresh
 # The most candidates, best first, that suppression considers. Its greedy loop grows with the square
 # of their number, and a threshold near 0 (Detect takes any above 0) makes every anchor a
-# candidate: seconds of CPU for one call. Real photos give a handful of candidates per face, so
-# this bound only ever meets such thresholds (YuNet's TOP_K bounds OpenCV's suppression the same way).
+# candidate. Real photos give a handful of candidates per face, so this bound only ever meets such
+# thresholds (bench/FINDINGS.md, "suppression bound"; YuNet's TOP_K bounds OpenCV's the same way).
 MAX_NMS_CANDIDATES = 2000
 
 

@@ -364,8 +364,9 @@ class HashingTest(unittest.TestCase):
         self.assertFalse(catalog.verify_sha256(os.path.join(self.tmp, "missing"), {sha(data)}))
 
     def test_in_place_rewrite_is_seen(self) -> None:
-        # Same path, inode, size and mtime (a rewrite within the timestamp granularity, simulated by
-        # restoring the mtime): only the fresh-file rule keeps the cache from answering stale.
+        # Same path, inode, size and mtime (restored): the change time moves here, but a rewrite
+        # within one tick of the filesystem's clock would not move it either, and only the
+        # fresh-file rule (catalog.settled) then keeps the cache from answering stale.
         path = os.path.join(self.tmp, "x.bin")
         mtime_ns = None
         for data in (b"a" * 100, b"b" * 100):

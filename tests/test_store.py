@@ -1,5 +1,6 @@
 """The store role (issue 15) on SQLite: the host's four Stores RPCs over real gRPC, the role
-guard, a corrupt or foreign store file, and an acknowledged StoresSet surviving `kill -9`.
+guard (and a face load beside a store load, RolesTest), a corrupt or foreign store file, and an
+acknowledged StoresSet surviving `kill -9`.
 
 StoreSemantics holds the RPC tests; tests/test_store_postgres.py runs them on Postgres."""
 
