@@ -3,6 +3,7 @@ environment (no models needed)."""
 
 from __future__ import annotations
 
+import base64
 import gc
 import os
 import threading
@@ -11,6 +12,8 @@ import unittest
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
+
+import grpc
 
 from core.concurrency import InstancePool, run_side_by_side
 from core.process import WhenIdle
@@ -227,6 +230,17 @@ class SettingsTest(unittest.TestCase):
             ("", None, None, 10.0, 2.0),
         )
         self.assertEqual(defaults.image_limits, ImageLimits(max_bytes=20 * 1024 * 1024, max_pixels=50_000_000))
+
+    def test_the_message_cap_carries_two_images_and_fits_grpc(self):
+        base64_image = len(base64.b64encode(bytes(ImageLimits().max_bytes)))
+        self.assertEqual(ImageLimits().max_base64_chars(), base64_image)
+        self.assertGreaterEqual(ImageLimits().message_bytes(), 2 * base64_image)
+        self.assertEqual(ImageLimits(max_bytes=1000).message_bytes(), 50 * 1024 * 1024)  # the Stores RPCs
+        # However large the image limit, the options are ints gRPC takes: the server starts.
+        huge = ImageLimits(max_bytes=2**40)
+        self.assertEqual(huge.message_bytes(), 2**31 - 1)
+        server = grpc.server(ThreadPoolExecutor(max_workers=1), options=huge.grpc_message_options())
+        server.stop(None)
 
     def test_every_variable_is_read(self):
         settings = Settings.from_environ(
