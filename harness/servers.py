@@ -29,8 +29,8 @@ from harness.paths import BACKEND, PYTHON, REPO
 if TYPE_CHECKING:
     from face_service import FaceService
 
-# backend and face_service (onnxruntime, OpenCV) are imported where a server is built or a
-# channel sized, so that free_port and the paths cost tests/support.py no model runtime import.
+# backend and face_service (onnxruntime, OpenCV) are imported where a server is built, so that
+# free_port and the paths cost tests/support.py no model runtime import.
 TOKEN_ENV = "LOCALAI_GRPC_AUTH_TOKEN"
 # Loading the default set at start takes a few seconds; a machine shared by parallel runs, more.
 START_SECONDS = 120.0
