@@ -401,7 +401,7 @@ class SessionSharingTest(unittest.TestCase):
         path = self.write("add.onnx", add_model(onnx_graph.float_tensor("w", np.ones(1, np.float32))))
         first = create_session(path, 1)
         mtime_ns = os.stat(path).st_mtime_ns
-        time.sleep(0.01)  # past the filesystem's clock tick, as any later copy is
+        time.sleep(0.05)  # past a tick of the clock that stamps change times, as any later copy is
         with open(path, "r+b") as f:
             f.write(add_model(onnx_graph.float_tensor("w", np.full(1, 2.0, np.float32))))
         os.utime(path, ns=(mtime_ns, mtime_ns))
