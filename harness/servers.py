@@ -1,9 +1,8 @@
 """The backend for tests and benchmarks: in this process, or as the host runs it, a subprocess.
 
-Both give a channel sized like the server's message limit (for a subprocess, that of the default
-image limits) and the two stubs the wire contract has (backend.Backend and grpc.health.v1.Health);
-neither takes LOCALAI_GRPC_AUTH_TOKEN from the calling environment: a token is always passed
-explicitly.
+Both give a channel sized like the server's message limit and the two stubs the wire contract
+has (backend.Backend and grpc.health.v1.Health); neither takes LOCALAI_GRPC_AUTH_TOKEN from the
+calling environment: a token is always passed explicitly.
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ class _Connected:
 
     address: str
 
-    def _connect(self, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> None:
+    def _connect(self, limits: ImageLimits) -> None:
         self.channel = open_channel(self.address, limits)
         self.stub = backend_pb2_grpc.BackendStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -180,11 +179,12 @@ class BackendProcess(_Connected):
             fd, log_path = tempfile.mkstemp(prefix="backend-", suffix=".log")
             os.close(fd)
         self.log_path = log_path
+        server_env = backend_env(token, **(env or {}))
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(
                 self.command,
                 cwd=cwd,
-                env=backend_env(token, **(env or {})),
+                env=server_env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -195,7 +195,7 @@ class BackendProcess(_Connected):
             self.stop()
             self._remove_log()
             raise
-        self._connect()
+        self._connect(ImageLimits.from_environ(server_env))
 
     @property
     def pid(self) -> int:
