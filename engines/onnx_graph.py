@@ -153,6 +153,42 @@ def with_free_dims(model: bytes, input_name: str, names: dict[int, str]) -> byte
     return _replace(model, {7: graph})
 
 
+# TensorProto.DataType
+_FLOAT, _UINT8 = 1, 2
+
+
+def with_uint8_input(model: bytes, input_name: str) -> bytes:
+    """`model` (a serialized ModelProto) fed 8-bit values: its float input `input_name` becomes
+    the uint8 input `<input_name>_uint8` of the same shape, which a Cast node in front of the graph
+    turns into the float tensor `input_name` the graph reads (the same values: every uint8 is a
+    float32)."""
+    uint8_name = f"{input_name}_uint8"
+
+    def as_uint8(tensor: bytes) -> bytes:
+        if varint_value(tensor, 1) != _FLOAT:
+            raise ValueError(f"input {input_name} is not a float tensor")
+        kept = b"".join(whole for number, wire, whole, _ in fields(tensor) if not (number == 1 and wire == _VARINT))
+        return varint_field(1, _UINT8) + kept
+
+    def graph(payload: bytes) -> bytes:
+        def an_input(value_info: bytes) -> bytes:
+            if value_info_name(value_info) != input_name:
+                return value_info
+            renamed = _replace(value_info, {1: lambda _: uint8_name.encode()})
+            return _replace(renamed, {2: lambda type_: _replace(type_, {1: as_uint8})})
+
+        cast = with_int_attribute(node_proto("Cast", [uint8_name], input_name, f"{input_name}_as_float"), "to", _FLOAT)
+        out, cast_written = bytearray(), False
+        for number, wire, whole, _ in fields(_replace(payload, {11: an_input})):
+            if number == 1 and wire == BYTES and not cast_written:  # nodes run in the order listed
+                out += bytes_field(1, cast)
+                cast_written = True
+            out += whole
+        return bytes(out if cast_written else out + bytes_field(1, cast))
+
+    return _replace(model, {7: graph})
+
+
 def first_input_name(model: Buffer) -> str:
     """The name of the model's first graph input that is not an initializer (older exports list
     the weights among the inputs too)."""
@@ -202,8 +238,6 @@ def identity_model() -> bytes:
     return model(graph)
 
 
-# TensorProto.DataType FLOAT.
-_FLOAT = 1
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 

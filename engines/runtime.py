@@ -9,6 +9,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TypeVar
 
 import cv2
@@ -20,7 +21,14 @@ from core.concurrency import InstancePool, usable_cpus
 from core.errors import ModelFileError
 
 from .cpu_tuning import tuned_for_cpu_parts
-from .onnx_graph import Buffer, first_input_name, identity_model, names_external_data, with_free_dims
+from .onnx_graph import (
+    Buffer,
+    first_input_name,
+    identity_model,
+    names_external_data,
+    with_free_dims,
+    with_uint8_input,
+)
 
 # Threads each session may use for one Run when ModelOptions.Threads is 0: every usable CPU, up
 # to 4, never spinning. More than one makes a lone request faster; under load a Run's threads
@@ -128,25 +136,36 @@ _live_sessions: weakref.WeakValueDictionary[tuple, ort.InferenceSession] = weakr
 _live_sessions_lock = threading.Lock()
 
 
+@dataclass(frozen=True)
+class InputEdits:
+    """What create_session changes about a model's first input: `free_dims` ((index, symbol)
+    pairs) makes those dims symbolic, for a graph exported at one fixed size that works at any
+    (onnx_graph.with_free_dims); `uint8` feeds it 8-bit values, cast to float inside the graph
+    (onnx_graph.with_uint8_input)."""
+
+    free_dims: tuple[tuple[int, str], ...] = ()
+    uint8: bool = False
+
+
 def create_session(
-    path: str, threads: int | None = None, free_dims: dict[int, str] | None = None
+    path: str, threads: int | None = None, free_dims: dict[int, str] | None = None, uint8_input: bool = False
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for `path`; a missing or unreadable file is a ModelFileError.
-    `free_dims` (index -> symbol) makes those dims of the first input symbolic, for a graph
-    exported at one fixed size that works at any (onnx_graph.with_free_dims). The graph runs as
+    `free_dims` and `uint8_input` edit its first input (InputEdits). The graph runs as
     cpu_tuning rewrites it: the same function in ops onnxruntime's CPU kernels run faster. A
     session alive for the same file, unchanged, and the same settings is returned, not rebuilt."""
     if not os.path.isfile(path):
         raise ModelFileError(f"model file not found: {path}")
     threads = threads or default_threads()
     version = _file_version(path)
-    key = (version, threads, tuple(sorted((free_dims or {}).items())))
+    edits = InputEdits(tuple(sorted((free_dims or {}).items())), uint8_input)
+    key = (version, threads, edits)
     with _live_sessions_lock:
         session = _live_sessions.get(key)
     if session is not None:
         return session
     settled_when_read = settled(version)
-    session, names_other_files = _new_session(path, threads, free_dims)
+    session, names_other_files = _new_session(path, threads, edits)
     if settled_when_read and not names_other_files and _file_version(path) == version:
         with _live_sessions_lock:
             _live_sessions[key] = session
@@ -160,7 +179,7 @@ def _file_version(path: str) -> FileVersion:
         raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
 
 
-def _new_session(path: str, threads: int, free_dims: dict[int, str] | None) -> tuple[ort.InferenceSession, bool]:
+def _new_session(path: str, threads: int, edits: InputEdits) -> tuple[ort.InferenceSession, bool]:
     """A new session for `path`, and whether the model may keep weights in files beside it
     (onnxruntime reads them from the directory of `path`, which the file's version does not cover)."""
     options = ort.SessionOptions()
@@ -182,7 +201,7 @@ def _new_session(path: str, threads: int, free_dims: dict[int, str] | None) -> t
     options.add_session_config_entry("session.use_env_allocators", "1")
     model_file = path
     try:
-        with _model_file(path, free_dims) as (model_file, names_other_files):
+        with _model_file(path, edits) as (model_file, names_other_files):
             session = ort.InferenceSession(model_file, sess_options=options, providers=["CPUExecutionProvider"])
     except ModelFileError:
         raise
@@ -198,14 +217,14 @@ def _new_session(path: str, threads: int, free_dims: dict[int, str] | None) -> t
 
 
 @contextmanager
-def _model_file(path: str, free_dims: dict[int, str] | None) -> Iterator[tuple[str, bool]]:
+def _model_file(path: str, edits: InputEdits) -> Iterator[tuple[str, bool]]:
     """A path to the model onnxruntime is to load: `path` itself when nothing in it changes
     (onnxruntime then finds any external data next to it), else an anonymous in-memory file
     (Linux's memfd) holding the edited model, closed once the session has read it; and whether
     the model names data in other files (onnx_graph.names_external_data). onnxruntime's Python
     session keeps the bytes it was created from for its whole life (a second copy of the
     weights), but not a path."""
-    fd, names_other_files = _edited_copy(path, free_dims)
+    fd, names_other_files = _edited_copy(path, edits)
     if fd is None:
         yield path, names_other_files
         return
@@ -215,8 +234,8 @@ def _model_file(path: str, free_dims: dict[int, str] | None) -> Iterator[tuple[s
         os.close(fd)
 
 
-def _edited_copy(path: str, free_dims: dict[int, str] | None) -> tuple[int | None, bool]:
-    """A memfd holding the model at `path` with `free_dims` and cpu_tuning's rewrites, written
+def _edited_copy(path: str, edits: InputEdits) -> tuple[int | None, bool]:
+    """A memfd holding the model at `path` with the input `edits` and cpu_tuning's rewrites, written
     piece by piece (mostly views of the file: the weights are never joined), None when the model
     stays as it is; and whether the model names data in other files."""
     if not os.path.getsize(path):
@@ -227,12 +246,17 @@ def _edited_copy(path: str, free_dims: dict[int, str] | None) -> tuple[int | Non
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     names_other_files = names_external_data(mapped)
     data: Buffer = memoryview(mapped)
-    if free_dims:
+    edited = bool(edits.free_dims or edits.uint8)
+    if edited:
         try:
-            data = with_free_dims(bytes(data), first_input_name(data), free_dims)
+            name = first_input_name(data)
+            if edits.free_dims:
+                data = with_free_dims(bytes(data), name, dict(edits.free_dims))
+            if edits.uint8:
+                data = with_uint8_input(bytes(data), name)
         except (ValueError, IndexError) as exc:
             raise ModelFileError(f"cannot load ONNX model {path}: not a readable ONNX file ({exc})") from exc
-    parts = tuned_for_cpu_parts(data) or ([data] if free_dims else None)
+    parts = tuned_for_cpu_parts(data) or ([data] if edited else None)
     if parts is None:
         return None, names_other_files
     fd = os.memfd_create("onnx-model", os.MFD_CLOEXEC)

@@ -261,6 +261,23 @@ class YuNetMatchesOpenCVTest(unittest.TestCase):
                 faces_seen += len(found)
         self.assertGreater(faces_seen, 50)
 
+    def test_eight_bit_input_gives_the_float_inputs_outputs(self):
+        # The detector feeds its session 8-bit pixels (create_session's uint8_input): every output
+        # the same, bit for bit, as the file's float input given the same pixels.
+        path = support.model_path(YUNET)
+        detector = YuNetDetector(path)
+        floats = create_session(path, free_dims={2: "height", 3: "width"})
+        self.assertEqual(detector.session.get_inputs()[0].type, "tensor(uint8)")
+        for name in ("obama_1.jpg", "kit_harington_2.jpg", "multi_two_people.jpg"):
+            image = support.read_image(support.data_path(support.IMAGES, name))
+            height, width = (-(-side // 32) * 32 for side in image.shape[:2])
+            pixels = np.zeros((1, 3, height, width), np.uint8)
+            pixels[0, :, : image.shape[0], : image.shape[1]] = image.transpose(2, 0, 1)
+            got = detector.session.run(None, {detector.input_name: pixels})
+            want = floats.run(None, {floats.get_inputs()[0].name: pixels.astype(np.float32)})
+            for got_output, want_output in zip(got, want, strict=True):
+                np.testing.assert_array_equal(got_output, want_output)
+
     def test_thin_strips_find_nothing(self):
         detector = YuNetDetector(support.model_path(YUNET))
         for shape in ((1, 640, 3), (640, 1, 3), (31, 640, 3)):
@@ -418,6 +435,19 @@ class SessionSharingTest(unittest.TestCase):
         second = create_session(path, 1)
         self.assertIsNot(second, first)
         self.assertEqual(second.run(None, {"x": np.zeros(1, np.float32)})[0][0], 2.0)
+
+    def test_an_eight_bit_input_is_cast_inside_the_graph_in_a_session_of_its_own(self) -> None:
+        path = self.write("add.onnx", add_model(onnx_graph.float_tensor("w", np.full(1, 0.5, np.float32))))
+        plain = create_session(path, 1)
+        eight_bit = create_session(path, 1, uint8_input=True)
+        self.assertIsNot(eight_bit, plain)
+        self.assertIs(create_session(path, 1, uint8_input=True), eight_bit)
+        (given,) = eight_bit.get_inputs()
+        self.assertEqual((given.name, given.type, given.shape), ("x_uint8", "tensor(uint8)", [1]))
+        for value in (0, 1, 127, 255):
+            got = eight_bit.run(None, {"x_uint8": np.full(1, value, np.uint8)})[0]
+            self.assertEqual(got.dtype, np.float32)
+            self.assertEqual(got[0], plain.run(None, {"x": np.full(1, value, np.float32)})[0][0])
 
     def test_weights_in_another_file_are_read_again(self) -> None:
         path = self.write("add.onnx", add_model(external_weight("w.bin")))
