@@ -41,6 +41,7 @@ from .onnx_graph import (
     fields,
     float_tensor,
     float_values,
+    fresh_name,
     graph_field,
     has_subgraph,
     int_attribute,
@@ -211,10 +212,7 @@ class _Rewrite:
         self.new_constants[name] = float_tensor(name, values)
 
     def _fresh(self, name: str) -> str:
-        while name in self.taken:
-            name += "_"
-        self.taken.add(name)
-        return name
+        return fresh_name(name, self.taken)
 
     def _graph_parts(self, graph: Buffer) -> list[Buffer]:
         parts: list[Buffer] = []

@@ -249,16 +249,21 @@ class YuNetDetector:
         faces.sort(key=lambda f: f.score, reverse=True)
         return plausible_faces(faces, original_shape)
 
+    def blob(self, image: np.ndarray) -> np.ndarray:
+        """The session's input for a BGR image: 1x3xHxW uint8, padded with zeros to whole strides."""
+        height, width = image.shape[:2]
+        stride = self.STRIDES[-1]
+        blob = np.zeros((1, 3, -(-height // stride) * stride, -(-width // stride) * stride), np.uint8)
+        blob[0, :, :height, :width] = image.transpose(2, 0, 1)
+        return blob
+
     def _rows(self, image: np.ndarray, threshold: float) -> np.ndarray:
         """FaceDetectorYN.detect's rows: x, y, w, h, 5 landmarks (x, y), score."""
         session = self.session
         if session is None:
             raise RuntimeError("detector closed")
-        height, width = image.shape[:2]
-        stride = self.STRIDES[-1]
-        padded_h, padded_w = -(-height // stride) * stride, -(-width // stride) * stride
-        blob = np.zeros((1, 3, padded_h, padded_w), np.uint8)
-        blob[0, :, :height, :width] = image.transpose(2, 0, 1)
+        blob = self.blob(image)
+        padded_w = blob.shape[3]
         with self._in_flight:
             outputs = dict(zip(self.output_names, session.run(self.output_names, {self.input_name: blob})))
         found = []

@@ -6,7 +6,7 @@ Field numbers from onnx.proto: ModelProto.graph = 7, opset_import = 8; OperatorS
 NodeProto.input = 1, output = 2, name = 3, op_type = 4, attribute = 5, domain = 7;
 AttributeProto.name = 1, i = 3, type = 20; TensorProto.dims = 1, data_type = 2, float_data = 4,
 name = 8, raw_data = 9, data_location = 14; ValueInfoProto.name = 1, type = 2;
-TypeProto.tensor_type = 1; TypeProto.Tensor.shape = 2; TensorShapeProto.dim = 1;
+TypeProto.tensor_type = 1; TypeProto.Tensor.elem_type = 1, shape = 2; TensorShapeProto.dim = 1;
 Dimension.dim_param = 2. (TensorShapeProto has no field but dim.)
 """
 
@@ -158,35 +158,68 @@ _FLOAT, _UINT8 = 1, 2
 
 
 def with_uint8_input(model: bytes, input_name: str) -> bytes:
-    """`model` (a serialized ModelProto) fed 8-bit values: its float input `input_name` becomes
-    the uint8 input `<input_name>_uint8` of the same shape, which a Cast node in front of the graph
-    turns into the float tensor `input_name` the graph reads (the same values: every uint8 is a
-    float32)."""
-    uint8_name = f"{input_name}_uint8"
+    """`model` (a serialized ModelProto) fed 8-bit values: its float input `input_name` becomes a
+    uint8 input of the same shape (named `<input_name>_uint8`, or a free variant of it), which a
+    Cast node in front of the graph turns into the float tensor `input_name` the graph reads (the
+    same values: every uint8 is a float32). ValueError if that input is not a float tensor."""
+    found_tensor = False
 
     def as_uint8(tensor: bytes) -> bytes:
+        nonlocal found_tensor
         if varint_value(tensor, 1) != _FLOAT:
-            raise ValueError(f"input {input_name} is not a float tensor")
+            raise ValueError(f"its input {input_name} is not a float tensor")
+        found_tensor = True
         kept = b"".join(whole for number, wire, whole, _ in fields(tensor) if not (number == 1 and wire == _VARINT))
         return varint_field(1, _UINT8) + kept
 
     def graph(payload: bytes) -> bytes:
+        taken = graph_names(payload)
+        uint8_name = fresh_name(f"{input_name}_uint8", taken)
+        cast_name = fresh_name(f"{input_name}_as_float", taken)
+
         def an_input(value_info: bytes) -> bytes:
             if value_info_name(value_info) != input_name:
                 return value_info
-            renamed = _replace(value_info, {1: lambda _: uint8_name.encode()})
-            return _replace(renamed, {2: lambda type_: _replace(type_, {1: as_uint8})})
+            return _replace(
+                value_info, {1: lambda _: uint8_name.encode(), 2: lambda type_: _replace(type_, {1: as_uint8})}
+            )
 
-        cast = with_int_attribute(node_proto("Cast", [uint8_name], input_name, f"{input_name}_as_float"), "to", _FLOAT)
+        cast = with_int_attribute(node_proto("Cast", [uint8_name], input_name, cast_name), "to", _FLOAT)
         out, cast_written = bytearray(), False
         for number, wire, whole, _ in fields(_replace(payload, {11: an_input})):
             if number == 1 and wire == BYTES and not cast_written:  # nodes run in the order listed
                 out += bytes_field(1, cast)
                 cast_written = True
             out += whole
+        if not found_tensor:
+            raise ValueError(f"its input {input_name} is not a float tensor")
         return bytes(out if cast_written else out + bytes_field(1, cast))
 
     return _replace(model, {7: graph})
+
+
+def graph_names(graph: Buffer) -> set[str]:
+    """Every name a serialized GraphProto uses: its inputs, outputs, value infos, initializers,
+    and its nodes' inputs, outputs and names."""
+    names: set[str] = set()
+    for number, wire, _, payload in fields(graph):
+        if wire != BYTES:
+            continue
+        if number in (11, 12, 13):
+            names.add(value_info_name(payload))
+        elif number == 5:
+            names.add(tensor_name(payload))
+        elif number == 1:
+            names.update(strings(payload, 1), strings(payload, 2), strings(payload, 3))
+    return names
+
+
+def fresh_name(name: str, taken: set[str]) -> str:
+    """`name`, with "_" appended until no name in `taken` is the same; taken then holds it."""
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    return name
 
 
 def first_input_name(model: Buffer) -> str:

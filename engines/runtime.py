@@ -236,8 +236,9 @@ def _model_file(path: str, edits: InputEdits) -> Iterator[tuple[str, bool]]:
 
 def _edited_copy(path: str, edits: InputEdits) -> tuple[int | None, bool]:
     """A memfd holding the model at `path` with the input `edits` and cpu_tuning's rewrites, written
-    piece by piece (mostly views of the file: the weights are never joined), None when the model
-    stays as it is; and whether the model names data in other files."""
+    piece by piece (mostly views of the file: cpu_tuning never joins the weights; an input edit
+    copies the whole file, done only for small detectors), None when the model stays as it is;
+    and whether the model names data in other files."""
     if not os.path.getsize(path):
         return None, True  # onnxruntime says what is wrong with an empty file
     with open(path, "rb") as f:
@@ -252,10 +253,13 @@ def _edited_copy(path: str, edits: InputEdits) -> tuple[int | None, bool]:
             name = first_input_name(data)
             if edits.free_dims:
                 data = with_free_dims(bytes(data), name, dict(edits.free_dims))
-            if edits.uint8:
-                data = with_uint8_input(bytes(data), name)
         except (ValueError, IndexError) as exc:
             raise ModelFileError(f"cannot load ONNX model {path}: not a readable ONNX file ({exc})") from exc
+        if edits.uint8:  # last: it renames the input the edits above find by name
+            try:
+                data = with_uint8_input(bytes(data), name)
+            except (ValueError, IndexError) as exc:
+                raise ModelFileError(f"cannot load ONNX model {path} with 8-bit input: {exc}") from exc
     parts = tuned_for_cpu_parts(data) or ([data] if edited else None)
     if parts is None:
         return None, names_other_files

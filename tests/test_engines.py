@@ -269,10 +269,8 @@ class YuNetMatchesOpenCVTest(unittest.TestCase):
         floats = create_session(path, free_dims={2: "height", 3: "width"})
         self.assertEqual(detector.session.get_inputs()[0].type, "tensor(uint8)")
         for name in ("obama_1.jpg", "kit_harington_2.jpg", "multi_two_people.jpg"):
-            image = support.read_image(support.data_path(support.IMAGES, name))
-            height, width = (-(-side // 32) * 32 for side in image.shape[:2])
-            pixels = np.zeros((1, 3, height, width), np.uint8)
-            pixels[0, :, : image.shape[0], : image.shape[1]] = image.transpose(2, 0, 1)
+            pixels = detector.blob(support.read_image(support.data_path(support.IMAGES, name)))
+            self.assertEqual(pixels.dtype, np.uint8)
             got = detector.session.run(None, {detector.input_name: pixels})
             want = floats.run(None, {floats.get_inputs()[0].name: pixels.astype(np.float32)})
             for got_output, want_output in zip(got, want, strict=True):
@@ -448,6 +446,22 @@ class SessionSharingTest(unittest.TestCase):
             got = eight_bit.run(None, {"x_uint8": np.full(1, value, np.uint8)})[0]
             self.assertEqual(got.dtype, np.float32)
             self.assertEqual(got[0], plain.run(None, {"x": np.full(1, value, np.float32)})[0][0])
+
+    def test_an_eight_bit_input_takes_a_free_name_and_only_a_float_input(self) -> None:
+        # Another tensor already called x_uint8: the new input takes the next free name.
+        graph = bytes_field(1, node_proto("Add", ["x", "w"], "x_uint8"))
+        graph += bytes_field(1, node_proto("Neg", ["x_uint8"], "y"))
+        graph += bytes_field(5, onnx_graph.float_tensor("w", np.full(1, 0.5, np.float32)))
+        graph += bytes_field(11, float_value_info("x", (1,))) + bytes_field(12, float_value_info("y", (1,)))
+        path = self.write("clash.onnx", onnx_graph.model(graph))
+        session = create_session(path, 1, uint8_input=True)
+        self.assertEqual(session.get_inputs()[0].name, "x_uint8_")
+        self.assertEqual(session.run(None, {"x_uint8_": np.full(1, 3, np.uint8)})[0][0], -3.5)
+        eight_bit = self.write("eight_bit.onnx", onnx_graph.with_uint8_input(onnx_graph.identity_model(), "x"))
+        with self.assertRaises(ModelFileError) as caught:
+            create_session(eight_bit, 1, uint8_input=True)
+        self.assertIn(eight_bit, str(caught.exception))
+        self.assertIn("not a float tensor", str(caught.exception))
 
     def test_weights_in_another_file_are_read_again(self) -> None:
         path = self.write("add.onnx", add_model(external_weight("w.bin")))
