@@ -2,7 +2,8 @@
 classes) is not a runtime dependency, and these edits touch a few fields.
 
 Field numbers from onnx.proto: ModelProto.graph = 7, opset_import = 8; OperatorSetIdProto.domain
-= 1, version = 2; GraphProto.node = 1, initializer = 5, input = 11, output = 12, value_info = 13;
+= 1, version = 2; GraphProto.node = 1, initializer = 5, input = 11, output = 12, value_info = 13,
+sparse_initializer = 15; SparseTensorProto.values = 1;
 NodeProto.input = 1, output = 2, name = 3, op_type = 4, attribute = 5, domain = 7;
 AttributeProto.name = 1, i = 3, type = 20; TensorProto.dims = 1, data_type = 2, float_data = 4,
 name = 8, raw_data = 9, data_location = 14; ValueInfoProto.name = 1, type = 2;
@@ -161,21 +162,18 @@ def with_uint8_input(model: bytes, input_name: str) -> bytes:
     """`model` (a serialized ModelProto) fed 8-bit values: its float input `input_name` becomes a
     uint8 input of the same shape (named `<input_name>_uint8`, or a free variant of it), which a
     Cast node in front of the graph turns into the float tensor `input_name` the graph reads (the
-    same values: every uint8 is a float32). ValueError if that input is not a float tensor."""
-    found_tensor = False
-
-    def as_uint8(tensor: bytes) -> bytes:
-        nonlocal found_tensor
-        if varint_value(tensor, 1) != _FLOAT:
-            raise ValueError(f"its input {input_name} is not a float tensor")
-        found_tensor = True
-        kept = b"".join(whole for number, wire, whole, _ in fields(tensor) if not (number == 1 and wire == _VARINT))
-        return varint_field(1, _UINT8) + kept
+    same values: every uint8 is a float32). ValueError if there is no such float tensor input."""
 
     def graph(payload: bytes) -> bytes:
         taken = graph_names(payload)
         uint8_name = fresh_name(f"{input_name}_uint8", taken)
         cast_name = fresh_name(f"{input_name}_as_float", taken)
+        element_types: list[int] = []
+
+        def as_uint8(tensor: bytes) -> bytes:
+            element_types.append(varint_value(tensor, 1))
+            kept = b"".join(whole for number, wire, whole, _ in fields(tensor) if not (number == 1 and wire == _VARINT))
+            return varint_field(1, _UINT8) + kept
 
         def an_input(value_info: bytes) -> bytes:
             if value_info_name(value_info) != input_name:
@@ -184,23 +182,25 @@ def with_uint8_input(model: bytes, input_name: str) -> bytes:
                 value_info, {1: lambda _: uint8_name.encode(), 2: lambda type_: _replace(type_, {1: as_uint8})}
             )
 
+        edited = _replace(payload, {11: an_input})
+        if element_types != [_FLOAT]:
+            kind = "is not a float tensor" if element_types else "is not a tensor input of the graph"
+            raise ValueError(f"{input_name} {kind}")
         cast = with_int_attribute(node_proto("Cast", [uint8_name], input_name, cast_name), "to", _FLOAT)
         out, cast_written = bytearray(), False
-        for number, wire, whole, _ in fields(_replace(payload, {11: an_input})):
+        for number, wire, whole, _ in fields(edited):
             if number == 1 and wire == BYTES and not cast_written:  # nodes run in the order listed
                 out += bytes_field(1, cast)
                 cast_written = True
             out += whole
-        if not found_tensor:
-            raise ValueError(f"its input {input_name} is not a float tensor")
         return bytes(out if cast_written else out + bytes_field(1, cast))
 
     return _replace(model, {7: graph})
 
 
 def graph_names(graph: Buffer) -> set[str]:
-    """Every name a serialized GraphProto uses: its inputs, outputs, value infos, initializers,
-    and its nodes' inputs, outputs and names."""
+    """Every name a serialized GraphProto uses: its inputs, outputs, value infos, initializers
+    (sparse ones too), and its nodes' inputs, outputs and names."""
     names: set[str] = set()
     for number, wire, _, payload in fields(graph):
         if wire != BYTES:
@@ -209,6 +209,8 @@ def graph_names(graph: Buffer) -> set[str]:
             names.add(value_info_name(payload))
         elif number == 5:
             names.add(tensor_name(payload))
+        elif number == 15:  # a sparse initializer: named by its values tensor (field 1)
+            names.update(tensor_name(values) for n, w, _, values in fields(payload) if n == 1 and w == BYTES)
         elif number == 1:
             names.update(strings(payload, 1), strings(payload, 2), strings(payload, 3))
     return names

@@ -237,7 +237,7 @@ def _model_file(path: str, edits: InputEdits) -> Iterator[tuple[str, bool]]:
 def _edited_copy(path: str, edits: InputEdits) -> tuple[int | None, bool]:
     """A memfd holding the model at `path` with the input `edits` and cpu_tuning's rewrites, written
     piece by piece (mostly views of the file: cpu_tuning never joins the weights; an input edit
-    copies the whole file, done only for small detectors), None when the model stays as it is;
+    copies the whole file, done only for small models), None when the model stays as it is;
     and whether the model names data in other files."""
     if not os.path.getsize(path):
         return None, True  # onnxruntime says what is wrong with an empty file

@@ -270,7 +270,6 @@ class YuNetMatchesOpenCVTest(unittest.TestCase):
         self.assertEqual(detector.session.get_inputs()[0].type, "tensor(uint8)")
         for name in ("obama_1.jpg", "kit_harington_2.jpg", "multi_two_people.jpg"):
             pixels = detector.blob(support.read_image(support.data_path(support.IMAGES, name)))
-            self.assertEqual(pixels.dtype, np.uint8)
             got = detector.session.run(None, {detector.input_name: pixels})
             want = floats.run(None, {floats.get_inputs()[0].name: pixels.astype(np.float32)})
             for got_output, want_output in zip(got, want, strict=True):
@@ -447,9 +446,10 @@ class SessionSharingTest(unittest.TestCase):
             self.assertEqual(got.dtype, np.float32)
             self.assertEqual(got[0], plain.run(None, {"x": np.full(1, value, np.float32)})[0][0])
 
-    def test_an_eight_bit_input_takes_a_free_name_and_only_a_float_input(self) -> None:
-        # Another tensor already called x_uint8: the new input takes the next free name.
-        graph = bytes_field(1, node_proto("Add", ["x", "w"], "x_uint8"))
+    def test_an_eight_bit_input_takes_free_names_and_only_a_float_input(self) -> None:
+        # A tensor already called x_uint8 and a node called x_as_float: the new input and the Cast
+        # node take the next free names.
+        graph = bytes_field(1, node_proto("Add", ["x", "w"], "x_uint8", name="x_as_float"))
         graph += bytes_field(1, node_proto("Neg", ["x_uint8"], "y"))
         graph += bytes_field(5, onnx_graph.float_tensor("w", np.full(1, 0.5, np.float32)))
         graph += bytes_field(11, float_value_info("x", (1,))) + bytes_field(12, float_value_info("y", (1,)))
@@ -457,11 +457,19 @@ class SessionSharingTest(unittest.TestCase):
         session = create_session(path, 1, uint8_input=True)
         self.assertEqual(session.get_inputs()[0].name, "x_uint8_")
         self.assertEqual(session.run(None, {"x_uint8_": np.full(1, 3, np.uint8)})[0][0], -3.5)
-        eight_bit = self.write("eight_bit.onnx", onnx_graph.with_uint8_input(onnx_graph.identity_model(), "x"))
-        with self.assertRaises(ModelFileError) as caught:
-            create_session(eight_bit, 1, uint8_input=True)
-        self.assertIn(eight_bit, str(caught.exception))
-        self.assertIn("not a float tensor", str(caught.exception))
+        untyped = bytes_field(1, node_proto("Identity", ["x"], "y")) + bytes_field(11, bytes_field(1, b"x"))
+        untyped += bytes_field(12, float_value_info("y", (1,)))
+        eight_bit = onnx_graph.with_uint8_input(onnx_graph.identity_model(), "x")
+        cases = {
+            "eight_bit.onnx": (eight_bit, "x_uint8 is not a float tensor"),
+            "untyped.onnx": (onnx_graph.model(untyped), "x is not a tensor input of the graph"),
+        }
+        for name, (model, reason) in cases.items():
+            with self.subTest(name):
+                path = self.write(name, model)
+                with self.assertRaises(ModelFileError) as caught:
+                    create_session(path, 1, uint8_input=True)
+                self.assertEqual(str(caught.exception), f"cannot load ONNX model {path} with 8-bit input: {reason}")
 
     def test_weights_in_another_file_are_read_again(self) -> None:
         path = self.write("add.onnx", add_model(external_weight("w.bin")))
