@@ -187,13 +187,9 @@ def with_uint8_input(model: bytes, input_name: str) -> bytes:
             kind = "is not a float tensor" if element_types else "is not a tensor input of the graph"
             raise ValueError(f"{input_name} {kind}")
         cast = with_int_attribute(node_proto("Cast", [uint8_name], input_name, cast_name), "to", _FLOAT)
-        out, cast_written = bytearray(), False
-        for number, wire, whole, _ in fields(edited):
-            if number == 1 and wire == BYTES and not cast_written:  # nodes run in the order listed
-                out += bytes_field(1, cast)
-                cast_written = True
-            out += whole
-        return bytes(out if cast_written else out + bytes_field(1, cast))
+        # Nodes run in the order the repeated field lists them, which other fields between them do
+        # not change: written first, the Cast is the first node.
+        return bytes_field(1, cast) + edited
 
     return _replace(model, {7: graph})
 
