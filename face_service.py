@@ -25,7 +25,7 @@ import psutil
 import catalog
 from antispoof import LIVENESS_MISSING, LivenessEnsemble, LivenessResult, build_liveness
 from core import process, selection
-from core.concurrency import A, B, run_side_by_side, usable_cpus
+from core.concurrency import A, B, run_side_by_side, serving_request, usable_cpus
 from core.errors import InvalidInputError, NoFaceError, PreconditionError
 from core.lifecycle import Held, Slot
 from core.settings import DEFAULT_IMAGE_LIMITS, ImageLimits
@@ -318,8 +318,9 @@ class FaceService:
 
     @contextmanager
     def _holding(self, identity: str) -> Iterator[LoadedModel]:
-        """The loaded model, held for one request, which counts as activity for the idle return."""
-        with self._idle.busy(), self._slot.holding(identity) as model:
+        """The loaded model, held for one request, which counts as activity for the idle return and
+        as a request served for the models' threads (core.concurrency.serving_alone)."""
+        with serving_request(), self._idle.busy(), self._slot.holding(identity) as model:
             yield model
 
     def memory_usage(self) -> dict[str, int]:

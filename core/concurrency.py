@@ -24,6 +24,29 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_serving_lock = threading.Lock()
+_serving = 0  # requests the process is serving now (process-wide, as its CPUs are)
+
+
+@contextmanager
+def serving_request() -> Iterator[None]:
+    """Counts one request as being served while the block runs (serving_alone)."""
+    global _serving
+    with _serving_lock:
+        _serving += 1
+    try:
+        yield
+    finally:
+        with _serving_lock:
+            _serving -= 1
+
+
+def serving_alone() -> bool:
+    """True while the process serves at most one request: a model may then spread its work over
+    several cores without taking them from another request."""
+    return _serving <= 1
+
+
 def run_side_by_side(
     helpers: Executor | None,
     first: Callable[[], A],

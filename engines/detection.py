@@ -12,10 +12,11 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from core.concurrency import serving_alone
 from core.errors import ModelFileError
 
 from .base import FaceDetection
-from .runtime import create_session, runs_in_flight
+from .runtime import create_session, default_threads, runs_in_flight
 
 DEFAULT_DETECTION_SIZE = (640, 640)  # insightface FaceAnalysis default det_size
 DEFAULT_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh
@@ -212,21 +213,32 @@ class YuNetDetector:
         self.path = path
         self.input_size: tuple[int, int] = (int(input_size[0]), int(input_size[1]))
         self.score_threshold = score_threshold
-        # Fed the image's 8-bit pixels, cast to float inside the graph: the same input as a float
-        # blob at a quarter of the bytes the request holds during the Run, and the conversion runs
-        # vectorised in onnxruntime (bench/FINDINGS.md, "YuNet's 8-bit input").
-        self.session: ort.InferenceSession | None = create_session(
-            path, threads, free_dims={2: "height", 3: "width"}, uint8_input=True
+
+        def open_session(session_threads: int) -> ort.InferenceSession:
+            # Fed the image's 8-bit pixels, cast to float inside the graph: the same input as a
+            # float blob at a quarter of the bytes the request holds during the Run, and the
+            # conversion runs vectorised in onnxruntime (bench/FINDINGS.md, "YuNet's 8-bit input").
+            return create_session(path, session_threads, free_dims={2: "height", 3: "width"}, uint8_input=True)
+
+        # Without a grant from the host (threads None) a Run takes one thread, and the detect of a
+        # request the process serves alone takes a twin session on the default threads: under
+        # load a Run's threads wait for each other while the cores serve other requests; alone
+        # they make the request faster (bench/FINDINGS.md, "threads follow the load").
+        self.session: ort.InferenceSession | None = open_session(1 if threads is None else threads)
+        self.lone_session: ort.InferenceSession | None = (
+            open_session(default_threads()) if threads is None and default_threads() > 1 else None
         )
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [f"{kind}_{stride}" for kind in ("cls", "obj", "bbox", "kps") for stride in self.STRIDES]
         missing = set(self.output_names) - {o.name for o in self.session.get_outputs()}
         if missing:
             raise ModelFileError(f"{path} is not a YuNet model: no output {', '.join(sorted(missing))}")
-        self._in_flight = runs_in_flight(self.session)
+        # As many detects at once as the twin's threads fill the CPUs with, on one thread each
+        # under load: the same tensors held at once as with the twin's threads.
+        self._in_flight = runs_in_flight(self.lone_session or self.session)
 
     def close(self) -> None:
-        self.session = None
+        self.session = self.lone_session = None
 
     def detect(self, image: np.ndarray, threshold: float | None = None) -> list[FaceDetection]:
         threshold = self.score_threshold if threshold is None else threshold
@@ -265,6 +277,9 @@ class YuNetDetector:
         blob = self.blob(image)
         padded_w = blob.shape[3]
         with self._in_flight:
+            lone_session = self.lone_session
+            if lone_session is not None and serving_alone():
+                session = lone_session
             outputs = dict(zip(self.output_names, session.run(self.output_names, {self.input_name: blob})))
         found = []
         for stride in self.STRIDES:

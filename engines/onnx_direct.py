@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from catalog import file_sha256
+from core.concurrency import usable_cpus
 from core.errors import ModelFileError, ModelOptionError
 
 from .attributes import build_attribute_heads
@@ -62,8 +63,14 @@ def build_recognizer(path: str, request: LoadRequest):
         known = SFACE_PROFILE
     if known is not None and known.runner == SFACE_RUNNER:
         return SFaceRecognizer(path, known)
-    session = create_session(path, request.threads or None)
-    return ArcFaceRecognizer(session, profile_for(sha256, request.get("recognizer_preprocess")))
+    profile = profile_for(sha256, request.get("recognizer_preprocess"))
+    # Without a grant from the host, a recognizer that adds the flipped crop runs one thread per
+    # Run, and the two crops of a lone request side by side: as the detector's twin, the cores of
+    # a loaded process serve more requests, a lone one finishes sooner (bench/FINDINGS.md,
+    # "threads follow the load").
+    flip_beside = not request.threads and profile.flip and usable_cpus() > 1
+    session = create_session(path, 1 if flip_beside else request.threads or None)
+    return ArcFaceRecognizer(session, profile, flip_beside)
 
 
 def build_onnx_direct_engine(request: LoadRequest) -> ModularFaceEngine:

@@ -9,6 +9,7 @@ catalog/catalog.json and read here into a RecognizerProfile, picked by the file'
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
@@ -17,6 +18,7 @@ import onnxruntime as ort
 
 import catalog
 from catalog import ROLE_RECOGNIZER, ModelFile
+from core.concurrency import run_side_by_side, serving_alone
 from core.errors import ModelFileError, ModelOptionError
 
 from .alignment import ARCFACE_SIZE, align_face, arcface_magnification
@@ -123,7 +125,9 @@ def is_arcface_session(session: ort.InferenceSession) -> bool:
 class ArcFaceRecognizer:
     """Any ArcFace-style recognizer: 5-point aligned 112x112 crop in, embedding out."""
 
-    def __init__(self, session: ort.InferenceSession, profile: RecognizerProfile):
+    def __init__(self, session: ort.InferenceSession, profile: RecognizerProfile, flip_beside: bool = False):
+        """`flip_beside`: the flipped crop's Run goes to a helper thread beside the crop's while the
+        process serves a lone request (for a one-thread session: onnx_direct.build_recognizer)."""
         if not is_arcface_session(session):
             raise ModelFileError("not a 112x112 face recognizer (expected input [N,3,112,112], output [N,D])")
         check_batch_dimension(session, "recognizer")
@@ -132,8 +136,19 @@ class ArcFaceRecognizer:
         self.embedding_dim = int(session.get_outputs()[0].shape[1])
         self._scale = (1.0 / np.asarray(profile.std, dtype=np.float32)).reshape(1, 3, 1, 1)
         self._mean = np.asarray(profile.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        self._flip_helper = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="flipped-crop")
+            if flip_beside and profile.flip
+            else None
+        )
+
+    @property
+    def runs_flip_beside(self) -> bool:
+        return self._flip_helper is not None
 
     def close(self) -> None:
+        if self._flip_helper is not None:
+            self._flip_helper.shutdown(wait=True)
         self.session = None
 
     def _blob(self, crops_bgr: list[np.ndarray]) -> np.ndarray:
@@ -146,7 +161,16 @@ class ArcFaceRecognizer:
     def embed(self, image: np.ndarray, face: FaceDetection) -> np.ndarray:
         crop = align_face(image, face.landmarks)
         crops = [crop, crop[:, ::-1]] if self.profile.flip else [crop]
-        raw = run_batched(self.session, self._blob(crops))
+        blob = self._blob(crops)
+        session = self.session
+        if self._flip_helper is not None and serving_alone():
+            raw = np.concatenate(
+                run_side_by_side(
+                    self._flip_helper, lambda: run_batched(session, blob[:1]), lambda: run_batched(session, blob[1:])
+                )
+            )
+        else:
+            raw = run_batched(session, blob)
         return l2_normalise(raw.sum(axis=0))
 
 

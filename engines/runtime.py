@@ -32,9 +32,10 @@ from .onnx_graph import (
 
 # Threads each session may use for one Run when ModelOptions.Threads is 0: every usable CPU, up
 # to 4, never spinning. More than one makes a lone request faster; under load a Run's threads
-# then wait for each other, which costs some throughput that one thread per Run wins back only
-# with slower lone requests or a higher peak (bench/FINDINGS.md, "threads per Run" and "threads
-# under load and the cores' worth ceiling").
+# then wait for each other, so the models every FaceVerify runs take one thread per Run while the
+# process serves other requests too (YuNetDetector's twin session, ArcFaceRecognizer's flipped
+# crop beside the crop; bench/FINDINGS.md, "threads per Run", "threads under load and the cores'
+# worth ceiling" and "threads follow the load").
 # The cap keeps small models (112x112 recognizers, 80x80 liveness nets) from spreading one Run
 # over many cores on big hosts, where the loop overhead outgrows the work (a judgement, not
 # measured: this machine has 2 CPUs). ModelOptions.Threads (the `threads` argument of

@@ -15,7 +15,7 @@ from unittest import mock
 
 import grpc
 
-from core.concurrency import InstancePool, run_side_by_side
+from core.concurrency import InstancePool, run_side_by_side, serving_alone, serving_request
 from core.process import WhenIdle
 from core.settings import ImageLimits, Settings
 
@@ -211,6 +211,43 @@ class InstancePoolTest(unittest.TestCase):
         with self.assertRaisesRegex(RuntimeError, "closed"):
             with pool.borrow():
                 pass
+
+
+class ServingAloneTest(unittest.TestCase):
+    """The count of requests being served that models read to pick their threads."""
+
+    def test_alone_up_to_one_request_and_again_once_others_end(self):
+        self.assertTrue(serving_alone())
+        with serving_request():
+            self.assertTrue(serving_alone())
+            with serving_request():
+                self.assertFalse(serving_alone())
+            self.assertTrue(serving_alone())
+
+    def test_a_request_that_fails_still_ends(self):
+        with serving_request():
+            with self.assertRaises(ValueError), serving_request():
+                raise ValueError("bad image")
+            self.assertTrue(serving_alone())
+
+    def test_requests_on_other_threads_count(self):
+        inside, leave = threading.Event(), threading.Event()
+        self.addCleanup(leave.set)
+
+        def other_request():
+            with serving_request():
+                inside.set()
+                leave.wait(10)
+
+        thread = threading.Thread(target=other_request)
+        thread.start()
+        self.assertTrue(inside.wait(10))
+        with serving_request():
+            self.assertFalse(serving_alone())
+        leave.set()
+        thread.join(10)
+        with serving_request():
+            self.assertTrue(serving_alone())
 
 
 class SettingsTest(unittest.TestCase):

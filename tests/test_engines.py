@@ -21,14 +21,21 @@ import numpy as np
 import onnxruntime as ort
 
 import face_eval
-from core.concurrency import usable_cpus
+from core.concurrency import serving_request, usable_cpus
 from core.errors import ModelFileError, ModelOptionError
 from engines import build_engine, cpu_tuning, onnx_graph, parse_load_request
 from engines.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face, similarity_transform
 from engines.base import FaceDetection, FaceEngine
 from engines.detection import MAX_NMS_CANDIDATES, SCRFDDetector, YuNetDetector, letterbox_scale, non_max_suppression
 from engines.onnx_graph import bytes_field, float_value_info, node_proto, varint_field
-from engines.runtime import MAX_RUN_BATCH, check_batch_dimension, create_session, run_batched, shrink_shared_arena
+from engines.runtime import (
+    MAX_RUN_BATCH,
+    check_batch_dimension,
+    create_session,
+    default_threads,
+    run_batched,
+    shrink_shared_arena,
+)
 from tests import support
 
 YUNET = "face_detection_yunet_2023mar.onnx"
@@ -705,11 +712,111 @@ class DetectionsInFlightTest(unittest.TestCase):
                 detector = YuNetDetector(support.model_path(YUNET), threads=threads)
                 self.assertEqual(self.most_at_once(detector), max(1, usable_cpus() // threads))
 
+    def test_yunet_without_a_grant_under_load_as_many_as_its_lone_twin(self) -> None:
+        detector = YuNetDetector(support.model_path(YUNET))
+        with serving_request(), serving_request():  # another request served: one-thread Runs
+            self.assertEqual(self.most_at_once(detector), max(1, usable_cpus() // default_threads()))
+
     def test_scrfd(self) -> None:
         for threads in (1, 2):
             with self.subTest(threads=threads):
                 detector = SCRFDDetector(create_session(support.model_path(SCRFD), threads=threads))
                 self.assertEqual(self.most_at_once(detector), max(1, usable_cpus() // threads))
+
+
+class ThreadsFollowTheLoadTest(unittest.TestCase):
+    """Without a grant from the host (ModelOptions.Threads 0) YuNet and a recognizer that adds the
+    flipped crop run one thread per Run while the process serves other requests too, and use more
+    cores for a request it serves alone: the detector a twin session, the flipped crop's Run a
+    helper beside the crop's. The answers are the same either way."""
+
+    class RecordingSession:
+        """A session whose Runs note their thread; with `meet` set, the first two Runs wait for
+        each other (proving they run at the same time)."""
+
+        def __init__(self, session, meet: bool = False) -> None:
+            self.session = session
+            self.threads: list[threading.Thread] = []
+            self.meet = threading.Barrier(2, timeout=10) if meet else None
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def run(self, *args, **kwargs):
+            self.threads.append(threading.current_thread())
+            if self.meet is not None and len(self.threads) <= 2:
+                self.meet.wait()
+            return self.session.run(*args, **kwargs)
+
+    @classmethod
+    def setUpClass(cls):
+        cls.engine = build("yunet", onnx_direct_options(YUNET))
+        cls.image = support.read_image(support.data_path(support.IMAGES, "obama_1.jpg"))
+
+    def replace(self, owner, name: str, value) -> None:
+        saved = getattr(owner, name)
+        setattr(owner, name, value)
+        self.addCleanup(setattr, owner, name, saved)
+
+    def test_the_detector_runs_its_twin_alone_and_one_thread_under_load(self):
+        detector = self.engine.detector
+        self.assertEqual(detector.session.get_session_options().intra_op_num_threads, 1)
+        if default_threads() == 1:  # one usable CPU: nothing to spread a Run over
+            self.assertIsNone(detector.lone_session)
+            return
+        self.assertEqual(detector.lone_session.get_session_options().intra_op_num_threads, default_threads())
+        one_thread, lone = self.RecordingSession(detector.session), self.RecordingSession(detector.lone_session)
+        self.replace(detector, "session", one_thread)
+        self.replace(detector, "lone_session", lone)
+        with serving_request():
+            alone = detector.detect(self.image)
+        self.assertEqual((len(one_thread.threads), len(lone.threads)), (0, 1))
+        with serving_request(), serving_request():
+            loaded = detector.detect(self.image)
+        self.assertEqual((len(one_thread.threads), len(lone.threads)), (1, 1))
+        self.assertEqual(len(alone), 1)
+        self.assertEqual([(f.box, f.score) for f in alone], [(f.box, f.score) for f in loaded])
+        np.testing.assert_array_equal(alone[0].landmarks, loaded[0].landmarks)
+
+    def test_the_flipped_crop_runs_beside_the_crop_alone_and_after_it_under_load(self):
+        recognizer = self.engine.recognizer
+        self.assertEqual(recognizer.session.get_session_options().intra_op_num_threads, 1)
+        self.assertEqual(recognizer.runs_flip_beside, usable_cpus() > 1)
+        if not recognizer.runs_flip_beside:
+            return
+        face = self.engine.detect(self.image)[0]
+        beside = self.RecordingSession(recognizer.session, meet=True)
+        self.replace(recognizer, "session", beside)
+        with serving_request():
+            alone = recognizer.embed(self.image, face)
+        here = threading.current_thread()
+        self.assertEqual(len(beside.threads), 2)
+        self.assertIn(here, beside.threads)
+        self.assertTrue(any(t is not here for t in beside.threads), "both crops ran on the request's thread")
+        after = self.RecordingSession(recognizer.session.session)
+        recognizer.session = after
+        with serving_request(), serving_request():
+            loaded = recognizer.embed(self.image, face)
+        self.assertEqual(after.threads, [here, here])
+        np.testing.assert_array_equal(alone, loaded)
+
+    def test_a_grant_runs_every_run_on_the_granted_threads(self):
+        for threads in (1, 2):
+            with self.subTest(threads=threads):
+                engine = build_engine(
+                    parse_load_request("yunet", support.MODELS_DIR, threads, onnx_direct_options(YUNET))
+                )
+                granted = min(threads, usable_cpus())
+                self.assertIsNone(engine.detector.lone_session)
+                self.assertEqual(engine.detector.session.get_session_options().intra_op_num_threads, granted)
+                self.assertFalse(engine.recognizer.runs_flip_beside)
+                self.assertEqual(engine.recognizer.session.get_session_options().intra_op_num_threads, granted)
+
+    def test_a_recognizer_without_the_flip_keeps_the_default_threads(self):
+        engine = build("buffalo_sc", list(support.INSIGHTFACE_OPTIONS))
+        self.assertFalse(engine.recognizer.profile.flip)
+        self.assertFalse(engine.recognizer.runs_flip_beside)
+        self.assertEqual(engine.recognizer.session.get_session_options().intra_op_num_threads, default_threads())
 
 
 class SharedArenaTest(unittest.TestCase):

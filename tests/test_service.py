@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from core.concurrency import InstancePool, usable_cpus
+from core.concurrency import InstancePool, serving_alone, usable_cpus
 from core.errors import (
     CallEndedError,
     IdentityMismatchError,
@@ -636,7 +636,8 @@ class LoadModelTest(unittest.TestCase):
             os.utime(detector, ns=(then, then))
             third = load(service, name, options, model_path=models)
             rebuilt = {id(s) for s in sessions_in(third)} - shared
-            self.assertEqual(rebuilt, {id(third.engine.detector.session)})
+            detector_sessions = (third.engine.detector.session, third.engine.detector.lone_session)
+            self.assertEqual(rebuilt, {id(s) for s in detector_sessions if s is not None})
         # A file changed this moment is not vouched for by its version: never shared.
         os.utime(detector)
         fresh = [load(service, name, options, model_path=models).engine.detector.session for _ in range(2)]
@@ -801,6 +802,42 @@ class ThreadGrantTest(unittest.TestCase):
             self.assertEqual(session.get_session_options().intra_op_num_threads, usable_cpus())
         self.assertEqual(cv2.getNumThreads(), usable_cpus())
         self.assertTrue(service.verify(self.obama1, self.obama2).verified)
+
+
+class ServingAloneTest(unittest.TestCase):
+    """Each request counts once for the models' threads (core.concurrency.serving_alone), however
+    many threads it runs on."""
+
+    def test_a_lone_request_is_alone_on_both_its_threads_and_not_beside_another(self):
+        service = FaceService()
+        name, options = support.engine_setup(support.ENGINE_ONNX_DIRECT)
+        service.load(parse_load_request(name, support.MODELS_DIR, 0, list(options)))
+        obama1, obama2 = photo("obama_1.jpg"), photo("obama_2.jpg")
+        seen: list[tuple[threading.Thread, bool]] = []
+        record = lambda stage: seen.append((threading.current_thread(), serving_alone()))
+        self.assertTrue(service.verify(obama1, obama2, checkpoint=record).verified)
+        self.assertEqual({alone for _, alone in seen}, {True})
+        if usable_cpus() > 1:
+            self.assertEqual(len({thread for thread, _ in seen}), 2)  # the second image on a helper
+
+        inside, leave = threading.Event(), threading.Event()
+        self.addCleanup(leave.set)
+
+        def held_in_detection(stage: str) -> None:
+            inside.set()
+            leave.wait(10)
+
+        other = threading.Thread(target=service.analyze, args=(obama1,), kwargs={"checkpoint": held_in_detection})
+        other.start()
+        self.assertTrue(inside.wait(30))
+        seen.clear()
+        self.assertTrue(service.verify(obama1, obama2, checkpoint=record).verified)
+        self.assertEqual({alone for _, alone in seen}, {False})
+        leave.set()
+        other.join(30)
+        seen.clear()
+        self.assertTrue(service.verify(obama1, obama2, checkpoint=record).verified)
+        self.assertEqual({alone for _, alone in seen}, {True})
 
 
 class LivenessTest(ErrorAssertions, unittest.TestCase):
