@@ -679,13 +679,15 @@ def phone_photos(stub, spec: ModelSet, inputs: Inputs, args, timings: dict) -> d
 
 
 def flip_cost(inputs: Inputs, threads: int) -> dict:
-    """What MobileFaceNet's flipped crop costs: the backend's recognizer with and without it, in
-    this process, with the threads the server's sessions get."""
+    """What MobileFaceNet's flipped crop costs a lone request: the backend's recognizer built as
+    the server builds it for `threads` (with no grant, the flipped crop's Run beside the crop's),
+    with and without the flip, in this process."""
     from dataclasses import replace
 
+    from engines import parse_load_request
     from engines.detection import YuNetDetector
+    from engines.onnx_direct import build_recognizer
     from engines.recognition import ArcFaceRecognizer
-    from engines.runtime import create_session, default_threads
 
     image = decode(inputs.one_face)
     face = max(
@@ -694,10 +696,9 @@ def flip_cost(inputs: Inputs, threads: int) -> dict:
         ).detect(image),
         key=lambda f: f.area,
     )
-    session = create_session(os.path.join(MODELS_DIR, "MobileFaceNet.onnx"), threads or None)
-    profile = recognizer_profile("MobileFaceNet.onnx")
-    with_flip = ArcFaceRecognizer(session, profile)
-    without = ArcFaceRecognizer(session, replace(profile, flip=False))
+    request = parse_load_request("flip-cost", MODELS_DIR, threads, [])
+    with_flip = build_recognizer(os.path.join(MODELS_DIR, "MobileFaceNet.onnx"), request)
+    without = ArcFaceRecognizer(with_flip.session, replace(with_flip.profile, flip=False))
     align = lambda: align_face(image, face.landmarks)  # noqa: E731
     result = {}
     for key, call in (
@@ -709,7 +710,9 @@ def flip_cost(inputs: Inputs, threads: int) -> dict:
             call()
         result[key] = round(float(np.median([timed(call)[0] for _ in range(40)])) * 1000, 2)
     result["flip_cost_ms_per_image"] = round(result["embed_with_flip_ms"] - result["embed_without_flip_ms"], 2)
-    result["flip_session_threads"] = threads or default_threads()
+    result["flip_session_threads"] = with_flip.session.get_session_options().intra_op_num_threads
+    result["flip_beside_crop"] = with_flip.runs_flip_beside
+    with_flip.close()
     return result
 
 

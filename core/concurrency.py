@@ -1,5 +1,6 @@
-"""Concurrency helpers: how many CPUs this process may use, two halves of a request run side by
-side, and a bounded pool of objects that must not be used by two threads at once."""
+"""Concurrency helpers: how many CPUs this process may use, how many requests it serves now, two
+halves of a request run side by side, and a bounded pool of objects that must not be used by two
+threads at once."""
 
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# Requests the process is serving now, process-wide as its CPUs are; each counts once, whatever
+# threads its parts run on (unlike the idle return's count, which a helper's part joins).
 _serving_lock = threading.Lock()
-_serving = 0  # requests the process is serving now (process-wide, as its CPUs are)
+_serving = 0
 
 
 @contextmanager
@@ -61,7 +64,7 @@ def run_side_by_side(
         return first(), second()
     try:
         pending = helpers.submit(second)
-    except RuntimeError:  # the interpreter is shutting down: no new helper work
+    except RuntimeError:  # the helpers are shut down (interpreter exit, a closed model): no new work
         return first(), second()
     try:
         first_result = first()

@@ -16,7 +16,7 @@ from core.concurrency import serving_alone
 from core.errors import ModelFileError
 
 from .base import FaceDetection
-from .runtime import create_session, default_threads, runs_in_flight
+from .runtime import create_session, default_threads, detects_in_flight_under_load, follows_the_load, runs_in_flight
 
 DEFAULT_DETECTION_SIZE = (640, 640)  # insightface FaceAnalysis default det_size
 DEFAULT_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh
@@ -192,7 +192,7 @@ class YuNetDetector:
     with zeros to whole strides, BGR 0-255, score sqrt(cls * obj) with both clamped to [0, 1],
     boxes and landmarks from the cell's corner, NMSBoxes on the boxes truncated to integers.
 
-    One session serves every thread: FaceDetectorYN instances (one per thread at a time) held
+    Its sessions serve every thread: FaceDetectorYN instances (one per thread at a time) held
     ~26 MB each for OpenCV's per-layer buffers (bench/FINDINGS.md, "memory (issue 14)", round 2). Images are
     shrunk to fit `input_size` first: YuNet's cost grows with the pixel count and the host sends
     phone-sized photos, while faces that matter for verification stay large enough at 640 px.
@@ -220,22 +220,17 @@ class YuNetDetector:
             # conversion runs vectorised in onnxruntime (bench/FINDINGS.md, "YuNet's 8-bit input").
             return create_session(path, session_threads, free_dims={2: "height", 3: "width"}, uint8_input=True)
 
-        # Without a grant from the host (threads None) a Run takes one thread, and the detect of a
-        # request the process serves alone takes a twin session on the default threads: under
-        # load a Run's threads wait for each other while the cores serve other requests; alone
-        # they make the request faster (bench/FINDINGS.md, "threads follow the load").
-        self.session: ort.InferenceSession | None = open_session(1 if threads is None else threads)
-        self.lone_session: ort.InferenceSession | None = (
-            open_session(default_threads()) if threads is None and default_threads() > 1 else None
-        )
+        # Following the load (runtime.follows_the_load): a Run takes one thread, and the detect
+        # of a request the process serves alone a second session of the file on the default threads.
+        follows_load = follows_the_load(threads)
+        self.session: ort.InferenceSession | None = open_session(1 if follows_load else threads or default_threads())
+        self.lone_session: ort.InferenceSession | None = open_session(default_threads()) if follows_load else None
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [f"{kind}_{stride}" for kind in ("cls", "obj", "bbox", "kps") for stride in self.STRIDES]
         missing = set(self.output_names) - {o.name for o in self.session.get_outputs()}
         if missing:
             raise ModelFileError(f"{path} is not a YuNet model: no output {', '.join(sorted(missing))}")
-        # As many detects at once as the twin's threads fill the CPUs with, on one thread each
-        # under load: the same tensors held at once as with the twin's threads.
-        self._in_flight = runs_in_flight(self.lone_session or self.session)
+        self._in_flight = detects_in_flight_under_load() if follows_load else runs_in_flight(self.session)
 
     def close(self) -> None:
         self.session = self.lone_session = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 from catalog import file_sha256
-from core.concurrency import usable_cpus
 from core.errors import ModelFileError, ModelOptionError
 
 from .attributes import build_attribute_heads
@@ -19,7 +18,7 @@ from .modular import ModularFaceEngine
 from .options import LoadRequest
 from .quality import build_quality_head
 from .recognition import KNOWN_RECOGNIZERS, SFACE_PROFILE, SFACE_RUNNER, ArcFaceRecognizer, SFaceRecognizer, profile_for
-from .runtime import create_session
+from .runtime import create_session, follows_the_load
 
 # YuNet scores real faces 0.88-0.95 on ../shared/data and background blobs up to 0.7; OpenCV
 # Zoo's demo default of 0.9 drops turned heads in group photos (t1.jpg scores 0.88-0.93).
@@ -64,11 +63,9 @@ def build_recognizer(path: str, request: LoadRequest):
     if known is not None and known.runner == SFACE_RUNNER:
         return SFaceRecognizer(path, known)
     profile = profile_for(sha256, request.get("recognizer_preprocess"))
-    # Without a grant from the host, a recognizer that adds the flipped crop runs one thread per
-    # Run, and the two crops of a lone request side by side: as the detector's twin, the cores of
-    # a loaded process serve more requests, a lone one finishes sooner (bench/FINDINGS.md,
-    # "threads follow the load").
-    flip_beside = not request.threads and profile.flip and usable_cpus() > 1
+    # Following the load (runtime.follows_the_load): one thread per Run, the two crops of a lone
+    # request side by side.
+    flip_beside = profile.flip and follows_the_load(request.threads or None)
     session = create_session(path, 1 if flip_beside else request.threads or None)
     return ArcFaceRecognizer(session, profile, flip_beside)
 

@@ -126,8 +126,9 @@ class ArcFaceRecognizer:
     """Any ArcFace-style recognizer: 5-point aligned 112x112 crop in, embedding out."""
 
     def __init__(self, session: ort.InferenceSession, profile: RecognizerProfile, flip_beside: bool = False):
-        """`flip_beside`: the flipped crop's Run goes to a helper thread beside the crop's while the
-        process serves a lone request (for a one-thread session: onnx_direct.build_recognizer)."""
+        """`flip_beside`: the crop and the flipped crop each get a Run, the flipped one on a helper
+        thread beside the crop's while the process serves a lone request (for a one-thread
+        session that follows the load: onnx_direct.build_recognizer)."""
         if not is_arcface_session(session):
             raise ModelFileError("not a 112x112 face recognizer (expected input [N,3,112,112], output [N,D])")
         check_batch_dimension(session, "recognizer")
@@ -163,14 +164,14 @@ class ArcFaceRecognizer:
         crops = [crop, crop[:, ::-1]] if self.profile.flip else [crop]
         blob = self._blob(crops)
         session = self.session
-        if self._flip_helper is not None and serving_alone():
-            raw = np.concatenate(
-                run_side_by_side(
-                    self._flip_helper, lambda: run_batched(session, blob[:1]), lambda: run_batched(session, blob[1:])
-                )
-            )
-        else:
+        if self._flip_helper is None:
             raw = run_batched(session, blob)
+        else:
+            # A Run per crop on either path, so a lone request's embedding is the same bytes.
+            helper = self._flip_helper if serving_alone() else None
+            raw = np.concatenate(
+                run_side_by_side(helper, lambda: run_batched(session, blob[:1]), lambda: run_batched(session, blob[1:]))
+            )
         return l2_normalise(raw.sum(axis=0))
 
 

@@ -32,10 +32,9 @@ from .onnx_graph import (
 
 # Threads each session may use for one Run when ModelOptions.Threads is 0: every usable CPU, up
 # to 4, never spinning. More than one makes a lone request faster; under load a Run's threads
-# then wait for each other, so the models every FaceVerify runs take one thread per Run while the
-# process serves other requests too (YuNetDetector's twin session, ArcFaceRecognizer's flipped
-# crop beside the crop; bench/FINDINGS.md, "threads per Run", "threads under load and the cores'
-# worth ceiling" and "threads follow the load").
+# then wait for each other (bench/FINDINGS.md, "threads per Run" and "threads under load and the
+# cores' worth ceiling"), so the default set's detector and recognizer follow the load instead
+# (follows_the_load).
 # The cap keeps small models (112x112 recognizers, 80x80 liveness nets) from spreading one Run
 # over many cores on big hosts, where the loop overhead outgrows the work (a judgement, not
 # measured: this machine has 2 CPUs). ModelOptions.Threads (the `threads` argument of
@@ -72,6 +71,24 @@ def opencv_pool(create: Callable[[], T], what: str) -> InstancePool[T]:
 def default_threads() -> int:
     """onnxruntime threads per Run when the host grants none."""
     return min(usable_cpus(), MAX_DEFAULT_INTRA_OP_THREADS)
+
+
+def follows_the_load(threads: int | None) -> bool:
+    """Whether a model the host granted `threads` (None: no grant) runs one thread per Run while
+    the process serves several requests and spreads over more cores for a request it serves
+    alone (core.concurrency.serving_alone): with no grant and more than one usable CPU. Under load
+    one thread per Run serves more requests per second, since a Run's threads wait for each other
+    while the cores serve other requests; alone, more threads finish the request sooner
+    (bench/FINDINGS.md, "threads follow the load"). YuNetDetector and a recognizer that adds the
+    flipped crop (ArcFaceRecognizer) do."""
+    return threads is None and usable_cpus() > 1
+
+
+def detects_in_flight_under_load() -> threading.BoundedSemaphore:
+    """The limit on one-thread detector Runs at once for a detector that follows the load: one
+    per two usable CPUs, the bound a two-thread detector has (runs_in_flight), so the process
+    holds no more detector tensors at once than it did (measured on 2 CPUs only)."""
+    return threading.BoundedSemaphore(max(1, usable_cpus() // 2))
 
 
 # Every session draws its working memory from one arena instead of one arena per session: models
