@@ -700,19 +700,22 @@ def flip_cost(inputs: Inputs, threads: int) -> dict:
     with_flip = build_recognizer(os.path.join(MODELS_DIR, "MobileFaceNet.onnx"), request)
     without = ArcFaceRecognizer(with_flip.session, replace(with_flip.profile, flip=False))
     align = lambda: align_face(image, face.landmarks)  # noqa: E731
-    result = {}
-    for key, call in (
-        ("embed_with_flip_ms", lambda: with_flip.embed(image, face)),
-        ("embed_without_flip_ms", lambda: without.embed(image, face)),
-        ("align_ms", align),
-    ):
-        for _ in range(5):
-            call()
-        result[key] = round(float(np.median([timed(call)[0] for _ in range(40)])) * 1000, 2)
+    result = {
+        "flip_session_threads": with_flip.session.get_session_options().intra_op_num_threads,
+        "flip_beside_crop": with_flip.runs_flip_beside,
+    }
+    try:
+        for key, call in (
+            ("embed_with_flip_ms", lambda: with_flip.embed(image, face)),
+            ("embed_without_flip_ms", lambda: without.embed(image, face)),
+            ("align_ms", align),
+        ):
+            for _ in range(5):
+                call()
+            result[key] = round(float(np.median([timed(call)[0] for _ in range(40)])) * 1000, 2)
+    finally:
+        with_flip.close()
     result["flip_cost_ms_per_image"] = round(result["embed_with_flip_ms"] - result["embed_without_flip_ms"], 2)
-    result["flip_session_threads"] = with_flip.session.get_session_options().intra_op_num_threads
-    result["flip_beside_crop"] = with_flip.runs_flip_beside
-    with_flip.close()
     return result
 
 

@@ -16,7 +16,13 @@ from core.concurrency import serving_alone
 from core.errors import ModelFileError
 
 from .base import FaceDetection
-from .runtime import create_session, default_threads, detects_in_flight_under_load, follows_the_load, runs_in_flight
+from .runtime import (
+    create_session,
+    default_threads,
+    detects_in_flight_following_the_load,
+    follows_the_load,
+    runs_in_flight,
+)
 
 DEFAULT_DETECTION_SIZE = (640, 640)  # insightface FaceAnalysis default det_size
 DEFAULT_SCORE_THRESHOLD = 0.5  # insightface FaceAnalysis default det_thresh
@@ -214,7 +220,7 @@ class YuNetDetector:
         self.input_size: tuple[int, int] = (int(input_size[0]), int(input_size[1]))
         self.score_threshold = score_threshold
 
-        def open_session(session_threads: int) -> ort.InferenceSession:
+        def open_session(session_threads: int | None) -> ort.InferenceSession:
             # Fed the image's 8-bit pixels, cast to float inside the graph: the same input as a
             # float blob at a quarter of the bytes the request holds during the Run, and the
             # conversion runs vectorised in onnxruntime (bench/FINDINGS.md, "YuNet's 8-bit input").
@@ -223,14 +229,17 @@ class YuNetDetector:
         # Following the load (runtime.follows_the_load): a Run takes one thread, and the detect
         # of a request the process serves alone a second session of the file on the default threads.
         follows_load = follows_the_load(threads)
-        self.session: ort.InferenceSession | None = open_session(1 if follows_load else threads or default_threads())
+        self.session: ort.InferenceSession | None = open_session(1 if follows_load else threads)
         self.lone_session: ort.InferenceSession | None = open_session(default_threads()) if follows_load else None
+        # One Run at a time on the second session: another detect of the lone request (on more than
+        # 2 CPUs two may run at once) takes the one-thread session rather than more threads than cores.
+        self._lone_slot = threading.Lock()
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [f"{kind}_{stride}" for kind in ("cls", "obj", "bbox", "kps") for stride in self.STRIDES]
         missing = set(self.output_names) - {o.name for o in self.session.get_outputs()}
         if missing:
             raise ModelFileError(f"{path} is not a YuNet model: no output {', '.join(sorted(missing))}")
-        self._in_flight = detects_in_flight_under_load() if follows_load else runs_in_flight(self.session)
+        self._in_flight = detects_in_flight_following_the_load() if follows_load else runs_in_flight(self.session)
 
     def close(self) -> None:
         self.session = self.lone_session = None
@@ -273,9 +282,14 @@ class YuNetDetector:
         padded_w = blob.shape[3]
         with self._in_flight:
             lone_session = self.lone_session
-            if lone_session is not None and serving_alone():
-                session = lone_session
-            outputs = dict(zip(self.output_names, session.run(self.output_names, {self.input_name: blob})))
+            run_on = session
+            if lone_session is not None and serving_alone() and self._lone_slot.acquire(blocking=False):
+                run_on = lone_session
+            try:
+                outputs = dict(zip(self.output_names, run_on.run(self.output_names, {self.input_name: blob})))
+            finally:
+                if run_on is lone_session:
+                    self._lone_slot.release()
         found = []
         for stride in self.STRIDES:
             cols = padded_w // stride

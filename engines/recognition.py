@@ -150,6 +150,7 @@ class ArcFaceRecognizer:
     def close(self) -> None:
         if self._flip_helper is not None:
             self._flip_helper.shutdown(wait=True)
+            self._flip_helper = None
         self.session = None
 
     def _blob(self, crops_bgr: list[np.ndarray]) -> np.ndarray:

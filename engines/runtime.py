@@ -79,15 +79,15 @@ def follows_the_load(threads: int | None) -> bool:
     alone (core.concurrency.serving_alone): with no grant and more than one usable CPU. Under load
     one thread per Run serves more requests per second, since a Run's threads wait for each other
     while the cores serve other requests; alone, more threads finish the request sooner
-    (bench/FINDINGS.md, "threads follow the load"). YuNetDetector and a recognizer that adds the
-    flipped crop (ArcFaceRecognizer) do."""
+    (bench/FINDINGS.md, "threads follow the load"; used by YuNetDetector and
+    onnx_direct.build_recognizer)."""
     return threads is None and usable_cpus() > 1
 
 
-def detects_in_flight_under_load() -> threading.BoundedSemaphore:
-    """The limit on one-thread detector Runs at once for a detector that follows the load: one
-    per two usable CPUs, the bound a two-thread detector has (runs_in_flight), so the process
-    holds no more detector tensors at once than it did (measured on 2 CPUs only)."""
+def detects_in_flight_following_the_load() -> threading.BoundedSemaphore:
+    """The limit on Runs at once of a detector that follows the load: one per two usable CPUs.
+    On 2 CPUs that is one, as for a detector on two threads, and it was measured there; above, one
+    detect per two CPUs is a judgement (each holds the biggest tensors a request allocates)."""
     return threading.BoundedSemaphore(max(1, usable_cpus() // 2))
 
 

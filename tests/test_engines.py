@@ -15,6 +15,7 @@ import types
 import unittest
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import cv2
 import numpy as np
@@ -673,8 +674,9 @@ class CpuTuningTest(unittest.TestCase):
 
 
 class DetectionsInFlightTest(unittest.TestCase):
-    """A detector runs at most as many Runs at once as its threads fill the usable CPUs with:
-    more only share the same cores while each holds its tensors."""
+    """A detector runs at most as many Runs at once as its threads fill the usable CPUs with (one
+    that follows the load: one per two CPUs): more only share the same cores while each holds its
+    tensors."""
 
     class CountingSession:
         """The session's run, counting the calls in flight at once."""
@@ -732,13 +734,13 @@ class ThreadsFollowTheLoadTest(unittest.TestCase):
     helper beside the crop's. The answers are the same either way."""
 
     class RecordingSession:
-        """A session whose Runs note their thread; with `meet` set, the first two Runs wait for
-        each other (proving they run at the same time)."""
+        """A session whose Runs note their thread; with a barrier to `meet` at, its first two Runs
+        wait there (for each other, or for another session's: proving they run at the same time)."""
 
-        def __init__(self, session, meet: bool = False) -> None:
+        def __init__(self, session, meet: threading.Barrier | None = None) -> None:
             self.session = session
             self.threads: list[threading.Thread] = []
-            self.meet = threading.Barrier(2, timeout=10) if meet else None
+            self.meet = meet
 
         def __getattr__(self, name):
             return getattr(self.session, name)
@@ -783,6 +785,19 @@ class ThreadsFollowTheLoadTest(unittest.TestCase):
         self.assertEqual([(f.box, f.score) for f in alone], [(f.box, f.score) for f in loaded])
         np.testing.assert_array_equal(alone[0].landmarks, loaded[0].landmarks)
 
+    def test_beyond_two_cpus_a_lone_requests_second_detect_takes_the_one_thread_session(self):
+        with mock.patch("engines.runtime.usable_cpus", return_value=4):
+            detector = YuNetDetector(support.model_path(YUNET))
+        self.assertEqual(detector.lone_session.get_session_options().intra_op_num_threads, 4)
+        meet = threading.Barrier(2, timeout=10)  # the two detects run at once, two per four CPUs
+        one_thread = self.RecordingSession(detector.session, meet)
+        lone = self.RecordingSession(detector.lone_session, meet)
+        detector.session, detector.lone_session = one_thread, lone
+        with serving_request(), ThreadPoolExecutor(max_workers=2) as pool:
+            found = list(pool.map(lambda _: detector.detect(self.image), range(2)))
+        self.assertEqual((len(one_thread.threads), len(lone.threads)), (1, 1))
+        self.assertEqual([(f.box, f.score) for f in found[0]], [(f.box, f.score) for f in found[1]])
+
     def test_the_flipped_crop_runs_beside_the_crop_alone_and_after_it_under_load(self):
         recognizer = self.engine.recognizer
         self.assertEqual(recognizer.session.get_session_options().intra_op_num_threads, 1)
@@ -790,7 +805,7 @@ class ThreadsFollowTheLoadTest(unittest.TestCase):
         if not recognizer.runs_flip_beside:
             return
         face = self.engine.detect(self.image)[0]
-        beside = self.RecordingSession(recognizer.session, meet=True)
+        beside = self.RecordingSession(recognizer.session, threading.Barrier(2, timeout=10))
         self.replace(recognizer, "session", beside)
         with serving_request():
             alone = recognizer.embed(self.image, face)
