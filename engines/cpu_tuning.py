@@ -43,6 +43,7 @@ from .onnx_graph import (
     float_values,
     fresh_name,
     graph_field,
+    graph_names,
     has_subgraph,
     int_attribute,
     is_external,
@@ -162,7 +163,7 @@ class _Rewrite:
     new_constants: dict[str, bytes | None] = field(default_factory=dict)
     added: list[bytes] = field(default_factory=list)
     reshaped: set[str] = field(default_factory=set)
-    taken: set[str] = field(default_factory=set)
+    taken: set[str] = field(default_factory=set)  # every name of the graph and every name given since
     uses: Counter[str] = field(default_factory=Counter)  # nodes reading each constant
     _original: dict[str, np.ndarray | None] = field(default_factory=dict)  # _values of the file's constants
 
@@ -183,7 +184,7 @@ class _Rewrite:
             elif number in (11, 12):
                 self.boundary.add(value_info_name(payload))
         self.constants = {name: tensor for name, tensor in initializers.items() if name not in self.boundary}
-        self.taken = {*initializers, *self.boundary, *(name for node in self.nodes for name in node.outputs)}
+        self.taken = graph_names(graph)
         self.uses = Counter(name for node in self.nodes for name in node.inputs if name in self.constants)
         if self.block:
             self._pad_channels()
@@ -358,19 +359,19 @@ class _Rewrite:
             self._fresh(f"{y}/prelu/{part}") for part in ("positive", "negated", "negative", "scaled")
         )
         return [
-            node_proto("Relu", [x], positive, f"{name}/positive"),
-            node_proto("Mul", [x, minus_one], negated, f"{name}/negated"),
-            node_proto("Relu", [negated], negative, f"{name}/negative"),
-            node_proto("Mul", [negative, minus_slopes], scaled, f"{name}/scaled"),
-            node_proto("Add", [positive, scaled], y, f"{name}/sum"),
+            node_proto("Relu", [x], positive, self._fresh(f"{name}/positive")),
+            node_proto("Mul", [x, minus_one], negated, self._fresh(f"{name}/negated")),
+            node_proto("Relu", [negated], negative, self._fresh(f"{name}/negative")),
+            node_proto("Mul", [negative, minus_slopes], scaled, self._fresh(f"{name}/scaled")),
+            node_proto("Add", [positive, scaled], y, self._fresh(f"{name}/sum")),
         ]
 
     def _max_form(self, name: str, x: str, slope: str, y: str) -> list[bytes]:
         """Max(x, slope * x): slope * x <= x exactly where x >= 0, as the slopes are <= 1."""
         scaled = self._fresh(f"{y}/prelu/scaled")
         return [
-            node_proto("Mul", [x, slope], scaled, f"{name}/scaled"),
-            node_proto("Max", [x, scaled], y, f"{name}/max"),
+            node_proto("Mul", [x, slope], scaled, self._fresh(f"{name}/scaled")),
+            node_proto("Max", [x, scaled], y, self._fresh(f"{name}/max")),
         ]
 
 

@@ -555,6 +555,24 @@ class CpuTuningTest(unittest.TestCase):
         self.assertTrue((a < 0).any() and (a > 0).any())
         np.testing.assert_array_equal(run_model(edited, {"x": x})[0], np.where(a > 0, a, a * slopes))
 
+    def test_the_new_nodes_take_names_no_node_has(self):
+        # onnxruntime refuses a graph with two nodes of one name; the PRelu's parts are named
+        # after it, and a node may already carry such a name.
+        slopes = np.array([0.25, -0.5, 1.5, 0.0] * 4, np.float32).reshape(16, 1, 1)
+        weights = np.random.default_rng(5).normal(size=(16, 3, 1, 1)).astype(np.float32)
+        graph = bytes_field(1, conv_proto(["x", "w"], "a"))
+        graph += bytes_field(1, node_proto("PRelu", ["a", "slope"], "b", "p"))
+        graph += bytes_field(1, node_proto("Identity", ["b"], "y", "p/positive"))
+        graph += weights_field("w", weights) + weights_field("slope", slopes)
+        graph += bytes_field(11, float_value_info("x", (1, 3, 6, 6)))
+        model = onnx_graph.model(graph + bytes_field(12, float_value_info("y", (1, 16, 6, 6))))
+        edited = cpu_tuning.tuned_for_cpu(model)
+        self.assertNotIn("PRelu", op_types(edited))
+        names = ["".join(onnx_graph.strings(node, 3)) for node in graph_items(edited, 1)]
+        self.assertEqual(len(names), len(set(names)), names)
+        x = np.random.default_rng(6).normal(size=(1, 3, 6, 6)).astype(np.float32)
+        np.testing.assert_array_equal(run_model(edited, {"x": x})[0], run_model(model, {"x": x})[0])
+
     def test_channels_are_padded_to_whole_blocks(self):
         x = np.random.default_rng(4).normal(size=(1, 3, 6, 6)).astype(np.float32)
         model = pruned_block(channels=13)
