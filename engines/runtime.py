@@ -164,6 +164,10 @@ class InputEdits:
     free_dims: tuple[tuple[int, str], ...] = ()
     uint8: bool = False
 
+    @property
+    def changes_the_model(self) -> bool:
+        return bool(self.free_dims or self.uint8)
+
 
 def create_session(
     path: str, threads: int | None = None, free_dims: dict[int, str] | None = None, uint8_input: bool = False
@@ -265,8 +269,7 @@ def _edited_copy(path: str, edits: InputEdits) -> tuple[int | None, bool]:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     names_other_files = names_external_data(mapped)
     data: Buffer = memoryview(mapped)
-    edited = bool(edits.free_dims or edits.uint8)
-    if edited:
+    if edits.changes_the_model:
         try:
             name = first_input_name(data)
             if edits.free_dims:
@@ -278,7 +281,7 @@ def _edited_copy(path: str, edits: InputEdits) -> tuple[int | None, bool]:
                 data = with_uint8_input(bytes(data), name)
             except (ValueError, IndexError) as exc:
                 raise ModelFileError(f"cannot load ONNX model {path} with 8-bit input: {exc}") from exc
-    parts = tuned_for_cpu_parts(data) or ([data] if edited else None)
+    parts = tuned_for_cpu_parts(data) or ([data] if edits.changes_the_model else None)
     if parts is None:
         return None, names_other_files
     fd = os.memfd_create("onnx-model", os.MFD_CLOEXEC)
