@@ -231,8 +231,9 @@ class YuNetDetector:
         follows_load = follows_the_load(threads)
         self.session: ort.InferenceSession | None = open_session(1 if follows_load else threads)
         self.lone_session: ort.InferenceSession | None = open_session(default_threads()) if follows_load else None
-        # One Run at a time on the second session: another detect of the lone request (on more than
-        # 2 CPUs two may run at once) takes the one-thread session rather than more threads than cores.
+        # One Run at a time on the second session: on more than 2 CPUs, where a lone request's two
+        # detects may run at once, the first keeps that session's thread pool to itself and the
+        # other runs on the one-thread session rather than splitting it (not measured there).
         self._lone_slot = threading.Lock()
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [f"{kind}_{stride}" for kind in ("cls", "obj", "bbox", "kps") for stride in self.STRIDES]
@@ -282,13 +283,12 @@ class YuNetDetector:
         padded_w = blob.shape[3]
         with self._in_flight:
             lone_session = self.lone_session
-            run_on = session
-            if lone_session is not None and serving_alone() and self._lone_slot.acquire(blocking=False):
-                run_on = lone_session
+            on_lone = lone_session is not None and serving_alone() and self._lone_slot.acquire(blocking=False)
+            run_on = lone_session if on_lone and lone_session is not None else session
             try:
                 outputs = dict(zip(self.output_names, run_on.run(self.output_names, {self.input_name: blob})))
             finally:
-                if run_on is lone_session:
+                if on_lone:
                     self._lone_slot.release()
         found = []
         for stride in self.STRIDES:

@@ -166,6 +166,7 @@ class InputEdits:
 
     @property
     def changes_the_model(self) -> bool:
+        """Whether create_session loads an edited copy of the file rather than the file."""
         return bool(self.free_dims or self.uint8)
 
 
