@@ -282,9 +282,9 @@ class YuNetDetector:
         blob = self.blob(image)
         padded_w = blob.shape[3]
         with self._in_flight:
-            lone_session = self.lone_session
-            on_lone = lone_session is not None and serving_alone() and self._lone_slot.acquire(blocking=False)
-            run_on = lone_session if on_lone and lone_session is not None else session
+            run_on, on_lone, lone_session = session, False, self.lone_session
+            if lone_session is not None and serving_alone() and self._lone_slot.acquire(blocking=False):
+                run_on, on_lone = lone_session, True
             try:
                 outputs = dict(zip(self.output_names, run_on.run(self.output_names, {self.input_name: blob})))
             finally:
