@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import pybase64
 
+from core.concurrency import Budget
 from core.errors import InvalidInputError
 from core.settings import DEFAULT_IMAGE_LIMITS, ImageLimits
 
@@ -119,14 +120,46 @@ _JPEG_SKIPPED_SEGMENTS = frozenset({0xC4, 0xCC, 0xDB, 0xDD, *range(0xE0, 0xF0), 
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 
 
-def _jpeg_header(raw: bytes) -> tuple[str, int, int] | None:
-    """("JPEG", width, height) from the one frame header before the first scan, as libjpeg will
-    decode it; None for anything else (not a JPEG, truncated before the scan, two frame headers,
-    a height left to a DNL marker, a marker libjpeg would not read as a segment), which Pillow
-    then judges."""
+# Frame headers of progressive JPEGs (SOF2, 6, 10, 14): their scans each carry part of every
+# coefficient, so libjpeg keeps all of the image's coefficients until the last scan.
+_JPEG_PROGRESSIVE_FRAMES = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+
+
+@dataclass(frozen=True)
+class _JpegFrame:
+    """What a JPEG's frame header and first scan header say, as libjpeg will decode them."""
+
+    marker: int  # SOFn
+    width: int
+    height: int
+    sampling: tuple[tuple[int, int], ...]  # each component's (horizontal, vertical) sampling factor
+    first_scan_components: int
+
+    def buffered_coefficient_bytes(self) -> int:
+        """The bytes libjpeg holds for the image's DCT coefficients while decoding it, at any
+        scale: every coefficient (2 bytes) when the image comes in several scans (progressive, or
+        its components in scans of their own), else 0 (it decodes a row of blocks at a time).
+        jdcoefct.c's whole-image arrays: each component's blocks, padded to whole MCUs."""
+        if self.marker not in _JPEG_PROGRESSIVE_FRAMES and self.first_scan_components >= len(self.sampling):
+            return 0
+        h_max = max(h for h, _ in self.sampling)
+        v_max = max(v for _, v in self.sampling)
+        blocks = 0
+        for h, v in self.sampling:
+            across = -(-self.width * h // (h_max * 8))
+            down = -(-self.height * v // (v_max * 8))
+            blocks += (-(-across // h) * h) * (-(-down // v) * v)
+        return blocks * 64 * 2
+
+
+def _jpeg_frame(raw: bytes) -> _JpegFrame | None:
+    """The one frame header before the first scan, and that scan's component count, as libjpeg
+    will read them; None for anything else (not a JPEG, truncated before the scan, two frame
+    headers, a height left to a DNL marker, a marker libjpeg would not read as a segment), which
+    Pillow then judges."""
     if raw[:3] != b"\xff\xd8\xff":
         return None
-    size = None
+    frame = None
     i, end = 2, len(raw)
     while i + 4 <= end:
         if raw[i] != 0xFF:
@@ -144,16 +177,29 @@ def _jpeg_header(raw: bytes) -> tuple[str, int, int] | None:
         if length < 2 or i + 2 + length > end:
             return None
         if marker == _JPEG_SCAN:
-            return ("JPEG", *size) if size is not None else None
+            if frame is None or length < 3:
+                return None
+            marker, width, height, sampling = frame
+            return _JpegFrame(marker, width, height, sampling, raw[i + 4])
         if marker in _JPEG_FRAME_MARKERS:
-            if size is not None or length < 8:
+            # P, Y, X, Nf, then C, HV, Tq for each of the Nf components (T.81 B.2.2).
+            if frame is not None or length < 8:
                 return None
-            height, width = struct.unpack_from(">HH", raw, i + 5)
-            if not (width and height):
+            height, width, count = struct.unpack_from(">HHB", raw, i + 5)
+            if not (width and height and count) or length < 8 + 3 * count:
                 return None
-            size = (width, height)
+            sampling = tuple((raw[j] >> 4, raw[j] & 0x0F) for j in range(i + 11, i + 11 + 3 * count, 3))
+            if not all(1 <= h <= 4 and 1 <= v <= 4 for h, v in sampling):
+                return None
+            frame = (marker, width, height, sampling)
         i += 2 + length
     return None
+
+
+def _jpeg_header(raw: bytes) -> tuple[str, int, int] | None:
+    """("JPEG", width, height) as libjpeg will decode them; None when _jpeg_frame cannot tell."""
+    frame = _jpeg_frame(raw)
+    return None if frame is None else ("JPEG", frame.width, frame.height)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -209,6 +255,19 @@ _REDUCED_COLOR_FLAGS = {
 }
 # Formats whose decoder can reduce (Pillow's names; MPO is a JPEG).
 _REDUCIBLE_FORMATS = ("JPEG", "MPO")
+# The decoder of a progressive JPEG holds every coefficient of the image until its last scan, 2
+# bytes each whatever the scale (1.5 coefficients a pixel at the usual 4:2:0 sampling: 34 MiB for
+# a 12-MP photo, 150 MB for a 50-MP one). Such decodes run side by side only while their
+# buffers together stay within this budget, which two 12-MP photos' fit (taking turns would cost
+# them throughput: bench/FINDINGS.md, "progressive JPEGs"); a bigger one runs while no other
+# decode holds a buffer.
+COEFFICIENT_BUFFER_BUDGET_BYTES = 80 * 2**20
+_coefficient_buffers = Budget(COEFFICIENT_BUFFER_BUDGET_BYTES)
+
+
+def coefficient_buffers_in_flight() -> int:
+    """Bytes of JPEG coefficients held by the decodes running now."""
+    return _coefficient_buffers.taken
 
 
 @dataclass(frozen=True)
@@ -224,6 +283,7 @@ class EncodedImage:
     format: str
     width: int
     height: int
+    coefficient_buffer_bytes: int = 0  # what the decoder holds while it runs (_JpegFrame)
 
     @classmethod
     def from_bytes(cls, raw: bytes, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> EncodedImage:
@@ -233,7 +293,13 @@ class EncodedImage:
                 f"{name}: image is larger than {limits.max_bytes} bytes", reason="IMAGE_TOO_LARGE", field=name
             )
         fmt, width, height = check_header(raw, name, limits)
-        return cls(raw, name, fmt.upper(), width, height)
+        fmt = fmt.upper()
+        buffered = 0
+        if fmt in _REDUCIBLE_FORMATS:
+            # A header only Pillow could read counts as the most a JPEG this size can hold.
+            frame = _jpeg_frame(raw) or _JpegFrame(0xC2, width, height, ((1, 1),) * 4, 1)
+            buffered = frame.buffered_coefficient_bytes()
+        return cls(raw, name, fmt, width, height, buffered)
 
     @property
     def reductions(self) -> Sequence[int]:
@@ -251,7 +317,8 @@ class EncodedImage:
             # IMREAD_COLOR makes grey, palette and alpha images 3-channel BGR and 16-bit ones
             # 8-bit, and applies the EXIF orientation; the reduced flags do the same.
             try:
-                image = cv2.imdecode(np.frombuffer(self.raw, dtype=np.uint8), _REDUCED_COLOR_FLAGS[reduction])
+                with _coefficient_buffers.taking(self.coefficient_buffer_bytes):
+                    image = cv2.imdecode(np.frombuffer(self.raw, dtype=np.uint8), _REDUCED_COLOR_FLAGS[reduction])
             except cv2.error:  # some malformed headers fail an OpenCV assertion instead of returning None
                 image = None
         if image is None or image.size == 0:

@@ -1,12 +1,13 @@
 """Concurrency helpers: how many CPUs this process may use, how many requests it serves now, two
-halves of a request run side by side, and a bounded pool of objects that must not be used by two
-threads at once."""
+halves of a request run side by side, a bounded pool of objects that must not be used by two
+threads at once, and a budget of memory that blocks running at once share."""
 
 from __future__ import annotations
 
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
@@ -127,3 +128,43 @@ class InstancePool(Generic[T]):
     def idle(self) -> int:
         """How many instances wait to be lent out."""
         return self._idle.qsize()
+
+
+class Budget:
+    """Lets blocks that each take an amount of one resource (bytes of memory) run at once while
+    their amounts together stay within `limit`; a block that takes more than the whole limit runs
+    when no other holds any. Blocks enter in the order they asked, so a big one is not overtaken
+    for ever by small ones that would still fit. Taking 0 never waits."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._changed = threading.Condition()
+        self._taken = 0
+        self._waiting: deque[object] = deque()
+
+    @contextmanager
+    def taking(self, amount: int) -> Iterator[None]:
+        if amount <= 0:
+            yield
+            return
+        with self._changed:
+            turn = object()
+            self._waiting.append(turn)
+            try:
+                while self._waiting[0] is not turn or (self._taken and self._taken + amount > self.limit):
+                    self._changed.wait()
+            finally:
+                self._waiting.remove(turn)
+                self._changed.notify_all()  # the next in line may fit beside this one, or go first
+            self._taken += amount
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._taken -= amount
+                self._changed.notify_all()
+
+    @property
+    def taken(self) -> int:
+        """The amount the blocks running now hold."""
+        return self._taken

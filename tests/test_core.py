@@ -15,7 +15,7 @@ from unittest import mock
 
 import grpc
 
-from core.concurrency import InstancePool, run_side_by_side, serving_alone, serving_request
+from core.concurrency import Budget, InstancePool, run_side_by_side, serving_alone, serving_request
 from core.process import WhenIdle
 from core.settings import ImageLimits, Settings
 
@@ -248,6 +248,96 @@ class ServingAloneTest(unittest.TestCase):
         thread.join(10)
         with serving_request():
             self.assertTrue(serving_alone())
+
+
+class BudgetTest(unittest.TestCase):
+    """The memory budget JPEG decodes share (imaging.COEFFICIENT_BUFFER_BUDGET_BYTES)."""
+
+    class Taker:
+        """A thread in budget.taking(amount) until released; `inside` is set once it entered."""
+
+        def __init__(self, test: unittest.TestCase, budget: Budget, amount: int) -> None:
+            self.inside, self.release = threading.Event(), threading.Event()
+            test.addCleanup(self.release.set)
+
+            def take() -> None:
+                with budget.taking(amount):
+                    self.inside.set()
+                    self.release.wait(10)
+
+            self.thread = threading.Thread(target=take)
+            self.thread.start()
+
+        def leave(self) -> None:
+            self.release.set()
+            self.thread.join(10)
+
+    def queued(self, budget: Budget, count: int) -> None:
+        """Waits until `count` takers wait in line (they have not entered, by construction)."""
+        deadline = time.monotonic() + 10
+        while len(budget._waiting) < count:
+            self.assertLess(time.monotonic(), deadline, "a taker never got in line")
+            time.sleep(0.001)
+
+    def test_amounts_that_fit_run_together_and_the_rest_wait(self):
+        budget = Budget(40)
+        a, b = self.Taker(self, budget, 20), self.Taker(self, budget, 20)
+        self.assertTrue(a.inside.wait(10) and b.inside.wait(10))
+        self.assertEqual(budget.taken, 40)
+        c = self.Taker(self, budget, 1)
+        self.queued(budget, 1)
+        self.assertFalse(c.inside.is_set())
+        a.leave()
+        self.assertTrue(c.inside.wait(10))
+        self.assertEqual(budget.taken, 21)
+        b.leave()
+        c.leave()
+        self.assertEqual(budget.taken, 0)
+
+    def test_more_than_the_limit_runs_alone(self):
+        budget = Budget(40)
+        small = self.Taker(self, budget, 10)
+        self.assertTrue(small.inside.wait(10))
+        big = self.Taker(self, budget, 100)
+        self.queued(budget, 1)
+        small.leave()
+        self.assertTrue(big.inside.wait(10), "an amount over the limit never ran")
+        after = self.Taker(self, budget, 1)
+        self.queued(budget, 1)
+        self.assertFalse(after.inside.is_set())
+        big.leave()
+        self.assertTrue(after.inside.wait(10))
+        after.leave()
+
+    def test_takers_enter_in_the_order_they_asked(self):
+        budget = Budget(40)
+        first = self.Taker(self, budget, 30)
+        self.assertTrue(first.inside.wait(10))
+        second = self.Taker(self, budget, 30)
+        self.queued(budget, 1)
+        third = self.Taker(self, budget, 5)  # would fit beside the first, but the second asked before
+        self.queued(budget, 2)
+        self.assertFalse(third.inside.is_set())
+        first.leave()
+        self.assertTrue(second.inside.wait(10) and third.inside.wait(10))
+        self.assertEqual(budget.taken, 35)
+        second.leave()
+        third.leave()
+
+    def test_nothing_never_waits_and_an_error_gives_the_amount_back(self):
+        budget = Budget(40)
+        holder = self.Taker(self, budget, 40)
+        self.assertTrue(holder.inside.wait(10))
+        queued = self.Taker(self, budget, 10)
+        self.queued(budget, 1)
+        with budget.taking(0):
+            pass
+        holder.leave()
+        self.assertTrue(queued.inside.wait(10))
+        queued.leave()
+        with self.assertRaises(ValueError), budget.taking(15):
+            raise ValueError("undecodable")
+        self.assertEqual(budget.taken, 0)
 
 
 class SettingsTest(unittest.TestCase):

@@ -12,14 +12,19 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import unittest
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import cv2
 import numpy as np
 from PIL import Image
 
 import imaging
+from core.concurrency import Budget
 from core.errors import InvalidInputError
 from core.process import malloc_usage
 from core.settings import DEFAULT_IMAGE_LIMITS
@@ -243,6 +248,138 @@ class HeaderTest(unittest.TestCase):
             [sys.executable, "-c", script, *names], cwd=root, capture_output=True, text=True, timeout=120, check=True
         )
         self.assertEqual(run.stdout.split(), ["False", "False", "True"])
+
+
+def progressive(raw: bytes) -> bytes:
+    """The JPEG `raw` re-encoded as a progressive JPEG (quality 90, 4:2:0, as OpenCV writes)."""
+    image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert ok
+    return encoded.tobytes()
+
+
+class CoefficientBufferTest(unittest.TestCase):
+    """What a progressive JPEG's decoder holds (imaging._JpegFrame.buffered_coefficient_bytes),
+    and the budget that keeps two big ones from decoding at once
+    (imaging.COEFFICIENT_BUFFER_BUDGET_BYTES)."""
+
+    phone: bytes
+    phone_progressive: bytes
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.phone = phone_photo(support.read_image(support.data_path(IMAGES, "obama_1.jpg")))
+        cls.phone_progressive = progressive(cls.phone)
+
+    def buffered(self, raw: bytes) -> int:
+        return EncodedImage.from_bytes(raw, "img").coefficient_buffer_bytes
+
+    def test_bytes_from_the_frame_and_scan_headers(self) -> None:
+        with Image.open(support.data_path(IMAGES, "kit_harington_2.jpg")) as source:
+            photo = source.convert("RGB").resize((640, 480))
+        self.assertEqual(self.buffered(self.phone), 0)  # one interleaved scan: a row of blocks at a time
+        # 3000x4000 at 4:2:0: luma 375x500 blocks padded to whole 2x2 MCUs (376x500), each chroma
+        # 188x250; 64 coefficients of 2 bytes a block.
+        self.assertEqual(self.buffered(self.phone_progressive), (376 * 500 + 2 * 188 * 250) * 128)
+        self.assertEqual(self.buffered(encode(photo, "JPEG", progressive=True, subsampling=0)), 3 * 80 * 60 * 128)
+        self.assertEqual(self.buffered(encode(photo.convert("L"), "JPEG", progressive=True)), 80 * 60 * 128)
+        self.assertEqual(self.buffered(encode(photo, "JPEG")), 0)
+        self.assertEqual(self.buffered(encode(photo, "MPO", save_all=True, append_images=[photo])), 0)
+        # A header only Pillow reads (a DNL marker before the scan): the most a JPEG can hold.
+        raw = encode(photo, "JPEG")
+        at_frame = raw.index(b"\xff\xc0")
+        unsure = raw[:at_frame] + b"\xff\xdc\x00\x04\x00\x10" + raw[at_frame:]
+        self.assertIsNone(imaging._jpeg_header(unsure))
+        self.assertEqual(self.buffered(unsure), 4 * 80 * 60 * 128)
+        self.assertEqual(self.buffered(encode(photo, "PNG")), 0)
+
+    def test_the_figure_is_what_the_decoder_takes(self) -> None:
+        expected = self.buffered(self.phone_progressive)
+        self.assertGreater(expected, 32 * 2**20)
+        output = 1000 * 750 * 3  # the 1/4 decode itself
+        script = (
+            "import sys, numpy as np, cv2\n"
+            "raw = open(sys.argv[1], 'rb').read()\n"
+            "def field(name):\n"
+            "    return int(open('/proc/self/status').read().split(name + ':')[1].split()[0]) * 1024\n"
+            "before = field('VmHWM')\n"
+            "image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_REDUCED_COLOR_4)\n"
+            "print(image.shape, field('VmHWM') - before)\n"
+        )
+        # What else a decode takes (its output, the decoder's rows and tables) stays under 8 MB.
+        cases = ((self.phone_progressive, 0.95 * expected, expected + 8 * 2**20), (self.phone, output, 8 * 2**20))
+        for raw, low, high in cases:
+            path = os.path.join(self.enterContext(tempfile.TemporaryDirectory()), "photo.jpg")
+            with open(path, "wb") as out:
+                out.write(raw)
+            shape, grew = subprocess.run(
+                [sys.executable, "-c", script, path], capture_output=True, text=True, check=True
+            ).stdout.rsplit(" ", 1)
+            self.assertEqual(shape, "(1000, 750, 3)")
+            self.assertTrue(low <= int(grew) <= high, (int(grew), low, high))
+
+    def decode_side_by_side(self, raws: tuple[bytes, bytes], partner_wait: float) -> int:
+        """Decodes both at once on two threads at 1/4; how many were ever in the decoder at once.
+        A decode waits up to `partner_wait` s inside the decoder for the other to enter too."""
+        inside, most, lock, both_in = [0], [0], threading.Lock(), threading.Event()
+        decode = cv2.imdecode
+
+        def watched(*args):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                if inside[0] == 2:
+                    both_in.set()
+            both_in.wait(partner_wait)
+            try:
+                return decode(*args)
+            finally:
+                with lock:
+                    inside[0] -= 1
+
+        images = [EncodedImage.from_bytes(raw, "img") for raw in raws]
+        with mock.patch.object(imaging.cv2, "imdecode", watched), ThreadPoolExecutor(2) as pool:
+            shapes = list(pool.map(lambda image: image.decode(4).shape, images))
+        self.assertEqual(len(shapes), 2)
+        self.assertEqual(imaging.coefficient_buffers_in_flight(), 0)
+        return most[0]
+
+    def test_status_reports_the_coefficients_held(self) -> None:
+        decoding, finish = threading.Event(), threading.Event()
+        decode = cv2.imdecode
+
+        def held(*args):
+            decoding.set()
+            finish.wait(10)
+            return decode(*args)
+
+        image = EncodedImage.from_bytes(self.phone_progressive, "img")
+        service = FaceService(helpers=0)
+        with mock.patch.object(imaging.cv2, "imdecode", held), ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(image.decode, 4)
+            self.assertTrue(decoding.wait(10))
+            self.assertEqual(service.memory_usage()["jpeg_coefficients_in_flight"], image.coefficient_buffer_bytes)
+            finish.set()
+            self.assertEqual(pending.result().shape, (1000, 750, 3))
+        self.assertEqual(service.memory_usage()["jpeg_coefficients_in_flight"], 0)
+
+    def test_decodes_over_the_budget_take_turns(self) -> None:
+        other = progressive(phone_photo(support.read_image(support.data_path(IMAGES, "obama_2.jpg"))))
+        pair = (self.phone_progressive, other)
+        budget = 3 * self.buffered(self.phone_progressive) // 2
+        with mock.patch.object(imaging, "_coefficient_buffers", Budget(budget)):
+            self.assertEqual(self.decode_side_by_side(pair, partner_wait=0.5), 1)
+            # Baseline photos hold no coefficients: they decode side by side.
+            self.assertEqual(self.decode_side_by_side((self.phone, self.phone), partner_wait=10), 2)
+            small = encode(Image.open(support.data_path(IMAGES, "obama_1.jpg")), "JPEG", progressive=True)
+            self.assertEqual(self.decode_side_by_side((small, small), partner_wait=10), 2)
+        # The budget the service runs with: two 12-MP photos at once, a 48-MP one alone.
+        self.assertEqual(self.decode_side_by_side(pair, partner_wait=10), 2)
+        self.assertGreater(
+            imaging._JpegFrame(0xC2, 8000, 6000, ((2, 2), (1, 1), (1, 1)), 1).buffered_coefficient_bytes(),
+            imaging.COEFFICIENT_BUFFER_BUDGET_BYTES,
+        )
 
 
 class PhonePhotoTest(unittest.TestCase):

@@ -100,6 +100,7 @@ class EngineCases(GrpcAssertions):
             time.sleep(0.05)
             memory = self.stub.Status(backend_pb2.HealthMessage(), timeout=CALL_TIMEOUT).memory.breakdown
         self.assertEqual(memory["images_in_flight"], 0)
+        self.assertEqual(memory["jpeg_coefficients_in_flight"], 0)
 
     def test_health(self):
         self.assert_healthy()
