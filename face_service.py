@@ -31,7 +31,7 @@ from core.lifecycle import Held, Slot
 from core.settings import DEFAULT_IMAGE_LIMITS, ImageLimits
 from engines import HOST_ACTIONS, FaceAttributes, FaceDetection, FaceEngine, LoadRequest, build_engine
 from engines.runtime import set_opencv_threads, shrink_shared_arena
-from imaging import EncodedImage, coefficient_buffers_in_flight, read_image
+from imaging import EncodedImage, coefficient_bytes_in_flight, read_image
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ class FaceService:
         loaded model runs too); `models_alive`, LoadedModel
         objects not yet freed (1 with a model loaded and no reload in progress: more is a leak);
         `images_in_flight`, the decoded request images alive now; `jpeg_coefficients_in_flight`,
-        what the JPEG decodes running now hold (imaging.coefficient_buffers_in_flight)."""
+        what the JPEG decodes running now hold (imaging.coefficient_bytes_in_flight)."""
         info = psutil.Process().memory_info()
         current = self._slot.current
         models = list(self._models)
@@ -356,7 +356,7 @@ class FaceService:
             "retired_model_files": sum(retired_files.values()),
             "models_alive": len(models),
             "images_in_flight": self._images_bytes,
-            "jpeg_coefficients_in_flight": coefficient_buffers_in_flight(),
+            "jpeg_coefficients_in_flight": coefficient_bytes_in_flight(),
         }
 
     def _located(self, engine: FaceEngine, data: str, name: str) -> LocatedFaces:

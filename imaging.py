@@ -20,6 +20,7 @@ import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -28,6 +29,9 @@ import pybase64
 from core.concurrency import Budget
 from core.errors import InvalidInputError
 from core.settings import DEFAULT_IMAGE_LIMITS, ImageLimits
+
+if TYPE_CHECKING:  # Pillow is imported on use only (module docstring)
+    from PIL import Image
 
 # The byte and pixel limits are settings (core.settings.ImageLimits); the side limits are not.
 # The smallest image a face detector can work with.
@@ -77,8 +81,19 @@ def decode_base64(data: str, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMI
 
 def check_header(raw: bytes, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> tuple[str, int, int]:
     """Format, width and height from the header alone; refuses unknown formats and pixel bombs."""
-    header = _jpeg_header(raw) or _png_header(raw)
-    fmt, width, height = header if header is not None else _pillow_header(raw, name, limits)
+    fmt, width, height, _ = _read_header(raw, name, limits)
+    return fmt, width, height
+
+
+def _read_header(raw: bytes, name: str, limits: ImageLimits) -> tuple[str, int, int, _JpegFrame | None]:
+    """check_header's format, width and height, and a JPEG's frame (None for other formats)."""
+    frame = _jpeg_frame(raw)
+    if frame is not None:
+        fmt, width, height = "JPEG", frame.width, frame.height
+    elif (png := _png_header(raw)) is not None:
+        fmt, width, height = png
+    else:
+        fmt, width, height, frame = _pillow_header(raw, name, limits)
     if fmt.upper() not in SUPPORTED_FORMATS:
         raise InvalidInputError(
             f"{name}: unsupported image format {fmt or 'unknown'}; send JPEG, PNG, WebP, BMP or TIFF",
@@ -104,7 +119,7 @@ def check_header(raw: bytes, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMI
             reason="IMAGE_TOO_SMALL",
             field=name,
         )
-    return fmt, width, height
+    return fmt, width, height, frame
 
 
 # JPEG markers that start a frame header (SOF0-3, 5-7, 9-11, 13-15: ITU T.81 table B.1); C4
@@ -120,9 +135,10 @@ _JPEG_SKIPPED_SEGMENTS = frozenset({0xC4, 0xCC, 0xDB, 0xDD, *range(0xE0, 0xF0), 
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 
 
-# Frame headers of progressive JPEGs (SOF2, 6, 10, 14): their scans each carry part of every
-# coefficient, so libjpeg keeps all of the image's coefficients until the last scan.
-_JPEG_PROGRESSIVE_FRAMES = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+# Frame headers of the progressive JPEGs libjpeg decodes (SOF2, SOF10; it refuses the differential
+# SOF6 and SOF14): their scans each carry part of every coefficient, so libjpeg keeps all of the
+# image's coefficients until the last scan.
+_JPEG_PROGRESSIVE_FRAMES = frozenset({0xC2, 0xCA})
 
 
 @dataclass(frozen=True)
@@ -135,11 +151,18 @@ class _JpegFrame:
     sampling: tuple[tuple[int, int], ...]  # each component's (horizontal, vertical) sampling factor
     first_scan_components: int
 
-    def buffered_coefficient_bytes(self) -> int:
+    @staticmethod
+    def largest(width: int, height: int) -> _JpegFrame:
+        """The frame that holds the most coefficients at this size: progressive, four full-size
+        components (CMYK)."""
+        return _JpegFrame(0xC2, width, height, ((1, 1),) * 4, 1)
+
+    def coefficient_bytes(self) -> int:
         """The bytes libjpeg holds for the image's DCT coefficients while decoding it, at any
         scale: every coefficient (2 bytes) when the image comes in several scans (progressive, or
         its components in scans of their own), else 0 (it decodes a row of blocks at a time).
-        jdcoefct.c's whole-image arrays: each component's blocks, padded to whole MCUs."""
+        jdcoefct.c's whole-image arrays: each component's blocks, padded to whole MCUs. (A
+        lossless JPEG in several scans holds less: 1 sample a pixel.)"""
         if self.marker not in _JPEG_PROGRESSIVE_FRAMES and self.first_scan_components >= len(self.sampling):
             return 0
         h_max = max(h for h, _ in self.sampling)
@@ -189,17 +212,28 @@ def _jpeg_frame(raw: bytes) -> _JpegFrame | None:
             if not (width and height and count) or length < 8 + 3 * count:
                 return None
             sampling = tuple((raw[j] >> 4, raw[j] & 0x0F) for j in range(i + 11, i + 11 + 3 * count, 3))
-            if not all(1 <= h <= 4 and 1 <= v <= 4 for h, v in sampling):
+            if not _valid_sampling(sampling):
                 return None
             frame = (marker, width, height, sampling)
         i += 2 + length
     return None
 
 
-def _jpeg_header(raw: bytes) -> tuple[str, int, int] | None:
-    """("JPEG", width, height) as libjpeg will decode them; None when _jpeg_frame cannot tell."""
-    frame = _jpeg_frame(raw)
-    return None if frame is None else ("JPEG", frame.width, frame.height)
+def _valid_sampling(sampling: tuple[tuple[int, int], ...]) -> bool:
+    """Sampling factors libjpeg decodes: 1 to 4 each way, for at least one component."""
+    return bool(sampling) and all(1 <= h <= 4 and 1 <= v <= 4 for h, v in sampling)
+
+
+def _pillow_jpeg_frame(image: Image.Image) -> _JpegFrame:
+    """The frame of a JPEG whose header only Pillow reads (its `layer` and `progressive`), taking
+    its first scan to carry every component; the largest frame of its size when Pillow cannot
+    tell."""
+    width, height = image.size
+    sampling = tuple((h, v) for _, h, v, _ in getattr(image, "layer", ()))
+    if not _valid_sampling(sampling):
+        return _JpegFrame.largest(width, height)
+    marker = 0xC2 if image.info.get("progressive") else 0xC0
+    return _JpegFrame(marker, width, height, sampling, len(sampling))
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -220,8 +254,9 @@ def _png_header(raw: bytes) -> tuple[str, int, int] | None:
     return "PNG", width, height
 
 
-def _pillow_header(raw: bytes, name: str, limits: ImageLimits) -> tuple[str, int, int]:
-    """Format, width and height as Pillow reads them, for every format the readers above leave."""
+def _pillow_header(raw: bytes, name: str, limits: ImageLimits) -> tuple[str, int, int, _JpegFrame | None]:
+    """Format, width and height as Pillow reads them, for every format the readers above leave,
+    and a JPEG's frame (_pillow_jpeg_frame)."""
     from PIL import Image
 
     try:
@@ -229,7 +264,8 @@ def _pillow_header(raw: bytes, name: str, limits: ImageLimits) -> tuple[str, int
             # PIL warns (and past 2x its own limit raises) on huge images; we apply our own limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(raw)) as header:
-                return header.format or "", *header.size
+                frame = _pillow_jpeg_frame(header) if header.format in _REDUCIBLE_FORMATS else None
+                return header.format or "", *header.size, frame
     except Image.DecompressionBombError:
         raise InvalidInputError(
             f"{name}: image has more than {limits.max_pixels} pixels", reason="IMAGE_TOO_LARGE", field=name
@@ -255,19 +291,19 @@ _REDUCED_COLOR_FLAGS = {
 }
 # Formats whose decoder can reduce (Pillow's names; MPO is a JPEG).
 _REDUCIBLE_FORMATS = ("JPEG", "MPO")
-# The decoder of a progressive JPEG holds every coefficient of the image until its last scan, 2
-# bytes each whatever the scale (1.5 coefficients a pixel at the usual 4:2:0 sampling: 34 MiB for
-# a 12-MP photo, 150 MB for a 50-MP one). Such decodes run side by side only while their
-# buffers together stay within this budget, which two 12-MP photos' fit (taking turns would cost
-# them throughput: bench/FINDINGS.md, "progressive JPEGs"); a bigger one runs while no other
-# decode holds a buffer.
-COEFFICIENT_BUFFER_BUDGET_BYTES = 80 * 2**20
-_coefficient_buffers = Budget(COEFFICIENT_BUFFER_BUDGET_BYTES)
+# The decoder of a progressive JPEG holds every coefficient of the image until its last scan
+# (_JpegFrame.coefficient_bytes), whatever the scale. Such decodes run side by side only while
+# what they hold together stays within this budget, which two 12-MP photos (34 MiB each at 4:2:0)
+# fit in: making them take turns would cost their throughput (bench/FINDINGS.md, "progressive
+# JPEGs"). A decode that alone holds more (above about 28 MP at 4:2:0) runs while no other holds
+# any.
+COEFFICIENT_BUDGET_BYTES = 80 * 2**20
+_coefficient_budget = Budget(COEFFICIENT_BUDGET_BYTES)
 
 
-def coefficient_buffers_in_flight() -> int:
+def coefficient_bytes_in_flight() -> int:
     """Bytes of JPEG coefficients held by the decodes running now."""
-    return _coefficient_buffers.taken
+    return _coefficient_budget.taken
 
 
 @dataclass(frozen=True)
@@ -283,7 +319,7 @@ class EncodedImage:
     format: str
     width: int
     height: int
-    coefficient_buffer_bytes: int = 0  # what the decoder holds while it runs (_JpegFrame)
+    coefficient_bytes: int  # what its decoder holds while it runs (_JpegFrame.coefficient_bytes)
 
     @classmethod
     def from_bytes(cls, raw: bytes, name: str, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> EncodedImage:
@@ -292,14 +328,8 @@ class EncodedImage:
             raise InvalidInputError(
                 f"{name}: image is larger than {limits.max_bytes} bytes", reason="IMAGE_TOO_LARGE", field=name
             )
-        fmt, width, height = check_header(raw, name, limits)
-        fmt = fmt.upper()
-        buffered = 0
-        if fmt in _REDUCIBLE_FORMATS:
-            # A header only Pillow could read counts as the most a JPEG this size can hold.
-            frame = _jpeg_frame(raw) or _JpegFrame(0xC2, width, height, ((1, 1),) * 4, 1)
-            buffered = frame.buffered_coefficient_bytes()
-        return cls(raw, name, fmt, width, height, buffered)
+        fmt, width, height, frame = _read_header(raw, name, limits)
+        return cls(raw, name, fmt.upper(), width, height, 0 if frame is None else frame.coefficient_bytes())
 
     @property
     def reductions(self) -> Sequence[int]:
@@ -317,7 +347,7 @@ class EncodedImage:
             # IMREAD_COLOR makes grey, palette and alpha images 3-channel BGR and 16-bit ones
             # 8-bit, and applies the EXIF orientation; the reduced flags do the same.
             try:
-                with _coefficient_buffers.taking(self.coefficient_buffer_bytes):
+                with _coefficient_budget.taking(self.coefficient_bytes):
                     image = cv2.imdecode(np.frombuffer(self.raw, dtype=np.uint8), _REDUCED_COLOR_FLAGS[reduction])
             except cv2.error:  # some malformed headers fail an OpenCV assertion instead of returning None
                 image = None

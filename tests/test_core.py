@@ -251,7 +251,7 @@ class ServingAloneTest(unittest.TestCase):
 
 
 class BudgetTest(unittest.TestCase):
-    """The memory budget JPEG decodes share (imaging.COEFFICIENT_BUFFER_BUDGET_BYTES)."""
+    """The memory budget JPEG decodes share (imaging.COEFFICIENT_BUDGET_BYTES)."""
 
     class Taker:
         """A thread in budget.taking(amount) until released; `inside` is set once it entered."""
@@ -300,6 +300,7 @@ class BudgetTest(unittest.TestCase):
         self.assertTrue(small.inside.wait(10))
         big = self.Taker(self, budget, 100)
         self.queued(budget, 1)
+        self.assertFalse(big.inside.is_set())
         small.leave()
         self.assertTrue(big.inside.wait(10), "an amount over the limit never ran")
         after = self.Taker(self, budget, 1)
@@ -331,7 +332,7 @@ class BudgetTest(unittest.TestCase):
         queued = self.Taker(self, budget, 10)
         self.queued(budget, 1)
         with budget.taking(0):
-            pass
+            self.assertEqual((budget.taken, len(budget._waiting)), (40, 1))
         holder.leave()
         self.assertTrue(queued.inside.wait(10))
         queued.leave()

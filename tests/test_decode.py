@@ -60,7 +60,14 @@ def exif_rotated(raw: bytes) -> bytes:
 
 def pillow_header(raw: bytes) -> tuple[str, int, int]:
     """Format, width and height as Pillow reads the header (what check_header used before)."""
-    return imaging._pillow_header(raw, "img", DEFAULT_IMAGE_LIMITS)
+    fmt, width, height, _ = imaging._pillow_header(raw, "img", DEFAULT_IMAGE_LIMITS)
+    return fmt, width, height
+
+
+def jpeg_header(raw: bytes) -> tuple[str, int, int] | None:
+    """("JPEG", width, height) as imaging's own reader reads the header; None if it leaves it."""
+    frame = imaging._jpeg_frame(raw)
+    return None if frame is None else ("JPEG", frame.width, frame.height)
 
 
 def decoded_size(raw: bytes) -> tuple[int, int] | None:
@@ -96,12 +103,12 @@ class EncodedImageTest(unittest.TestCase):
             (6000, 200): 8,
         }
         for (width, height), reduction in cases.items():
-            encoded = EncodedImage(b"", "img", "JPEG", width, height)
+            encoded = EncodedImage(b"", "img", "JPEG", width, height, 0)
             self.assertEqual(encoded.coarsest_reduction((640, 640)), reduction, (width, height))
         # Either way round: a 640x480 box needs 640 px along whichever side is decoded as wide.
-        self.assertEqual(EncodedImage(b"", "img", "JPEG", 1600, 1000).coarsest_reduction((640, 480)), 2)
-        self.assertEqual(EncodedImage(b"", "img", "JPEG", 1000, 1600).coarsest_reduction((640, 480)), 2)
-        self.assertEqual(EncodedImage(b"", "img", "PNG", 4000, 3000).coarsest_reduction((640, 640)), 1)
+        self.assertEqual(EncodedImage(b"", "img", "JPEG", 1600, 1000, 0).coarsest_reduction((640, 480)), 2)
+        self.assertEqual(EncodedImage(b"", "img", "JPEG", 1000, 1600, 0).coarsest_reduction((640, 480)), 2)
+        self.assertEqual(EncodedImage(b"", "img", "PNG", 4000, 3000, 0).coarsest_reduction((640, 640)), 1)
 
     def test_reduced_sizes_and_formats(self) -> None:
         image = faceless_image(1001, 503)
@@ -129,7 +136,7 @@ class EncodedImageTest(unittest.TestCase):
 
 
 class HeaderTest(unittest.TestCase):
-    """JPEG and PNG headers are read without Pillow (imaging._jpeg_header, _png_header): the size
+    """JPEG and PNG headers are read without Pillow (imaging._jpeg_frame, _png_header): the size
     OpenCV decodes and Pillow reads; anything the readers are not sure of is left to Pillow."""
 
     def photos(self) -> dict[str, bytes]:
@@ -161,7 +168,7 @@ class HeaderTest(unittest.TestCase):
         for name, raw in self.photos().items():
             with self.subTest(name):
                 fmt, width, height = pillow_header(raw)
-                read = imaging._jpeg_header(raw) or imaging._png_header(raw)
+                read = jpeg_header(raw) or imaging._png_header(raw)
                 self.assertEqual(read, ("JPEG" if fmt == "MPO" else fmt, width, height))
                 self.assertEqual(decoded_size(raw), (width, height))
                 self.assertEqual(check_header(raw, name), read)
@@ -198,7 +205,8 @@ class HeaderTest(unittest.TestCase):
                 "IMAGE_UNDECODABLE",
             ),
             "JPEG with junk between segments": (jpeg_bytes[:2] + b"junk" + jpeg_bytes[2:], "IMAGE_UNDECODABLE"),
-            # Markers libjpeg does not read as a skipped segment before the scan: a DNL and a JPGn.
+            # Markers the reader does not take as a skipped segment before the scan (libjpeg skips a
+            # DNL and refuses a JPGn): left to Pillow.
             "JPEG with a DNL marker before its scan": (
                 jpeg_bytes[:at_frame] + b"\xff\xdc\x00\x04\x00\x10" + jpeg_bytes[at_frame:],
                 None,
@@ -207,6 +215,13 @@ class HeaderTest(unittest.TestCase):
                 jpeg_bytes[:at_frame] + b"\xff\xf0\x00\x0b" + big_frame[4:11] + jpeg_bytes[at_frame:],
                 None,
             ),
+            # Frame headers libjpeg refuses, which Pillow still reads.
+            "JPEG frame header shorter than its components": (
+                jpeg_bytes.replace(frame, frame[:2] + struct.pack(">H", 8) + frame[4:]),
+                None,
+            ),
+            "JPEG with a sampling factor of 0": (jpeg_bytes.replace(frame, frame[:11] + b"\x01" + frame[12:]), None),
+            "JPEG with a sampling factor of 5": (jpeg_bytes.replace(frame, frame[:11] + b"\x51" + frame[12:]), None),
             "PNG with a bad IHDR CRC": (png_bytes[:29] + b"\0\0\0\0" + png_bytes[33:], "IMAGE_UNDECODABLE"),
             "PNG with a bit depth its colour type has not": (
                 png_bytes[:8] + png_chunk(b"IHDR", ihdr[8:16] + bytes([3]) + ihdr[17:21]) + png_bytes[33:],
@@ -216,7 +231,7 @@ class HeaderTest(unittest.TestCase):
         }
         for name, (raw, reason) in cases.items():
             with self.subTest(name):
-                self.assertIsNone(imaging._jpeg_header(raw))
+                self.assertIsNone(jpeg_header(raw))
                 self.assertIsNone(imaging._png_header(raw))
                 try:
                     got = check_header(raw, "img")
@@ -259,10 +274,9 @@ def progressive(raw: bytes) -> bytes:
     return encoded.tobytes()
 
 
-class CoefficientBufferTest(unittest.TestCase):
-    """What a progressive JPEG's decoder holds (imaging._JpegFrame.buffered_coefficient_bytes),
-    and the budget that keeps two big ones from decoding at once
-    (imaging.COEFFICIENT_BUFFER_BUDGET_BYTES)."""
+class CoefficientBudgetTest(unittest.TestCase):
+    """What a progressive JPEG's decoder holds (imaging._JpegFrame.coefficient_bytes), and the
+    budget that keeps big ones from decoding at once (imaging.COEFFICIENT_BUDGET_BYTES)."""
 
     phone: bytes
     phone_progressive: bytes
@@ -272,30 +286,41 @@ class CoefficientBufferTest(unittest.TestCase):
         cls.phone = phone_photo(support.read_image(support.data_path(IMAGES, "obama_1.jpg")))
         cls.phone_progressive = progressive(cls.phone)
 
-    def buffered(self, raw: bytes) -> int:
-        return EncodedImage.from_bytes(raw, "img").coefficient_buffer_bytes
+    def held(self, raw: bytes) -> int:
+        return EncodedImage.from_bytes(raw, "img").coefficient_bytes
 
     def test_bytes_from_the_frame_and_scan_headers(self) -> None:
         with Image.open(support.data_path(IMAGES, "kit_harington_2.jpg")) as source:
             photo = source.convert("RGB").resize((640, 480))
-        self.assertEqual(self.buffered(self.phone), 0)  # one interleaved scan: a row of blocks at a time
+        self.assertEqual(self.held(self.phone), 0)  # one interleaved scan: a row of blocks at a time
         # 3000x4000 at 4:2:0: luma 375x500 blocks padded to whole 2x2 MCUs (376x500), each chroma
         # 188x250; 64 coefficients of 2 bytes a block.
-        self.assertEqual(self.buffered(self.phone_progressive), (376 * 500 + 2 * 188 * 250) * 128)
-        self.assertEqual(self.buffered(encode(photo, "JPEG", progressive=True, subsampling=0)), 3 * 80 * 60 * 128)
-        self.assertEqual(self.buffered(encode(photo.convert("L"), "JPEG", progressive=True)), 80 * 60 * 128)
-        self.assertEqual(self.buffered(encode(photo, "JPEG")), 0)
-        self.assertEqual(self.buffered(encode(photo, "MPO", save_all=True, append_images=[photo])), 0)
-        # A header only Pillow reads (a DNL marker before the scan): the most a JPEG can hold.
+        self.assertEqual(self.held(self.phone_progressive), (376 * 500 + 2 * 188 * 250) * 128)
+        self.assertEqual(self.held(encode(photo, "JPEG", progressive=True, subsampling=0)), 3 * 80 * 60 * 128)
+        self.assertEqual(self.held(encode(photo.convert("L"), "JPEG", progressive=True)), 80 * 60 * 128)
+        self.assertEqual(self.held(encode(photo, "JPEG")), 0)
+        self.assertEqual(self.held(encode(photo, "MPO", save_all=True, append_images=[photo])), 0)
+        self.assertEqual(self.held(encode(photo, "PNG")), 0)
+        # Components in scans of their own, not progressive: held too.
+        one_scan_each = imaging._JpegFrame(0xC0, 640, 480, ((2, 2), (1, 1), (1, 1)), 1)
+        self.assertEqual(one_scan_each.coefficient_bytes(), (80 * 60 + 2 * 40 * 30) * 128)
+        # Headers only Pillow reads: as Pillow reads the frame (a DNL marker before it, which
+        # libjpeg skips), or the largest frame of that size when Pillow's is not one libjpeg takes.
+        for raw, held in (
+            (encode(photo, "JPEG"), 0),
+            (encode(photo, "JPEG", progressive=True), (80 * 60 + 2 * 40 * 30) * 128),
+        ):
+            at_frame = raw.index(b"\xff\xc0" if held == 0 else b"\xff\xc2")
+            dnl_first = raw[:at_frame] + b"\xff\xdc\x00\x04\x00\x10" + raw[at_frame:]
+            self.assertIsNone(imaging._jpeg_frame(dnl_first))
+            self.assertEqual(self.held(dnl_first), held)
         raw = encode(photo, "JPEG")
-        at_frame = raw.index(b"\xff\xc0")
-        unsure = raw[:at_frame] + b"\xff\xdc\x00\x04\x00\x10" + raw[at_frame:]
-        self.assertIsNone(imaging._jpeg_header(unsure))
-        self.assertEqual(self.buffered(unsure), 4 * 80 * 60 * 128)
-        self.assertEqual(self.buffered(encode(photo, "PNG")), 0)
+        at_sampling = raw.index(b"\xff\xc0") + 11
+        bad_sampling = raw[:at_sampling] + b"\x51" + raw[at_sampling + 1 :]
+        self.assertEqual(self.held(bad_sampling), 4 * 80 * 60 * 128)
 
     def test_the_figure_is_what_the_decoder_takes(self) -> None:
-        expected = self.buffered(self.phone_progressive)
+        expected = self.held(self.phone_progressive)
         self.assertGreater(expected, 32 * 2**20)
         output = 1000 * 750 * 3  # the 1/4 decode itself
         script = (
@@ -342,7 +367,7 @@ class CoefficientBufferTest(unittest.TestCase):
         with mock.patch.object(imaging.cv2, "imdecode", watched), ThreadPoolExecutor(2) as pool:
             shapes = list(pool.map(lambda image: image.decode(4).shape, images))
         self.assertEqual(len(shapes), 2)
-        self.assertEqual(imaging.coefficient_buffers_in_flight(), 0)
+        self.assertEqual(imaging.coefficient_bytes_in_flight(), 0)
         return most[0]
 
     def test_status_reports_the_coefficients_held(self) -> None:
@@ -359,7 +384,7 @@ class CoefficientBufferTest(unittest.TestCase):
         with mock.patch.object(imaging.cv2, "imdecode", held), ThreadPoolExecutor(1) as pool:
             pending = pool.submit(image.decode, 4)
             self.assertTrue(decoding.wait(10))
-            self.assertEqual(service.memory_usage()["jpeg_coefficients_in_flight"], image.coefficient_buffer_bytes)
+            self.assertEqual(service.memory_usage()["jpeg_coefficients_in_flight"], image.coefficient_bytes)
             finish.set()
             self.assertEqual(pending.result().shape, (1000, 750, 3))
         self.assertEqual(service.memory_usage()["jpeg_coefficients_in_flight"], 0)
@@ -367,8 +392,8 @@ class CoefficientBufferTest(unittest.TestCase):
     def test_decodes_over_the_budget_take_turns(self) -> None:
         other = progressive(phone_photo(support.read_image(support.data_path(IMAGES, "obama_2.jpg"))))
         pair = (self.phone_progressive, other)
-        budget = 3 * self.buffered(self.phone_progressive) // 2
-        with mock.patch.object(imaging, "_coefficient_buffers", Budget(budget)):
+        budget = 3 * self.held(self.phone_progressive) // 2
+        with mock.patch.object(imaging, "_coefficient_budget", Budget(budget)):
             self.assertEqual(self.decode_side_by_side(pair, partner_wait=0.5), 1)
             # Baseline photos hold no coefficients: they decode side by side.
             self.assertEqual(self.decode_side_by_side((self.phone, self.phone), partner_wait=10), 2)
@@ -377,8 +402,8 @@ class CoefficientBufferTest(unittest.TestCase):
         # The budget the service runs with: two 12-MP photos at once, a 48-MP one alone.
         self.assertEqual(self.decode_side_by_side(pair, partner_wait=10), 2)
         self.assertGreater(
-            imaging._JpegFrame(0xC2, 8000, 6000, ((2, 2), (1, 1), (1, 1)), 1).buffered_coefficient_bytes(),
-            imaging.COEFFICIENT_BUFFER_BUDGET_BYTES,
+            imaging._JpegFrame(0xC2, 8000, 6000, ((2, 2), (1, 1), (1, 1)), 1).coefficient_bytes(),
+            imaging.COEFFICIENT_BUDGET_BYTES,
         )
 
 
