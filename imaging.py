@@ -153,8 +153,8 @@ class _JpegFrame:
 
     @staticmethod
     def largest(width: int, height: int) -> _JpegFrame:
-        """The frame that holds the most coefficients at this size: progressive, four full-size
-        components (CMYK)."""
+        """The frame charged for a header no reader can take as libjpeg would: progressive, four
+        full-size components (CMYK)."""
         return _JpegFrame(0xC2, width, height, ((1, 1),) * 4, 1)
 
     def coefficient_bytes(self) -> int:
@@ -225,15 +225,16 @@ def _valid_sampling(sampling: tuple[tuple[int, int], ...]) -> bool:
 
 
 def _pillow_jpeg_frame(image: Image.Image) -> _JpegFrame:
-    """The frame of a JPEG whose header only Pillow reads (its `layer` and `progressive`), taking
-    its first scan to carry every component; the largest frame of its size when Pillow cannot
-    tell."""
+    """The frame of a JPEG whose header only Pillow reads (its `layer` and `progressive`). Pillow
+    does not read the scans, so a first scan of one component is assumed: the coefficients are
+    charged unless it has only one. _JpegFrame.largest when Pillow's frame is not one libjpeg
+    decodes."""
     width, height = image.size
     sampling = tuple((h, v) for _, h, v, _ in getattr(image, "layer", ()))
     if not _valid_sampling(sampling):
         return _JpegFrame.largest(width, height)
     marker = 0xC2 if image.info.get("progressive") else 0xC0
-    return _JpegFrame(marker, width, height, sampling, len(sampling))
+    return _JpegFrame(marker, width, height, sampling, 1)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -295,8 +296,7 @@ _REDUCIBLE_FORMATS = ("JPEG", "MPO")
 # (_JpegFrame.coefficient_bytes), whatever the scale. Such decodes run side by side only while
 # what they hold together stays within this budget, which two 12-MP photos (34 MiB each at 4:2:0)
 # fit in: making them take turns would cost their throughput (bench/FINDINGS.md, "progressive
-# JPEGs"). A decode that alone holds more (above about 28 MP at 4:2:0) runs while no other holds
-# any.
+# JPEGs"). A decode that alone holds more runs while no other holds any.
 COEFFICIENT_BUDGET_BYTES = 80 * 2**20
 _coefficient_budget = Budget(COEFFICIENT_BUDGET_BYTES)
 

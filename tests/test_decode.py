@@ -304,16 +304,17 @@ class CoefficientBudgetTest(unittest.TestCase):
         # Components in scans of their own, not progressive: held too.
         one_scan_each = imaging._JpegFrame(0xC0, 640, 480, ((2, 2), (1, 1), (1, 1)), 1)
         self.assertEqual(one_scan_each.coefficient_bytes(), (80 * 60 + 2 * 40 * 30) * 128)
-        # Headers only Pillow reads: as Pillow reads the frame (a DNL marker before it, which
-        # libjpeg skips), or the largest frame of that size when Pillow's is not one libjpeg takes.
-        for raw, held in (
-            (encode(photo, "JPEG"), 0),
-            (encode(photo, "JPEG", progressive=True), (80 * 60 + 2 * 40 * 30) * 128),
-        ):
-            at_frame = raw.index(b"\xff\xc0" if held == 0 else b"\xff\xc2")
+        # Headers only Pillow reads (a DNL marker before the frame, which libjpeg skips): the
+        # frame as Pillow reads it, baseline or progressive, charged as if its components came in
+        # scans of their own (Pillow does not read the scans); a grey one only when progressive.
+        made = ((photo, False), (photo, True), (photo.convert("L"), False))
+        for image, progressive in made:
+            raw = encode(image, "JPEG", progressive=progressive)
+            at_frame = raw.index(b"\xff\xc2" if progressive else b"\xff\xc0")
             dnl_first = raw[:at_frame] + b"\xff\xdc\x00\x04\x00\x10" + raw[at_frame:]
             self.assertIsNone(imaging._jpeg_frame(dnl_first))
-            self.assertEqual(self.held(dnl_first), held)
+            held = 0 if image.mode == "L" else (80 * 60 + 2 * 40 * 30) * 128
+            self.assertEqual(self.held(dnl_first), held, (image.mode, progressive))
         raw = encode(photo, "JPEG")
         at_sampling = raw.index(b"\xff\xc0") + 11
         bad_sampling = raw[:at_sampling] + b"\x51" + raw[at_sampling + 1 :]
@@ -332,7 +333,7 @@ class CoefficientBudgetTest(unittest.TestCase):
             "image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_REDUCED_COLOR_4)\n"
             "print(image.shape, field('VmHWM') - before)\n"
         )
-        # What else a decode takes (its output, the decoder's rows and tables) stays under 8 MB.
+        # What else a decode takes (its output, the decoder's rows and tables) stays under 8 MiB.
         cases = ((self.phone_progressive, 0.95 * expected, expected + 8 * 2**20), (self.phone, output, 8 * 2**20))
         for raw, low, high in cases:
             path = os.path.join(self.enterContext(tempfile.TemporaryDirectory()), "photo.jpg")
