@@ -324,17 +324,21 @@ class CoefficientBudgetTest(unittest.TestCase):
         expected = self.held(self.phone_progressive)
         self.assertGreater(expected, 32 * 2**20)
         output = 1000 * 750 * 3  # the 1/4 decode itself
+        # A first, small decode sets up OpenCV's codecs before the peak is read.
         script = (
             "import sys, numpy as np, cv2\n"
             "raw = open(sys.argv[1], 'rb').read()\n"
             "def field(name):\n"
             "    return int(open('/proc/self/status').read().split(name + ':')[1].split()[0]) * 1024\n"
+            "small = cv2.imencode('.jpg', np.zeros((64, 64, 3), np.uint8))[1]\n"
+            "cv2.imdecode(small, cv2.IMREAD_REDUCED_COLOR_4)\n"
             "before = field('VmHWM')\n"
             "image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_REDUCED_COLOR_4)\n"
             "print(image.shape, field('VmHWM') - before)\n"
         )
-        # What else a decode takes (its output, the decoder's rows and tables) stays under 8 MiB.
-        cases = ((self.phone_progressive, 0.95 * expected, expected + 8 * 2**20), (self.phone, output, 8 * 2**20))
+        # Beside the coefficients a decode takes its output and the decoder's rows and tables, a
+        # few MiB: the baseline photo stays far under what the progressive one holds.
+        cases = ((self.phone_progressive, 0.95 * expected, expected + 12 * 2**20), (self.phone, output, expected / 2))
         for raw, low, high in cases:
             path = os.path.join(self.enterContext(tempfile.TemporaryDirectory()), "photo.jpg")
             with open(path, "wb") as out:
