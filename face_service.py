@@ -473,6 +473,7 @@ class FaceService:
     ) -> VerifiedImage:
         engine = model.engine
         with self._image_slots:
+            checkpoint("decode")
             located = self._located(engine, encoded, name)
             checkpoint("detection")
             face = best_face(self._faces(located))
@@ -498,6 +499,7 @@ class FaceService:
             liveness = self._require_liveness(model) if anti_spoofing else None
             wanted = self._resolve_actions(model.engine, actions)
             engine = model.engine
+            checkpoint("decode")
             located = self._located(engine, img, "img")
             checkpoint("detection")
             faces = located.detect()
@@ -547,6 +549,7 @@ class FaceService:
                 raise InvalidInputError(
                     "Images[0]: no image given (Embedding needs one image)", reason="IMAGE_MISSING", field="Images[0]"
                 )
+            checkpoint("decode")
             located = self._located(model.engine, images[0], "Images[0]")
             checkpoint("detection")
             face = best_face(self._faces(located))
@@ -564,6 +567,7 @@ class FaceService:
                     reason="BAD_THRESHOLD",
                     field="threshold",
                 )
+            checkpoint("decode")
             located = self._located(model.engine, src, "src")
             checkpoint("detection")
             return located.detect(threshold if threshold > 0 else None)

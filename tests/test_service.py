@@ -35,6 +35,7 @@ from core.errors import (
 from engines import build_engine, parse_load_request
 from engines.runtime import set_opencv_threads
 from face_service import FaceService, LoadedModel
+from imaging import EncodedImage
 from tests import support
 from tests.support import GARBAGE_BASE64, IMAGES, NOT_BASE64, TestCaseMixin, photo
 
@@ -339,7 +340,7 @@ class ServiceCases(ErrorAssertions):
         self.assert_names(str(caught.exception), "img1")
         released.set()
         time.sleep(1.0)  # unstopped, img2 reaches recognition within a tenth of that
-        self.assertEqual(helper_stages, ["detection"])
+        self.assertEqual(helper_stages, ["decode", "detection"])
 
     def test_a_call_ended_on_either_image_ends_the_verification(self):
         # The deadline passes at the first or at the second image to reach recognition, on the
@@ -357,6 +358,27 @@ class ServiceCases(ErrorAssertions):
 
                 with self.assertRaises(CallEndedError):
                     self.service.verify(self.obama1, self.obama2, checkpoint=deadline_passes)
+
+    def test_a_call_ended_while_it_waited_for_an_image_slot_decodes_nothing(self):
+        def ended(stage: str) -> None:
+            if stage == "decode":
+                raise CallEndedError("deadline exceeded before decode", deadline_exceeded=True)
+
+        decodes = []
+        decode = EncodedImage.decode
+        calls = {
+            "verify": lambda: self.service.verify(self.obama1, self.obama2, checkpoint=ended),
+            "analyze": lambda: self.service.analyze(self.obama1, checkpoint=ended),
+            "embed": lambda: self.service.embed([self.obama1], checkpoint=ended),
+            "detect": lambda: self.service.detect(self.obama1, checkpoint=ended),
+        }
+        with mock.patch.object(EncodedImage, "decode", lambda image, *a: decodes.append(image) or decode(image, *a)):
+            self.service.detect(self.obama1)
+            self.assertEqual(len(decodes), 1)  # the patch sees the service's decodes
+            for name, call in calls.items():
+                with self.subTest(name), self.assertRaises(CallEndedError):
+                    call()
+        self.assertEqual(len(decodes), 1)
 
     def test_no_face_names_the_image(self):
         cases = [
