@@ -359,9 +359,11 @@ class FaceService:
             "jpeg_coefficients_in_flight": coefficient_bytes_in_flight(),
         }
 
-    def _located(self, engine: FaceEngine, data: str, name: str) -> LocatedFaces:
+    def _located(self, engine: FaceEngine, data: str, name: str, checkpoint: Checkpoint) -> LocatedFaces:
         """The request image `name`, read and decoded for `engine`'s detector, every decode of it
-        counted in images_in_flight until its array is freed."""
+        counted in images_in_flight until its array is freed; the call is checked first (a call
+        that waited for its image slot may have ended)."""
+        checkpoint("decode")
         return LocatedFaces(engine, read_image(data, name, self.image_limits), self._counted)
 
     def _counted(self, image: np.ndarray) -> np.ndarray:
@@ -473,8 +475,7 @@ class FaceService:
     ) -> VerifiedImage:
         engine = model.engine
         with self._image_slots:
-            checkpoint("decode")
-            located = self._located(engine, encoded, name)
+            located = self._located(engine, encoded, name, checkpoint)
             checkpoint("detection")
             face = best_face(self._faces(located))
             pixels, (scaled,) = located.pixels_for(
@@ -499,8 +500,7 @@ class FaceService:
             liveness = self._require_liveness(model) if anti_spoofing else None
             wanted = self._resolve_actions(model.engine, actions)
             engine = model.engine
-            checkpoint("decode")
-            located = self._located(engine, img, "img")
+            located = self._located(engine, img, "img", checkpoint)
             checkpoint("detection")
             faces = located.detect()
             if not faces:  # the host's contract: a photo without a face is an answer, not an error
@@ -549,8 +549,7 @@ class FaceService:
                 raise InvalidInputError(
                     "Images[0]: no image given (Embedding needs one image)", reason="IMAGE_MISSING", field="Images[0]"
                 )
-            checkpoint("decode")
-            located = self._located(model.engine, images[0], "Images[0]")
+            located = self._located(model.engine, images[0], "Images[0]", checkpoint)
             checkpoint("detection")
             face = best_face(self._faces(located))
             checkpoint("recognition")
@@ -567,8 +566,7 @@ class FaceService:
                     reason="BAD_THRESHOLD",
                     field="threshold",
                 )
-            checkpoint("decode")
-            located = self._located(model.engine, src, "src")
+            located = self._located(model.engine, src, "src", checkpoint)
             checkpoint("detection")
             return located.detect(threshold if threshold > 0 else None)
 
